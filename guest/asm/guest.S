@@ -1,0 +1,81 @@
+/*
+ * cowvm's guest kernel. The VMM enters _start in 64-bit long mode with identity page tables and
+ * a command in the registers (see src/protocol.rs). Every instruction is emulated on hosts without
+ * hardware virtualisation, so each path is a handful of instructions and the loops are one load or
+ * one store per element. The guest never uses its stack and never writes memory except where a
+ * command tells it to, so a clone that only runs commands that read copies no page.
+ */
+    .intel_syntax noprefix
+    .include "protocol.inc"
+
+    .section .text.entry, "ax"
+    .code64
+    .globl _start
+_start:
+dispatch:
+    cmp rax, CMD_EXIT
+    je ok
+    cmp rax, CMD_WRITE
+    je write_qwords
+    cmp rax, CMD_CHECKSUM
+    je checksum_qwords
+    cmp rax, CMD_IDENTITY
+    je identity
+    cmp rax, CMD_TRIPLE_FAULT
+    je triple_fault
+    cmp rax, CMD_SPIN
+    je spin
+    cmp rax, CMD_HALT
+    je halt
+    mov eax, STATUS_UNKNOWN_COMMAND
+    jmp report
+ok:
+    xor eax, eax                /* STATUS_OK */
+report:
+    out PORT_DONE, eax          /* exits to the VMM, which loads the next command */
+    jmp dispatch
+
+/* rdi = first address, rsi = count, rdx = stride, rcx = value */
+write_qwords:
+    test rsi, rsi
+    jz ok
+1:  mov [rdi], rcx
+    add rdi, rdx
+    dec rsi
+    jnz 1b
+    jmp ok
+
+/* rdi = first address, rsi = count, rdx = stride; rbx = checksum (rotate, then add) */
+checksum_qwords:
+    xor ebx, ebx
+    test rsi, rsi
+    jz ok
+1:  rol rbx, CHECKSUM_ROTATE
+    add rbx, [rdi]
+    add rdi, rdx
+    dec rsi
+    jnz 1b
+    jmp ok
+
+identity:
+    mov rbx, r14
+    mov rcx, r15
+    jmp ok
+
+triple_fault:
+    lidt [rip + empty_idtr]
+    ud2
+
+spin:
+    jmp spin
+
+halt:
+    cli
+    hlt
+    jmp ok
+
+    .section .rodata
+    .balign 16
+empty_idtr:
+    .word 0
+    .quad 0

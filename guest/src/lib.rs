@@ -1,0 +1,19 @@
+//! cowvm's default guest kernel and the register protocol the VMM speaks with it.
+//!
+//! The guest is x86-64 assembly (`asm/guest.S`) assembled and linked by `build.rs` with the
+//! system binutils; [`GUEST_ELF`] is the resulting static ELF, loaded by the VMM at 1 MiB.
+
+#![no_std]
+
+/// The register protocol: ports, command codes, status codes.
+pub mod protocol {
+    include!("protocol.rs");
+
+    /// One step of the guest's checksum, for the host to compute the expected value.
+    pub const fn checksum_step(sum: u64, value: u64) -> u64 {
+        sum.rotate_left(CHECKSUM_ROTATE).wrapping_add(value)
+    }
+}
+
+/// The guest kernel as a static x86-64 ELF image.
+pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));

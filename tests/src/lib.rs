@@ -1,0 +1,68 @@
+//! Helpers for cowvm's end-to-end tests. Every test runs real guests on `/dev/kvm`.
+
+use cowvm_vmm::memory::PAGE_SIZE;
+use cowvm_vmm::pagemap::{PageMap, PageMapEntry};
+use cowvm_vmm::{GuestRam, Kvm};
+
+/// Opens `/dev/kvm`. cowvm cannot work without it, so its absence fails the test loudly.
+pub fn kvm() -> Kvm {
+    match Kvm::open() {
+        Ok(kvm) => kvm,
+        Err(e) => panic!("these tests boot real guests and need a working /dev/kvm: {e}"),
+    }
+}
+
+/// The pagemap entries of every page of `ram`'s host mapping.
+pub fn pagemap(ram: &GuestRam) -> Vec<PageMapEntry> {
+    let map = PageMap::open().expect("open /proc/self/pagemap");
+    map.read(ram.host_address(), (ram.size() / PAGE_SIZE) as usize)
+        .expect("read pagemap")
+}
+
+/// Pages of `ram` that are private anonymous copies (written since the mapping was made).
+pub fn private_pages(ram: &GuestRam) -> Vec<u64> {
+    pagemap(ram)
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.private_anonymous())
+        .map(|(i, _)| i as u64)
+        .collect()
+}
+
+/// Address where [`tiny_elf`] code starts.
+pub const TINY_ELF_BASE: u64 = 0x10_0000;
+const EHDR_SIZE: usize = 64;
+const PHDR_SIZE: usize = 56;
+
+/// A minimal static x86-64 ELF that loads at 1 MiB and enters `code` (placed right after the
+/// headers). Returns the image and the entry address.
+pub fn tiny_elf(code: &[u8]) -> (Vec<u8>, u64) {
+    let entry = TINY_ELF_BASE + (EHDR_SIZE + PHDR_SIZE) as u64;
+    let size = (EHDR_SIZE + PHDR_SIZE + code.len()) as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes()); // EV_CURRENT
+    elf.extend_from_slice(&entry.to_le_bytes());
+    elf.extend_from_slice(&(EHDR_SIZE as u64).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for half in [EHDR_SIZE as u16, PHDR_SIZE as u16, 1, 0, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R|X
+    for quad in [0, TINY_ELF_BASE, TINY_ELF_BASE, size, size, 0x1000] {
+        elf.extend_from_slice(&quad.to_le_bytes()); // offset, vaddr, paddr, filesz, memsz, align
+    }
+    elf.extend_from_slice(code);
+    (elf, entry)
+}
+
+/// Writes `image` to a fresh file under the system temp dir and returns its path.
+pub fn write_temp_kernel(name: &str, image: &[u8]) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("cowvm-test-{}-{name}.elf", std::process::id()));
+    std::fs::write(&path, image).expect("write test kernel");
+    path
+}

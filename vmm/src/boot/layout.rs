@@ -1,0 +1,57 @@
+//! Every guest physical address the VMM uses, in one place (low memory, after Firecracker's
+//! long-mode layout). Everything below [`KERNEL_START`] belongs to the VMM.
+
+use vm_memory::GuestAddress;
+
+/// The GDT: null, 64-bit code, data, and a 16-byte TSS descriptor.
+pub const GDT_START: GuestAddress = GuestAddress(0x500);
+/// Number of 8-byte GDT slots (the TSS descriptor takes two).
+pub const GDT_SLOTS: usize = 5;
+/// The IDT, right after the GDT (16-byte aligned).
+pub const IDT_START: GuestAddress = GuestAddress(0x530);
+/// IDT gates: one per architectural exception vector.
+pub const IDT_ENTRIES: usize = 32;
+/// The exception stubs the IDT points at, one per vector.
+pub const EXCEPTION_STUBS_START: GuestAddress = GuestAddress(0x800);
+/// Bytes per exception stub.
+pub const EXCEPTION_STUB_SIZE: u64 = 8;
+/// The 64-bit TSS that TR points at (104 bytes, all zero).
+pub const TSS_START: GuestAddress = GuestAddress(0x900);
+/// Size of the 64-bit TSS.
+pub const TSS_SIZE: u64 = 104;
+/// Initial stack pointer; the stack grows down into the page below the page tables. The built-in
+/// guest never uses it: only an exception frame lands there.
+pub const STACK_TOP: GuestAddress = GuestAddress(0x8ff0);
+/// Page-map level 4 table.
+pub const PML4_START: GuestAddress = GuestAddress(0x9000);
+/// Page-directory-pointer table (the first 512 GiB).
+pub const PDPT_START: GuestAddress = GuestAddress(0xa000);
+/// First page directory (2 MiB pages); one 4 KiB directory per GiB of RAM follows.
+pub const PD_START: GuestAddress = GuestAddress(0xb000);
+/// Page directories reserved for 2 MiB mappings, which bounds RAM to [`MAX_MEMORY`].
+pub const MAX_PAGE_DIRECTORIES: u64 = 64;
+/// Where guest kernels are loaded; ELF segments below it are refused.
+pub const KERNEL_START: GuestAddress = GuestAddress(0x10_0000);
+
+/// Largest guest RAM the identity map covers (64 page directories × 1 GiB).
+pub const MAX_MEMORY: u64 = MAX_PAGE_DIRECTORIES << 30;
+/// Smallest guest RAM: the VMM's low memory, the kernel and room for it to work.
+pub const MIN_MEMORY: u64 = 4 << 20;
+
+/// GDT selectors (byte offsets into the GDT).
+pub const CODE_SELECTOR: u16 = 0x08;
+/// Data and stack segment selector.
+pub const DATA_SELECTOR: u16 = 0x10;
+/// Task register selector.
+pub const TSS_SELECTOR: u16 = 0x18;
+
+// The structures above must not overlap; checked at compile time.
+const _: () = {
+    assert!(GDT_START.0 + GDT_SLOTS as u64 * 8 <= IDT_START.0);
+    assert!(IDT_START.0 + IDT_ENTRIES as u64 * 16 <= EXCEPTION_STUBS_START.0);
+    assert!(EXCEPTION_STUBS_START.0 + IDT_ENTRIES as u64 * EXCEPTION_STUB_SIZE <= TSS_START.0);
+    assert!(TSS_START.0 + TSS_SIZE <= STACK_TOP.0 - 4096);
+    assert!(STACK_TOP.0 < PML4_START.0);
+    assert!(PML4_START.0 + 4096 <= PDPT_START.0 && PDPT_START.0 + 4096 <= PD_START.0);
+    assert!(PD_START.0 + MAX_PAGE_DIRECTORIES * 4096 <= KERNEL_START.0);
+};

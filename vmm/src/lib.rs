@@ -1,0 +1,29 @@
+//! cowvm's VMM library: KVM guests whose RAM is a memfd that can be frozen (sealed) and mapped
+//! copy-on-write by clones, a long-mode boot path written by the VMM, and complete vCPU/VM state
+//! capture and restore.
+//!
+//! Module map: [`kvm`] opens `/dev/kvm` and checks capabilities; [`memory`] owns guest RAM and its
+//! mappings; [`boot`] writes the GDT, IDT and identity page tables and sets the long-mode
+//! registers; [`loader`] loads the guest ELF; [`vcpu`] runs a vCPU and captures its state; [`vm`]
+//! ties them into a bootable, freezable, restorable VM; [`command`] speaks the guest's register
+//! protocol; [`pagemap`] reads what the host kernel maps behind guest RAM.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+pub mod boot;
+pub mod command;
+pub mod exit;
+pub mod kvm;
+pub mod loader;
+pub mod memory;
+pub mod pagemap;
+pub mod vcpu;
+pub mod vm;
+mod watchdog;
+
+pub use command::{CommandError, CommandOutput, GuestCommand};
+pub use exit::GuestExit;
+pub use kvm::{Kvm, KvmError};
+pub use memory::{FrozenMemory, GuestRam, MemoryError};
+pub use vm::{BootReport, Kernel, Vm, VmConfig, VmError, VmState};

@@ -1,0 +1,342 @@
+//! Guest RAM: a memfd that a running VM maps `MAP_SHARED`, that can be frozen into a sealed,
+//! read-only template, and that clones map `MAP_PRIVATE` so the host kernel copies a page only
+//! when a clone writes it.
+//!
+//! The types make a writable shared mapping of frozen memory impossible to obtain: the only
+//! `MAP_SHARED` writable mapping is made in [`GuestRam::new_owned`] on a memfd that was just
+//! created and is never handed out; [`FrozenMemory`] offers only private or read-only mappings,
+//! and the kernel enforces the same through the seals (`F_SEAL_WRITE` refuses `write(2)` and
+//! writable shared `mmap(2)`).
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Host page size assumed for guest RAM granularity.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Seals applied to a frozen memfd: no writes, no size change, no further seals.
+const FROZEN_SEALS: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+
+/// Errors from creating, mapping or freezing guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is zero or not a whole number of pages.
+    #[error("guest RAM size {0:#x} is not a positive multiple of 4 KiB")]
+    InvalidSize(u64),
+    /// `memfd_create` failed.
+    #[error("memfd_create failed: {0}")]
+    CreateMemfd(io::Error),
+    /// Setting the memfd's size failed.
+    #[error("sizing the guest RAM memfd to {size} bytes failed: {source}")]
+    Resize {
+        /// Requested size.
+        size: u64,
+        /// Error from `ftruncate`.
+        source: io::Error,
+    },
+    /// `mmap` failed.
+    #[error("mmap of {len} bytes of guest RAM failed: {source}")]
+    Map {
+        /// Length of the mapping.
+        len: u64,
+        /// Error from `mmap`.
+        source: io::Error,
+    },
+    /// Adding the seals failed.
+    #[error("sealing the guest RAM memfd failed: {0}")]
+    Seal(io::Error),
+    /// A memfd offered as frozen memory lacks the seals.
+    #[error("memfd is not sealed against writes and resizing (seals {0:#x})")]
+    NotSealed(libc::c_int),
+    /// Only memory the VM owns (not a clone's private view of a template) can be frozen this way.
+    #[error("this VM's RAM is already a private view of a frozen template; it cannot be frozen again")]
+    AlreadyFrozen,
+    /// vm-memory refused the region.
+    #[error("vm-memory rejected the guest RAM region: {0}")]
+    Region(String),
+}
+
+/// A host virtual address range this process mapped; unmapped exactly once, on drop.
+struct HostMapping {
+    addr: NonNull<libc::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain process memory; the raw pointer is only an address, and access
+// through it goes through vm-memory's volatile accessors or KVM.
+unsafe impl Send for HostMapping {}
+// SAFETY: as above; `HostMapping` itself never dereferences the pointer.
+unsafe impl Sync for HostMapping {}
+
+impl HostMapping {
+    /// Maps `len` bytes of `fd` from offset 0 with `prot` and `flags`; `fixed_at` replaces an
+    /// existing mapping of ours at that address (`MAP_FIXED`).
+    fn map(
+        fd: BorrowedFd<'_>,
+        len: u64,
+        prot: libc::c_int,
+        flags: libc::c_int,
+        fixed_at: Option<NonNull<libc::c_void>>,
+    ) -> Result<Self, MemoryError> {
+        let map_err = |source| MemoryError::Map { len, source };
+        let size = usize::try_from(len).map_err(|_| MemoryError::InvalidSize(len))?;
+        let (hint, flags) = match fixed_at {
+            Some(addr) => (addr.as_ptr(), flags | libc::MAP_FIXED),
+            None => (std::ptr::null_mut(), flags),
+        };
+        // SAFETY: we map a file we hold open. With MAP_FIXED the caller guarantees `hint` is the
+        // start of a mapping of ours of the same length, which this call replaces atomically.
+        let addr = unsafe { libc::mmap(hint, size, prot, flags, fd.as_raw_fd(), 0) };
+        if addr == libc::MAP_FAILED {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        let addr = NonNull::new(addr).ok_or_else(|| map_err(io::Error::other("mmap returned NULL")))?;
+        Ok(HostMapping { addr, len: size })
+    }
+
+    /// A vm-memory view of this mapping at guest physical address 0.
+    fn guest_view(&self, prot: libc::c_int, flags: libc::c_int) -> Result<GuestMemoryMmap, MemoryError> {
+        let region_err = |e: &dyn std::fmt::Display| MemoryError::Region(e.to_string());
+        // SAFETY: `addr..addr+len` is a live mapping of ours with exactly these `prot` and
+        // `flags`. The region does not own it (vm-memory will not unmap it); `GuestRam` keeps the
+        // mapping alive for at least as long as the view (the view is dropped first).
+        let region = unsafe { MmapRegion::build_raw(self.addr.as_ptr().cast(), self.len, prot, flags) }
+            .map_err(|e| region_err(&e))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| MemoryError::Region("region does not fit the guest address space".into()))?;
+        GuestMemoryMmap::from_regions(vec![region]).map_err(|e| region_err(&e))
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr+len` was mapped by us and is unmapped only here, once.
+        unsafe { libc::munmap(self.addr.as_ptr(), self.len) };
+    }
+}
+
+/// A sealed memfd: guest RAM that will never be written again.
+struct SealedMemfd {
+    file: File,
+    size: u64,
+}
+
+/// Frozen guest RAM: a memfd sealed against writes and resizing. Cheap to clone (shared handle);
+/// it can only be mapped privately (copy-on-write) or read-only.
+#[derive(Clone)]
+pub struct FrozenMemory {
+    inner: Arc<SealedMemfd>,
+}
+
+impl FrozenMemory {
+    /// Adopts a memfd that already carries the write, grow and shrink seals.
+    pub fn from_sealed(file: File) -> Result<Self, MemoryError> {
+        let seals = get_seals(&file).map_err(MemoryError::Seal)?;
+        let needed = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+        if seals & needed != needed {
+            return Err(MemoryError::NotSealed(seals));
+        }
+        let size = file.metadata().map_err(MemoryError::Seal)?.len();
+        Ok(FrozenMemory {
+            inner: Arc::new(SealedMemfd { file, size }),
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// The seals on the memfd (`F_GET_SEALS`).
+    pub fn seals(&self) -> io::Result<libc::c_int> {
+        get_seals(&self.inner.file)
+    }
+
+    /// Maps the frozen memory read-only and shared: the view sees the template's own pages.
+    pub fn map_read_only(&self) -> Result<ReadOnlyView, MemoryError> {
+        let mapping = HostMapping::map(
+            self.as_fd(),
+            self.size(),
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            None,
+        )?;
+        Ok(ReadOnlyView {
+            mapping,
+            _frozen: self.clone(),
+        })
+    }
+}
+
+impl AsFd for FrozenMemory {
+    /// The sealed memfd. The kernel refuses writes and writable shared mappings through it.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.file.as_fd()
+    }
+}
+
+/// A read-only shared mapping of frozen memory (for comparing a clone's pages with the template's).
+pub struct ReadOnlyView {
+    mapping: HostMapping,
+    _frozen: FrozenMemory,
+}
+
+impl ReadOnlyView {
+    /// Host virtual address of byte 0.
+    pub fn host_address(&self) -> u64 {
+        self.mapping.addr.as_ptr() as u64
+    }
+
+    /// Reads the little-endian u64 at `offset`, or `None` past the end.
+    pub fn read_u64(&self, offset: u64) -> Option<u64> {
+        let end = offset.checked_add(8)?;
+        if end > self.mapping.len as u64 || !offset.is_multiple_of(8) {
+            return None;
+        }
+        // SAFETY: `offset + 8` lies inside the live read-only mapping and is 8-aligned.
+        Some(unsafe {
+            std::ptr::read_volatile(
+                self.mapping
+                    .addr
+                    .as_ptr()
+                    .cast::<u8>()
+                    .add(offset as usize)
+                    .cast::<u64>(),
+            )
+        })
+    }
+}
+
+/// Where a VM's RAM comes from.
+enum Backing {
+    /// The VM owns the memfd and maps it shared and writable.
+    Owned(File),
+    /// The VM maps a frozen template privately; its writes become private anonymous pages.
+    Private(FrozenMemory),
+}
+
+/// The RAM of one VM: a host mapping at a fixed address plus the vm-memory view of it.
+pub struct GuestRam {
+    // Field order is drop order: the view goes before the mapping it points into.
+    view: GuestMemoryMmap,
+    mapping: HostMapping,
+    backing: Backing,
+}
+
+const RAM_PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+const PRIVATE_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+
+impl GuestRam {
+    /// Creates `size` bytes of zeroed RAM in a new sealable memfd, mapped shared and writable.
+    pub fn new_owned(size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::InvalidSize(size));
+        }
+        let file = create_memfd(c"cowvm-guest-ram")?;
+        file.set_len(size)
+            .map_err(|source| MemoryError::Resize { size, source })?;
+        let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+        let mapping = HostMapping::map(file.as_fd(), size, RAM_PROT, flags, None)?;
+        let view = mapping.guest_view(RAM_PROT, flags)?;
+        Ok(GuestRam {
+            view,
+            mapping,
+            backing: Backing::Owned(file),
+        })
+    }
+
+    /// Maps `frozen` privately: reads share the template's pages, writes copy them.
+    pub fn new_private(frozen: &FrozenMemory) -> Result<Self, MemoryError> {
+        let mapping = HostMapping::map(frozen.as_fd(), frozen.size(), RAM_PROT, PRIVATE_FLAGS, None)?;
+        let view = mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
+        Ok(GuestRam {
+            view,
+            mapping,
+            backing: Backing::Private(frozen.clone()),
+        })
+    }
+
+    /// Freezes owned RAM without copying it: remaps the same memfd `MAP_PRIVATE | MAP_FIXED` at
+    /// the same host address (KVM's MMU notifier drops its stale translations), then seals the
+    /// memfd, which the kernel allows only once no writable shared mapping remains. The VM keeps
+    /// running on the private mapping; its later writes become private pages.
+    ///
+    /// No vCPU of the VM may run during the call (the caller holds it exclusively).
+    pub fn freeze(&mut self) -> Result<FrozenMemory, MemoryError> {
+        let Backing::Owned(file) = &self.backing else {
+            return Err(MemoryError::AlreadyFrozen);
+        };
+        let remapped = HostMapping::map(
+            file.as_fd(),
+            self.size(),
+            RAM_PROT,
+            PRIVATE_FLAGS,
+            Some(self.mapping.addr),
+        )?;
+        // The old mapping object describes the range that MAP_FIXED just replaced; forgetting it
+        // leaves `remapped` as the range's only owner.
+        std::mem::forget(std::mem::replace(&mut self.mapping, remapped));
+        self.view = self.mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
+        add_seals(file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
+        let sealed = file.try_clone().map_err(MemoryError::Seal)?;
+        let frozen = FrozenMemory::from_sealed(sealed)?;
+        self.backing = Backing::Private(frozen.clone());
+        Ok(frozen)
+    }
+
+    /// The vm-memory view of guest physical memory (starting at guest address 0).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.view
+    }
+
+    /// Host virtual address of guest physical address 0.
+    pub fn host_address(&self) -> u64 {
+        self.mapping.addr.as_ptr() as u64
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.mapping.len as u64
+    }
+
+    /// The frozen template this RAM is a private view of, if any.
+    pub fn template(&self) -> Option<&FrozenMemory> {
+        match &self.backing {
+            Backing::Owned(_) => None,
+            Backing::Private(frozen) => Some(frozen),
+        }
+    }
+}
+
+fn create_memfd(name: &CStr) -> Result<File, MemoryError> {
+    // SAFETY: `name` is a valid NUL-terminated string; the call has no memory side effects.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(MemoryError::CreateMemfd(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh file descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
+    // SAFETY: F_ADD_SEALS on an fd we own; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn get_seals(file: &File) -> io::Result<libc::c_int> {
+    // SAFETY: F_GET_SEALS on an fd we own; no memory is passed.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(seals)
+}

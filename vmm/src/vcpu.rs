@@ -1,0 +1,350 @@
+//! One vCPU: creating it, running it to its next exit (with an optional deadline), and capturing
+//! and restoring its complete architectural state.
+
+use std::time::{Duration, Instant};
+
+use cowvm_guest::protocol::{PORT_DONE, PORT_EXCEPTION};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::exit::GuestExit;
+use crate::kvm::{Kvm, KvmError};
+use crate::watchdog::RunTimer;
+
+/// A failed vCPU ioctl.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// An ioctl failed.
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        /// Name of the ioctl.
+        op: &'static str,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only part of the MSRs.
+    #[error("KVM_SET_MSRS set {set} of {total} MSRs (first refused: {refused:#x})")]
+    PartialMsrs {
+        /// How many were set.
+        set: usize,
+        /// How many were given.
+        total: usize,
+        /// Index of the first MSR KVM refused.
+        refused: u32,
+    },
+    /// Reading MSRs or the device's facts failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Setting up the deadline timer failed.
+    #[error("cannot arm the vCPU deadline timer: {0}")]
+    Timer(std::io::Error),
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Ioctl { op, source }
+}
+
+/// The x87/SSE state from `KVM_GET_FPU`, in a serialisable form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub struct FpuState {
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuState {
+    fn from(f: &kvm_fpu) -> Self {
+        FpuState {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl From<&FpuState> for kvm_fpu {
+    fn from(f: &FpuState) -> Self {
+        kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        }
+    }
+}
+
+/// The complete state of one vCPU. There is no in-kernel irqchip, so no LAPIC state.
+/// Shared between clones behind an `Arc`; `kvm_xsave` is not `Clone`.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    /// CPUID as the vCPU sees it (`KVM_GET_CPUID2`).
+    pub cpuid: CpuId,
+    /// Multiprocessing state.
+    pub mp_state: kvm_mp_state,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers.
+    pub sregs: kvm_sregs,
+    /// x87/SSE state (also inside `xsave`; kept for hosts and tools that read it alone).
+    pub fpu: FpuState,
+    /// The xsave area (FPU, SSE, AVX…).
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_debugregs,
+    /// Every MSR this host can save and restore.
+    pub msrs: Msrs,
+    /// Pending exceptions, interrupts, NMIs.
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+/// A vCPU of a VM.
+pub struct Vcpu {
+    fd: VcpuFd,
+    timer: Option<RunTimer>,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` on `vm` with the host's supported CPUID.
+    pub fn new(kvm: &Kvm, vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
+        let fd = vm.create_vcpu(u64::from(index)).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        let vcpu = Vcpu { fd, timer: None };
+        vcpu.fd
+            .set_cpuid2(kvm.supported_cpuid())
+            .map_err(ioctl("KVM_SET_CPUID2"))?;
+        Ok(vcpu)
+    }
+
+    /// The general registers.
+    pub fn regs(&self) -> Result<kvm_regs, VcpuError> {
+        self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))
+    }
+
+    /// Sets the general registers.
+    pub fn set_regs(&self, regs: &kvm_regs) -> Result<(), VcpuError> {
+        self.fd.set_regs(regs).map_err(ioctl("KVM_SET_REGS"))
+    }
+
+    /// The special registers.
+    pub fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        self.fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))
+    }
+
+    /// Sets the special registers.
+    pub fn set_sregs(&self, sregs: &kvm_sregs) -> Result<(), VcpuError> {
+        self.fd.set_sregs(sregs).map_err(ioctl("KVM_SET_SREGS"))
+    }
+
+    /// Sets the x87/SSE state.
+    pub fn set_fpu(&self, fpu: &kvm_fpu) -> Result<(), VcpuError> {
+        self.fd.set_fpu(fpu).map_err(ioctl("KVM_SET_FPU"))
+    }
+
+    /// Runs the guest until it exits to the VMM, or until `deadline` has passed.
+    pub fn run(&mut self, deadline: Option<Duration>) -> Result<GuestExit, VcpuError> {
+        let Some(limit) = deadline else {
+            return self.run_until(None);
+        };
+        if !self.timer.as_ref().is_some_and(RunTimer::is_for_current_thread) {
+            self.timer = Some(RunTimer::for_current_thread().map_err(VcpuError::Timer)?);
+        }
+        let started = Instant::now();
+        let timer = self.timer.as_ref().map(|t| t.arm(limit).map(|()| t));
+        if let Some(Err(e)) = timer {
+            return Err(VcpuError::Timer(e));
+        }
+        let result = self.run_until(Some((started, limit)));
+        if let Some(timer) = &self.timer {
+            timer.disarm().map_err(VcpuError::Timer)?;
+        }
+        result
+    }
+
+    fn run_until(&mut self, deadline: Option<(Instant, Duration)>) -> Result<GuestExit, VcpuError> {
+        let exit = loop {
+            match self.fd.run() {
+                Ok(exit) => break owned_exit(exit),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if let Some((started, limit)) = deadline {
+                        let elapsed = started.elapsed();
+                        if elapsed >= limit {
+                            break GuestExit::deadline_exceeded(elapsed);
+                        }
+                    }
+                }
+                Err(source) => return Err(VcpuError::Ioctl { op: "KVM_RUN", source }),
+            }
+        };
+        Ok(match exit {
+            GuestExit::InternalError { .. } => GuestExit::InternalError {
+                suberror: self.internal_suberror(),
+            },
+            other => other,
+        })
+    }
+
+    fn internal_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, for which KVM
+        // fills the `internal` member of the exit union.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+
+    /// Lets KVM finish an I/O exit the guest is in the middle of (the `out` it just executed), so
+    /// the captured rip points past it: `KVM_RUN` with `immediate_exit` set completes the pending
+    /// operation and returns `EINTR` without entering the guest (KVM API doc, `immediate_exit`).
+    pub fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Ok(()) => Ok(()),
+            Err(source) => Err(VcpuError::Ioctl {
+                op: "KVM_RUN (immediate_exit)",
+                source,
+            }),
+        }
+    }
+
+    /// Captures the complete state. Finishes any pending I/O first (see
+    /// [`Vcpu::complete_pending_io`]); the vCPU must not be running.
+    pub fn capture(&mut self, kvm: &Kvm) -> Result<VcpuState, VcpuError> {
+        self.complete_pending_io()?;
+        let fd = &self.fd;
+        let entries: Vec<kvm_msr_entry> = kvm
+            .saveable_msrs()?
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::PartialMsrs {
+            set: 0,
+            total: entries.len(),
+            refused: 0,
+        })?;
+        let read = fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+        if read != entries.len() {
+            return Err(VcpuError::PartialMsrs {
+                set: read,
+                total: entries.len(),
+                refused: entries[read].index,
+            });
+        }
+        Ok(VcpuState {
+            cpuid: fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_CPUID2"))?,
+            mp_state: fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+            regs: self.regs()?,
+            sregs: self.sregs()?,
+            fpu: FpuState::from(&fd.get_fpu().map_err(ioctl("KVM_GET_FPU"))?),
+            xsave: fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?,
+            xcrs: fd.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?,
+            debugregs: fd.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?,
+            msrs,
+            vcpu_events: fd.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Restores a captured state, in the order KVM needs (CPUID first, MSRs and events last,
+    /// as Firecracker does).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let fd = &self.fd;
+        fd.set_cpuid2(&state.cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        fd.set_mp_state(state.mp_state).map_err(ioctl("KVM_SET_MP_STATE"))?;
+        self.set_regs(&state.regs)?;
+        self.set_sregs(&state.sregs)?;
+        self.set_fpu(&kvm_fpu::from(&state.fpu))?;
+        // SAFETY: the area came from KVM_GET_XSAVE on a host whose xsave size Kvm::open checked
+        // to be at most the 4096 bytes of `kvm_xsave`, so KVM reads only inside the struct.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&state.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debugregs)
+            .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
+        let set = fd.set_msrs(&state.msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+        let total = state.msrs.as_slice().len();
+        if set != total {
+            return Err(VcpuError::PartialMsrs {
+                set,
+                total,
+                refused: state.msrs.as_slice()[set].index,
+            });
+        }
+        fd.set_vcpu_events(&state.vcpu_events)
+            .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+fn little_endian(data: &[u8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    let n = data.len().min(4);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(bytes)
+}
+
+/// Converts KVM's borrowed exit into an owned one. Reads from unserved ports and non-RAM addresses
+/// return all ones, as on a floating bus. An exception stub's report comes back as
+/// `Exception { rip: 0, .. }`; the VM fills in the frame.
+fn owned_exit(exit: VcpuExit<'_>) -> GuestExit {
+    match exit {
+        VcpuExit::IoOut(PORT_DONE, data) => GuestExit::Done {
+            status: little_endian(data),
+        },
+        VcpuExit::IoOut(PORT_EXCEPTION, data) => GuestExit::Exception {
+            vector: data.first().copied().unwrap_or(0),
+            rip: 0,
+            error_code: None,
+            cr2: 0,
+        },
+        VcpuExit::IoOut(port, data) => GuestExit::IoOut {
+            port,
+            size: data.len() as u8,
+            value: little_endian(data),
+        },
+        VcpuExit::IoIn(port, data) => {
+            data.fill(0xff);
+            GuestExit::IoIn {
+                port,
+                size: data.len() as u8,
+            }
+        }
+        VcpuExit::MmioRead(gpa, data) => {
+            data.fill(0xff);
+            GuestExit::Mmio { gpa, write: false }
+        }
+        VcpuExit::MmioWrite(gpa, _) => GuestExit::Mmio { gpa, write: true },
+        VcpuExit::Hlt => GuestExit::Halt,
+        VcpuExit::Shutdown => GuestExit::Shutdown,
+        VcpuExit::FailEntry(reason, _) => GuestExit::FailEntry { reason },
+        VcpuExit::InternalError => GuestExit::InternalError { suberror: 0 },
+        other => GuestExit::Other {
+            description: format!("{other:?}"),
+        },
+    }
+}

@@ -1,0 +1,387 @@
+//! A VM: KVM VM fd, one vCPU and its RAM. Boots the guest in long mode, runs guest commands,
+//! captures its state and restores it into a fresh VM on a private view of frozen RAM.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_clock_data, kvm_userspace_memory_region};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::boot::layout::{KERNEL_START, MAX_MEMORY, MIN_MEMORY};
+use crate::boot::{self, BootError, IdentityPageSize};
+use crate::command::{CommandError, CommandOutput, GuestCommand};
+use crate::exit::GuestExit;
+use crate::kvm::{Kvm, KvmError};
+use crate::loader::{self, LoadError, LoadedKernel};
+use crate::memory::{FrozenMemory, GuestRam, MemoryError, PAGE_SIZE};
+use crate::vcpu::{Vcpu, VcpuError, VcpuState};
+
+/// Memory slot that holds all of guest RAM.
+const RAM_SLOT: u32 = 0;
+
+/// Errors from building, running, capturing or restoring a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The KVM device refused something.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Guest RAM could not be created, mapped or frozen.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot structures could not be written.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A vCPU ioctl failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A VM ioctl failed.
+    #[error("{op} failed: {source}")]
+    Ioctl {
+        /// Name of the ioctl.
+        op: &'static str,
+        /// The error KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// The memory size is not a whole number of MiB in the supported range.
+    #[error("memory of {memory_mib} MiB is outside the supported {}..={} MiB", MIN_MEMORY >> 20, MAX_MEMORY >> 20)]
+    MemorySize {
+        /// Size asked for.
+        memory_mib: u64,
+    },
+    /// The command was refused before it reached the guest.
+    #[error("invalid guest command: {0}")]
+    Command(#[from] CommandError),
+    /// The guest stopped for a reason other than finishing its command.
+    #[error("guest stopped: {0}")]
+    GuestStopped(GuestExit),
+    /// A state does not fit the memory it is restored onto.
+    #[error("state is for {state} bytes of RAM, the frozen memory has {memory}")]
+    StateMismatch {
+        /// RAM size the state was captured with.
+        state: u64,
+        /// Size of the frozen memory.
+        memory: u64,
+    },
+}
+
+/// Which kernel to boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernel {
+    /// cowvm's built-in guest (the command loop).
+    #[default]
+    Builtin,
+    /// A 64-bit ELF from a file, entered the same way.
+    Elf(PathBuf),
+}
+
+/// How to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The kernel.
+    pub kernel: Kernel,
+    /// Leaf size of the identity map; `None` picks 1 GiB where the CPU supports it.
+    pub page_size: Option<IdentityPageSize>,
+}
+
+impl VmConfig {
+    /// The built-in guest with `memory_mib` MiB of RAM.
+    pub fn builtin(memory_mib: u64) -> Self {
+        VmConfig {
+            memory_mib,
+            kernel: Kernel::Builtin,
+            page_size: None,
+        }
+    }
+}
+
+/// Where the time went while booting, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootTimings {
+    /// `KVM_CREATE_VM`.
+    pub create_vm_us: f64,
+    /// memfd, size and mapping.
+    pub memory_us: f64,
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    pub memslot_us: f64,
+    /// ELF load.
+    pub load_kernel_us: f64,
+    /// GDT, IDT and page tables.
+    pub boot_structures_us: f64,
+    /// `KVM_CREATE_VCPU`, CPUID, registers.
+    pub vcpu_us: f64,
+    /// First `KVM_RUN` to the first exit.
+    pub first_run_us: f64,
+}
+
+/// What happened when a VM booted.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootReport {
+    /// The first exit the guest made.
+    pub first_exit: GuestExit,
+    /// From just before `KVM_CREATE_VM` to the return of the first `KVM_RUN`.
+    pub first_exit_us: f64,
+    /// The steps.
+    pub timings: BootTimings,
+    /// Leaf size of the identity map.
+    pub page_size: IdentityPageSize,
+    /// Where the kernel was entered.
+    pub entry: u64,
+}
+
+/// Everything needed, besides RAM, to resume a VM elsewhere.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    /// RAM size in bytes.
+    pub memory_size: u64,
+    /// End of the memory the guest must not overwrite with commands (kernel image and below).
+    pub protected_end: u64,
+    /// The KVM clock.
+    pub clock: kvm_clock_data,
+    /// Each vCPU's state.
+    pub vcpus: Vec<VcpuState>,
+}
+
+/// A KVM VM with one vCPU.
+pub struct Vm {
+    // Drop order: the vCPU, then the VM fd (which removes the memslot), then the RAM.
+    vcpu: Vcpu,
+    vm_fd: VmFd,
+    ram: GuestRam,
+    protected_end: u64,
+}
+
+fn micros(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e6
+}
+
+fn vm_ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { op, source }
+}
+
+fn register_ram(vm_fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot: RAM_SLOT,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: ram.size(),
+        userspace_addr: ram.host_address(),
+    };
+    // SAFETY: the region describes `ram`'s live mapping, which outlives the VM fd (field order in
+    // `Vm` drops the fd first), and the slot is not registered yet.
+    unsafe { vm_fd.set_user_memory_region(region) }.map_err(vm_ioctl("KVM_SET_USER_MEMORY_REGION"))
+}
+
+impl Vm {
+    /// Creates a VM, loads the kernel, writes the boot structures, enters long mode and runs the
+    /// guest to its first exit. The built-in guest's first exit is `done` with status 0.
+    pub fn boot(kvm: &Kvm, config: &VmConfig) -> Result<(Vm, BootReport), VmError> {
+        let memory_size = config.memory_mib.saturating_mul(1 << 20);
+        if boot::check_memory_size(memory_size).is_err() {
+            return Err(VmError::MemorySize {
+                memory_mib: config.memory_mib,
+            });
+        }
+        let page_size = config.page_size.unwrap_or(if kvm.supports_1gib_pages() {
+            IdentityPageSize::OneGib
+        } else {
+            IdentityPageSize::TwoMib
+        });
+
+        let start = Instant::now();
+        let vm_fd = kvm.create_vm()?;
+        let create_vm_us = micros(start);
+
+        let step = Instant::now();
+        let ram = GuestRam::new_owned(memory_size)?;
+        let memory_us = micros(step);
+
+        let step = Instant::now();
+        register_ram(&vm_fd, &ram)?;
+        let memslot_us = micros(step);
+
+        let step = Instant::now();
+        let kernel = match &config.kernel {
+            Kernel::Builtin => loader::load_builtin(ram.guest_memory())?,
+            Kernel::Elf(path) => loader::load_file(ram.guest_memory(), path)?,
+        };
+        let load_kernel_us = micros(step);
+
+        let step = Instant::now();
+        boot::write_boot_structures(ram.guest_memory(), memory_size, page_size)?;
+        let boot_structures_us = micros(step);
+
+        let step = Instant::now();
+        let vcpu = Vcpu::new(kvm, &vm_fd, 0)?;
+        let mut sregs = vcpu.sregs()?;
+        boot::long_mode_sregs(&mut sregs);
+        vcpu.set_sregs(&sregs)?;
+        vcpu.set_regs(&boot::entry_regs(kernel.entry))?;
+        vcpu.set_fpu(&boot::initial_fpu())?;
+        let vcpu_us = micros(step);
+
+        let mut vm = Vm {
+            vcpu,
+            vm_fd,
+            ram,
+            protected_end: protected_end(&kernel),
+        };
+        let step = Instant::now();
+        let first_exit = vm.vcpu.run(Some(FIRST_EXIT_DEADLINE))?;
+        let first_run_us = micros(step);
+        let first_exit_us = micros(start);
+        let first_exit = vm.describe(first_exit)?;
+        let report = BootReport {
+            first_exit,
+            first_exit_us,
+            timings: BootTimings {
+                create_vm_us,
+                memory_us,
+                memslot_us,
+                load_kernel_us,
+                boot_structures_us,
+                vcpu_us,
+                first_run_us,
+            },
+            page_size,
+            entry: kernel.entry.0,
+        };
+        Ok((vm, report))
+    }
+
+    /// Builds a new VM on a private (copy-on-write) mapping of `frozen` and restores `state`
+    /// into it. The VM has not run yet; its next run continues where the captured VM stopped.
+    pub fn restore(kvm: &Kvm, frozen: &FrozenMemory, state: &VmState) -> Result<Vm, VmError> {
+        if state.memory_size != frozen.size() {
+            return Err(VmError::StateMismatch {
+                state: state.memory_size,
+                memory: frozen.size(),
+            });
+        }
+        let vm_fd = kvm.create_vm()?;
+        let ram = GuestRam::new_private(frozen)?;
+        register_ram(&vm_fd, &ram)?;
+        let vcpu = Vcpu::new(kvm, &vm_fd, 0)?;
+        if let Some(vcpu_state) = state.vcpus.first() {
+            vcpu.restore(vcpu_state)?;
+        }
+        let mut clock = state.clock;
+        clock.flags = 0;
+        vm_fd.set_clock(&clock).map_err(vm_ioctl("KVM_SET_CLOCK"))?;
+        Ok(Vm {
+            vcpu,
+            vm_fd,
+            ram,
+            protected_end: state.protected_end,
+        })
+    }
+
+    /// Captures the VM's state (the VM must be stopped at an exit, as it is between calls).
+    pub fn capture_state(&mut self, kvm: &Kvm) -> Result<VmState, VmError> {
+        let vcpu = self.vcpu.capture(kvm)?;
+        Ok(VmState {
+            memory_size: self.ram.size(),
+            protected_end: self.protected_end,
+            clock: self.vm_fd.get_clock().map_err(vm_ioctl("KVM_GET_CLOCK"))?,
+            vcpus: vec![vcpu],
+        })
+    }
+
+    /// Freezes the VM: captures its state and turns its RAM into sealed frozen memory without
+    /// copying it. The VM itself goes on running on a private view of that memory.
+    pub fn freeze(&mut self, kvm: &Kvm) -> Result<(FrozenMemory, VmState), VmError> {
+        let state = self.capture_state(kvm)?;
+        let frozen = self.ram.freeze()?;
+        Ok((frozen, state))
+    }
+
+    /// Validates `command`, loads it into the registers, runs the guest and returns its answer.
+    /// Any exit other than the guest finishing is an error that names the exit.
+    pub fn execute(&mut self, command: GuestCommand, deadline: Option<Duration>) -> Result<CommandOutput, VmError> {
+        command.validate(self.ram.size(), self.protected_end)?;
+        let mut regs = self.vcpu.regs()?;
+        command.load(&mut regs);
+        self.vcpu.set_regs(&regs)?;
+        match self.run(deadline)? {
+            GuestExit::Done { status } => {
+                let regs = self.vcpu.regs()?;
+                Ok(CommandOutput {
+                    status,
+                    result: regs.rbx,
+                    extra: regs.rcx,
+                })
+            }
+            other => Err(VmError::GuestStopped(other)),
+        }
+    }
+
+    /// Resumes the guest until its next exit (or `deadline`).
+    pub fn run(&mut self, deadline: Option<Duration>) -> Result<GuestExit, VmError> {
+        let exit = self.vcpu.run(deadline)?;
+        self.describe(exit)
+    }
+
+    /// Hands the guest its identity for the next resume: generation id in r14, seed in r15.
+    pub fn set_identity(&mut self, generation: u64, seed: u64) -> Result<(), VmError> {
+        let mut regs = self.vcpu.regs()?;
+        regs.r14 = generation;
+        regs.r15 = seed;
+        Ok(self.vcpu.set_regs(&regs)?)
+    }
+
+    /// The VM's RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The vCPU.
+    pub fn vcpu(&self) -> &Vcpu {
+        &self.vcpu
+    }
+
+    /// Reads a qword of guest RAM from the host side.
+    pub fn read_u64(&self, gpa: GuestAddress) -> Result<u64, VmError> {
+        self.ram.guest_memory().read_obj(gpa).map_err(|source| {
+            VmError::Boot(BootError::Write {
+                what: "read",
+                addr: gpa.0,
+                source,
+            })
+        })
+    }
+
+    /// Fills in an exception report from the exception frame on the guest stack.
+    fn describe(&self, exit: GuestExit) -> Result<GuestExit, VmError> {
+        let GuestExit::Exception { vector, .. } = exit else {
+            return Ok(exit);
+        };
+        let regs = self.vcpu.regs()?;
+        let sregs = self.vcpu.sregs()?;
+        let read = |addr: u64| self.ram.guest_memory().read_obj::<u64>(GuestAddress(addr)).ok();
+        let (error_code, rip) = if boot::idt::has_error_code(vector) {
+            (read(regs.rsp), read(regs.rsp.wrapping_add(8)))
+        } else {
+            (None, read(regs.rsp))
+        };
+        Ok(GuestExit::Exception {
+            vector,
+            rip: rip.unwrap_or(0),
+            error_code,
+            cr2: sregs.cr2,
+        })
+    }
+}
+
+/// How long the first run of a freshly booted guest may take before it counts as hung.
+pub const FIRST_EXIT_DEADLINE: Duration = Duration::from_secs(10);
+
+fn protected_end(kernel: &LoadedKernel) -> u64 {
+    kernel.end.0.max(KERNEL_START.0).div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
