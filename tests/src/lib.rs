@@ -66,3 +66,34 @@ pub fn write_temp_kernel(name: &str, image: &[u8]) -> std::path::PathBuf {
     std::fs::write(&path, image).expect("write test kernel");
     path
 }
+
+/// Open file descriptors of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("list /proc/self/fd").count()
+}
+
+/// Lines of `/proc/self/maps` (one per mapping).
+pub fn maps_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .expect("read /proc/self/maps")
+        .lines()
+        .count()
+}
+
+/// A frozen template of the built-in guest with `memory_mib` MiB whose pages at `data_pages`
+/// (guest physical addresses) each hold `gpa | 0xfeed` in their first qword.
+pub fn template_with_data(kvm: &Kvm, memory_mib: u64, data_pages: &[u64]) -> cowvm_vmm::Template {
+    use cowvm_vmm::{GuestCommand, Vm, VmConfig};
+    let (mut vm, _) = Vm::boot(kvm, &VmConfig::builtin(memory_mib)).expect("boot");
+    for &gpa in data_pages {
+        let cmd = GuestCommand::Write {
+            start: vm_memory::GuestAddress(gpa),
+            count: 1,
+            stride: 8,
+            value: gpa | 0xfeed,
+        };
+        vm.execute(cmd, Some(std::time::Duration::from_secs(10)))
+            .expect("write data page");
+    }
+    cowvm_vmm::Template::freeze(kvm, &mut vm).expect("freeze")
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use cowvm_tests::{kvm, pagemap, private_pages};
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::pagemap::PageMap;
-use cowvm_vmm::{FrozenMemory, GuestCommand, Vm, VmConfig};
+use cowvm_vmm::{FrozenMemory, GuestCommand, TemplateMemory, Vm, VmConfig};
 use vm_memory::GuestAddress;
 
 const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
@@ -43,7 +43,7 @@ fn read(vm: &mut Vm, gpa: u64) -> u64 {
 }
 
 /// A frozen 64 MiB template whose pages at `pages` hold data, and its state.
-fn template(pages: &[u64]) -> (FrozenMemory, cowvm_vmm::VmState) {
+fn template(pages: &[u64]) -> (TemplateMemory, cowvm_vmm::VmState) {
     let kvm = kvm();
     let (mut vm, _) = Vm::boot(&kvm, &VmConfig::builtin(64)).expect("boot");
     for &gpa in pages {
@@ -66,13 +66,13 @@ fn template_pfn(frozen: &FrozenMemory, gpa: u64) -> u64 {
 #[test]
 fn test_guest_write_turns_exactly_that_page_private_while_others_keep_the_memfd_page() {
     let (x, y) = (8 * MIB, 9 * MIB);
-    let (frozen, state) = template(&[x, y]);
+    let (memory, state) = template(&[x, y]);
     let kvm = kvm();
-    let mut clone = Vm::restore(&kvm, &frozen, &state).expect("restore");
+    let mut clone = Vm::restore(&kvm, &memory, &state).expect("restore");
     assert_eq!(read(&mut clone, x), x | 0xfeed);
     assert_eq!(read(&mut clone, y), y | 0xfeed);
 
-    let (px, py) = (template_pfn(&frozen, x), template_pfn(&frozen, y));
+    let (px, py) = (template_pfn(memory.base(), x), template_pfn(memory.base(), y));
     let before = pagemap(clone.ram());
     let (bx, by) = (before[(x / PAGE_SIZE) as usize], before[(y / PAGE_SIZE) as usize]);
     assert!(
@@ -97,7 +97,7 @@ fn test_guest_write_turns_exactly_that_page_private_while_others_keep_the_memfd_
     assert_eq!(ay.pfn(), Some(py), "untouched page still maps the template's frame");
     assert_eq!(read(&mut clone, x), 1);
     assert_eq!(
-        frozen.map_read_only().expect("view").read_u64(x),
+        memory.base().map_read_only().expect("view").read_u64(x),
         Some(x | 0xfeed),
         "template unchanged"
     );
@@ -111,10 +111,10 @@ fn test_guest_write_turns_exactly_that_page_private_while_others_keep_the_memfd_
 #[test]
 fn test_write_in_one_clone_is_invisible_to_another() {
     let x = 8 * MIB;
-    let (frozen, state) = template(&[x]);
+    let (memory, state) = template(&[x]);
     let kvm = kvm();
-    let mut a = Vm::restore(&kvm, &frozen, &state).expect("restore a");
-    let mut b = Vm::restore(&kvm, &frozen, &state).expect("restore b");
+    let mut a = Vm::restore(&kvm, &memory, &state).expect("restore a");
+    let mut b = Vm::restore(&kvm, &memory, &state).expect("restore b");
     write(&mut a, x, 42);
     assert_eq!(read(&mut a, x), 42);
     assert_eq!(read(&mut b, x), x | 0xfeed);
@@ -146,7 +146,8 @@ fn mmap(frozen: &FrozenMemory, prot: libc::c_int, flags: libc::c_int) -> io::Res
 
 #[test]
 fn test_frozen_memfd_refuses_every_way_to_write_it() {
-    let (frozen, _) = template(&[8 * MIB]);
+    let (memory, _) = template(&[8 * MIB]);
+    let frozen = memory.base();
     let seals = frozen.seals().expect("seals");
     for seal in [
         libc::F_SEAL_WRITE,
@@ -169,11 +170,11 @@ fn test_frozen_memfd_refuses_every_way_to_write_it() {
     );
     assert_eq!(errno(file.set_len(PAGE_SIZE)), Some(libc::EPERM), "shrink refused");
     assert_eq!(
-        errno(mmap(&frozen, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED)),
+        errno(mmap(frozen, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED)),
         Some(libc::EPERM),
         "writable shared mapping refused"
     );
-    let read_only = mmap(&frozen, libc::PROT_READ, libc::MAP_SHARED).expect("read-only shared mapping is allowed");
+    let read_only = mmap(frozen, libc::PROT_READ, libc::MAP_SHARED).expect("read-only shared mapping is allowed");
     // SAFETY: `read_only` is the one-page mapping made just above.
     let upgrade = unsafe { libc::mprotect(read_only, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE) };
     assert_eq!(upgrade, -1, "a read-only shared mapping cannot be made writable");
@@ -198,10 +199,10 @@ fn test_unsealed_memfd_is_refused_as_frozen_memory() {
 
 #[test]
 fn test_guest_that_only_reads_leaves_no_private_pages() {
-    let (frozen, state) = template(&[8 * MIB]);
+    let (memory, state) = template(&[8 * MIB]);
     let kvm = kvm();
-    let mut clone = Vm::restore(&kvm, &frozen, &state).expect("restore");
-    let pages = frozen.size() / PAGE_SIZE;
+    let mut clone = Vm::restore(&kvm, &memory, &state).expect("restore");
+    let pages = memory.size() / PAGE_SIZE;
     // Read one qword of every page of RAM: the guest walks its page tables, GDT and code too.
     clone
         .execute(

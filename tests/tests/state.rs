@@ -33,9 +33,9 @@ fn test_restored_vm_continues_and_returns_the_same_result() {
         )
         .expect("write");
     original.set_identity(7, 0x1111).expect("identity");
-    let (frozen, state) = original.freeze(&kvm).expect("freeze");
+    let (memory, state) = original.freeze(&kvm).expect("freeze");
 
-    let mut restored = Vm::restore(&kvm, &frozen, &state).expect("restore");
+    let mut restored = Vm::restore(&kvm, &memory, &state).expect("restore");
     let expected = original.execute(data_pages(), DEADLINE).expect("checksum in original");
     let got = restored.execute(data_pages(), DEADLINE).expect("checksum in restored");
     assert_eq!(got, expected);
@@ -48,8 +48,8 @@ fn test_restored_vcpu_state_equals_the_captured_state() {
     let kvm = kvm();
     let (mut original, _) = Vm::boot(&kvm, &VmConfig::builtin(64)).expect("boot");
     original.execute(data_pages(), DEADLINE).expect("run a command");
-    let (frozen, captured) = original.freeze(&kvm).expect("freeze");
-    let mut restored = Vm::restore(&kvm, &frozen, &captured).expect("restore");
+    let (memory, captured) = original.freeze(&kvm).expect("freeze");
+    let mut restored = Vm::restore(&kvm, &memory, &captured).expect("restore");
     let recaptured = restored.capture_state(&kvm).expect("capture restored");
     let (a, b) = (&captured.vcpus[0], &recaptured.vcpus[0]);
     let json = |v: &dyn erased::Json| v.json();
@@ -73,10 +73,10 @@ fn test_restored_vcpu_state_equals_the_captured_state() {
 fn test_state_survives_a_json_round_trip_and_still_restores() {
     let kvm = kvm();
     let (mut original, _) = Vm::boot(&kvm, &VmConfig::builtin(64)).expect("boot");
-    let (frozen, state) = original.freeze(&kvm).expect("freeze");
+    let (memory, state) = original.freeze(&kvm).expect("freeze");
     let text = serde_json::to_string(&state).expect("serialise");
     let parsed: VmState = serde_json::from_str(&text).expect("deserialise");
-    let mut restored = Vm::restore(&kvm, &frozen, &parsed).expect("restore from parsed state");
+    let mut restored = Vm::restore(&kvm, &memory, &parsed).expect("restore from parsed state");
     let expected = original.execute(data_pages(), DEADLINE).expect("original");
     assert_eq!(restored.execute(data_pages(), DEADLINE).expect("restored"), expected);
 }
@@ -85,7 +85,7 @@ fn test_state_survives_a_json_round_trip_and_still_restores() {
 fn test_original_keeps_running_after_freeze_and_its_writes_stay_private() {
     let kvm = kvm();
     let (mut original, _) = Vm::boot(&kvm, &VmConfig::builtin(64)).expect("boot");
-    let (frozen, state) = original.freeze(&kvm).expect("freeze");
+    let (memory, state) = original.freeze(&kvm).expect("freeze");
     original
         .execute(
             GuestCommand::Write {
@@ -98,7 +98,7 @@ fn test_original_keeps_running_after_freeze_and_its_writes_stay_private() {
         )
         .expect("write after freeze");
     assert_eq!(original.read_u64(GuestAddress(8 << 20)).expect("read"), 99);
-    let restored = Vm::restore(&kvm, &frozen, &state).expect("restore");
+    let restored = Vm::restore(&kvm, &memory, &state).expect("restore");
     assert_eq!(
         restored.read_u64(GuestAddress(8 << 20)).expect("read"),
         0,

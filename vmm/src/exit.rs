@@ -92,6 +92,14 @@ impl GuestExit {
         }
     }
 
+    /// Whether the guest is broken or stuck (as opposed to exiting to ask for something).
+    pub fn is_fault(&self) -> bool {
+        !matches!(
+            self,
+            GuestExit::Done { .. } | GuestExit::IoOut { .. } | GuestExit::IoIn { .. } | GuestExit::Halt
+        )
+    }
+
     pub(crate) fn deadline_exceeded(after: Duration) -> Self {
         GuestExit::DeadlineExceeded {
             after_ms: after.as_millis() as u64,

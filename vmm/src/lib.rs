@@ -6,24 +6,31 @@
 //! mappings; [`boot`] writes the GDT, IDT and identity page tables and sets the long-mode
 //! registers; [`loader`] loads the guest ELF; [`vcpu`] runs a vCPU and captures its state; [`vm`]
 //! ties them into a bootable, freezable, restorable VM; [`command`] speaks the guest's register
-//! protocol; [`pagemap`] reads what the host kernel maps behind guest RAM.
+//! protocol; [`pagemap`] reads what the host kernel maps behind guest RAM; [`template`] freezes
+//! VMs into templates and [`clone`] makes, resets and destroys their clones.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod boot;
+pub mod clone;
 pub mod command;
 pub mod exit;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
 pub mod pagemap;
+mod pool;
+mod reaper;
+pub mod template;
 pub mod vcpu;
 pub mod vm;
 mod watchdog;
 
+pub use clone::{Clone, CloneBatch, CloneEngine, CloneError, EngineConfig, LiveFork, ResetReport};
 pub use command::{CommandError, CommandOutput, GuestCommand};
 pub use exit::GuestExit;
 pub use kvm::{Kvm, KvmError};
-pub use memory::{FrozenMemory, GuestRam, MemoryError};
+pub use memory::{FrozenMemory, GuestRam, MemoryError, TemplateMemory};
+pub use template::Template;
 pub use vm::{BootReport, Kernel, Vm, VmConfig, VmError, VmState};

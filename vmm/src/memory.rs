@@ -11,11 +11,15 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+use crate::pagemap::PageMap;
 
 /// Host page size assumed for guest RAM granularity.
 pub const PAGE_SIZE: u64 = 4096;
@@ -54,9 +58,20 @@ pub enum MemoryError {
     /// A memfd offered as frozen memory lacks the seals.
     #[error("memfd is not sealed against writes and resizing (seals {0:#x})")]
     NotSealed(libc::c_int),
-    /// Only memory the VM owns (not a clone's private view of a template) can be frozen this way.
-    #[error("this VM's RAM is already a private view of a frozen template; it cannot be frozen again")]
-    AlreadyFrozen,
+    /// A layered template would exceed the layer or run limits.
+    #[error("a template of {layers} layers and {runs} overlay runs exceeds the limits ({MAX_TEMPLATE_LAYERS} layers, {MAX_TEMPLATE_RUNS} runs)")]
+    TooFragmented {
+        /// Layers the new template would have.
+        layers: usize,
+        /// Overlay runs it would have.
+        runs: usize,
+    },
+    /// Reading the host's page tables failed.
+    #[error("reading /proc/self/pagemap failed: {0}")]
+    PageMap(io::Error),
+    /// Dropping private pages failed.
+    #[error("madvise(MADV_DONTNEED) on guest RAM failed: {0}")]
+    Discard(io::Error),
     /// vm-memory refused the region.
     #[error("vm-memory rejected the guest RAM region: {0}")]
     Region(String),
@@ -98,6 +113,34 @@ impl HostMapping {
         }
         let addr = NonNull::new(addr).ok_or_else(|| map_err(io::Error::other("mmap returned NULL")))?;
         Ok(HostMapping { addr, len: size })
+    }
+
+    /// Maps `run` of `fd` (file offset = offset in this mapping) privately over the same run of
+    /// this mapping. The replaced pages stay owned by this mapping's `Drop`.
+    fn map_over(&self, fd: BorrowedFd<'_>, run: Range<u64>) -> Result<(), MemoryError> {
+        let len = run.end.saturating_sub(run.start);
+        if run.end > self.len as u64 || len == 0 {
+            return Err(MemoryError::InvalidSize(run.end));
+        }
+        // SAFETY: `run` lies inside this live mapping (checked above), so MAP_FIXED replaces only
+        // pages we own; the file is a sealed memfd at least `run.end` bytes long.
+        let addr = unsafe {
+            libc::mmap(
+                self.addr.as_ptr().cast::<u8>().add(run.start as usize).cast(),
+                len as usize,
+                RAM_PROT,
+                PRIVATE_FLAGS | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                run.start as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::Map {
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// A vm-memory view of this mapping at guest physical address 0.
@@ -213,12 +256,104 @@ impl ReadOnlyView {
     }
 }
 
+/// Most layers a template may stack (base plus overlays).
+pub const MAX_TEMPLATE_LAYERS: usize = 16;
+/// Most overlay runs all layers of a template may hold; each becomes one or two VMAs in every
+/// clone, and a process has at most `vm.max_map_count` (65530 by default).
+pub const MAX_TEMPLATE_RUNS: usize = 16 * 1024;
+
+/// One overlay of a layered template: a sealed memfd holding a VM's private pages at their own
+/// offsets (the rest is holes), and the runs of it that are mapped over the layers below.
+struct Overlay {
+    memory: FrozenMemory,
+    runs: Vec<Range<u64>>,
+}
+
+struct Layers {
+    base: FrozenMemory,
+    overlays: Vec<Overlay>,
+}
+
+/// The memory of a template: a sealed base memfd plus, for templates frozen from clones, sealed
+/// overlays whose runs are mapped over it in order. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct TemplateMemory {
+    inner: Arc<Layers>,
+}
+
+impl TemplateMemory {
+    /// A template of one layer.
+    pub fn single(base: FrozenMemory) -> Self {
+        TemplateMemory {
+            inner: Arc::new(Layers {
+                base,
+                overlays: Vec::new(),
+            }),
+        }
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.base.size()
+    }
+
+    /// Number of layers (1 for a template frozen from a VM that owned its RAM).
+    pub fn depth(&self) -> usize {
+        1 + self.inner.overlays.len()
+    }
+
+    /// Overlay runs mapped over the base, over all layers.
+    pub fn overlay_runs(&self) -> usize {
+        self.inner.overlays.iter().map(|o| o.runs.len()).sum()
+    }
+
+    /// The base layer.
+    pub fn base(&self) -> &FrozenMemory {
+        &self.inner.base
+    }
+
+    /// The frozen memory whose page backs guest offset `offset` in a clone: the last overlay
+    /// with a run covering it, else the base.
+    pub fn layer_at(&self, offset: u64) -> &FrozenMemory {
+        self.inner
+            .overlays
+            .iter()
+            .rev()
+            .find(|o| o.runs.iter().any(|r| r.contains(&offset)))
+            .map_or(&self.inner.base, |o| &o.memory)
+    }
+
+    fn with_overlay(&self, overlay: Overlay) -> Result<Self, MemoryError> {
+        let layers = self.depth() + 1;
+        let runs = self.overlay_runs() + overlay.runs.len();
+        if layers > MAX_TEMPLATE_LAYERS || runs > MAX_TEMPLATE_RUNS {
+            return Err(MemoryError::TooFragmented { layers, runs });
+        }
+        let mut overlays: Vec<Overlay> = self
+            .inner
+            .overlays
+            .iter()
+            .map(|o| Overlay {
+                memory: o.memory.clone(),
+                runs: o.runs.clone(),
+            })
+            .collect();
+        overlays.push(overlay);
+        Ok(TemplateMemory {
+            inner: Arc::new(Layers {
+                base: self.inner.base.clone(),
+                overlays,
+            }),
+        })
+    }
+}
+
 /// Where a VM's RAM comes from.
 enum Backing {
     /// The VM owns the memfd and maps it shared and writable.
     Owned(File),
     /// The VM maps a frozen template privately; its writes become private anonymous pages.
-    Private(FrozenMemory),
+    Private(TemplateMemory),
 }
 
 /// The RAM of one VM: a host mapping at a fixed address plus the vm-memory view of it.
@@ -251,14 +386,21 @@ impl GuestRam {
         })
     }
 
-    /// Maps `frozen` privately: reads share the template's pages, writes copy them.
-    pub fn new_private(frozen: &FrozenMemory) -> Result<Self, MemoryError> {
-        let mapping = HostMapping::map(frozen.as_fd(), frozen.size(), RAM_PROT, PRIVATE_FLAGS, None)?;
+    /// Maps a template privately: reads share the template's pages, writes copy them. A layered
+    /// template maps its base, then each overlay run `MAP_FIXED` over it.
+    pub fn new_private(template: &TemplateMemory) -> Result<Self, MemoryError> {
+        let base = template.base();
+        let mapping = HostMapping::map(base.as_fd(), base.size(), RAM_PROT, PRIVATE_FLAGS, None)?;
+        for overlay in &template.inner.overlays {
+            for run in &overlay.runs {
+                mapping.map_over(overlay.memory.as_fd(), run.clone())?;
+            }
+        }
         let view = mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
         Ok(GuestRam {
             view,
             mapping,
-            backing: Backing::Private(frozen.clone()),
+            backing: Backing::Private(template.clone()),
         })
     }
 
@@ -267,10 +409,15 @@ impl GuestRam {
     /// memfd, which the kernel allows only once no writable shared mapping remains. The VM keeps
     /// running on the private mapping; its later writes become private pages.
     ///
+    /// RAM that is already a private view of a template is frozen into a layered template: its
+    /// private pages (and only those) are copied into a new sealed overlay memfd, and the new
+    /// template maps that overlay over the parent template's layers. The VM keeps its mapping.
+    ///
     /// No vCPU of the VM may run during the call (the caller holds it exclusively).
-    pub fn freeze(&mut self) -> Result<FrozenMemory, MemoryError> {
-        let Backing::Owned(file) = &self.backing else {
-            return Err(MemoryError::AlreadyFrozen);
+    pub fn freeze(&mut self, pagemap: &PageMap) -> Result<TemplateMemory, MemoryError> {
+        let file = match &self.backing {
+            Backing::Owned(file) => file,
+            Backing::Private(template) => return self.freeze_layer(template, pagemap),
         };
         let remapped = HostMapping::map(
             file.as_fd(),
@@ -285,9 +432,63 @@ impl GuestRam {
         self.view = self.mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
         add_seals(file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
         let sealed = file.try_clone().map_err(MemoryError::Seal)?;
-        let frozen = FrozenMemory::from_sealed(sealed)?;
-        self.backing = Backing::Private(frozen.clone());
-        Ok(frozen)
+        let template = TemplateMemory::single(FrozenMemory::from_sealed(sealed)?);
+        self.backing = Backing::Private(template.clone());
+        Ok(template)
+    }
+
+    fn freeze_layer(&self, parent: &TemplateMemory, pagemap: &PageMap) -> Result<TemplateMemory, MemoryError> {
+        let runs = self.private_runs(pagemap)?;
+        if runs.is_empty() {
+            return Ok(parent.clone());
+        }
+        let file = create_memfd(c"cowvm-template-overlay")?;
+        let size = self.size();
+        file.set_len(size)
+            .map_err(|source| MemoryError::Resize { size, source })?;
+        let mut buffer = Vec::new();
+        for run in &runs {
+            buffer.resize((run.end - run.start) as usize, 0);
+            self.view
+                .read_slice(&mut buffer, GuestAddress(run.start))
+                .map_err(|e| MemoryError::Region(e.to_string()))?;
+            file.write_all_at(&buffer, run.start)
+                .map_err(MemoryError::CreateMemfd)?;
+        }
+        add_seals(&file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
+        let memory = FrozenMemory::from_sealed(file)?;
+        parent.with_overlay(Overlay { memory, runs })
+    }
+
+    /// Runs of private (copied-on-write) pages, as guest offsets, from the host's page tables.
+    pub fn private_runs(&self, pagemap: &PageMap) -> Result<Vec<Range<u64>>, MemoryError> {
+        let base = self.host_address();
+        let runs = pagemap.private_runs(base, self.size()).map_err(MemoryError::PageMap)?;
+        Ok(runs.into_iter().map(|r| r.start - base..r.end - base).collect())
+    }
+
+    /// Drops the private pages in `runs` (guest offsets): later accesses map the template's pages
+    /// again. `MADV_DONTNEED` on a private file mapping frees the copies, and KVM's MMU notifier
+    /// drops its translations of the range.
+    pub fn discard(&self, runs: &[Range<u64>]) -> Result<(), MemoryError> {
+        for run in runs {
+            if run.end > self.size() || run.start > run.end {
+                return Err(MemoryError::InvalidSize(run.end));
+            }
+            // SAFETY: the range lies inside our live mapping; MADV_DONTNEED only drops pages,
+            // which the private file mapping refills from the template on the next access.
+            let rc = unsafe {
+                libc::madvise(
+                    self.mapping.addr.as_ptr().cast::<u8>().add(run.start as usize).cast(),
+                    (run.end - run.start) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                return Err(MemoryError::Discard(io::Error::last_os_error()));
+            }
+        }
+        Ok(())
     }
 
     /// The vm-memory view of guest physical memory (starting at guest address 0).
@@ -305,8 +506,8 @@ impl GuestRam {
         self.mapping.len as u64
     }
 
-    /// The frozen template this RAM is a private view of, if any.
-    pub fn template(&self) -> Option<&FrozenMemory> {
+    /// The template this RAM is a private view of, if any.
+    pub fn template(&self) -> Option<&TemplateMemory> {
         match &self.backing {
             Backing::Owned(_) => None,
             Backing::Private(frozen) => Some(frozen),

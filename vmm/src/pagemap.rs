@@ -85,3 +85,124 @@ impl PageMap {
         Ok(entries)
     }
 }
+
+/// `PAGEMAP_SCAN` (Linux 6.7+): `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+const PAGE_IS_FILE: u64 = 1 << 2;
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// Regions returned per `PAGEMAP_SCAN` call.
+const SCAN_REGIONS: usize = 512;
+
+/// `struct pm_scan_arg` from `<linux/fs.h>`.
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region` from `<linux/fs.h>`.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+impl PageMap {
+    /// The runs of private anonymous pages (present, not the file's page) in
+    /// `hva..hva + len`, as sorted, merged host address ranges. Uses `PAGEMAP_SCAN`, whose cost
+    /// follows the populated page tables rather than the range's size; falls back to reading
+    /// pagemap entries on kernels without it. Overlapping or duplicate regions (which the kernel
+    /// can return) are merged.
+    pub fn private_runs(&self, hva: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        match self.scan_private(hva, len) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
+                self.read_private(hva, len)
+            }
+            other => other,
+        }
+    }
+
+    fn scan_private(&self, hva: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        use std::os::fd::AsRawFd;
+        let end = hva + len;
+        let mut regions = vec![PageRegion::default(); SCAN_REGIONS];
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut start = hva;
+        while start < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                start,
+                end,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: SCAN_REGIONS as u64,
+                category_inverted: PAGE_IS_FILE,
+                category_mask: PAGE_IS_PRESENT | PAGE_IS_FILE,
+                return_mask: PAGE_IS_PRESENT | PAGE_IS_FILE,
+                ..Default::default()
+            };
+            // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `SCAN_REGIONS` writable
+            // page_region entries that outlive the call; the kernel writes at most `vec_len`.
+            let n = unsafe { libc::ioctl(self.file.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            runs.extend(regions[..n as usize].iter().map(|r| r.start..r.end));
+            if arg.walk_end <= start {
+                break;
+            }
+            start = arg.walk_end;
+        }
+        Ok(merge_runs(runs))
+    }
+
+    fn read_private(&self, hva: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        let entries = self.read(hva, (len / PAGE_SIZE) as usize)?;
+        let runs = entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.private_anonymous())
+            .map(|(i, _)| {
+                let page = hva + i as u64 * PAGE_SIZE;
+                page..page + PAGE_SIZE
+            })
+            .collect();
+        Ok(merge_runs(runs))
+    }
+}
+
+/// Sorts ranges and merges the ones that overlap or touch.
+pub fn merge_runs(mut runs: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Range<u64>> {
+    runs.sort_by_key(|r| r.start);
+    let mut merged: Vec<std::ops::Range<u64>> = Vec::with_capacity(runs.len());
+    for run in runs {
+        match merged.last_mut() {
+            Some(last) if run.start <= last.end => last.end = last.end.max(run.end),
+            _ => merged.push(run),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_duplicate_and_adjacent_runs_are_merged() {
+        let runs = merge_runs(vec![8192..12288, 0..4096, 4096..8192, 8192..12288, 20480..24576]);
+        assert_eq!(runs, vec![0..12288, 20480..24576]);
+    }
+}

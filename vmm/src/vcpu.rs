@@ -8,12 +8,12 @@ use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::exit::GuestExit;
 use crate::kvm::{Kvm, KvmError};
-use crate::watchdog::RunTimer;
+use crate::watchdog::Deadline;
 
 /// A failed vCPU ioctl.
 #[derive(Debug, thiserror::Error)]
@@ -123,30 +123,79 @@ pub struct VcpuState {
 }
 
 /// A vCPU of a VM.
+///
+/// The general registers are cached. With `KVM_CAP_SYNC_REGS`, KVM copies them into the shared
+/// `kvm_run` page at every exit, and registers staged by [`Vcpu::set_regs`] are copied in at the
+/// next entry, so a command round trip needs no `KVM_GET_REGS`/`KVM_SET_REGS` ioctl.
 pub struct Vcpu {
     fd: VcpuFd,
-    timer: Option<RunTimer>,
+    sync_regs: bool,
+    regs: Option<kvm_regs>,
+    regs_staged: bool,
+    has_run: bool,
 }
 
 impl Vcpu {
     /// Creates vCPU `index` on `vm` with the host's supported CPUID.
     pub fn new(kvm: &Kvm, vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
-        let fd = vm.create_vcpu(u64::from(index)).map_err(ioctl("KVM_CREATE_VCPU"))?;
-        let vcpu = Vcpu { fd, timer: None };
-        vcpu.fd
-            .set_cpuid2(kvm.supported_cpuid())
-            .map_err(ioctl("KVM_SET_CPUID2"))?;
-        Ok(vcpu)
+        let mut fd = vm.create_vcpu(u64::from(index)).map_err(ioctl("KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(kvm.supported_cpuid()).map_err(ioctl("KVM_SET_CPUID2"))?;
+        let sync_regs = kvm.has(Cap::SyncRegs);
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+        }
+        Ok(Vcpu {
+            fd,
+            sync_regs,
+            regs: None,
+            regs_staged: false,
+            has_run: false,
+        })
     }
 
-    /// The general registers.
-    pub fn regs(&self) -> Result<kvm_regs, VcpuError> {
-        self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))
+    /// The general registers (from the cache when it is current).
+    pub fn regs(&mut self) -> Result<kvm_regs, VcpuError> {
+        if let Some(regs) = self.regs {
+            return Ok(regs);
+        }
+        let regs = self.fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+        self.regs = Some(regs);
+        Ok(regs)
     }
 
-    /// Sets the general registers.
-    pub fn set_regs(&self, regs: &kvm_regs) -> Result<(), VcpuError> {
-        self.fd.set_regs(regs).map_err(ioctl("KVM_SET_REGS"))
+    /// Sets the general registers: staged for the next entry with sync regs, else `KVM_SET_REGS`.
+    pub fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
+        if self.sync_regs {
+            self.regs_staged = true;
+        } else {
+            self.fd.set_regs(regs).map_err(ioctl("KVM_SET_REGS"))?;
+        }
+        self.regs = Some(*regs);
+        Ok(())
+    }
+
+    /// Whether the vCPU has entered the guest since it was created.
+    pub fn has_run(&self) -> bool {
+        self.has_run
+    }
+
+    /// Runs `KVM_RUN` once, with staged registers copied in and the register cache refreshed.
+    fn enter(&mut self) -> Result<GuestExit, kvm_ioctls::Error> {
+        if self.regs_staged {
+            if let Some(regs) = self.regs {
+                self.fd.sync_regs_mut().regs = regs;
+                self.fd.set_sync_dirty_reg(SyncReg::Register);
+            }
+            self.regs_staged = false;
+        }
+        self.has_run = true;
+        let result = self.fd.run().map(owned_exit);
+        self.regs = match &result {
+            Ok(_) if self.sync_regs => Some(self.fd.sync_regs().regs),
+            Err(e) if self.sync_regs && e.errno() == libc::EINTR => Some(self.fd.sync_regs().regs),
+            _ => None,
+        };
+        result
     }
 
     /// The special registers.
@@ -166,34 +215,18 @@ impl Vcpu {
 
     /// Runs the guest until it exits to the VMM, or until `deadline` has passed.
     pub fn run(&mut self, deadline: Option<Duration>) -> Result<GuestExit, VcpuError> {
-        let Some(limit) = deadline else {
-            return self.run_until(None);
-        };
-        if !self.timer.as_ref().is_some_and(RunTimer::is_for_current_thread) {
-            self.timer = Some(RunTimer::for_current_thread().map_err(VcpuError::Timer)?);
-        }
         let started = Instant::now();
-        let timer = self.timer.as_ref().map(|t| t.arm(limit).map(|()| t));
-        if let Some(Err(e)) = timer {
-            return Err(VcpuError::Timer(e));
-        }
-        let result = self.run_until(Some((started, limit)));
-        if let Some(timer) = &self.timer {
-            timer.disarm().map_err(VcpuError::Timer)?;
-        }
-        result
-    }
-
-    fn run_until(&mut self, deadline: Option<(Instant, Duration)>) -> Result<GuestExit, VcpuError> {
+        let _armed = match deadline {
+            Some(limit) => Some(Deadline::arm(limit).map_err(VcpuError::Timer)?),
+            None => None,
+        };
         let exit = loop {
-            match self.fd.run() {
-                Ok(exit) => break owned_exit(exit),
+            match self.enter() {
+                Ok(exit) => break exit,
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    if let Some((started, limit)) = deadline {
-                        let elapsed = started.elapsed();
-                        if elapsed >= limit {
-                            break GuestExit::deadline_exceeded(elapsed);
-                        }
+                    let elapsed = started.elapsed();
+                    if deadline.is_some_and(|limit| elapsed >= limit) {
+                        break GuestExit::deadline_exceeded(elapsed);
                     }
                 }
                 Err(source) => return Err(VcpuError::Ioctl { op: "KVM_RUN", source }),
@@ -235,6 +268,7 @@ impl Vcpu {
     /// [`Vcpu::complete_pending_io`]); the vCPU must not be running.
     pub fn capture(&mut self, kvm: &Kvm) -> Result<VcpuState, VcpuError> {
         self.complete_pending_io()?;
+        let regs = self.regs()?;
         let fd = &self.fd;
         let entries: Vec<kvm_msr_entry> = kvm
             .saveable_msrs()?
@@ -260,7 +294,7 @@ impl Vcpu {
         Ok(VcpuState {
             cpuid: fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES).map_err(ioctl("KVM_GET_CPUID2"))?,
             mp_state: fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
-            regs: self.regs()?,
+            regs,
             sregs: self.sregs()?,
             fpu: FpuState::from(&fd.get_fpu().map_err(ioctl("KVM_GET_FPU"))?),
             xsave: fd.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?,
@@ -272,12 +306,16 @@ impl Vcpu {
     }
 
     /// Restores a captured state, in the order KVM needs (CPUID first, MSRs and events last,
-    /// as Firecracker does).
-    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+    /// as Firecracker does). CPUID is fixed once a vCPU has run, so it is set only before that.
+    pub fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        if !self.has_run {
+            self.fd.set_cpuid2(&state.cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
+        }
+        self.fd.set_regs(&state.regs).map_err(ioctl("KVM_SET_REGS"))?;
+        self.regs = Some(state.regs);
+        self.regs_staged = false;
         let fd = &self.fd;
-        fd.set_cpuid2(&state.cpuid).map_err(ioctl("KVM_SET_CPUID2"))?;
         fd.set_mp_state(state.mp_state).map_err(ioctl("KVM_SET_MP_STATE"))?;
-        self.set_regs(&state.regs)?;
         self.set_sregs(&state.sregs)?;
         self.set_fpu(&kvm_fpu::from(&state.fpu))?;
         // SAFETY: the area came from KVM_GET_XSAVE on a host whose xsave size Kvm::open checked

@@ -15,7 +15,8 @@ use crate::command::{CommandError, CommandOutput, GuestCommand};
 use crate::exit::GuestExit;
 use crate::kvm::{Kvm, KvmError};
 use crate::loader::{self, LoadError, LoadedKernel};
-use crate::memory::{FrozenMemory, GuestRam, MemoryError, PAGE_SIZE};
+use crate::memory::{GuestRam, MemoryError, TemplateMemory, PAGE_SIZE};
+use crate::pagemap::PageMap;
 use crate::vcpu::{Vcpu, VcpuError, VcpuState};
 
 /// Memory slot that holds all of guest RAM.
@@ -59,6 +60,12 @@ pub enum VmError {
     /// The guest stopped for a reason other than finishing its command.
     #[error("guest stopped: {0}")]
     GuestStopped(GuestExit),
+    /// The OS random number generator failed.
+    #[error("cannot read a seed from the OS random number generator: {0}")]
+    Entropy(String),
+    /// Only a VM on a private view of a template can be reset to it.
+    #[error("this VM owns its RAM; only a clone of a template can be reset")]
+    NotAClone,
     /// A state does not fit the memory it is restored onto.
     #[error("state is for {state} bytes of RAM, the frozen memory has {memory}")]
     StateMismatch {
@@ -219,7 +226,7 @@ impl Vm {
         let boot_structures_us = micros(step);
 
         let step = Instant::now();
-        let vcpu = Vcpu::new(kvm, &vm_fd, 0)?;
+        let mut vcpu = Vcpu::new(kvm, &vm_fd, 0)?;
         let mut sregs = vcpu.sregs()?;
         boot::long_mode_sregs(&mut sregs);
         vcpu.set_sregs(&sregs)?;
@@ -256,31 +263,45 @@ impl Vm {
         Ok((vm, report))
     }
 
-    /// Builds a new VM on a private (copy-on-write) mapping of `frozen` and restores `state`
+    /// Builds a new VM on a private (copy-on-write) mapping of `template` and restores `state`
     /// into it. The VM has not run yet; its next run continues where the captured VM stopped.
-    pub fn restore(kvm: &Kvm, frozen: &FrozenMemory, state: &VmState) -> Result<Vm, VmError> {
-        if state.memory_size != frozen.size() {
+    pub fn restore(kvm: &Kvm, template: &TemplateMemory, state: &VmState) -> Result<Vm, VmError> {
+        if state.memory_size != template.size() {
             return Err(VmError::StateMismatch {
                 state: state.memory_size,
-                memory: frozen.size(),
+                memory: template.size(),
             });
         }
         let vm_fd = kvm.create_vm()?;
-        let ram = GuestRam::new_private(frozen)?;
+        let ram = GuestRam::new_private(template)?;
         register_ram(&vm_fd, &ram)?;
-        let vcpu = Vcpu::new(kvm, &vm_fd, 0)?;
+        let mut vcpu = Vcpu::new(kvm, &vm_fd, 0)?;
         if let Some(vcpu_state) = state.vcpus.first() {
             vcpu.restore(vcpu_state)?;
         }
-        let mut clock = state.clock;
-        clock.flags = 0;
-        vm_fd.set_clock(&clock).map_err(vm_ioctl("KVM_SET_CLOCK"))?;
+        set_clock(&vm_fd, state)?;
         Ok(Vm {
             vcpu,
             vm_fd,
             ram,
             protected_end: state.protected_end,
         })
+    }
+
+    /// Returns the VM to `state` in place: drops the pages it has copied since it was mapped
+    /// (found in the host's page tables, so writes by anyone count) and restores the vCPU and
+    /// clock. Returns the number of pages dropped.
+    pub fn reset(&mut self, state: &VmState, pagemap: &PageMap) -> Result<u64, VmError> {
+        if self.ram.template().is_none() {
+            return Err(VmError::NotAClone);
+        }
+        let runs = self.ram.private_runs(pagemap)?;
+        self.ram.discard(&runs)?;
+        if let Some(vcpu_state) = state.vcpus.first() {
+            self.vcpu.restore(vcpu_state)?;
+        }
+        set_clock(&self.vm_fd, state)?;
+        Ok(runs.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum())
     }
 
     /// Captures the VM's state (the VM must be stopped at an exit, as it is between calls).
@@ -294,12 +315,14 @@ impl Vm {
         })
     }
 
-    /// Freezes the VM: captures its state and turns its RAM into sealed frozen memory without
-    /// copying it. The VM itself goes on running on a private view of that memory.
-    pub fn freeze(&mut self, kvm: &Kvm) -> Result<(FrozenMemory, VmState), VmError> {
+    /// Freezes the VM: captures its state and turns its RAM into template memory. RAM the VM
+    /// owns is sealed in place without a copy; a clone's RAM becomes a layered template holding
+    /// only its private pages. The VM itself goes on running on a private view of that memory.
+    pub fn freeze(&mut self, kvm: &Kvm) -> Result<(TemplateMemory, VmState), VmError> {
         let state = self.capture_state(kvm)?;
-        let frozen = self.ram.freeze()?;
-        Ok((frozen, state))
+        let pagemap = PageMap::open().map_err(MemoryError::PageMap)?;
+        let memory = self.ram.freeze(&pagemap)?;
+        Ok((memory, state))
     }
 
     /// Validates `command`, loads it into the registers, runs the guest and returns its answer.
@@ -346,6 +369,11 @@ impl Vm {
         &self.vcpu
     }
 
+    /// The vCPU, mutably (its register cache changes on reads).
+    pub fn vcpu_mut(&mut self) -> &mut Vcpu {
+        &mut self.vcpu
+    }
+
     /// Reads a qword of guest RAM from the host side.
     pub fn read_u64(&self, gpa: GuestAddress) -> Result<u64, VmError> {
         self.ram.guest_memory().read_obj(gpa).map_err(|source| {
@@ -358,7 +386,7 @@ impl Vm {
     }
 
     /// Fills in an exception report from the exception frame on the guest stack.
-    fn describe(&self, exit: GuestExit) -> Result<GuestExit, VmError> {
+    fn describe(&mut self, exit: GuestExit) -> Result<GuestExit, VmError> {
         let GuestExit::Exception { vector, .. } = exit else {
             return Ok(exit);
         };
@@ -381,6 +409,12 @@ impl Vm {
 
 /// How long the first run of a freshly booted guest may take before it counts as hung.
 pub const FIRST_EXIT_DEADLINE: Duration = Duration::from_secs(10);
+
+fn set_clock(vm_fd: &VmFd, state: &VmState) -> Result<(), VmError> {
+    let mut clock = state.clock;
+    clock.flags = 0;
+    vm_fd.set_clock(&clock).map_err(vm_ioctl("KVM_SET_CLOCK"))
+}
 
 fn protected_end(kernel: &LoadedKernel) -> u64 {
     kernel.end.0.max(KERNEL_START.0).div_ceil(PAGE_SIZE) * PAGE_SIZE

@@ -1,7 +1,9 @@
-//! Deadlines for `KVM_RUN`: a POSIX timer aimed at the vCPU's thread sends a real-time signal
+//! Deadlines for `KVM_RUN`: a POSIX timer aimed at the running thread sends a real-time signal
 //! whose no-op handler makes `KVM_RUN` return `EINTR`. The timer repeats until disarmed, so a
-//! signal that lands just before the thread enters the guest is followed by another.
+//! signal that lands just before the thread enters the guest is followed by another. There is one
+//! timer per thread, created on first use, so arming a deadline costs two `timer_settime` calls.
 
+use std::cell::RefCell;
 use std::io;
 use std::sync::Once;
 use std::time::Duration;
@@ -26,25 +28,14 @@ fn install_handler() -> io::Result<()> {
     result
 }
 
-fn current_tid() -> libc::pid_t {
-    // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::gettid() }
-}
+/// A timer that signals the thread that created it.
+struct ThreadTimer(libc::timer_t);
 
-/// A timer that interrupts `KVM_RUN` on the thread that created it.
-pub(crate) struct RunTimer {
-    timer: libc::timer_t,
-    tid: libc::pid_t,
-}
-
-// SAFETY: a timer id is a plain kernel handle; it may be armed or deleted from any thread.
-unsafe impl Send for RunTimer {}
-
-impl RunTimer {
-    /// A timer aimed at the calling thread.
-    pub(crate) fn for_current_thread() -> io::Result<Self> {
+impl ThreadTimer {
+    fn new() -> io::Result<Self> {
         install_handler()?;
-        let tid = current_tid();
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
         // SAFETY: an all-zero sigevent is valid; the fields we need are set below.
         let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
         event.sigev_notify = libc::SIGEV_THREAD_ID;
@@ -55,22 +46,7 @@ impl RunTimer {
         if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(RunTimer { timer, tid })
-    }
-
-    /// Whether the timer signals the calling thread.
-    pub(crate) fn is_for_current_thread(&self) -> bool {
-        self.tid == current_tid()
-    }
-
-    /// Fires after `after`, then every few milliseconds until [`RunTimer::disarm`].
-    pub(crate) fn arm(&self, after: Duration) -> io::Result<()> {
-        self.set(after.max(Duration::from_nanos(1)), REPEAT)
-    }
-
-    /// Stops the timer.
-    pub(crate) fn disarm(&self) -> io::Result<()> {
-        self.set(Duration::ZERO, Duration::ZERO)
+        Ok(ThreadTimer(timer))
     }
 
     fn set(&self, value: Duration, interval: Duration) -> io::Result<()> {
@@ -82,17 +58,52 @@ impl RunTimer {
             it_interval: spec(interval),
             it_value: spec(value),
         };
-        // SAFETY: `self.timer` is a live timer id; `new` is valid for the call.
-        if unsafe { libc::timer_settime(self.timer, 0, &new, std::ptr::null_mut()) } != 0 {
+        // SAFETY: `self.0` is a live timer id; `new` is valid for the call.
+        if unsafe { libc::timer_settime(self.0, 0, &new, std::ptr::null_mut()) } != 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
 }
 
-impl Drop for RunTimer {
+impl Drop for ThreadTimer {
     fn drop(&mut self) {
-        // SAFETY: the timer id is live and deleted only here, once.
-        unsafe { libc::timer_delete(self.timer) };
+        // SAFETY: the timer id is live and deleted only here, once (at thread exit).
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
+thread_local! {
+    static TIMER: RefCell<Option<ThreadTimer>> = const { RefCell::new(None) };
+}
+
+/// While alive, the calling thread gets a signal once `limit` has passed (and every few
+/// milliseconds after). Disarms on drop.
+pub(crate) struct Deadline(());
+
+impl Deadline {
+    /// Arms the calling thread's timer.
+    pub(crate) fn arm(limit: Duration) -> io::Result<Self> {
+        TIMER.with(|cell| {
+            let mut timer = cell.borrow_mut();
+            if timer.is_none() {
+                *timer = Some(ThreadTimer::new()?);
+            }
+            match timer.as_ref() {
+                Some(t) => t.set(limit.max(Duration::from_nanos(1)), REPEAT),
+                None => Err(io::Error::other("thread timer missing")),
+            }
+        })?;
+        Ok(Deadline(()))
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        TIMER.with(|cell| {
+            if let Some(timer) = cell.borrow().as_ref() {
+                let _ = timer.set(Duration::ZERO, Duration::ZERO);
+            }
+        });
     }
 }

@@ -1,0 +1,372 @@
+//! The clone engine: N clones of a template in one call, each its own KVM VM on a private
+//! mapping of the template, with a unique identity; reset in place; live fork; teardown off the
+//! hot path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::kvm::Kvm;
+use crate::memory::MemoryError;
+use crate::pagemap::PageMap;
+use crate::pool::Pools;
+use crate::reaper::Reaper;
+use crate::template::Template;
+use crate::vm::{Vm, VmError};
+
+/// Generation ids are unique in the process: every clone start and every reset takes a new one.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Limits and deadlines of a [`CloneEngine`].
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How long a clone's first run may take before the clone counts as failed.
+    pub first_run_deadline: Duration,
+    /// Most clones one call may ask for.
+    pub max_clones_per_call: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            first_run_deadline: Duration::from_secs(5),
+            max_clones_per_call: 10_000,
+        }
+    }
+}
+
+/// Errors of the engine itself (per-clone failures are reported in [`CloneBatch::failed`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    /// More clones than one call may make.
+    #[error("{requested} clones requested; one call may make at most {limit}")]
+    TooMany {
+        /// Clones asked for.
+        requested: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Starting a background thread failed.
+    #[error("cannot start the engine's background threads: {0}")]
+    Thread(std::io::Error),
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+/// A running clone of a template.
+pub struct Clone {
+    id: u64,
+    generation: u64,
+    seed: u64,
+    spawn_us: f64,
+    pooled: bool,
+    template: Arc<Template>,
+    vm: Vm,
+}
+
+impl Clone {
+    /// Engine-unique id, stable across resets.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// Generation id handed to the guest (in r14) at its last start or reset.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+    /// Random seed handed to the guest (in r15) at its last start or reset.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+    /// Microseconds from the start of this clone's spawn to its first guest exit.
+    pub fn spawn_us(&self) -> f64 {
+        self.spawn_us
+    }
+    /// Whether the clone came from a warm shell (else it was built on the request path).
+    pub fn pooled(&self) -> bool {
+        self.pooled
+    }
+    /// The template it was cloned from.
+    pub fn template(&self) -> &Arc<Template> {
+        &self.template
+    }
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+    /// The VM, mutably (to run commands).
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        &mut self.vm
+    }
+}
+
+/// One clone that could not be made.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneFailure {
+    /// Its position in the request (0-based).
+    pub index: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// The result of a clone call: every clone that exists, and why the others do not.
+pub struct CloneBatch {
+    /// Clones made, in request order.
+    pub clones: Vec<Clone>,
+    /// Clones not made.
+    pub failed: Vec<CloneFailure>,
+    /// Microseconds for the whole call.
+    pub total_us: f64,
+}
+
+/// What a reset did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetReport {
+    /// Microseconds for the reset.
+    pub reset_us: f64,
+    /// Private pages dropped.
+    pub pages_dropped: u64,
+    /// The clone's new generation id.
+    pub generation: u64,
+    /// The clone's new seed.
+    pub seed: u64,
+}
+
+/// The result of a live fork.
+pub struct LiveFork {
+    /// The template the running VM was frozen into.
+    pub template: Arc<Template>,
+    /// How long the VM was paused (capture and freeze).
+    pub pause_us: f64,
+    /// The clones made from it.
+    pub batch: CloneBatch,
+}
+
+/// Makes, resets and destroys clones; keeps warm shells; tears down in the background.
+pub struct CloneEngine {
+    kvm: Arc<Kvm>,
+    config: EngineConfig,
+    pools: Arc<Pools>,
+    reaper: Arc<Reaper>,
+    builder: Option<JoinHandle<()>>,
+    pagemap: PageMap,
+    next_clone: AtomicU64,
+}
+
+fn micros(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e6
+}
+
+fn fresh_seed() -> Result<u64, VmError> {
+    getrandom::u64().map_err(|e| VmError::Entropy(e.to_string()))
+}
+
+impl CloneEngine {
+    /// Starts an engine (a shell builder thread and a reaper thread).
+    pub fn new(kvm: Arc<Kvm>, config: EngineConfig) -> Result<Self, CloneError> {
+        let pagemap = PageMap::open().map_err(|e| CloneError::Vm(MemoryError::PageMap(e).into()))?;
+        let reaper = Arc::new(Reaper::start().map_err(CloneError::Thread)?);
+        let pools = Arc::new(Pools::new());
+        let builder = {
+            let (kvm, pools, reaper) = (Arc::clone(&kvm), Arc::clone(&pools), Arc::clone(&reaper));
+            std::thread::Builder::new()
+                .name("cowvm-shell-builder".into())
+                .spawn(move || pools.build_forever(&kvm, &reaper))
+                .map_err(CloneError::Thread)?
+        };
+        Ok(CloneEngine {
+            kvm,
+            config,
+            pools,
+            reaper,
+            builder: Some(builder),
+            pagemap,
+            next_clone: AtomicU64::new(1),
+        })
+    }
+
+    /// The KVM device.
+    pub fn kvm(&self) -> &Arc<Kvm> {
+        &self.kvm
+    }
+
+    /// The engine's limits.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Keeps `shells` warm shells of `template` ready (built in the background).
+    pub fn keep_warm(&self, template: &Arc<Template>, shells: usize) {
+        self.pools.set_target(template, shells);
+    }
+
+    /// Warm shells of `template` ready now.
+    pub fn warm_shells(&self, template: &Template) -> usize {
+        self.pools.len(template.id())
+    }
+
+    /// Waits until `template` has `shells` warm shells; false on timeout (see
+    /// [`CloneEngine::pool_error`] for why).
+    pub fn wait_for_shells(&self, template: &Template, shells: usize, timeout: Duration) -> bool {
+        self.pools.wait_for(template.id(), shells, timeout)
+    }
+
+    /// Why the last shell build for `template` failed, if it did.
+    pub fn pool_error(&self, template: &Template) -> Option<String> {
+        self.pools.last_error(template.id())
+    }
+
+    /// Stops keeping shells for `template` and tears down the ones it has.
+    pub fn retire(&self, template: &Template) {
+        for shell in self.pools.remove(template.id()) {
+            self.reaper.drop_later(shell);
+        }
+    }
+
+    /// Makes `count` clones of `template`. Each takes a warm shell if one is ready (else builds a
+    /// VM on the spot), gets a fresh generation id and OS-random seed in r14/r15, and runs to its
+    /// first exit. If a clone fails, the ones made so far are returned and the rest are reported
+    /// with the reason; nothing half-built remains.
+    pub fn spawn(&self, template: &Arc<Template>, count: usize) -> Result<CloneBatch, CloneError> {
+        if count > self.config.max_clones_per_call {
+            return Err(CloneError::TooMany {
+                requested: count,
+                limit: self.config.max_clones_per_call,
+            });
+        }
+        let started = Instant::now();
+        let _busy = self.pools.busy();
+        let mut clones = Vec::with_capacity(count);
+        let mut failed = Vec::new();
+        for index in 0..count {
+            match self.spawn_one(template) {
+                Ok(clone) => clones.push(clone),
+                Err(e) => {
+                    let reason = e.to_string();
+                    failed.extend((index..count).map(|i| CloneFailure {
+                        index: i,
+                        reason: if i == index {
+                            reason.clone()
+                        } else {
+                            format!("not attempted after clone {index} failed: {reason}")
+                        },
+                    }));
+                    break;
+                }
+            }
+        }
+        Ok(CloneBatch {
+            clones,
+            failed,
+            total_us: micros(started),
+        })
+    }
+
+    fn spawn_one(&self, template: &Arc<Template>) -> Result<Clone, VmError> {
+        let started = Instant::now();
+        let (mut vm, pooled) = match self.pools.take(template.id()) {
+            Some(shell) => (shell, true),
+            None => (Vm::restore(&self.kvm, template.memory(), template.state())?, false),
+        };
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        let first_exit = fresh_seed().and_then(|seed| {
+            vm.set_identity(generation, seed)?;
+            Ok((seed, vm.run(Some(self.config.first_run_deadline))?))
+        });
+        match first_exit {
+            Ok((seed, exit)) if !exit.is_fault() => Ok(Clone {
+                id: self.next_clone.fetch_add(1, Ordering::Relaxed),
+                generation,
+                seed,
+                spawn_us: micros(started),
+                pooled,
+                template: Arc::clone(template),
+                vm,
+            }),
+            Ok((_, exit)) => {
+                self.reaper.drop_later(vm);
+                Err(VmError::GuestStopped(exit))
+            }
+            Err(e) => {
+                self.reaper.drop_later(vm);
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns `clone` to its template's state in place: drops its private pages, restores the
+    /// vCPU and clock, and hands it a new generation id and seed for its next resume.
+    pub fn reset(&self, clone: &mut Clone) -> Result<ResetReport, VmError> {
+        let started = Instant::now();
+        let _busy = self.pools.busy();
+        let pages_dropped = clone.vm.reset(clone.template.state(), &self.pagemap)?;
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        let seed = fresh_seed()?;
+        clone.vm.set_identity(generation, seed)?;
+        clone.generation = generation;
+        clone.seed = seed;
+        Ok(ResetReport {
+            reset_us: micros(started),
+            pages_dropped,
+            generation,
+            seed,
+        })
+    }
+
+    /// Clones a running VM: pauses it just long enough to capture its state and freeze its RAM
+    /// (no copy for RAM it owns; only its private pages for a clone), then makes `count` clones
+    /// of the resulting template. The VM continues afterwards, independent of its clones.
+    pub fn live_fork(&self, vm: &mut Vm, count: usize) -> Result<LiveFork, CloneError> {
+        if count > self.config.max_clones_per_call {
+            return Err(CloneError::TooMany {
+                requested: count,
+                limit: self.config.max_clones_per_call,
+            });
+        }
+        let started = Instant::now();
+        let template = Arc::new(Template::freeze(&self.kvm, vm)?);
+        let pause_us = micros(started);
+        let batch = self.spawn(&template, count)?;
+        Ok(LiveFork {
+            template,
+            pause_us,
+            batch,
+        })
+    }
+
+    /// Tears `clone` down on the background thread.
+    pub fn destroy(&self, clone: Clone) {
+        self.reaper.drop_later(clone);
+    }
+
+    /// Tears `vm` down on the background thread.
+    pub fn destroy_vm(&self, vm: Vm) {
+        self.reaper.drop_later(vm);
+    }
+
+    /// Returns once every teardown requested so far has finished.
+    pub fn flush(&self) {
+        self.reaper.flush();
+    }
+
+    /// The process's `/proc/self/pagemap`, shared by resets (and probes).
+    pub fn pagemap(&self) -> &PageMap {
+        &self.pagemap
+    }
+}
+
+impl Drop for CloneEngine {
+    fn drop(&mut self) {
+        let shells = self.pools.shut_down();
+        if let Some(builder) = self.builder.take() {
+            let _ = builder.join();
+        }
+        for shell in shells.into_iter().chain(self.pools.shut_down()) {
+            self.reaper.drop_later(shell);
+        }
+        self.reaper.flush();
+    }
+}
