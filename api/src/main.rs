@@ -1,5 +1,6 @@
 //! `cowvm`: the command-line entry point.
 
+mod bench;
 mod run;
 
 use std::process::ExitCode;
@@ -18,12 +19,18 @@ struct Cli {
 enum Command {
     /// Boot a guest, run a self-check command and report how it went.
     Run(run::RunArgs),
+    /// Run a benchmark; prints medians and percentiles and writes JSON.
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run::run(&args),
+        Command::Run(args) => run::run(&args).map_err(|e| e.to_string()),
+        Command::Bench(bench) => bench::run(&bench)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(code) => code,

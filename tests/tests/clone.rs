@@ -295,3 +295,64 @@ fn test_clones_of_a_spinning_template_fail_with_the_reason_and_leave_nothing() {
         batch.failed[2].reason
     );
 }
+
+#[test]
+fn test_clones_from_warm_shells_start_with_no_private_pages() {
+    let engine = engine();
+    let template = Arc::new(template_with_data(engine.kvm(), 64, &[8 * MIB]));
+    engine.keep_warm(&template, 5);
+    assert!(
+        engine.wait_for_shells(&template, 5, Duration::from_secs(30)),
+        "{:?}",
+        engine.pool_error(&template)
+    );
+    engine.keep_warm(&template, 0);
+    let mut batch = engine.spawn(&template, 5).expect("spawn");
+    for clone in &mut batch.clones {
+        assert!(clone.pooled(), "came from a warm shell");
+        assert!(
+            private_pages(clone.vm().ram()).is_empty(),
+            "the rehearsal left no copied page"
+        );
+        assert_eq!(read(clone.vm_mut(), 8 * MIB), (8 * MIB) | 0xfeed);
+    }
+}
+
+#[test]
+fn test_warm_shell_rehearsal_leaves_no_trace_in_memory_or_registers() {
+    use cowvm_tests::{tiny_elf, write_temp_kernel};
+    // start: mov rax, [0x300000]; inc rax; mov [0x300000], rax; out 0x80, al; jmp start
+    let code = [
+        0x48, 0x8b, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0x48, 0xff, 0xc0, 0x48, 0x89, 0x04, 0x25, 0x00, 0x00, 0x30,
+        0x00, 0xe6, 0x80, 0xeb, 0xe9,
+    ];
+    let (image, _) = tiny_elf(&code);
+    let path = write_temp_kernel("counter", &image);
+    let engine = engine();
+    let config = VmConfig {
+        kernel: cowvm_vmm::Kernel::Elf(path.clone()),
+        ..VmConfig::builtin(16)
+    };
+    let (mut vm, report) = Vm::boot(engine.kvm(), &config).expect("boot counter kernel");
+    std::fs::remove_file(path).ok();
+    assert_eq!(
+        report.first_exit,
+        cowvm_vmm::GuestExit::IoOut {
+            port: 0x80,
+            size: 1,
+            value: 1
+        }
+    );
+    let template = Arc::new(Template::freeze(engine.kvm(), &mut vm).expect("freeze"));
+    engine.keep_warm(&template, 1);
+    assert!(
+        engine.wait_for_shells(&template, 1, Duration::from_secs(30)),
+        "{:?}",
+        engine.pool_error(&template)
+    );
+    let clone = engine.spawn(&template, 1).expect("spawn").clones.pop().expect("clone");
+    assert!(clone.pooled());
+    // The template holds 1; the rehearsal's increment was dropped, the clone's own run made it 2.
+    assert_eq!(clone.vm().read_u64(GuestAddress(0x30_0000)).expect("read"), 2);
+    assert_eq!(private_pages(clone.vm().ram()), vec![0x300]);
+}

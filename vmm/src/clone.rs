@@ -15,7 +15,7 @@ use crate::pagemap::PageMap;
 use crate::pool::Pools;
 use crate::reaper::Reaper;
 use crate::template::Template;
-use crate::vm::{Vm, VmError};
+use crate::vm::{ResetSteps, Vm, VmError};
 
 /// Generation ids are unique in the process: every clone start and every reset takes a new one.
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -129,6 +129,8 @@ pub struct ResetReport {
     pub reset_us: f64,
     /// Private pages dropped.
     pub pages_dropped: u64,
+    /// Where the time went.
+    pub steps: ResetSteps,
     /// The clone's new generation id.
     pub generation: u64,
     /// The clone's new seed.
@@ -174,7 +176,10 @@ impl CloneEngine {
             let (kvm, pools, reaper) = (Arc::clone(&kvm), Arc::clone(&pools), Arc::clone(&reaper));
             std::thread::Builder::new()
                 .name("cowvm-shell-builder".into())
-                .spawn(move || pools.build_forever(&kvm, &reaper))
+                .spawn(move || match PageMap::open() {
+                    Ok(pagemap) => pools.build_forever(&kvm, &reaper, &pagemap),
+                    Err(e) => eprintln!("cowvm: shell builder cannot open /proc/self/pagemap: {e}"),
+                })
                 .map_err(CloneError::Thread)?
         };
         Ok(CloneEngine {
@@ -302,7 +307,7 @@ impl CloneEngine {
     pub fn reset(&self, clone: &mut Clone) -> Result<ResetReport, VmError> {
         let started = Instant::now();
         let _busy = self.pools.busy();
-        let pages_dropped = clone.vm.reset(clone.template.state(), &self.pagemap)?;
+        let steps = clone.vm.reset(clone.template.state(), &self.pagemap)?;
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         let seed = fresh_seed()?;
         clone.vm.set_identity(generation, seed)?;
@@ -310,7 +315,8 @@ impl CloneEngine {
         clone.seed = seed;
         Ok(ResetReport {
             reset_us: micros(started),
-            pages_dropped,
+            pages_dropped: steps.pages_dropped,
+            steps,
             generation,
             seed,
         })

@@ -6,6 +6,9 @@ use kvm_bindings::kvm_regs;
 use serde::Serialize;
 use vm_memory::GuestAddress;
 
+use crate::boot::layout::APIC_PAGE;
+use crate::memory::PAGE_SIZE;
+
 /// Most elements (qwords) one write or checksum command may touch; each costs a few emulated
 /// instructions, so this bounds a command to well under a second.
 pub const MAX_ELEMENTS: u64 = 1 << 20;
@@ -72,6 +75,14 @@ pub enum CommandError {
         /// RAM size.
         memory_size: u64,
     },
+    /// The range touches the xAPIC page, which KVM always treats as MMIO.
+    #[error("range {start:#x}..{end:#x} touches the xAPIC page at {:#x}, which KVM treats as MMIO, not RAM", APIC_PAGE.0)]
+    ApicPage {
+        /// First address.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
     /// A write would overwrite the VMM's boot structures or the kernel image.
     #[error("write range {start:#x}..{end:#x} overlaps the guest's page tables, descriptor tables or kernel (below {protected_end:#x})")]
     Protected {
@@ -126,6 +137,17 @@ impl GuestCommand {
                 end,
                 memory_size,
             });
+        }
+        let apic = APIC_PAGE.0..APIC_PAGE.0 + PAGE_SIZE;
+        let hits_apic = if stride == 0 {
+            apic.contains(&start)
+        } else {
+            // The first element at or after the APIC page, if it is still in range.
+            let first = apic.start.saturating_sub(start).div_ceil(stride);
+            first < count && apic.contains(&(start + first * stride))
+        };
+        if hits_apic {
+            return Err(CommandError::ApicPage { start, end });
         }
         if writes && start < protected_end {
             return Err(CommandError::Protected {
@@ -193,6 +215,33 @@ mod tests {
             value: 0,
         };
         assert!(matches!(cmd.validate(1 << 30, 0), Err(CommandError::OutsideRam { .. })));
+    }
+
+    #[test]
+    fn test_ranges_that_touch_the_apic_page_are_refused() {
+        let four_gib = 4 << 30;
+        let hit = GuestCommand::Checksum {
+            start: GuestAddress(4 << 20),
+            count: 4092,
+            stride: 1 << 20,
+        };
+        assert!(matches!(hit.validate(four_gib, 0), Err(CommandError::ApicPage { .. })));
+        let miss = GuestCommand::Checksum {
+            start: GuestAddress((4 << 20) + 8192),
+            count: 4092,
+            stride: 1 << 20,
+        };
+        assert_eq!(miss.validate(four_gib, 0), Ok(()));
+        let single = GuestCommand::Write {
+            start: GuestAddress(0xfee0_0ff8),
+            count: 1,
+            stride: 0,
+            value: 0,
+        };
+        assert!(matches!(
+            single.validate(four_gib, 0),
+            Err(CommandError::ApicPage { .. })
+        ));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod boot;
 pub mod clone;
 pub mod command;
 pub mod exit;
+pub mod host;
 pub mod kvm;
 pub mod loader;
 pub mod memory;

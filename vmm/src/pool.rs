@@ -5,6 +5,10 @@
 //! guest RAM nor with the number of live VMs. `KVM_CREATE_VM` (slower as the process gains VMAs)
 //! and memslot registration (~0.6 ms per GiB) stay off the request path.
 //!
+//! Each shell has also entered the guest once and been put back (pending I/O completed, copied
+//! pages dropped, state restored), because the first entry into a new VM costs time that grows
+//! with RAM size on shadow-paging hosts.
+//!
 //! The builder pauses while a spawn or reset is in progress, so that its `KVM_CREATE_VM` (which
 //! takes the process's mm locks to register an MMU notifier) does not stall the guests' page
 //! faults on the request path.
@@ -15,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::kvm::Kvm;
+use crate::pagemap::PageMap;
 use crate::reaper::Reaper;
 use crate::template::Template;
 use crate::vm::Vm;
@@ -161,10 +166,15 @@ impl Pools {
         }
     }
 
-    /// The builder thread's body: builds shells until [`Pools::shut_down`].
-    pub(crate) fn build_forever(&self, kvm: &Kvm, reaper: &Reaper) {
+    /// The builder thread's body: builds shells until [`Pools::shut_down`]. Each shell is
+    /// restored from the template and has rehearsed its first run (see
+    /// [`Vm::rehearse_first_run`]).
+    pub(crate) fn build_forever(&self, kvm: &Kvm, reaper: &Reaper, pagemap: &PageMap) {
         while let Some(template) = self.next_job() {
-            let built = Vm::restore(kvm, template.memory(), template.state());
+            let built = Vm::restore(kvm, template.memory(), template.state()).and_then(|mut vm| {
+                vm.rehearse_first_run(template.state(), pagemap)?;
+                Ok(vm)
+            });
             let mut pools = self.lock();
             let failed = built.is_err();
             match (pools.get_mut(&template.id()), built) {

@@ -33,6 +33,12 @@ pub const MAX_PAGE_DIRECTORIES: u64 = 64;
 /// Where guest kernels are loaded; ELF segments below it are refused.
 pub const KERNEL_START: GuestAddress = GuestAddress(0x10_0000);
 
+/// The xAPIC MMIO page. KVM's instruction emulator treats every access to this page as MMIO,
+/// whatever memslot covers it (`vcpu_is_mmio_gpa` in arch/x86/kvm/x86.c), and on hosts without
+/// hardware virtualisation every guest instruction is emulated: in guests larger than 4078 MiB
+/// this one page of RAM cannot be used.
+pub const APIC_PAGE: GuestAddress = GuestAddress(0xfee0_0000);
+
 /// Largest guest RAM the identity map covers (64 page directories × 1 GiB).
 pub const MAX_MEMORY: u64 = MAX_PAGE_DIRECTORIES << 30;
 /// Smallest guest RAM: the VMM's low memory, the kernel and room for it to work.

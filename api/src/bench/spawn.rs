@@ -1,0 +1,414 @@
+//! `cowvm bench spawn`: how fast clones start, what they cost in host memory, and how that
+//! compares with a fresh VM, a memcpy of the RAM and `fork()`, measured in one run.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use cowvm_vmm::host::{time_fork_to_child_exit, MemoryDelta, MemorySnapshot};
+use cowvm_vmm::memory::PAGE_SIZE;
+use cowvm_vmm::{Clone, CloneEngine, EngineConfig, GuestCommand, Kvm, Template, Vm, VmConfig};
+use serde::Serialize;
+use serde_json::json;
+use vm_memory::GuestAddress;
+
+use super::stats::Percentiles;
+use super::BenchError;
+
+/// Arguments of `cowvm bench spawn`.
+#[derive(Args)]
+pub struct SpawnArgs {
+    /// Guest RAM of the main template, in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// Clones made in the main batch (and kept alive for the "with N live" figure).
+    #[arg(long, default_value_t = 1000)]
+    clones: usize,
+    /// Samples for each secondary figure (baselines, other sizes, reset, spawn with N live).
+    #[arg(long, default_value_t = 100)]
+    samples: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
+const POOL_FILL_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// A frozen template of `memory_mib` MiB whose guest wrote one qword per MiB (so the template
+/// holds data pages, as a pre-warmed VM would), 8 KiB into each MiB (clear of the xAPIC page).
+fn make_template(kvm: &Kvm, memory_mib: u64) -> Result<Arc<Template>, BenchError> {
+    let (mut vm, _) = Vm::boot(kvm, &VmConfig::builtin(memory_mib))?;
+    let start = GuestAddress((4 << 20) + 2 * PAGE_SIZE);
+    let count = memory_mib.saturating_sub(4);
+    vm.execute(
+        GuestCommand::Write {
+            start,
+            count,
+            stride: 1 << 20,
+            value: 0x5eed,
+        },
+        DEADLINE,
+    )?;
+    Ok(Arc::new(Template::freeze(kvm, &mut vm)?))
+}
+
+fn fill_pool(engine: &CloneEngine, template: &Arc<Template>, shells: usize) -> Result<Duration, BenchError> {
+    let started = Instant::now();
+    engine.keep_warm(template, shells);
+    let filled = engine.wait_for_shells(template, shells, POOL_FILL_TIMEOUT);
+    engine.keep_warm(template, 0);
+    if !filled {
+        let why = engine.pool_error(template).unwrap_or_else(|| "timed out".into());
+        return Err(BenchError::Setup(format!(
+            "could not build {shells} warm shells: {why}"
+        )));
+    }
+    Ok(started.elapsed())
+}
+
+fn spawn_all(engine: &CloneEngine, template: &Arc<Template>, count: usize) -> Result<Vec<Clone>, BenchError> {
+    let batch = engine.spawn(template, count)?;
+    if let Some(failure) = batch.failed.first() {
+        return Err(BenchError::Setup(format!(
+            "clone {} failed: {}",
+            failure.index, failure.reason
+        )));
+    }
+    Ok(batch.clones)
+}
+
+fn destroy_all(engine: &CloneEngine, clones: Vec<Clone>) {
+    for clone in clones {
+        engine.destroy(clone);
+    }
+    engine.flush();
+}
+
+/// Spawn p50 of `samples` clones made one call at a time from warm shells, each destroyed before
+/// the next (so about one clone is alive besides whatever the caller keeps).
+fn spawn_one_at_a_time(
+    engine: &CloneEngine,
+    template: &Arc<Template>,
+    samples: usize,
+) -> Result<Percentiles, BenchError> {
+    fill_pool(engine, template, samples)?;
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let clones = spawn_all(engine, template, 1)?;
+        times.extend(clones.iter().map(Clone::spawn_us));
+        destroy_all(engine, clones);
+    }
+    Ok(Percentiles::of(&times))
+}
+
+/// Spawn percentiles of a batch of `samples` clones of a new template of `memory_mib` MiB.
+fn spawn_at_size(engine: &CloneEngine, memory_mib: u64, samples: usize) -> Result<Percentiles, BenchError> {
+    let template = make_template(engine.kvm(), memory_mib)?;
+    fill_pool(engine, &template, samples)?;
+    let clones = spawn_all(engine, &template, samples)?;
+    let times: Vec<f64> = clones.iter().map(Clone::spawn_us).collect();
+    destroy_all(engine, clones);
+    engine.retire(&template);
+    Ok(Percentiles::of(&times))
+}
+
+/// Baseline (a): a fresh VM per clone, built on the request path (no warm shells).
+fn fresh_vm_baseline(
+    engine: &CloneEngine,
+    template: &Arc<Template>,
+    samples: usize,
+) -> Result<Percentiles, BenchError> {
+    engine.retire(template);
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let clones = spawn_all(engine, template, 1)?;
+        times.extend(clones.iter().filter(|c| !c.pooled()).map(Clone::spawn_us));
+        destroy_all(engine, clones);
+    }
+    Ok(Percentiles::of(&times))
+}
+
+/// Baseline (b): copy the whole template RAM into fresh anonymous memory.
+fn memcpy_baseline(template: &Template, samples: usize) -> Result<Percentiles, BenchError> {
+    use std::os::fd::AsFd;
+    let io = |what| move |source| BenchError::Io { what, source };
+    let fd = template
+        .memory()
+        .base()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(io("dup template fd"))?;
+    let file = File::from(fd);
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        let mut copy = vec![0u8; template.size() as usize];
+        file.read_exact_at(&mut copy, 0).map_err(io("copy template RAM"))?;
+        times.push(micros(started.elapsed()));
+        drop(copy);
+    }
+    Ok(Percentiles::of(&times))
+}
+
+/// Baseline (c): `fork()` of a process holding the same amount of RAM, present and private.
+fn fork_baseline(memory_mib: u64, samples: usize) -> Result<Percentiles, BenchError> {
+    let ram = vec![1u8; (memory_mib << 20) as usize];
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let took = time_fork_to_child_exit().map_err(|source| BenchError::Io { what: "fork", source })?;
+        times.push(micros(took));
+    }
+    drop(std::hint::black_box(ram));
+    Ok(Percentiles::of(&times))
+}
+
+/// Reset times of one clone: clean, and after its guest wrote `dirty` pages (contiguous), with
+/// the median of each step of the dirty resets.
+fn reset_times(
+    engine: &CloneEngine,
+    template: &Arc<Template>,
+    samples: usize,
+    dirty: u64,
+) -> Result<(Percentiles, Percentiles, serde_json::Value), BenchError> {
+    let mut clone = spawn_all(engine, template, 1)?
+        .pop()
+        .ok_or_else(|| BenchError::Setup("no clone".into()))?;
+    let mut clean = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        clean.push(engine.reset(&mut clone)?.reset_us);
+    }
+    let mut dirtied = Vec::new();
+    let (mut scan, mut discard, mut restore) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..samples.clamp(1, 20) {
+        let write = GuestCommand::Write {
+            start: GuestAddress(8 << 20),
+            count: dirty,
+            stride: PAGE_SIZE,
+            value: 1,
+        };
+        clone.vm_mut().execute(write, DEADLINE)?;
+        let report = engine.reset(&mut clone)?;
+        if report.pages_dropped != dirty {
+            return Err(BenchError::Setup(format!(
+                "reset dropped {} pages, expected {dirty}",
+                report.pages_dropped
+            )));
+        }
+        dirtied.push(report.reset_us);
+        scan.push(report.steps.scan_us);
+        discard.push(report.steps.discard_us);
+        restore.push(report.steps.restore_us);
+    }
+    engine.destroy(clone);
+    let steps = json!({
+        "scan_us": Percentiles::of(&scan).p50,
+        "discard_us": Percentiles::of(&discard).p50,
+        "restore_us": Percentiles::of(&restore).p50,
+    });
+    Ok((Percentiles::of(&clean), Percentiles::of(&dirtied), steps))
+}
+
+/// Live-fork pauses: of a VM that owns its RAM, then of the same VM again (a layered template)
+/// after its guest dirtied `dirty` pages.
+fn live_fork_pauses(engine: &CloneEngine, memory_mib: u64, dirty: u64) -> Result<(f64, f64), BenchError> {
+    let (mut vm, _) = Vm::boot(engine.kvm(), &VmConfig::builtin(memory_mib))?;
+    let write = GuestCommand::Write {
+        start: GuestAddress(8 << 20),
+        count: dirty,
+        stride: PAGE_SIZE,
+        value: 2,
+    };
+    vm.execute(write, DEADLINE)?;
+    let first = engine.live_fork(&mut vm, 1)?;
+    vm.execute(write, DEADLINE)?;
+    let second = engine.live_fork(&mut vm, 1)?;
+    for batch in [first.batch, second.batch] {
+        destroy_all(engine, batch.clones);
+    }
+    engine.destroy_vm(vm);
+    Ok((first.pause_us, second.pause_us))
+}
+
+#[derive(Serialize)]
+struct MemoryPerClone {
+    user: f64,
+    kernel: f64,
+    total: f64,
+    rss: f64,
+    mem_available_drop: f64,
+}
+
+impl MemoryPerClone {
+    fn of(delta: MemoryDelta, clones: usize) -> Self {
+        let per = |kib: i64| kib as f64 / clones.max(1) as f64;
+        MemoryPerClone {
+            user: per(delta.private_kib),
+            kernel: per(delta.kernel_kib),
+            total: per(delta.private_kib + delta.kernel_kib),
+            rss: per(delta.rss_kib),
+            mem_available_drop: per(delta.mem_available_drop_kib),
+        }
+    }
+}
+
+/// Runs the benchmark.
+pub fn run(args: &SpawnArgs) -> Result<(), BenchError> {
+    let io = |what| move |source| BenchError::Io { what, source };
+    let fd_limit = cowvm_vmm::host::raise_fd_limit().map_err(io("raise RLIMIT_NOFILE"))?;
+    let kvm = Arc::new(Kvm::open()?);
+    let engine = CloneEngine::new(
+        Arc::clone(&kvm),
+        EngineConfig {
+            max_clones_per_call: args.clones.max(1),
+            ..EngineConfig::default()
+        },
+    )?;
+    let samples = args.samples.max(1);
+    let progress = |step: &str| eprintln!("[bench spawn] {step}");
+
+    progress("baselines: memcpy of the RAM and fork() of a process holding it");
+    let template = make_template(&kvm, args.memory_mib)?;
+    let memcpy = memcpy_baseline(&template, samples.min(10))?;
+    let fork = fork_baseline(args.memory_mib, samples.min(50))?;
+    progress("baseline: fresh VM per clone, built on the request path");
+    let fresh = fresh_vm_baseline(&engine, &template, samples)?;
+
+    progress("spawn with about one clone alive");
+    let one_alive = spawn_one_at_a_time(&engine, &template, samples)?;
+
+    progress(&format!("building {} warm shells in the background", args.clones));
+    engine.flush();
+    let before = MemorySnapshot::take().map_err(io("read memory figures"))?;
+    let pool_fill = fill_pool(&engine, &template, args.clones)?;
+    progress(&format!("spawning {} clones in one call", args.clones));
+    let batch = engine.spawn(&template, args.clones)?;
+    if let Some(failure) = batch.failed.first() {
+        return Err(BenchError::Setup(format!(
+            "clone {} failed: {}",
+            failure.index, failure.reason
+        )));
+    }
+    let after = MemorySnapshot::take().map_err(io("read memory figures"))?;
+    let spawn_times: Vec<f64> = batch.clones.iter().map(Clone::spawn_us).collect();
+    let pooled = batch.clones.iter().filter(|c| c.pooled()).count();
+    let spawn = Percentiles::of(&spawn_times);
+    let memory = MemoryPerClone::of(after.since(&before), batch.clones.len());
+
+    progress(&format!("spawn with {} clones alive", batch.clones.len()));
+    let many_alive = spawn_one_at_a_time(&engine, &template, samples)?;
+    destroy_all(&engine, batch.clones);
+
+    progress("reset: clean and with 1000 dirty pages");
+    let (reset_clean, reset_dirty, reset_steps) = reset_times(&engine, &template, samples, 1000)?;
+    progress("live fork pause");
+    let (live_fork_pause, layered_fork_pause) = live_fork_pauses(&engine, args.memory_mib, 1000)?;
+    engine.retire(&template);
+
+    progress("spawn at 64 MiB and at 4 GiB");
+    let at_64 = spawn_at_size(&engine, 64, samples)?;
+    let at_4g = spawn_at_size(&engine, 4096, samples)?;
+
+    let total_ms = batch.total_us / 1000.0;
+    let results = json!({
+        "memory_mib": args.memory_mib,
+        "clones": args.clones,
+        "spawn_us": spawn,
+        "pooled_clones": pooled,
+        "total_ms": total_ms,
+        "clones_per_s": args.clones as f64 / (batch.total_us / 1e6),
+        "pool_fill_ms": pool_fill.as_secs_f64() * 1e3,
+        "shell_build_us_mean": micros(pool_fill) / args.clones.max(1) as f64,
+        "host_memory_per_clone_kib": memory,
+        "baselines": {
+            "fresh_vm_us": fresh,
+            "memcpy_clone_us": memcpy,
+            "fork_us": fork,
+        },
+        "spawn_p50_us_with_1_live": one_alive.p50,
+        "spawn_p50_us_with_1000_live": many_alive.p50,
+        "live_clones_for_that_figure": args.clones,
+        "spawn_p50_us_64mib": at_64.p50,
+        "spawn_p50_us_4gib": at_4g.p50,
+        "spawn_us_64mib": at_64,
+        "spawn_us_4gib": at_4g,
+        "reset_us": { "clean": reset_clean.p50, "dirty_1000": reset_dirty.p50, "clean_percentiles": reset_clean, "dirty_1000_percentiles": reset_dirty, "dirty_1000_steps_p50": reset_steps },
+        "live_fork_pause_us": live_fork_pause,
+        "live_fork_layered_pause_us": layered_fork_pause,
+        "samples": samples,
+        "fd_limit": fd_limit,
+    });
+    print_summary(&results);
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&results).map_err(|e| BenchError::Setup(e.to_string()))?;
+        std::fs::write(path, text + "\n").map_err(io("write JSON results"))?;
+    }
+    Ok(())
+}
+
+fn print_summary(r: &serde_json::Value) {
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let s = &r["spawn_us"];
+    println!(
+        "cowvm bench spawn: {} MiB template, {} clones in one call",
+        r["memory_mib"], r["clones"]
+    );
+    println!(
+        "  spawn (request → first guest exit): p50 {:.0} µs  p90 {:.0}  p99 {:.0}  max {:.0}  ({} of them from warm shells)",
+        f(&s["p50"]), f(&s["p90"]), f(&s["p99"]), f(&s["max"]), r["pooled_clones"]
+    );
+    println!(
+        "  all clones: {:.1} ms, {:.0} clones/s; warm shells built in the background in {:.0} ms",
+        f(&r["total_ms"]),
+        f(&r["clones_per_s"]),
+        f(&r["pool_fill_ms"])
+    );
+    let m = &r["host_memory_per_clone_kib"];
+    println!(
+        "  host memory per live clone: user {:.1} KiB, kernel {:.1} KiB, total {:.1} KiB (MemAvailable drop {:.1} KiB)",
+        f(&m["user"]),
+        f(&m["kernel"]),
+        f(&m["total"]),
+        f(&m["mem_available_drop"])
+    );
+    let b = &r["baselines"];
+    println!(
+        "  baselines p50: fresh VM {:.0} µs (p99 {:.0}), memcpy of the RAM {:.0} µs, fork() {:.0} µs",
+        f(&b["fresh_vm_us"]["p50"]),
+        f(&b["fresh_vm_us"]["p99"]),
+        f(&b["memcpy_clone_us"]["p50"]),
+        f(&b["fork_us"]["p50"])
+    );
+    println!(
+        "  spawn p50 with 1 live clone {:.0} µs, with {} live {:.0} µs",
+        f(&r["spawn_p50_us_with_1_live"]),
+        r["live_clones_for_that_figure"],
+        f(&r["spawn_p50_us_with_1000_live"])
+    );
+    println!(
+        "  spawn p50 at 64 MiB {:.0} µs, at 4 GiB {:.0} µs",
+        f(&r["spawn_p50_us_64mib"]),
+        f(&r["spawn_p50_us_4gib"])
+    );
+    let steps = &r["reset_us"]["dirty_1000_steps_p50"];
+    println!(
+        "  reset p50: clean {:.0} µs, 1000 dirty pages {:.0} µs (scan {:.0}, MADV_DONTNEED {:.0}, state {:.0})",
+        f(&r["reset_us"]["clean"]),
+        f(&r["reset_us"]["dirty_1000"]),
+        f(&steps["scan_us"]),
+        f(&steps["discard_us"]),
+        f(&steps["restore_us"])
+    );
+    println!(
+        "  live-fork pause: {:.0} µs (owned RAM), {:.0} µs (layered, 1000 private pages)",
+        f(&r["live_fork_pause_us"]),
+        f(&r["live_fork_layered_pause_us"])
+    );
+}

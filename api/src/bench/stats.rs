@@ -1,0 +1,53 @@
+//! Percentiles of samples.
+
+use serde::Serialize;
+
+/// p50/p90/p99/max of a set of samples (nearest rank).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest sample.
+    pub max: f64,
+    /// Number of samples.
+    pub n: usize,
+}
+
+impl Percentiles {
+    /// Percentiles of `samples` (all zero when empty).
+    pub fn of(samples: &[f64]) -> Self {
+        let mut sorted: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
+        sorted.sort_by(f64::total_cmp);
+        let rank = |q: f64| -> f64 {
+            if sorted.is_empty() {
+                return 0.0;
+            }
+            let index = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+            sorted[index]
+        };
+        Percentiles {
+            p50: rank(0.50),
+            p90: rank(0.90),
+            p99: rank(0.99),
+            max: rank(1.0),
+            n: sorted.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_nearest_rank_percentiles() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let p = Percentiles::of(&samples);
+        assert_eq!((p.p50, p.p90, p.p99, p.max, p.n), (50.0, 90.0, 99.0, 100.0, 100));
+        assert_eq!(Percentiles::of(&[]).p50, 0.0);
+    }
+}

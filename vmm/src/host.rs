@@ -1,0 +1,112 @@
+//! Facts about this process and host that benchmarks and stats read from the kernel:
+//! `/proc/self/smaps_rollup`, `/proc/meminfo`, the fd limit, and a `fork()` baseline.
+
+use std::collections::HashMap;
+use std::io;
+use std::time::{Duration, Instant};
+
+fn parse_kib_fields(text: &str) -> HashMap<String, u64> {
+    text.lines()
+        .filter_map(|line| {
+            let (key, rest) = line.split_once(':')?;
+            let value = rest.split_whitespace().next()?.parse().ok()?;
+            Some((key.trim().to_owned(), value))
+        })
+        .collect()
+}
+
+/// A snapshot of the process's memory (`/proc/self/smaps_rollup`) and the host's
+/// (`/proc/meminfo`), in KiB.
+#[derive(Debug, Clone)]
+pub struct MemorySnapshot {
+    smaps: HashMap<String, u64>,
+    meminfo: HashMap<String, u64>,
+}
+
+/// Differences between two snapshots, in KiB (positive: the later one has more).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MemoryDelta {
+    /// Resident set size.
+    pub rss_kib: i64,
+    /// Pages only this process maps (Private_Clean + Private_Dirty): what the process really added.
+    pub private_kib: i64,
+    /// Kernel memory: Slab + VmallocUsed + PageTables + SecPageTables + KernelStack.
+    pub kernel_kib: i64,
+    /// The drop in MemAvailable (a cross-check of the two above).
+    pub mem_available_drop_kib: i64,
+}
+
+impl MemorySnapshot {
+    /// Reads both files now.
+    pub fn take() -> io::Result<Self> {
+        Ok(MemorySnapshot {
+            smaps: parse_kib_fields(&std::fs::read_to_string("/proc/self/smaps_rollup")?),
+            meminfo: parse_kib_fields(&std::fs::read_to_string("/proc/meminfo")?),
+        })
+    }
+
+    fn smaps(&self, key: &str) -> i64 {
+        self.smaps.get(key).copied().unwrap_or(0) as i64
+    }
+
+    fn meminfo(&self, key: &str) -> i64 {
+        self.meminfo.get(key).copied().unwrap_or(0) as i64
+    }
+
+    fn kernel(&self) -> i64 {
+        ["Slab", "VmallocUsed", "PageTables", "SecPageTables", "KernelStack"]
+            .iter()
+            .map(|k| self.meminfo(k))
+            .sum()
+    }
+
+    /// What changed from `earlier` to `self`.
+    pub fn since(&self, earlier: &MemorySnapshot) -> MemoryDelta {
+        let private = |s: &MemorySnapshot| s.smaps("Private_Clean") + s.smaps("Private_Dirty");
+        MemoryDelta {
+            rss_kib: self.smaps("Rss") - earlier.smaps("Rss"),
+            private_kib: private(self) - private(earlier),
+            kernel_kib: self.kernel() - earlier.kernel(),
+            mem_available_drop_kib: earlier.meminfo("MemAvailable") - self.meminfo("MemAvailable"),
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (every VM holds two fds) and returns it.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid rlimit struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads the valid rlimit struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// Times `fork()` of this process until the child, which exits at once, has been reaped.
+pub fn time_fork_to_child_exit() -> io::Result<Duration> {
+    let started = Instant::now();
+    // SAFETY: the child calls only the async-signal-safe `_exit`, so forking a multi-threaded
+    // process is sound; the parent reaps it below.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        // SAFETY: `_exit` never returns and touches no state of the (copied) parent.
+        0 => unsafe { libc::_exit(0) },
+        child => {
+            let mut status = 0;
+            // SAFETY: waits for our own child; `status` is a valid out-pointer.
+            if unsafe { libc::waitpid(child, &mut status, 0) } != child {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(started.elapsed())
+        }
+    }
+}
