@@ -110,3 +110,58 @@ pub fn time_fork_to_child_exit() -> io::Result<Duration> {
         }
     }
 }
+
+/// smaps figures summed over the mappings inside one address range, in KiB.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SmapsFigures {
+    /// Mappings (VMAs) in the range.
+    pub vmas: u64,
+    /// Resident.
+    pub rss_kib: u64,
+    /// Anonymous (pages copied on write, for guest RAM).
+    pub anonymous_kib: u64,
+    /// Mapped once and dirty.
+    pub private_dirty_kib: u64,
+    /// Mapped once and clean.
+    pub private_clean_kib: u64,
+    /// Mapped more than once and dirty.
+    pub shared_dirty_kib: u64,
+    /// Mapped more than once and clean.
+    pub shared_clean_kib: u64,
+}
+
+/// Sums `/proc/self/smaps` over the mappings that lie inside `start..end`.
+pub fn smaps_for_range(start: u64, end: u64) -> io::Result<SmapsFigures> {
+    let text = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut figures = SmapsFigures::default();
+    let mut inside = false;
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((lo, hi)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let lo = u64::from_str_radix(lo, 16).unwrap_or(u64::MAX);
+            let hi = u64::from_str_radix(hi, 16).unwrap_or(0);
+            inside = lo >= start && hi <= end;
+            figures.vmas += u64::from(inside);
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let value = || {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match first {
+            "Rss:" => figures.rss_kib += value(),
+            "Anonymous:" => figures.anonymous_kib += value(),
+            "Private_Dirty:" => figures.private_dirty_kib += value(),
+            "Private_Clean:" => figures.private_clean_kib += value(),
+            "Shared_Dirty:" => figures.shared_dirty_kib += value(),
+            "Shared_Clean:" => figures.shared_clean_kib += value(),
+            _ => {}
+        }
+    }
+    Ok(figures)
+}

@@ -90,6 +90,8 @@ impl PageMap {
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 const PAGE_IS_FILE: u64 = 1 << 2;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+const PAGE_IS_HUGE: u64 = 1 << 6;
 /// Regions returned per `PAGEMAP_SCAN` call.
 const SCAN_REGIONS: usize = 512;
 
@@ -136,10 +138,22 @@ impl PageMap {
     }
 
     fn scan_private(&self, hva: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
+        let regions = self.scan(
+            hva,
+            len,
+            PAGE_IS_FILE,
+            PAGE_IS_PRESENT | PAGE_IS_FILE,
+            PAGE_IS_PRESENT | PAGE_IS_FILE,
+        )?;
+        Ok(merge_runs(regions.into_iter().map(|r| r.start..r.end).collect()))
+    }
+
+    /// Runs `PAGEMAP_SCAN` over `hva..hva + len` until the whole range is walked.
+    fn scan(&self, hva: u64, len: u64, inverted: u64, mask: u64, returned: u64) -> io::Result<Vec<PageRegion>> {
         use std::os::fd::AsRawFd;
         let end = hva + len;
         let mut regions = vec![PageRegion::default(); SCAN_REGIONS];
-        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+        let mut found = Vec::new();
         let mut start = hva;
         while start < end {
             let mut arg = PmScanArg {
@@ -148,9 +162,9 @@ impl PageMap {
                 end,
                 vec: regions.as_mut_ptr() as u64,
                 vec_len: SCAN_REGIONS as u64,
-                category_inverted: PAGE_IS_FILE,
-                category_mask: PAGE_IS_PRESENT | PAGE_IS_FILE,
-                return_mask: PAGE_IS_PRESENT | PAGE_IS_FILE,
+                category_inverted: inverted,
+                category_mask: mask,
+                return_mask: returned,
                 ..Default::default()
             };
             // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `SCAN_REGIONS` writable
@@ -159,13 +173,40 @@ impl PageMap {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            runs.extend(regions[..n as usize].iter().map(|r| r.start..r.end));
+            found.extend_from_slice(&regions[..n as usize]);
             if arg.walk_end <= start {
                 break;
             }
             start = arg.walk_end;
         }
-        Ok(merge_runs(runs))
+        Ok(found)
+    }
+
+    /// The present pages of `hva..hva + len` as runs with what the kernel says of them, from
+    /// `PAGEMAP_SCAN` (sorted, duplicates removed, overlaps clipped).
+    pub fn present_runs(&self, hva: u64, len: u64) -> io::Result<Vec<PresentRun>> {
+        let mut regions = self.scan(
+            hva,
+            len,
+            0,
+            PAGE_IS_PRESENT,
+            PAGE_IS_FILE | PAGE_IS_HUGE | PAGE_IS_PFNZERO,
+        )?;
+        regions.sort_by_key(|r| (r.start, r.end));
+        let mut runs: Vec<PresentRun> = Vec::with_capacity(regions.len());
+        for r in regions {
+            let start = runs.last().map_or(r.start, |last| r.start.max(last.range.end));
+            if start >= r.end {
+                continue;
+            }
+            runs.push(PresentRun {
+                range: start..r.end,
+                file: r.categories & PAGE_IS_FILE != 0,
+                huge: r.categories & PAGE_IS_HUGE != 0,
+                zero_page: r.categories & PAGE_IS_PFNZERO != 0,
+            });
+        }
+        Ok(runs)
     }
 
     fn read_private(&self, hva: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
@@ -181,6 +222,19 @@ impl PageMap {
             .collect();
         Ok(merge_runs(runs))
     }
+}
+
+/// A run of present pages that the kernel reports alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresentRun {
+    /// Host virtual addresses.
+    pub range: std::ops::Range<u64>,
+    /// The file's (template memfd's) pages, not anonymous copies.
+    pub file: bool,
+    /// Mapped by a huge page.
+    pub huge: bool,
+    /// The zero page.
+    pub zero_page: bool,
 }
 
 /// Sorts ranges and merges the ones that overlap or touch.

@@ -174,6 +174,18 @@ impl Vcpu {
         Ok(())
     }
 
+    /// KVM's own translation of a guest virtual address (`KVM_TRANSLATE`), for cross-checking
+    /// [`crate::translate::walk`]: the guest physical address, or `None` if KVM says unmapped.
+    pub fn kvm_translate(&self, gva: u64) -> Result<Option<u64>, VcpuError> {
+        let t = self.fd.translate_gva(gva).map_err(ioctl("KVM_TRANSLATE"))?;
+        Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
+    /// The vCPU fd (for its binary statistics).
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// Whether the vCPU has entered the guest since it was created.
     pub fn has_run(&self) -> bool {
         self.has_run

@@ -1,6 +1,7 @@
 //! A VM: KVM VM fd, one vCPU and its RAM. Boots the guest in long mode, runs guest commands,
 //! captures its state and restores it into a fresh VM on a private view of frozen RAM.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,9 +15,11 @@ use crate::boot::{self, BootError, IdentityPageSize};
 use crate::command::{CommandError, CommandOutput, GuestCommand};
 use crate::exit::GuestExit;
 use crate::kvm::{Kvm, KvmError};
+use crate::kvm_stats::{KvmStats, StatsFile};
 use crate::loader::{self, LoadError, LoadedKernel};
 use crate::memory::{GuestRam, MemoryError, TemplateMemory, PAGE_SIZE};
 use crate::pagemap::PageMap;
+use crate::translate::{self, GuestTranslation, TranslateError};
 use crate::vcpu::{Vcpu, VcpuError, VcpuState};
 
 /// Memory slot that holds all of guest RAM.
@@ -60,6 +63,12 @@ pub enum VmError {
     /// The guest stopped for a reason other than finishing its command.
     #[error("guest stopped: {0}")]
     GuestStopped(GuestExit),
+    /// A guest virtual address did not translate.
+    #[error(transparent)]
+    Translate(#[from] TranslateError),
+    /// KVM's binary statistics could not be read.
+    #[error("reading KVM binary statistics (KVM_GET_STATS_FD) failed: {0}")]
+    Stats(std::io::Error),
     /// The OS random number generator failed.
     #[error("cannot read a seed from the OS random number generator: {0}")]
     Entropy(String),
@@ -372,6 +381,70 @@ impl Vm {
             }
             other => Err(VmError::GuestStopped(other)),
         }
+    }
+
+    /// Like [`Vm::execute`], and also returns how long the `KVM_RUN` itself took (host-timed
+    /// around the ioctl; registers are staged through sync regs, so no other ioctl is inside).
+    pub fn execute_timed(
+        &mut self,
+        command: GuestCommand,
+        deadline: Option<Duration>,
+    ) -> Result<(CommandOutput, Duration), VmError> {
+        command.validate(self.ram.size(), self.protected_end)?;
+        let mut regs = self.vcpu.regs()?;
+        command.load(&mut regs);
+        self.vcpu.set_regs(&regs)?;
+        let started = Instant::now();
+        let exit = self.vcpu.run(deadline)?;
+        let took = started.elapsed();
+        match self.describe(exit)? {
+            GuestExit::Done { status } => {
+                let regs = self.vcpu.regs()?;
+                Ok((
+                    CommandOutput {
+                        status,
+                        result: regs.rbx,
+                        extra: regs.rcx,
+                    },
+                    took,
+                ))
+            }
+            other => Err(VmError::GuestStopped(other)),
+        }
+    }
+
+    /// Translates a guest virtual address with the guest's own page tables (read from guest
+    /// memory, starting at the vCPU's CR3).
+    pub fn translate(&mut self, gva: u64) -> Result<GuestTranslation, VmError> {
+        let sregs = self.vcpu.sregs()?;
+        Ok(translate::walk(
+            self.ram.guest_memory(),
+            sregs.cr0,
+            sregs.cr3,
+            sregs.efer,
+            gva,
+        )?)
+    }
+
+    /// KVM's binary statistics of the VM and its vCPU, now.
+    pub fn kvm_stats(&self) -> Result<KvmStats, VmError> {
+        let read = |fd: &dyn AsRawFd| {
+            struct Fd(i32);
+            impl AsRawFd for Fd {
+                fn as_raw_fd(&self) -> i32 {
+                    self.0
+                }
+            }
+            StatsFile::open(&Fd(fd.as_raw_fd()))?.read()
+        };
+        let vm = read(&self.vm_fd).map_err(VmError::Stats)?;
+        let vcpu = read(self.vcpu.fd()).map_err(VmError::Stats)?;
+        Ok(KvmStats { vm, vcpus: vec![vcpu] })
+    }
+
+    /// The end of low memory that guest commands may not write (VMM structures and kernel).
+    pub fn protected_end(&self) -> u64 {
+        self.protected_end
     }
 
     /// Resumes the guest until its next exit (or `deadline`).

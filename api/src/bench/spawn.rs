@@ -16,7 +16,7 @@ use serde_json::json;
 use vm_memory::GuestAddress;
 
 use super::stats::Percentiles;
-use super::BenchError;
+use super::{make_template, write_json, BenchError, DEADLINE};
 
 /// Arguments of `cowvm bench spawn`.
 #[derive(Args)]
@@ -35,29 +35,10 @@ pub struct SpawnArgs {
     json: Option<PathBuf>,
 }
 
-const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
 const POOL_FILL_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-/// A frozen template of `memory_mib` MiB whose guest wrote one qword per MiB (so the template
-/// holds data pages, as a pre-warmed VM would), 8 KiB into each MiB (clear of the xAPIC page).
-fn make_template(kvm: &Kvm, memory_mib: u64) -> Result<Arc<Template>, BenchError> {
-    let (mut vm, _) = Vm::boot(kvm, &VmConfig::builtin(memory_mib))?;
-    let start = GuestAddress((4 << 20) + 2 * PAGE_SIZE);
-    let count = memory_mib.saturating_sub(4);
-    vm.execute(
-        GuestCommand::Write {
-            start,
-            count,
-            stride: 1 << 20,
-            value: 0x5eed,
-        },
-        DEADLINE,
-    )?;
-    Ok(Arc::new(Template::freeze(kvm, &mut vm)?))
 }
 
 fn fill_pool(engine: &CloneEngine, template: &Arc<Template>, shells: usize) -> Result<Duration, BenchError> {
@@ -347,8 +328,7 @@ pub fn run(args: &SpawnArgs) -> Result<(), BenchError> {
     });
     print_summary(&results);
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&results).map_err(|e| BenchError::Setup(e.to_string()))?;
-        std::fs::write(path, text + "\n").map_err(io("write JSON results"))?;
+        write_json(path, &results)?;
     }
     Ok(())
 }

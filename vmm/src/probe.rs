@@ -1,0 +1,357 @@
+//! Write probes: the guest writes to chosen pages, one at a time, and for each page the host
+//! kernel reports what changed (frame, kpagecount, flags) and the VMM times that page's own
+//! copy-on-write fault. Around the probe: KVM's own counters; beside it, a host-only COW baseline.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::command::GuestCommand;
+use crate::kpage::{FrameInfo, KPageError};
+use crate::memory::PAGE_SIZE;
+use crate::pagemap::PageMapEntry;
+use crate::stats::{HostView, StatsError};
+use crate::vm::{Vm, VmError};
+
+/// Most pages one probe may write.
+pub const MAX_PROBE_PAGES: u64 = 4096;
+/// Deadline for each guest write.
+const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+/// Pages timed for the host-only baseline.
+const HOST_BASELINE_PAGES: usize = 16;
+
+/// Which pages to write, as guest virtual addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeTargets {
+    /// These addresses (each on its own page).
+    Addresses(Vec<u64>),
+    /// `pages` addresses from `start`, `stride` bytes apart.
+    Stride {
+        /// First address.
+        start: u64,
+        /// How many.
+        pages: u64,
+        /// Distance (at least one page, so that each lands on its own page).
+        stride: u64,
+    },
+}
+
+/// Why a probe was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Nothing to probe, or too much.
+    #[error("a probe writes 1 to {MAX_PROBE_PAGES} pages; {0} were asked for")]
+    Count(u64),
+    /// Two targets share a page (each page's fault is timed on its own).
+    #[error("targets {0:#x} and {1:#x} are on the same page; probe targets must be distinct pages")]
+    SamePage(u64, u64),
+    /// The stride is smaller than a page.
+    #[error("stride {0} is smaller than a page (4096 bytes)")]
+    Stride(u64),
+    /// A VM operation failed (translation, an address outside RAM, the guest stopping…).
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Reading the kernel's view failed.
+    #[error(transparent)]
+    Stats(#[from] StatsError),
+}
+
+impl ProbeTargets {
+    /// The addresses, validated: 1..=MAX_PROBE_PAGES of them, each on its own page.
+    pub fn addresses(&self) -> Result<Vec<u64>, ProbeError> {
+        let addresses = match self {
+            ProbeTargets::Addresses(list) => list.clone(),
+            ProbeTargets::Stride { start, pages, stride } => {
+                if *pages == 0 || *pages > MAX_PROBE_PAGES {
+                    return Err(ProbeError::Count(*pages));
+                }
+                if *stride < PAGE_SIZE {
+                    return Err(ProbeError::Stride(*stride));
+                }
+                (0..*pages)
+                    .map(|i| start.saturating_add(i.saturating_mul(*stride)))
+                    .collect()
+            }
+        };
+        if addresses.is_empty() || addresses.len() as u64 > MAX_PROBE_PAGES {
+            return Err(ProbeError::Count(addresses.len() as u64));
+        }
+        let mut seen = std::collections::HashMap::new();
+        for &a in &addresses {
+            if let Some(&other) = seen.get(&(a / PAGE_SIZE)) {
+                return Err(ProbeError::SamePage(other, a));
+            }
+            seen.insert(a / PAGE_SIZE, a);
+        }
+        Ok(addresses)
+    }
+}
+
+/// One page as the kernel sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PageState {
+    /// Mapped in the host.
+    pub present: bool,
+    /// Page frame number (0 when not present).
+    pub pfn: u64,
+    /// Mappings of the frame (`/proc/kpagecount`).
+    pub kpagecount: u64,
+    /// Anonymous (copied on write).
+    pub anon: bool,
+    /// Mapped only by this process (pagemap bit 56).
+    pub exclusive: bool,
+    /// The template memfd's page (file/shmem).
+    pub file_or_shmem: bool,
+    /// On a transparent huge page.
+    pub thp: bool,
+    /// The zero page.
+    pub zero_page: bool,
+    /// KSM-merged.
+    pub ksm: bool,
+}
+
+impl PageState {
+    fn of(entry: PageMapEntry, frame: Option<&FrameInfo>) -> Self {
+        let flags = frame.map(|f| f.flags);
+        PageState {
+            present: entry.present(),
+            pfn: entry.pfn().unwrap_or(0),
+            kpagecount: frame.map_or(0, |f| f.kpagecount),
+            anon: flags.is_some_and(|f| f.anon),
+            exclusive: entry.exclusive(),
+            file_or_shmem: entry.present() && entry.file_or_shared(),
+            thp: flags.is_some_and(|f| f.thp),
+            zero_page: flags.is_some_and(|f| f.zero_page),
+            ksm: flags.is_some_and(|f| f.ksm),
+        }
+    }
+}
+
+/// What one page went through.
+#[derive(Debug, Clone, Serialize)]
+pub struct PageProbe {
+    /// Guest virtual address written.
+    pub gva: u64,
+    /// Guest physical address it translates to.
+    pub gpa: u64,
+    /// Host virtual address of that guest page.
+    pub hva: u64,
+    /// Before the write.
+    pub before: PageState,
+    /// After it.
+    pub after: PageState,
+    /// Before the write the page was the template's frame (present, not anonymous).
+    pub shared_before: bool,
+    /// After it the page is a private anonymous copy mapped only here.
+    pub private_after: bool,
+    /// `KVM_RUN` time of the first write (with the copy-on-write fault), microseconds.
+    pub first_write_us: f64,
+    /// `KVM_RUN` time of the same write again, now to a private page, microseconds.
+    pub private_write_us: f64,
+    /// The difference: this page's own write-fault cost.
+    pub write_fault_us: f64,
+}
+
+/// Changes of KVM's own counters over the probe (`None` where KVM does not publish one).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct KvmDeltas {
+    /// vCPU page faults taken.
+    pub pf_taken: Option<i64>,
+    /// vCPU page faults fixed.
+    pub pf_fixed: Option<i64>,
+    /// vCPU exits.
+    pub exits: Option<i64>,
+    /// Instructions emulated.
+    pub insn_emulation: Option<i64>,
+    /// 4 KiB second-level (shadow or EPT/NPT) mappings of the VM.
+    pub pages_4k: Option<i64>,
+    /// 2 MiB second-level mappings.
+    pub pages_2m: Option<i64>,
+}
+
+/// Median and 99th percentile, microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Micros {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+impl Micros {
+    /// Nearest-rank percentiles of `samples`.
+    pub fn of(samples: &[f64]) -> Self {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let rank = |q: f64| {
+            if sorted.is_empty() {
+                0.0
+            } else {
+                sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+            }
+        };
+        Micros {
+            p50: rank(0.5),
+            p99: rank(0.99),
+        }
+    }
+}
+
+/// The result of a write probe.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeReport {
+    /// Each page, in the order written.
+    pub pages: Vec<PageProbe>,
+    /// Pages written.
+    pub written: usize,
+    /// Pages that were the template's before and are private copies after.
+    pub became_private: usize,
+    /// Per-page guest write-fault cost.
+    pub guest_cow_us: Micros,
+    /// Host-only copy-on-write of fresh pages of another clone of the same template (the VMM
+    /// writes them), if a baseline clone was given.
+    pub host_cow_us: Option<Micros>,
+    /// KVM counters over the probe.
+    pub kvm: KvmDeltas,
+    /// The whole probe, microseconds.
+    pub total_us: f64,
+}
+
+fn states(vm: &Vm, host: &HostView, gpas: &[u64]) -> Result<Vec<PageState>, ProbeError> {
+    let base = vm.ram().host_address();
+    let io = |source| StatsError::Io {
+        what: "/proc/self/pagemap",
+        source,
+    };
+    let entries: Vec<PageMapEntry> = gpas
+        .iter()
+        .map(|gpa| host.pagemap.read(base + gpa / PAGE_SIZE * PAGE_SIZE, 1).map(|e| e[0]))
+        .collect::<Result<_, _>>()
+        .map_err(io)?;
+    let pfns: Vec<u64> = entries.iter().filter_map(|e| e.pfn()).collect();
+    if pfns.contains(&0) {
+        return Err(StatsError::KPage(KPageError::PfnHidden).into());
+    }
+    let frames = host.kpages.read(&pfns).map_err(StatsError::from)?;
+    Ok(entries
+        .iter()
+        .map(|e| PageState::of(*e, e.pfn().and_then(|p| frames.get(&p))))
+        .collect())
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Times host-only copy-on-write: the VMM writes one qword to each of up to 16 of `gpas` in
+/// `baseline` (another clone of the same template, whose pages there are still untouched).
+pub fn host_cow_baseline(baseline: &Vm, gpas: &[u64]) -> Result<Micros, ProbeError> {
+    let take = gpas.len().min(HOST_BASELINE_PAGES);
+    Ok(Micros::of(&host_cow_times(baseline, &gpas[..take])?))
+}
+
+/// The time of each host-only copy-on-write: the VMM writes one qword to each page in `gpas`
+/// of `vm`, in microseconds per page.
+pub fn host_cow_times(vm: &Vm, gpas: &[u64]) -> Result<Vec<f64>, ProbeError> {
+    let mem = vm.ram().guest_memory();
+    let mut times = Vec::with_capacity(gpas.len());
+    for &gpa in gpas {
+        let started = Instant::now();
+        mem.write_obj(0x0b5e_55ed_u64, GuestAddress(gpa)).map_err(|e| {
+            VmError::Memory(crate::memory::MemoryError::Region(format!(
+                "host write at {gpa:#x}: {e}"
+            )))
+        })?;
+        times.push(micros(started.elapsed()));
+    }
+    Ok(times)
+}
+
+/// Runs a write probe on `vm` (which must run cowvm's built-in guest). For each target, in turn:
+/// translate it through the guest's page tables, read the page's state from the kernel, have the
+/// guest write it twice (timing each `KVM_RUN`), and read the state again. `baseline`, another
+/// clone of the same template, gets the host-only COW comparison.
+pub fn write_probe(
+    vm: &mut Vm,
+    targets: &ProbeTargets,
+    host: &HostView,
+    baseline: Option<&Vm>,
+) -> Result<ProbeReport, ProbeError> {
+    let started = Instant::now();
+    let addresses = targets.addresses()?;
+    let mut translations = Vec::with_capacity(addresses.len());
+    for &gva in &addresses {
+        let translation = vm.translate(gva)?;
+        // The guest writes through `gva` (validated when it runs); the page it lands on must be
+        // writable RAM too.
+        GuestCommand::Write {
+            start: GuestAddress(translation.gpa & !7),
+            count: 1,
+            stride: 8,
+            value: 0,
+        }
+        .validate(vm.ram().size(), vm.protected_end())
+        .map_err(VmError::from)?;
+        translations.push(translation);
+    }
+    let gpas: Vec<u64> = translations.iter().map(|t| t.gpa).collect();
+    let before = states(vm, host, &gpas)?;
+    let stats_before = vm.kvm_stats()?;
+    let mut times = Vec::with_capacity(addresses.len());
+    for (i, &gva) in addresses.iter().enumerate() {
+        let value = 0x9b0b_e000_0000_0000 | i as u64;
+        let write = |value| GuestCommand::Write {
+            start: GuestAddress(gva & !7),
+            count: 1,
+            stride: 8,
+            value,
+        };
+        let (_, first) = vm.execute_timed(write(value), Some(WRITE_DEADLINE))?;
+        let (_, again) = vm.execute_timed(write(!value), Some(WRITE_DEADLINE))?;
+        times.push((micros(first), micros(again)));
+    }
+    let stats_after = vm.kvm_stats()?;
+    let after = states(vm, host, &gpas)?;
+
+    let base = vm.ram().host_address();
+    let pages: Vec<PageProbe> = translations
+        .iter()
+        .zip(before.iter().zip(&after))
+        .zip(&times)
+        .map(|((t, (b, a)), (first, again))| PageProbe {
+            gva: t.gva,
+            gpa: t.gpa,
+            hva: base + t.gpa,
+            before: *b,
+            after: *a,
+            shared_before: b.present && !b.anon,
+            private_after: a.present && a.anon && a.exclusive,
+            first_write_us: *first,
+            private_write_us: *again,
+            write_fault_us: first - again,
+        })
+        .collect();
+    let faults: Vec<f64> = pages.iter().map(|p| p.write_fault_us).collect();
+    let delta = |name, vcpu| stats_after.delta(&stats_before, name, vcpu);
+    let host_cow_us = match baseline {
+        Some(other) => Some(host_cow_baseline(other, &gpas)?),
+        None => None,
+    };
+    Ok(ProbeReport {
+        written: pages.len(),
+        became_private: pages.iter().filter(|p| p.shared_before && p.private_after).count(),
+        guest_cow_us: Micros::of(&faults),
+        host_cow_us,
+        kvm: KvmDeltas {
+            pf_taken: delta("pf_taken", true),
+            pf_fixed: delta("pf_fixed", true),
+            exits: delta("exits", true),
+            insn_emulation: delta("insn_emulation", true),
+            pages_4k: delta("pages_4k", false),
+            pages_2m: delta("pages_2m", false),
+        },
+        pages,
+        total_us: micros(started.elapsed()),
+    })
+}
