@@ -201,6 +201,28 @@ impl FrozenMemory {
         get_seals(&self.inner.file)
     }
 
+    /// Creates `size` bytes of new frozen memory: a fresh memfd that `fill` may write (the only
+    /// writer it ever has), then sealed.
+    pub fn new_sealed_with(size: u64, fill: impl FnOnce(&File) -> io::Result<()>) -> Result<Self, MemoryError> {
+        let file = create_memfd(c"cowvm-template")?;
+        file.set_len(size)
+            .map_err(|source| MemoryError::Resize { size, source })?;
+        fill(&file).map_err(MemoryError::CreateMemfd)?;
+        add_seals(&file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
+        FrozenMemory::from_sealed(file)
+    }
+
+    /// The byte ranges of the memfd that hold data (`SEEK_DATA`/`SEEK_HOLE`); the rest are holes
+    /// that read as zeros.
+    pub fn data_extents(&self) -> io::Result<Vec<Range<u64>>> {
+        data_extents(&self.inner.file, self.size())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (holes read as zeros without allocating pages).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.file.read_exact_at(buf, offset)
+    }
+
     /// Maps the frozen memory read-only and shared: the view sees the template's own pages.
     pub fn map_read_only(&self) -> Result<ReadOnlyView, MemoryError> {
         let mapping = HostMapping::map(
@@ -321,6 +343,18 @@ impl TemplateMemory {
             .rev()
             .find(|o| o.runs.iter().any(|r| r.contains(&offset)))
             .map_or(&self.inner.base, |o| &o.memory)
+    }
+
+    /// Where the template's data lives, in the order to apply it: the base's data extents, then
+    /// each overlay's runs (later entries win where they overlap earlier ones).
+    pub fn data_sources(&self) -> io::Result<Vec<(Range<u64>, &FrozenMemory)>> {
+        let base = &self.inner.base;
+        let mut sources: Vec<(Range<u64>, &FrozenMemory)> =
+            base.data_extents()?.into_iter().map(|r| (r, base)).collect();
+        for overlay in &self.inner.overlays {
+            sources.extend(overlay.runs.iter().map(|r| (r.clone(), &overlay.memory)));
+        }
+        Ok(sources)
     }
 
     fn with_overlay(&self, overlay: Overlay) -> Result<Self, MemoryError> {
@@ -523,6 +557,37 @@ fn create_memfd(name: &CStr) -> Result<File, MemoryError> {
     }
     // SAFETY: `fd` is a fresh file descriptor that nothing else owns.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The data (non-hole) ranges of the first `size` bytes of `file`.
+pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<Range<u64>>> {
+    let seek = |offset: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        // SAFETY: lseek on an fd we hold; no memory is passed.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(err)
+        }
+    };
+    let mut extents = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let Some(start) = seek(offset, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= size {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        extents.push(start..end);
+        offset = end;
+    }
+    Ok(extents)
 }
 
 fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
