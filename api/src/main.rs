@@ -1,11 +1,10 @@
 //! `cowvm`: the command-line entry point.
 
-mod bench;
-mod run;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cowvm::cli::{self, Connection, ProbeTargetsArgs, ServeArgs, TemplateCommand, VmCommand};
+use cowvm::{bench, demo, run};
 
 /// cowvm clones running KVM guests copy-on-write and shows exactly which memory they share.
 #[derive(Parser)]
@@ -17,18 +16,101 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest, run a self-check command and report how it went.
+    /// Start an embedded server and show the whole product: boot, snapshot, 100 clones, a
+    /// write probe, sharing statistics; then clean up.
+    Demo(demo::DemoArgs),
+    /// Serve the HTTP API.
+    Serve(ServeArgs),
+    /// Boot a guest directly (no server), run a self-check command and report how it went.
     Run(run::RunArgs),
     /// Run a benchmark; prints medians and percentiles and writes JSON.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Manage VMs on a server.
+    Vm {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Freeze a VM into a template.
+    Snapshot {
+        #[command(flatten)]
+        conn: Connection,
+        /// VM id.
+        vm: String,
+    },
+    /// Make clones of a template (or, with --live, of a running VM).
+    Clone {
+        #[command(flatten)]
+        conn: Connection,
+        /// Template id (or VM id with --live).
+        source: String,
+        /// How many.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Live fork: freeze the running VM `source` briefly and clone it.
+        #[arg(long)]
+        live: bool,
+    },
+    /// Write-probe pages of a VM and show what the host kernel saw.
+    Probe {
+        #[command(flatten)]
+        conn: Connection,
+        /// VM id.
+        vm: String,
+        #[command(flatten)]
+        targets: ProbeTargetsArgs,
+    },
+    /// Sharing statistics of a VM or (with --template) of a template.
+    Stats {
+        #[command(flatten)]
+        conn: Connection,
+        /// VM id.
+        vm: Option<String>,
+        /// Template id.
+        #[arg(long)]
+        template: Option<String>,
+    },
+    /// Manage templates on a server.
+    Template {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result: Result<ExitCode, String> = match cli.command {
+        Command::Demo(args) => demo::run(&args).map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string()),
+        Command::Serve(args) => cli::serve(&args).map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string()),
         Command::Run(args) => run::run(&args).map_err(|e| e.to_string()),
         Command::Bench(bench) => bench::run(&bench)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
+        Command::Vm { conn, command } => cli::vm(&conn, &command)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
+        Command::Snapshot { conn, vm } => cli::snapshot(&conn, &vm)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
+        Command::Clone {
+            conn,
+            source,
+            count,
+            live,
+        } => cli::clone(&conn, &source, count, live)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
+        Command::Probe { conn, vm, targets } => cli::probe(&conn, &vm, &targets)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
+        Command::Stats { conn, vm, template } => cli::stats(&conn, vm.as_deref(), template.as_deref())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| e.to_string()),
+        Command::Template { conn, command } => cli::template(&conn, &command)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| e.to_string()),
     };

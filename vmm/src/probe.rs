@@ -141,6 +141,9 @@ pub struct PageProbe {
     pub before: PageState,
     /// After it.
     pub after: PageState,
+    /// Before the write: `shared` (mapped to the template's frame), `untouched` (not mapped yet;
+    /// a read would map the template's frame) or `private` (already a copy).
+    pub before_kind: &'static str,
     /// Before the write the page was the template's frame (present, not anonymous).
     pub shared_before: bool,
     /// After it the page is a private anonymous copy mapped only here.
@@ -205,7 +208,7 @@ pub struct ProbeReport {
     pub pages: Vec<PageProbe>,
     /// Pages written.
     pub written: usize,
-    /// Pages that were the template's before and are private copies after.
+    /// Pages that were not yet copies before (shared or untouched) and are private copies after.
     pub became_private: usize,
     /// Per-page guest write-fault cost.
     pub guest_cow_us: Micros,
@@ -325,6 +328,11 @@ pub fn write_probe(
             hva: base + t.gpa,
             before: *b,
             after: *a,
+            before_kind: match (b.present, b.anon) {
+                (false, _) => "untouched",
+                (true, false) => "shared",
+                (true, true) => "private",
+            },
             shared_before: b.present && !b.anon,
             private_after: a.present && a.anon && a.exclusive,
             first_write_us: *first,
@@ -340,7 +348,7 @@ pub fn write_probe(
     };
     Ok(ProbeReport {
         written: pages.len(),
-        became_private: pages.iter().filter(|p| p.shared_before && p.private_after).count(),
+        became_private: pages.iter().filter(|p| !p.before.anon && p.private_after).count(),
         guest_cow_us: Micros::of(&faults),
         host_cow_us,
         kvm: KvmDeltas {

@@ -1,0 +1,513 @@
+//! The CLI commands that call the API: `vm`, `snapshot`, `clone`, `probe`, `stats`, `template`,
+//! and `serve` itself.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::client::{Client, ClientError, DEFAULT_URL};
+use crate::server::{self, Limits, ServerConfig};
+
+/// Where the server is and how to print.
+#[derive(Args, Clone)]
+pub struct Connection {
+    /// Server URL.
+    #[arg(long, env = "COWVM_URL", default_value = DEFAULT_URL, global = true)]
+    pub url: String,
+    /// File holding the bearer token.
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Print the server's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Errors of CLI commands.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The API call failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The server failed.
+    #[error(transparent)]
+    Serve(#[from] server::ServeError),
+    /// Bad arguments or files.
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn read_token(path: &Option<PathBuf>) -> Result<Option<String>, CliError> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("cannot read token file {}: {e}", path.display())))?;
+    let token = text.trim().to_owned();
+    if token.is_empty() {
+        return Err(CliError::Usage(format!("token file {} is empty", path.display())));
+    }
+    Ok(Some(token))
+}
+
+impl Connection {
+    fn client(&self) -> Result<Client, CliError> {
+        Ok(Client::new(&self.url, read_token(&self.token_file)?))
+    }
+}
+
+/// Parses `0x…` or decimal.
+pub fn parse_address(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let parsed = match t.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.map_err(|e| format!("{t:?} is not an address: {e}"))
+}
+
+fn spinner(message: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(message.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    Some(bar)
+}
+
+fn with_spinner<T>(message: &str, f: impl FnOnce() -> T) -> T {
+    let bar = spinner(message);
+    let result = f();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
+}
+
+fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `cowvm serve`.
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (off loopback, a token is required).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory where templates are saved and reloaded from.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// File holding the bearer token every request must carry.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Directory of kernels that `POST /v1/vms` may name (none: only the built-in guest).
+    #[arg(long)]
+    kernel_dir: Option<PathBuf>,
+    /// Largest guest RAM per VM, MiB.
+    #[arg(long, default_value_t = Limits::default().max_memory_mib)]
+    max_memory_mib: u64,
+    /// Most live VMs at once.
+    #[arg(long, default_value_t = Limits::default().max_vms)]
+    max_vms: usize,
+    /// Most clones per call.
+    #[arg(long, default_value_t = Limits::default().max_clones_per_call)]
+    max_clones_per_call: usize,
+    /// Largest request body, bytes.
+    #[arg(long, default_value_t = Limits::default().max_body_bytes)]
+    max_body_bytes: usize,
+    /// Longest a request may take, ms.
+    #[arg(long, default_value_t = 60_000)]
+    request_timeout_ms: u64,
+    /// Longest a guest may run for one command before it is stopped and marked failed, ms.
+    #[arg(long, default_value_t = 5_000)]
+    guest_deadline_ms: u64,
+    /// Warm shells kept per template.
+    #[arg(long, default_value_t = Limits::default().warm_shells)]
+    warm_shells: usize,
+}
+
+/// Runs `cowvm serve` until SIGINT or SIGTERM.
+pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
+    let config = ServerConfig {
+        listen: args.listen,
+        state_dir: args.state_dir.clone(),
+        token: read_token(&args.token_file)?,
+        kernel_dir: args.kernel_dir.clone(),
+        limits: Limits {
+            max_memory_mib: args.max_memory_mib,
+            max_vms: args.max_vms,
+            max_clones_per_call: args.max_clones_per_call,
+            max_body_bytes: args.max_body_bytes,
+            request_timeout: Duration::from_millis(args.request_timeout_ms),
+            guest_deadline: Duration::from_millis(args.guest_deadline_ms),
+            warm_shells: args.warm_shells,
+        },
+        handle_signals: true,
+    };
+    let running = server::start(config)?;
+    for refused in &running.refused_templates {
+        eprintln!("cowvm serve: refused a saved template: {refused}");
+    }
+    println!("cowvm serve: listening on http://{}", running.addr);
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    running.wait()?;
+    println!("cowvm serve: stopped; every VM was torn down");
+    Ok(())
+}
+
+/// `cowvm vm …`.
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Boot a VM.
+    Create {
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// MiB the guest fills with data first.
+        #[arg(long, default_value_t = 0)]
+        warmup_mib: u64,
+        /// A kernel name from the server's kernel directory.
+        #[arg(long)]
+        kernel: Option<String>,
+    },
+    /// List VMs.
+    Ls,
+    /// Destroy VMs.
+    Rm {
+        /// VM ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Reset a clone to its template's state.
+    Reset {
+        /// VM id.
+        id: String,
+    },
+}
+
+fn vm_table(vms: &[Value]) {
+    println!(
+        "{:<10} {:<6} {:>8} {:<8} {:<10} {:>10}",
+        "ID", "KIND", "MEMORY", "STATE", "TEMPLATE", "SPAWN_US"
+    );
+    for vm in vms {
+        println!(
+            "{:<10} {:<6} {:>5}MiB {:<8} {:<10} {:>10}",
+            text(&vm["id"]),
+            text(&vm["kind"]),
+            text(&vm["memory_mib"]),
+            text(&vm["state"]),
+            text(&vm["template_id"]),
+            vm["spawn_us"].as_f64().map_or("-".into(), |v| format!("{v:.0}"))
+        );
+        if let Some(failure) = vm["failure"].as_str() {
+            println!("           failed: {failure}");
+        }
+    }
+}
+
+/// Runs `cowvm vm …`.
+pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
+    let client = conn.client()?;
+    match command {
+        VmCommand::Create {
+            memory_mib,
+            warmup_mib,
+            kernel,
+        } => {
+            let body = json!({"memory_mib": memory_mib, "warmup_mib": warmup_mib, "kernel": kernel});
+            let vm = with_spinner("booting", || client.call("POST", "/v1/vms", Some(&body)))?;
+            if conn.json {
+                print_json(&vm)
+            } else {
+                vm_table(&[vm])
+            }
+        }
+        VmCommand::Ls => {
+            let vms = client.call("GET", "/v1/vms", None)?;
+            if conn.json {
+                print_json(&vms)
+            } else {
+                vm_table(vms.as_array().map_or(&[], |v| v))
+            }
+        }
+        VmCommand::Rm { ids } => {
+            for id in ids {
+                client.call("DELETE", &format!("/v1/vms/{id}"), None)?;
+                if !conn.json {
+                    println!("removed {id}");
+                }
+            }
+        }
+        VmCommand::Reset { id } => {
+            let done = client.call("POST", &format!("/v1/vms/{id}/reset"), None)?;
+            if conn.json {
+                print_json(&done)
+            } else {
+                println!(
+                    "reset {id} in {:.0} µs, {} private pages dropped",
+                    num(&done["reset_us"]),
+                    done["pages_dropped"]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `cowvm snapshot VM`.
+pub fn snapshot(conn: &Connection, vm: &str) -> Result<(), CliError> {
+    let client = conn.client()?;
+    let made = with_spinner("freezing", || {
+        client.call("POST", &format!("/v1/vms/{vm}/snapshot"), None)
+    })?;
+    if conn.json {
+        print_json(&made);
+    } else {
+        println!(
+            "{vm} frozen into {} ({} MiB, {} layer(s), paused {:.0} µs{})",
+            text(&made["template_id"]),
+            made["memory_mib"],
+            made["layers"],
+            num(&made["pause_us"]),
+            if made["persisted"] == true { ", saved" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Percentile of the `spawn_us` of clones (nearest rank).
+pub fn spawn_percentile(clones: &[Value], q: f64) -> f64 {
+    let mut times: Vec<f64> = clones.iter().map(|c| num(&c["spawn_us"])).collect();
+    times.sort_by(f64::total_cmp);
+    if times.is_empty() {
+        return 0.0;
+    }
+    times[((q * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1]
+}
+
+/// Runs `cowvm clone`.
+pub fn clone(conn: &Connection, source: &str, count: u64, live: bool) -> Result<(), CliError> {
+    let client = conn.client()?;
+    let path = if live {
+        format!("/v1/vms/{source}/clones")
+    } else {
+        format!("/v1/templates/{source}/clones")
+    };
+    let made = with_spinner(&format!("making {count} clones"), || {
+        client.call("POST", &path, Some(&json!({"count": count})))
+    })?;
+    if conn.json {
+        print_json(&made);
+        return Ok(());
+    }
+    let clones = made["clones"].as_array().cloned().unwrap_or_default();
+    let failed = made["failed"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{} clones of {} in {:.1} ms (spawn p50 {:.0} µs, p99 {:.0} µs){}",
+        clones.len(),
+        text(&made["template_id"]),
+        num(&made["total_us"]) / 1000.0,
+        spawn_percentile(&clones, 0.5),
+        spawn_percentile(&clones, 0.99),
+        made["pause_us"]
+            .as_f64()
+            .map_or(String::new(), |p| format!("; source paused {p:.0} µs"))
+    );
+    for c in clones.iter().take(20) {
+        println!(
+            "  {:<10} spawn {:>6.0} µs  generation {:<6} seed {:#018x}",
+            text(&c["id"]),
+            num(&c["spawn_us"]),
+            c["generation"],
+            c["seed"].as_u64().unwrap_or(0)
+        );
+    }
+    if clones.len() > 20 {
+        println!("  … {} more", clones.len() - 20);
+    }
+    if let Some(first) = failed.first() {
+        println!("{} not made: {}", failed.len(), text(&first["reason"]));
+    }
+    Ok(())
+}
+
+/// What `cowvm probe` writes.
+#[derive(Args)]
+pub struct ProbeTargetsArgs {
+    /// Comma-separated guest addresses (0x… or decimal).
+    #[arg(long, value_delimiter = ',', value_parser = parse_address, conflicts_with = "start_gpa")]
+    gpas: Vec<u64>,
+    /// First guest address of a range.
+    #[arg(long, value_parser = parse_address)]
+    start_gpa: Option<u64>,
+    /// Pages in the range.
+    #[arg(long, default_value_t = 10)]
+    pages: u64,
+    /// Bytes between them.
+    #[arg(long, default_value_t = 4096)]
+    stride: u64,
+}
+
+/// Runs `cowvm probe VM`.
+pub fn probe(conn: &Connection, vm: &str, targets: &ProbeTargetsArgs) -> Result<(), CliError> {
+    let body = match targets.start_gpa {
+        Some(start) => json!({"start_gpa": start, "pages": targets.pages, "stride": targets.stride}),
+        None if !targets.gpas.is_empty() => json!({"gpas": targets.gpas}),
+        None => return Err(CliError::Usage("give --gpas or --start-gpa".into())),
+    };
+    let client = conn.client()?;
+    let report = with_spinner("probing", || {
+        client.call("POST", &format!("/v1/vms/{vm}/probes/write"), Some(&body))
+    })?;
+    if conn.json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:>10} {:>10} {:>7} {:>7} {:<14} {:>9}",
+        "GVA", "PFN BEFORE", "PFN AFTER", "COUNT<", "COUNT>", "SHARED→PRIVATE", "FAULT_US"
+    );
+    for page in report["pages"].as_array().map_or(&[][..], |p| p) {
+        println!(
+            "{:<12} {:>10} {:>10} {:>7} {:>7} {:<14} {:>9.2}",
+            format!("{:#x}", page["gva"].as_u64().unwrap_or(0)),
+            page["before"]["pfn"],
+            page["after"]["pfn"],
+            page["before"]["kpagecount"],
+            page["after"]["kpagecount"],
+            format!("{} → {}", page["shared_before"], page["private_after"]),
+            num(&page["write_fault_us"])
+        );
+    }
+    println!(
+        "{} written, {} became private; guest COW p50 {:.2} µs, host-only COW p50 {}; KVM exits +{}",
+        report["written"],
+        report["became_private"],
+        num(&report["guest_cow_us"]["p50"]),
+        report["host_cow_us"]["p50"]
+            .as_f64()
+            .map_or("-".into(), |v| format!("{v:.2} µs")),
+        text(&report["kvm"]["exits"])
+    );
+    Ok(())
+}
+
+/// Runs `cowvm stats`.
+pub fn stats(conn: &Connection, vm: Option<&str>, template: Option<&str>) -> Result<(), CliError> {
+    let client = conn.client()?;
+    let (path, is_template) = match (vm, template) {
+        (Some(vm), None) => (format!("/v1/vms/{vm}/stats"), false),
+        (None, Some(t)) => (format!("/v1/templates/{t}/stats"), true),
+        _ => return Err(CliError::Usage("give a VM id, or --template ID".into())),
+    };
+    let stats = client.call("GET", &path, None)?;
+    if conn.json {
+        print_json(&stats);
+    } else if is_template {
+        print_template_stats(&stats);
+    } else {
+        let p = &stats["pages"];
+        println!(
+            "{}: {} pages: {} present ({} shared with the template, {} private), {} untouched; scan {:.2} ms",
+            text(&stats["id"]),
+            p["total"],
+            p["present"],
+            p["shared"],
+            p["private"],
+            p["untouched"],
+            num(&stats["scan_us"]) / 1000.0
+        );
+        println!(
+            "  kpagecount histogram (mappings: pages): {}",
+            stats["kpagecount_histogram"]
+        );
+        let s = &stats["smaps"];
+        println!(
+            "  smaps: Rss {} KiB, Anonymous {} KiB, Private_Dirty {} KiB",
+            s["rss_kib"], s["anonymous_kib"], s["private_dirty_kib"]
+        );
+    }
+    Ok(())
+}
+
+/// Prints a template's sharing summary.
+pub fn print_template_stats(stats: &Value) {
+    println!(
+        "{}: {} clones, {} pages; {} shared by all clones; clones copied {:.1} KiB; saved {:.1} MiB against full copies",
+        text(&stats["id"]),
+        stats["clones"],
+        stats["pages"],
+        stats["pages_shared_by_all"],
+        num(&stats["private_bytes"]) / 1024.0,
+        num(&stats["saved_bytes"]) / (1 << 20) as f64
+    );
+    println!("  pages by number of clones sharing them: {}", stats["histogram"]);
+}
+
+/// `cowvm template …`.
+#[derive(Subcommand)]
+pub enum TemplateCommand {
+    /// List templates.
+    Ls,
+    /// Delete templates.
+    Rm {
+        /// Template ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// Runs `cowvm template …`.
+pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliError> {
+    let client = conn.client()?;
+    match command {
+        TemplateCommand::Ls => {
+            let list = client.call("GET", "/v1/templates", None)?;
+            if conn.json {
+                print_json(&list);
+                return Ok(());
+            }
+            println!(
+                "{:<10} {:>8} {:>7} {:>6} {:>7} {:<10} {:<9}",
+                "ID", "MEMORY", "CLONES", "WARM", "LAYERS", "SOURCE", "PERSISTED"
+            );
+            for t in list.as_array().map_or(&[][..], |l| l) {
+                println!(
+                    "{:<10} {:>5}MiB {:>7} {:>6} {:>7} {:<10} {:<9}",
+                    text(&t["id"]),
+                    text(&t["memory_mib"]),
+                    t["clones"],
+                    t["warm_shells"],
+                    t["layers"],
+                    text(&t["source_vm"]),
+                    t["persisted"]
+                );
+            }
+        }
+        TemplateCommand::Rm { ids } => {
+            for id in ids {
+                client.call("DELETE", &format!("/v1/templates/{id}"), None)?;
+                if !conn.json {
+                    println!("removed {id}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

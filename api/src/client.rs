@@ -1,0 +1,130 @@
+//! A small blocking client for the cowvm API (used by the CLI and `cowvm demo`).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Default server URL.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
+
+/// Errors talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer.
+    #[error("cannot reach the cowvm server at {url}: {reason} (is `cowvm serve` running? --url sets where)")]
+    Unreachable {
+        /// Where.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server answered with an error.
+    #[error("{status} {code}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+}
+
+/// An answer: status and JSON body (null when empty).
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status.
+    pub status: u16,
+    /// Parsed body (or a string if it was not JSON).
+    pub body: Value,
+}
+
+/// A client of one server.
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client of the server at `base` (`http://host:port`), sending `token` if given.
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build();
+        Client {
+            agent: ureq::Agent::new_with_config(config),
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        }
+    }
+
+    /// Sends a request and returns whatever the server answered.
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Answer, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = match (method, body) {
+            ("GET", _) => with_auth(self.agent.get(&url), &auth).call(),
+            ("DELETE", _) => with_auth(self.agent.delete(&url), &auth).call(),
+            (_, Some(json)) => with_auth_body(self.agent.post(&url), &auth).send_json(json),
+            (_, None) => with_auth_body(self.agent.post(&url), &auth).send_empty(),
+        };
+        let mut response = result.map_err(|e| ClientError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(256 << 20)
+            .read_to_string()
+            .map_err(|e| ClientError::Unreachable {
+                url,
+                reason: e.to_string(),
+            })?;
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok(Answer { status, body })
+    }
+
+    /// Sends a request; an error status becomes [`ClientError::Api`].
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+        let answer = self.request(method, path, body)?;
+        if answer.status < 300 {
+            return Ok(answer.body);
+        }
+        let error = &answer.body["error"];
+        Err(ClientError::Api {
+            status: answer.status,
+            code: error["code"].as_str().unwrap_or("unknown").to_owned(),
+            message: error["message"]
+                .as_str()
+                .map_or_else(|| answer.body.to_string(), str::to_owned),
+        })
+    }
+}
+
+fn with_auth(
+    request: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    auth: &Option<String>,
+) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+    match auth {
+        Some(value) => request.header("Authorization", value),
+        None => request,
+    }
+}
+
+fn with_auth_body(
+    request: ureq::RequestBuilder<ureq::typestate::WithBody>,
+    auth: &Option<String>,
+) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+    match auth {
+        Some(value) => request.header("Authorization", value),
+        None => request,
+    }
+}

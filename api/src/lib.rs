@@ -1,0 +1,9 @@
+//! cowvm's service: the HTTP API server, its client, the CLI commands, the demo and the
+//! benchmarks. The VMM itself is the `cowvm-vmm` crate.
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod demo;
+pub mod run;
+pub mod server;

@@ -1,0 +1,378 @@
+//! The service's state: the clone engine, the VMs and templates it serves, limits, metrics.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use cowvm_vmm::stats::HostView;
+use cowvm_vmm::{Clone, CloneEngine, Template, Vm};
+
+use super::error::ApiError;
+use super::model::{TemplateInfo, VmInfo};
+
+/// Limits the server enforces.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest guest RAM per VM, MiB.
+    pub max_memory_mib: u64,
+    /// Most live VMs (booted and clones) at once.
+    pub max_vms: usize,
+    /// Most clones one call may make.
+    pub max_clones_per_call: usize,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Longest a request may take.
+    pub request_timeout: Duration,
+    /// Longest a guest may run for one command before it is stopped and marked failed.
+    pub guest_deadline: Duration,
+    /// Warm shells kept per template.
+    pub warm_shells: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_memory_mib: 4096,
+            max_vms: 2000,
+            max_clones_per_call: 1000,
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(60),
+            guest_deadline: Duration::from_secs(5),
+            warm_shells: 8,
+        }
+    }
+}
+
+/// A VM's machine: booted here, or a clone.
+pub enum Machine {
+    /// A VM booted by `POST /v1/vms`.
+    Booted(Vm),
+    /// A clone of a template.
+    Clone(Clone),
+}
+
+impl Machine {
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        match self {
+            Machine::Booted(vm) => vm,
+            Machine::Clone(clone) => clone.vm(),
+        }
+    }
+    /// The VM, mutably.
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        match self {
+            Machine::Booted(vm) => vm,
+            Machine::Clone(clone) => clone.vm_mut(),
+        }
+    }
+}
+
+/// What the API shows of a VM; kept apart from the machine so that reading it never waits for a
+/// running guest.
+#[derive(Debug, Clone)]
+pub struct VmStatus {
+    /// Why it failed, if it did.
+    pub failure: Option<String>,
+    /// Generation id of a clone.
+    pub generation: Option<u64>,
+    /// Spawn time of a clone.
+    pub spawn_us: Option<f64>,
+}
+
+/// A VM the service holds.
+pub struct VmEntry {
+    /// Id.
+    pub id: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The template a clone came from.
+    pub template_id: Option<String>,
+    /// What the API shows.
+    pub status: Mutex<VmStatus>,
+    /// The machine; locked only on blocking threads, for as long as an operation runs.
+    pub machine: Mutex<Option<Machine>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl VmEntry {
+    /// The API view.
+    pub fn info(&self) -> VmInfo {
+        let status = lock(&self.status).clone();
+        VmInfo {
+            id: self.id.clone(),
+            memory_mib: self.memory_mib,
+            state: if status.failure.is_some() { "failed" } else { "running" }.into(),
+            kind: if self.template_id.is_some() { "clone" } else { "vm" }.into(),
+            template_id: self.template_id.clone(),
+            failure: status.failure,
+            generation: status.generation,
+            spawn_us: status.spawn_us,
+        }
+    }
+
+    /// The failure, if the VM failed.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.status).failure.clone()
+    }
+
+    /// Marks the VM failed.
+    pub fn fail(&self, reason: String) {
+        lock(&self.status).failure = Some(reason);
+    }
+
+    /// Records a clone's new generation id.
+    pub fn set_generation(&self, generation: u64) {
+        lock(&self.status).generation = Some(generation);
+    }
+
+    /// Locks the machine (blocking threads only).
+    pub fn lock_machine(&self) -> MutexGuard<'_, Option<Machine>> {
+        lock(&self.machine)
+    }
+}
+
+/// A template the service holds.
+pub struct TemplateEntry {
+    /// Id.
+    pub id: String,
+    /// The template.
+    pub template: Arc<Template>,
+    /// The VM it was frozen from.
+    pub source_vm: Option<String>,
+    /// Whether it is saved under the state directory.
+    pub persisted: bool,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    /// Clones made.
+    pub clones_spawned: AtomicU64,
+    /// Clones that failed.
+    pub clone_failures: AtomicU64,
+    /// Sum of spawn times, microseconds.
+    pub spawn_us_sum: AtomicU64,
+    /// Responses by status class (1xx..5xx at index 1..5).
+    pub responses: [AtomicU64; 6],
+    /// VMs marked failed.
+    pub vms_failed: AtomicU64,
+}
+
+/// The service.
+pub struct App {
+    /// The clone engine (owns the KVM device).
+    pub engine: CloneEngine,
+    /// The kernel files statistics come from, or why they cannot be read.
+    pub host: Result<HostView, String>,
+    /// Limits.
+    pub limits: Limits,
+    /// Where templates are saved.
+    pub state_dir: Option<PathBuf>,
+    /// Where `kernel` names of `POST /v1/vms` are looked up.
+    pub kernel_dir: Option<PathBuf>,
+    /// Counters.
+    pub metrics: Metrics,
+    vms: RwLock<HashMap<String, Arc<VmEntry>>>,
+    templates: RwLock<HashMap<String, Arc<TemplateEntry>>>,
+    next_vm: AtomicU64,
+    next_template: AtomicU64,
+}
+
+impl App {
+    /// A service over `engine`.
+    pub fn new(engine: CloneEngine, limits: Limits, state_dir: Option<PathBuf>, kernel_dir: Option<PathBuf>) -> Self {
+        App {
+            engine,
+            host: HostView::open().map_err(|e| e.to_string()),
+            limits,
+            state_dir,
+            kernel_dir,
+            metrics: Metrics::default(),
+            vms: RwLock::new(HashMap::new()),
+            templates: RwLock::new(HashMap::new()),
+            next_vm: AtomicU64::new(1),
+            next_template: AtomicU64::new(1),
+        }
+    }
+
+    /// The VM `id`, or 404.
+    pub fn vm(&self, id: &str) -> Result<Arc<VmEntry>, ApiError> {
+        self.vms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("VM", id))
+    }
+
+    /// All VMs, by id.
+    pub fn vms(&self) -> Vec<Arc<VmEntry>> {
+        let mut all: Vec<_> = self
+            .vms
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by_key(|v| id_number(&v.id));
+        all
+    }
+
+    /// Live VMs.
+    pub fn vm_count(&self) -> usize {
+        self.vms.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Adds a VM under a new id.
+    pub fn add_vm(
+        &self,
+        memory_mib: u64,
+        template_id: Option<String>,
+        machine: Machine,
+        status: VmStatus,
+    ) -> Arc<VmEntry> {
+        let id = format!("vm-{}", self.next_vm.fetch_add(1, Ordering::Relaxed));
+        let entry = Arc::new(VmEntry {
+            id: id.clone(),
+            memory_mib,
+            template_id,
+            status: Mutex::new(status),
+            machine: Mutex::new(Some(machine)),
+        });
+        self.vms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::clone(&entry));
+        entry
+    }
+
+    /// Removes VM `id` from the service (its machine is torn down by the caller).
+    pub fn remove_vm(&self, id: &str) -> Result<Arc<VmEntry>, ApiError> {
+        self.vms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .ok_or_else(|| ApiError::not_found("VM", id))
+    }
+
+    /// The template `id`, or 404.
+    pub fn template(&self, id: &str) -> Result<Arc<TemplateEntry>, ApiError> {
+        self.templates
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("template", id))
+    }
+
+    /// All templates, by id.
+    pub fn templates(&self) -> Vec<Arc<TemplateEntry>> {
+        let mut all: Vec<_> = self
+            .templates
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by_key(|t| id_number(&t.id));
+        all
+    }
+
+    /// A fresh template id.
+    pub fn new_template_id(&self) -> String {
+        format!("tpl-{}", self.next_template.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Adds a template (id from [`App::new_template_id`] or from disk) and keeps shells warm.
+    pub fn add_template(&self, entry: TemplateEntry) -> Arc<TemplateEntry> {
+        let number = id_number(&entry.id);
+        self.next_template.fetch_max(number + 1, Ordering::Relaxed);
+        self.engine.keep_warm(&entry.template, self.limits.warm_shells);
+        let entry = Arc::new(entry);
+        self.templates
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(entry.id.clone(), Arc::clone(&entry));
+        entry
+    }
+
+    /// Removes template `id` unless clones of it are alive (409).
+    pub fn remove_template(&self, id: &str) -> Result<Arc<TemplateEntry>, ApiError> {
+        let clones = self.clones_of(id).len();
+        if clones > 0 {
+            return Err(ApiError::conflict(
+                "template_in_use",
+                format!("template {id} has {clones} live clones; delete them first"),
+            ));
+        }
+        let entry = self
+            .templates
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .ok_or_else(|| ApiError::not_found("template", id))?;
+        self.engine.retire(&entry.template);
+        Ok(entry)
+    }
+
+    /// Live clones of template `id`.
+    pub fn clones_of(&self, id: &str) -> Vec<Arc<VmEntry>> {
+        self.vms()
+            .into_iter()
+            .filter(|v| v.template_id.as_deref() == Some(id))
+            .collect()
+    }
+
+    /// The API view of a template.
+    pub fn template_info(&self, entry: &TemplateEntry) -> TemplateInfo {
+        TemplateInfo {
+            id: entry.id.clone(),
+            memory_mib: entry.template.size() >> 20,
+            clones: self.clones_of(&entry.id).len(),
+            warm_shells: self.engine.warm_shells(&entry.template),
+            layers: entry.template.memory().depth(),
+            source_vm: entry.source_vm.clone(),
+            persisted: entry.persisted,
+        }
+    }
+
+    /// Tears every VM down and stops keeping shells (graceful shutdown).
+    pub fn shut_down(&self) {
+        let vms: Vec<_> = self
+            .vms
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, v)| v)
+            .collect();
+        for vm in vms {
+            if let Some(machine) = vm.lock_machine().take() {
+                match machine {
+                    Machine::Booted(vm) => self.engine.destroy_vm(vm),
+                    Machine::Clone(clone) => self.engine.destroy(clone),
+                }
+            }
+        }
+        for template in self
+            .templates
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, t)| t)
+        {
+            self.engine.retire(&template.template);
+        }
+        self.engine.flush();
+    }
+}
+
+/// The number in an id like `vm-12` (for ordering; 0 if none).
+fn id_number(id: &str) -> u64 {
+    id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+}

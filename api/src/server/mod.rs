@@ -1,0 +1,217 @@
+//! `cowvm serve`: the HTTP API (axum on tokio) over the clone engine. Blocking KVM work runs on
+//! tokio's blocking pool, never on the async workers.
+
+mod app;
+mod error;
+pub mod model;
+mod ops;
+mod routes;
+mod templates;
+mod vms;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use cowvm_vmm::{CloneEngine, EngineConfig, Kvm};
+use tokio::sync::oneshot;
+
+pub use app::Limits;
+pub use routes::ApiDoc;
+
+use app::{App, TemplateEntry};
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where templates are saved and loaded from.
+    pub state_dir: Option<PathBuf>,
+    /// Bearer token every request must carry (required off loopback).
+    pub token: Option<String>,
+    /// Limits.
+    pub limits: Limits,
+    /// Directory that `kernel` names in `POST /v1/vms` are looked up in (none: built-in guest only).
+    pub kernel_dir: Option<PathBuf>,
+    /// Stop on SIGINT/SIGTERM as well as on [`RunningServer::stop`].
+    pub handle_signals: bool,
+}
+
+impl ServerConfig {
+    /// Loopback on `port` (0: any free port), no state directory, default limits.
+    pub fn local(port: u16) -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            state_dir: None,
+            token: None,
+            limits: Limits::default(),
+            kernel_dir: None,
+            handle_signals: false,
+        }
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Listening off loopback without a token was asked for.
+    #[error("refusing to listen on {0} without a bearer token: give --token-file, or listen on a loopback address")]
+    NeedsToken(SocketAddr),
+    /// KVM could not be opened.
+    #[error(transparent)]
+    Kvm(#[from] cowvm_vmm::KvmError),
+    /// The clone engine could not start.
+    #[error(transparent)]
+    Engine(#[from] cowvm_vmm::CloneError),
+    /// An I/O step failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The state directory could not be read.
+    #[error(transparent)]
+    Persist(#[from] cowvm_vmm::persist::PersistError),
+}
+
+/// A server running on its own thread.
+pub struct RunningServer {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<(), ServeError>>>,
+    /// Templates in the state directory that were refused at start, with the reason.
+    pub refused_templates: Vec<String>,
+}
+
+impl RunningServer {
+    /// Stops the server gracefully (every VM is torn down) and waits for it.
+    pub fn stop(mut self) -> Result<(), ServeError> {
+        self.stop_inner()
+    }
+
+    /// Waits until the server stops by itself (a signal).
+    pub fn wait(mut self) -> Result<(), ServeError> {
+        match self.thread.take() {
+            Some(thread) => thread.join().unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+
+    fn stop_inner(&mut self) -> Result<(), ServeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread.join().unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+async fn stop_signal(rx: oneshot::Receiver<()>, handle_signals: bool) {
+    if !handle_signals {
+        let _ = rx.await;
+        return;
+    }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = rx.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = rx => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Starts the server on a thread of its own and returns once it listens.
+pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
+    if !config.listen.ip().is_loopback() && config.token.is_none() {
+        return Err(ServeError::NeedsToken(config.listen));
+    }
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| ServeError::Io { what, source }
+    };
+    let _ = cowvm_vmm::host::raise_fd_limit();
+    let kvm = Arc::new(Kvm::open()?);
+    // Probe the saveable MSRs now (a throw-away VM) rather than during the first snapshot.
+    kvm.saveable_msrs()?;
+    let engine_config = EngineConfig {
+        first_run_deadline: config.limits.guest_deadline,
+        max_clones_per_call: config.limits.max_clones_per_call,
+    };
+    let engine = CloneEngine::new(kvm, engine_config)?;
+    let app = Arc::new(App::new(
+        engine,
+        config.limits.clone(),
+        config.state_dir.clone(),
+        config.kernel_dir.clone(),
+    ));
+    let mut refused = Vec::new();
+    if let Some(dir) = &config.state_dir {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io("create the state directory"))?;
+        let (loaded, failed) = cowvm_vmm::persist::load_all(dir)?;
+        for template in loaded {
+            app.add_template(TemplateEntry {
+                id: template.id,
+                template: Arc::new(template.template),
+                source_vm: None,
+                persisted: true,
+            });
+        }
+        refused.extend(failed.iter().map(ToString::to_string));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io("start the async runtime"))?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.listen))
+        .map_err(io(&format!("listen on {}", config.listen)))?;
+    let addr = listener.local_addr().map_err(io("read the listening address"))?;
+    let router = routes::router(Arc::clone(&app), config.token.clone());
+    let (tx, rx) = oneshot::channel();
+    let handle_signals = config.handle_signals;
+    let thread = std::thread::Builder::new()
+        .name("cowvm-server".into())
+        .spawn(move || {
+            let served = runtime.block_on(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop_signal(rx, handle_signals))
+                    .await
+            });
+            app.shut_down();
+            drop(runtime);
+            served.map_err(|source| ServeError::Io {
+                what: "serve HTTP".into(),
+                source,
+            })
+        })
+        .map_err(io("start the server thread"))?;
+    Ok(RunningServer {
+        addr,
+        shutdown: Some(tx),
+        thread: Some(thread),
+        refused_templates: refused,
+    })
+}

@@ -1,0 +1,237 @@
+//! The router: endpoints, OpenAPI document, bearer-token check, response counting, and JSON
+//! answers for unknown routes and wrong methods.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use subtle::ConstantTimeEq;
+use utoipa::OpenApi;
+
+use super::app::App;
+use super::error::{ApiError, ErrorBody, ErrorDetail};
+use super::model::*;
+use super::{templates, vms};
+
+/// The OpenAPI document, generated from the handlers and their types.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "cowvm",
+        description = "Clone running KVM guests copy-on-write and see exactly which memory they share."
+    ),
+    paths(
+        vms::create_vm,
+        vms::list_vms,
+        vms::get_vm,
+        vms::delete_vm,
+        vms::snapshot_vm,
+        vms::live_fork,
+        vms::reset_vm,
+        vms::probe_write,
+        vms::vm_stats,
+        vms::run_command,
+        templates::clone_template,
+        templates::list_templates,
+        templates::get_template,
+        templates::template_stats,
+        templates::delete_template,
+        templates::warm_template,
+        openapi,
+        metrics,
+        healthz
+    ),
+    components(schemas(
+        CreateVm,
+        VmInfo,
+        SnapshotCreated,
+        TemplateInfo,
+        CloneRequest,
+        CloneMade,
+        CloneFailed,
+        ClonesCreated,
+        ProbeRequest,
+        ProbeList,
+        ProbeRange,
+        RunCommand,
+        RunResult,
+        ResetDone,
+        Health,
+        WarmRequest,
+        WarmStatus,
+        ErrorBody,
+        ErrorDetail
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI 3 document of this API.
+#[utoipa::path(get, path = "/openapi.json", tag = "system", responses((status = 200, description = "OpenAPI 3 document", body = Object)))]
+pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Health)))]
+pub async fn healthz(State(app): State<Arc<App>>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        vms: app.vm_count(),
+        templates: app.templates().len(),
+    })
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let m = &app.metrics;
+    let vms = app.vms();
+    let clones = vms.iter().filter(|v| v.template_id.is_some()).count();
+    let failed = vms.iter().filter(|v| v.failure().is_some()).count();
+    let templates = app.templates();
+    let warm: usize = templates.iter().map(|t| app.engine.warm_shells(&t.template)).sum();
+    let mut text = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in samples {
+            text.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    metric(
+        "cowvm_vms",
+        "gauge",
+        "Live VMs by kind.",
+        &[
+            ("{kind=\"vm\"}", (vms.len() - clones) as u64),
+            ("{kind=\"clone\"}", clones as u64),
+        ],
+    );
+    metric(
+        "cowvm_vms_failed",
+        "gauge",
+        "Live VMs marked failed.",
+        &[("", failed as u64)],
+    );
+    metric(
+        "cowvm_templates",
+        "gauge",
+        "Templates.",
+        &[("", templates.len() as u64)],
+    );
+    metric(
+        "cowvm_warm_shells",
+        "gauge",
+        "Warm VM shells ready for clones.",
+        &[("", warm as u64)],
+    );
+    metric(
+        "cowvm_clones_spawned_total",
+        "counter",
+        "Clones made.",
+        &[("", m.clones_spawned.load(Ordering::Relaxed))],
+    );
+    metric(
+        "cowvm_clone_failures_total",
+        "counter",
+        "Clones that could not be made.",
+        &[("", m.clone_failures.load(Ordering::Relaxed))],
+    );
+    metric(
+        "cowvm_spawn_microseconds_sum",
+        "counter",
+        "Sum of clone spawn times.",
+        &[("", m.spawn_us_sum.load(Ordering::Relaxed))],
+    );
+    let classes: Vec<(String, u64)> = (1..6)
+        .map(|c| (format!("{{class=\"{c}xx\"}}"), m.responses[c].load(Ordering::Relaxed)))
+        .collect();
+    let classes: Vec<(&str, u64)> = classes.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(
+        "cowvm_http_responses_total",
+        "counter",
+        "HTTP responses by status class.",
+        &classes,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+async fn route_not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        "no such endpoint; see /openapi.json",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method; see /openapi.json",
+    )
+}
+
+/// Requires `Authorization: Bearer <token>`, compared in constant time.
+async fn require_token(State(token): State<Arc<String>>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| g.as_bytes().ct_eq(token.as_bytes()).into());
+    if ok {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this server needs Authorization: Bearer <token>",
+        )
+        .into_response()
+    }
+}
+
+async fn count_responses(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let class = (response.status().as_u16() / 100).clamp(1, 5) as usize;
+    app.metrics.responses[class].fetch_add(1, Ordering::Relaxed);
+    response
+}
+
+/// The whole API.
+pub fn router(app: Arc<App>, token: Option<String>) -> Router {
+    let mut router = Router::new()
+        .route("/v1/vms", post(vms::create_vm).get(vms::list_vms))
+        .route("/v1/vms/{id}", get(vms::get_vm).delete(vms::delete_vm))
+        .route("/v1/vms/{id}/snapshot", post(vms::snapshot_vm))
+        .route("/v1/vms/{id}/clones", post(vms::live_fork))
+        .route("/v1/vms/{id}/reset", post(vms::reset_vm))
+        .route("/v1/vms/{id}/probes/write", post(vms::probe_write))
+        .route("/v1/vms/{id}/stats", get(vms::vm_stats))
+        .route("/v1/vms/{id}/run", post(vms::run_command))
+        .route("/v1/templates", get(templates::list_templates))
+        .route(
+            "/v1/templates/{id}",
+            get(templates::get_template).delete(templates::delete_template),
+        )
+        .route("/v1/templates/{id}/clones", post(templates::clone_template))
+        .route("/v1/templates/{id}/stats", get(templates::template_stats))
+        .route("/v1/templates/{id}/warm", post(templates::warm_template))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(app.limits.max_body_bytes));
+    if let Some(token) = token {
+        router = router.layer(middleware::from_fn_with_state(Arc::new(token), require_token));
+    }
+    router
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), count_responses))
+        .with_state(app)
+}

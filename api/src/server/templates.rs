@@ -1,0 +1,218 @@
+//! `/v1/templates` handlers, and clone registration shared with live forks.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use cowvm_vmm::persist;
+use cowvm_vmm::stats::template_sharing;
+use cowvm_vmm::{CloneBatch, Template};
+
+use super::app::{App, Machine, TemplateEntry, VmStatus};
+use super::error::{ApiError, ErrorBody};
+use super::model::*;
+use super::ops::blocking;
+
+/// Checks a clone count against the per-call and total limits.
+pub fn check_count(app: &App, count: u64) -> Result<usize, ApiError> {
+    let limit = app.limits.max_clones_per_call;
+    if count == 0 || count > limit as u64 {
+        return Err(ApiError::out_of_range(
+            "count_out_of_range",
+            format!("count must be 1..={limit} (got {count})"),
+        ));
+    }
+    let count = count as usize;
+    let live = app.vm_count();
+    if live + count > app.limits.max_vms {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_vms",
+            format!(
+                "{count} more clones would exceed the limit of {} VMs ({live} live)",
+                app.limits.max_vms
+            ),
+        ));
+    }
+    Ok(count)
+}
+
+/// Saves a template under the state directory, if there is one.
+pub fn save_template(app: &App, id: &str, template: &Template) -> Result<bool, ApiError> {
+    match &app.state_dir {
+        Some(dir) => persist::save(dir, id, template).map(|()| true).map_err(ApiError::from),
+        None => Ok(false),
+    }
+}
+
+/// Adds the clones of `batch` as VMs and describes the result.
+pub fn register_clones(app: &App, template: &TemplateEntry, batch: CloneBatch) -> Result<ClonesCreated, ApiError> {
+    let metrics = &app.metrics;
+    metrics
+        .clone_failures
+        .fetch_add(batch.failed.len() as u64, Ordering::Relaxed);
+    if batch.clones.is_empty() {
+        let reason = batch
+            .failed
+            .first()
+            .map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "clones_failed",
+            format!("no clone could be made: {reason}"),
+        ));
+    }
+    let memory_mib = template.template.size() >> 20;
+    let clones = batch
+        .clones
+        .into_iter()
+        .map(|clone| {
+            metrics.clones_spawned.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .spawn_us_sum
+                .fetch_add(clone.spawn_us() as u64, Ordering::Relaxed);
+            let made = CloneMade {
+                id: String::new(),
+                spawn_us: clone.spawn_us(),
+                generation: clone.generation(),
+                seed: clone.seed(),
+                pooled: clone.pooled(),
+            };
+            let status = VmStatus {
+                failure: None,
+                generation: Some(made.generation),
+                spawn_us: Some(made.spawn_us),
+            };
+            let entry = app.add_vm(memory_mib, Some(template.id.clone()), Machine::Clone(clone), status);
+            CloneMade {
+                id: entry.id.clone(),
+                ..made
+            }
+        })
+        .collect();
+    Ok(ClonesCreated {
+        template_id: template.id.clone(),
+        clones,
+        failed: batch
+            .failed
+            .into_iter()
+            .map(|f| CloneFailed {
+                index: f.index,
+                reason: f.reason,
+            })
+            .collect(),
+        total_us: batch.total_us,
+        pause_us: None,
+    })
+}
+
+/// Make clones of a template.
+#[utoipa::path(post, path = "/v1/templates/{id}/clones", tag = "templates", params(("id" = String, Path, description = "template id")),
+    request_body = CloneRequest,
+    responses((status = 201, body = ClonesCreated), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn clone_template(
+    State(app): State<Arc<App>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<CloneRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
+    let Path(id) = id?;
+    let Json(req) = body?;
+    let template = app.template(&id)?;
+    let count = check_count(&app, req.count)?;
+    let service = Arc::clone(&app);
+    let created = blocking(&app, move || {
+        let batch = service.engine.spawn(&template.template, count)?;
+        register_clones(&service, &template, batch)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// List templates.
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, body = Vec<TemplateInfo>)))]
+pub async fn list_templates(State(app): State<Arc<App>>) -> Json<Vec<TemplateInfo>> {
+    Json(app.templates().iter().map(|t| app.template_info(t)).collect())
+}
+
+/// One template.
+#[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates", params(("id" = String, Path, description = "template id")),
+    responses((status = 200, body = TemplateInfo), (status = 404, body = ErrorBody)))]
+pub async fn get_template(
+    State(app): State<Arc<App>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<TemplateInfo>, ApiError> {
+    let Path(id) = id?;
+    let entry = app.template(&id)?;
+    Ok(Json(app.template_info(&entry)))
+}
+
+/// Sharing statistics of a template over its live clones, from the host kernel.
+#[utoipa::path(get, path = "/v1/templates/{id}/stats", tag = "templates", params(("id" = String, Path, description = "template id")),
+    responses((status = 200, description = "clones, histogram, pages_shared_by_all, saved_bytes", body = Object), (status = 404, body = ErrorBody)))]
+pub async fn template_stats(
+    State(app): State<Arc<App>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
+    let entry = app.template(&id)?;
+    let service = Arc::clone(&app);
+    let stats = blocking(&app, move || {
+        let clones = service.clones_of(&entry.id);
+        let guards: Vec<_> = clones.iter().map(|c| c.lock_machine()).collect();
+        let vms: Vec<&cowvm_vmm::Vm> = guards.iter().filter_map(|g| g.as_ref().map(Machine::vm)).collect();
+        let sharing = template_sharing(&entry.template, &vms, service.engine.pagemap())?;
+        let mut value = serde_json::to_value(sharing).unwrap_or_default();
+        value["id"] = entry.id.clone().into();
+        Ok(value)
+    })
+    .await?;
+    Ok(Json(stats))
+}
+
+/// Delete a template (409 while clones of it are alive).
+#[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates", params(("id" = String, Path, description = "template id")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete_template(
+    State(app): State<Arc<App>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(id) = id?;
+    let entry = app.remove_template(&id)?;
+    if entry.persisted {
+        if let Some(dir) = app.state_dir.clone() {
+            let id = entry.id.clone();
+            blocking(&app, move || persist::remove(&dir, &id).map_err(ApiError::from)).await?;
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Set how many warm shells the server keeps ready for a template (built in the background).
+#[utoipa::path(post, path = "/v1/templates/{id}/warm", tag = "templates", params(("id" = String, Path, description = "template id")),
+    request_body = WarmRequest,
+    responses((status = 200, body = WarmStatus), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn warm_template(
+    State(app): State<Arc<App>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<WarmRequest>, JsonRejection>,
+) -> Result<Json<WarmStatus>, ApiError> {
+    let Path(id) = id?;
+    let Json(req) = body?;
+    let entry = app.template(&id)?;
+    let limit = app.limits.max_vms as u64;
+    if req.shells > limit {
+        return Err(ApiError::out_of_range(
+            "count_out_of_range",
+            format!("shells must be 0..={limit} (got {})", req.shells),
+        ));
+    }
+    app.engine.keep_warm(&entry.template, req.shells as usize);
+    Ok(Json(WarmStatus {
+        template_id: entry.id.clone(),
+        target: req.shells,
+        warm_shells: app.engine.warm_shells(&entry.template),
+    }))
+}

@@ -1,0 +1,369 @@
+//! `/v1/vms` handlers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use cowvm_vmm::probe::{write_probe, ProbeTargets};
+use cowvm_vmm::stats::vm_sharing;
+use cowvm_vmm::{GuestCommand, Kernel, Template, Vm, VmConfig};
+use vm_memory::GuestAddress;
+
+use super::app::{App, Machine, TemplateEntry, VmStatus};
+use super::error::{ApiError, ErrorBody};
+use super::model::*;
+use super::ops::{blocking, destroy, on_vm};
+use super::templates::{register_clones, save_template};
+
+type Body<T> = Result<Json<T>, JsonRejection>;
+type Id = Result<Path<String>, PathRejection>;
+
+/// Where warm-up data starts (clear of the VMM's low memory and the kernel).
+const WARMUP_START: u64 = 8 << 20;
+
+fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
+    let dir = app.kernel_dir.as_ref().ok_or_else(|| {
+        ApiError::out_of_range(
+            "kernels_disabled",
+            "this server boots only the built-in guest (start it with --kernel-dir to allow kernels)",
+        )
+    })?;
+    let plain = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !plain {
+        return Err(ApiError::out_of_range(
+            "bad_kernel",
+            "kernel must be a plain file name inside the kernel directory",
+        ));
+    }
+    let path = dir.join(name);
+    let canonical = path
+        .canonicalize()
+        .map_err(|_| ApiError::out_of_range("bad_kernel", format!("no kernel named {name:?}")))?;
+    let root = dir
+        .canonicalize()
+        .map_err(|e| ApiError::internal(format!("kernel directory: {e}")))?;
+    if !canonical.starts_with(&root) || !canonical.is_file() {
+        return Err(ApiError::out_of_range(
+            "bad_kernel",
+            format!("{name:?} is not a file inside the kernel directory"),
+        ));
+    }
+    Ok(canonical)
+}
+
+/// Boot a VM.
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVm,
+    responses((status = 201, body = VmInfo), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn create_vm(
+    State(app): State<Arc<App>>,
+    body: Body<CreateVm>,
+) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
+    let Json(req) = body?;
+    let limits = &app.limits;
+    if req.vcpus != 1 {
+        return Err(ApiError::out_of_range(
+            "vcpus_out_of_range",
+            format!("vcpus must be 1 (got {})", req.vcpus),
+        ));
+    }
+    if !(4..=limits.max_memory_mib).contains(&req.memory_mib) {
+        return Err(ApiError::out_of_range(
+            "memory_out_of_range",
+            format!(
+                "memory_mib must be 4..={} (got {})",
+                limits.max_memory_mib, req.memory_mib
+            ),
+        ));
+    }
+    let room = req.memory_mib.saturating_sub(WARMUP_START >> 20);
+    if req.warmup_mib > room {
+        return Err(ApiError::out_of_range(
+            "warmup_out_of_range",
+            format!("warmup_mib must be at most {room} for {} MiB", req.memory_mib),
+        ));
+    }
+    let kernel = match &req.kernel {
+        None => Kernel::Builtin,
+        Some(_) if req.warmup_mib > 0 => {
+            return Err(ApiError::out_of_range(
+                "warmup_out_of_range",
+                "warm-up needs the built-in guest",
+            ));
+        }
+        Some(name) => Kernel::Elf(resolve_kernel(&app, name)?),
+    };
+    if app.vm_count() >= limits.max_vms {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_vms",
+            format!("the server holds its limit of {} VMs", limits.max_vms),
+        ));
+    }
+    let service = Arc::clone(&app);
+    let info = blocking(&app, move || {
+        let config = VmConfig {
+            memory_mib: req.memory_mib,
+            kernel,
+            page_size: None,
+        };
+        let (mut vm, report) = Vm::boot(service.engine.kvm(), &config)?;
+        if report.first_exit.is_fault() {
+            service.engine.destroy_vm(vm);
+            return Err(ApiError::out_of_range(
+                "boot_failed",
+                format!("the guest failed at boot: {}", report.first_exit),
+            ));
+        }
+        if req.warmup_mib > 0 {
+            let pages = (req.warmup_mib << 20) / 4096;
+            let write = GuestCommand::Write {
+                start: GuestAddress(WARMUP_START),
+                count: pages,
+                stride: 4096,
+                value: 0x3a3a_0000_0000_0001,
+            };
+            if let Err(e) = vm.execute(write, Some(service.limits.guest_deadline)) {
+                service.engine.destroy_vm(vm);
+                return Err(e.into());
+            }
+        }
+        let status = VmStatus {
+            failure: None,
+            generation: None,
+            spawn_us: None,
+        };
+        Ok(service.add_vm(req.memory_mib, None, Machine::Booted(vm), status).info())
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// List VMs.
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", responses((status = 200, body = Vec<VmInfo>)))]
+pub async fn list_vms(State(app): State<Arc<App>>) -> Json<Vec<VmInfo>> {
+    Json(app.vms().iter().map(|v| v.info()).collect())
+}
+
+/// One VM.
+#[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody)))]
+pub async fn get_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<VmInfo>, ApiError> {
+    let Path(id) = id?;
+    Ok(Json(app.vm(&id)?.info()))
+}
+
+/// Destroy a VM (waits for an operation in progress on it, then tears it down in the background).
+#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id")),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete_vm(State(app): State<Arc<App>>, id: Id) -> Result<StatusCode, ApiError> {
+    let Path(id) = id?;
+    let entry = app.remove_vm(&id)?;
+    let service = Arc::clone(&app);
+    blocking(&app, move || {
+        if let Some(machine) = entry.lock_machine().take() {
+            destroy(&service, machine);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Freeze a VM into a template (the VM keeps running).
+#[utoipa::path(post, path = "/v1/vms/{id}/snapshot", tag = "vms", params(("id" = String, Path, description = "VM id")),
+    responses((status = 201, body = SnapshotCreated), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn snapshot_vm(State(app): State<Arc<App>>, id: Id) -> Result<(StatusCode, Json<SnapshotCreated>), ApiError> {
+    let Path(id) = id?;
+    let created = on_vm(&app, &id, move |app, entry, machine| {
+        let started = Instant::now();
+        let template = Template::freeze(app.engine.kvm(), machine.vm_mut())?;
+        let pause_us = started.elapsed().as_secs_f64() * 1e6;
+        let template_id = app.new_template_id();
+        let persisted = save_template(app, &template_id, &template)?;
+        let entry = app.add_template(TemplateEntry {
+            id: template_id,
+            template: Arc::new(template),
+            source_vm: Some(entry.id.clone()),
+            persisted,
+        });
+        Ok(SnapshotCreated {
+            template_id: entry.id.clone(),
+            memory_mib: entry.template.size() >> 20,
+            layers: entry.template.memory().depth(),
+            persisted,
+            pause_us,
+        })
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Live fork: freeze a running VM into a new template (a short pause) and clone it.
+#[utoipa::path(post, path = "/v1/vms/{id}/clones", tag = "vms", params(("id" = String, Path, description = "VM id")),
+    request_body = CloneRequest,
+    responses((status = 201, body = ClonesCreated), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
+pub async fn live_fork(
+    State(app): State<Arc<App>>,
+    id: Id,
+    body: Body<CloneRequest>,
+) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
+    let Path(id) = id?;
+    let Json(req) = body?;
+    let count = super::templates::check_count(&app, req.count)?;
+    let created = on_vm(&app, &id, move |app, entry, machine| {
+        let fork = app.engine.live_fork(machine.vm_mut(), count)?;
+        let template_id = app.new_template_id();
+        let persisted = save_template(app, &template_id, &fork.template)?;
+        let template = app.add_template(TemplateEntry {
+            id: template_id,
+            template: fork.template,
+            source_vm: Some(entry.id.clone()),
+            persisted,
+        });
+        let mut created = register_clones(app, &template, fork.batch)?;
+        created.pause_us = Some(fork.pause_us);
+        Ok(created)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Return a clone to its template's state in place.
+#[utoipa::path(post, path = "/v1/vms/{id}/reset", tag = "vms", params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, body = ResetDone), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn reset_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<ResetDone>, ApiError> {
+    let Path(id) = id?;
+    let done = on_vm(&app, &id, |app, entry, machine| match machine {
+        Machine::Booted(_) => Err(ApiError::conflict(
+            "not_a_clone",
+            format!("{} was booted, not cloned; only clones can be reset", entry.id),
+        )),
+        Machine::Clone(clone) => {
+            let report = app.engine.reset(clone)?;
+            entry.set_generation(report.generation);
+            Ok(ResetDone {
+                reset_us: report.reset_us,
+                pages_dropped: report.pages_dropped,
+                generation: report.generation,
+                steps: serde_json::to_value(report.steps).unwrap_or_default(),
+            })
+        }
+    })
+    .await?;
+    Ok(Json(done))
+}
+
+/// Write probe: the guest writes the pages, the host kernel reports what each went through.
+#[utoipa::path(post, path = "/v1/vms/{id}/probes/write", tag = "vms", params(("id" = String, Path, description = "VM id")),
+    request_body = ProbeRequest,
+    responses((status = 200, description = "per-page report", body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn probe_write(
+    State(app): State<Arc<App>>,
+    id: Id,
+    body: Body<ProbeRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
+    let Json(req) = body?;
+    let targets = match req {
+        ProbeRequest::List(list) => ProbeTargets::Addresses(list.gpas),
+        ProbeRequest::Range(r) => ProbeTargets::Stride {
+            start: r.start_gpa,
+            pages: r.pages,
+            stride: r.stride,
+        },
+    };
+    let report = on_vm(&app, &id, move |app, _, machine| {
+        let host = app
+            .host
+            .as_ref()
+            .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stats_unavailable", why.clone()))?;
+        let scratch = match &*machine {
+            Machine::Clone(clone) => app.engine.spawn(clone.template(), 1)?.clones.pop(),
+            Machine::Booted(_) => None,
+        };
+        let report = write_probe(machine.vm_mut(), &targets, host, scratch.as_ref().map(|c| c.vm()));
+        if let Some(scratch) = scratch {
+            app.engine.destroy(scratch);
+        }
+        Ok(serde_json::to_value(report?).unwrap_or_default())
+    })
+    .await?;
+    Ok(Json(report))
+}
+
+/// Sharing statistics of a VM, from the host kernel.
+#[utoipa::path(get, path = "/v1/vms/{id}/stats", tag = "vms", params(("id" = String, Path, description = "VM id")),
+    responses((status = 200, description = "pages, kpagecount histogram, smaps, KVM stats", body = Object), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn vm_stats(State(app): State<Arc<App>>, id: Id) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
+    let stats = on_vm(&app, &id, |app, entry, machine| {
+        let host = app
+            .host
+            .as_ref()
+            .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stats_unavailable", why.clone()))?;
+        let mut value = serde_json::to_value(vm_sharing(machine.vm(), host)?).unwrap_or_default();
+        value["id"] = entry.id.clone().into();
+        Ok(value)
+    })
+    .await?;
+    Ok(Json(stats))
+}
+
+/// Run a command in the built-in guest.
+#[utoipa::path(post, path = "/v1/vms/{id}/run", tag = "vms", params(("id" = String, Path, description = "VM id")),
+    request_body = RunCommand,
+    responses((status = 200, body = RunResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn run_command(
+    State(app): State<Arc<App>>,
+    id: Id,
+    body: Body<RunCommand>,
+) -> Result<Json<RunResult>, ApiError> {
+    let Path(id) = id?;
+    let Json(req) = body?;
+    let start = GuestAddress(req.start_gpa);
+    let command = match req.command.as_str() {
+        "exit" => GuestCommand::Exit,
+        "write" => GuestCommand::Write {
+            start,
+            count: req.count,
+            stride: req.stride,
+            value: req.value,
+        },
+        "checksum" => GuestCommand::Checksum {
+            start,
+            count: req.count,
+            stride: req.stride,
+        },
+        "identity" => GuestCommand::Identity,
+        "triple_fault" => GuestCommand::TripleFault,
+        "spin" => GuestCommand::Spin,
+        "halt" => GuestCommand::Halt,
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                format!("unknown command {shown:?}"),
+            ));
+        }
+    };
+    let result = on_vm(&app, &id, move |app, _, machine| {
+        let (out, took) = machine
+            .vm_mut()
+            .execute_timed(command, Some(app.limits.guest_deadline))?;
+        Ok(RunResult {
+            status: out.status,
+            result: out.result,
+            extra: out.extra,
+            run_us: took.as_secs_f64() * 1e6,
+        })
+    })
+    .await?;
+    Ok(Json(result))
+}

@@ -1,0 +1,662 @@
+//! The HTTP API over real HTTP on 127.0.0.1: the whole flow, every error class with its status
+//! and JSON body, the OpenAPI document, the token, a spinning guest, metrics.
+
+use std::time::Duration;
+
+use cowvm::client::{Answer, Client};
+use cowvm::server::{self, ApiDoc, Limits, RunningServer, ServerConfig};
+use serde_json::{json, Value};
+
+fn start(limits: Limits) -> (RunningServer, Client) {
+    let config = ServerConfig {
+        limits,
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    (server, client)
+}
+
+fn small() -> Limits {
+    Limits {
+        max_memory_mib: 512,
+        warm_shells: 2,
+        guest_deadline: Duration::from_millis(500),
+        ..Limits::default()
+    }
+}
+
+fn ok(client: &Client, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
+    let answer = client.request(method, path, body.as_ref()).expect("request");
+    assert_eq!(answer.status, status, "{method} {path}: {}", answer.body);
+    answer.body
+}
+
+fn expect_error(answer: Answer, status: u16, code: &str) {
+    assert_eq!(answer.status, status, "{}", answer.body);
+    assert_eq!(answer.body["error"]["code"], code, "{}", answer.body);
+    assert!(
+        answer.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        answer.body
+    );
+}
+
+/// Sends raw bytes with a content type.
+fn raw(server: &RunningServer, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Answer {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let url = format!("http://{}{path}", server.addr);
+    let request = match method {
+        "PUT" => agent.put(&url),
+        "PATCH" => agent.patch(&url),
+        _ => agent.post(&url),
+    };
+    let request = match content_type {
+        Some(ct) => request.header("content-type", ct),
+        None => request,
+    };
+    let mut response = request.send(body).expect("send");
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    Answer {
+        status,
+        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    }
+}
+
+#[test]
+fn test_the_whole_flow_over_http() {
+    let (server, c) = start(small());
+    let vm = ok(
+        &c,
+        "POST",
+        "/v1/vms",
+        Some(json!({"memory_mib": 64, "vcpus": 1, "warmup_mib": 8, "kernel": null})),
+        201,
+    );
+    let vm_id = vm["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        (vm["memory_mib"].as_u64(), vm["state"].as_str()),
+        (Some(64), Some("running"))
+    );
+    assert_eq!(ok(&c, "GET", "/v1/vms", None, 200).as_array().map(Vec::len), Some(1));
+    assert_eq!(ok(&c, "GET", &format!("/v1/vms/{vm_id}"), None, 200)["id"], vm_id);
+
+    let snap = ok(&c, "POST", &format!("/v1/vms/{vm_id}/snapshot"), None, 201);
+    let tpl = snap["template_id"].as_str().expect("template id").to_owned();
+    assert_eq!(ok(&c, "GET", "/v1/templates", None, 200)[0]["id"], tpl);
+
+    let made = ok(
+        &c,
+        "POST",
+        &format!("/v1/templates/{tpl}/clones"),
+        Some(json!({"count": 5})),
+        201,
+    );
+    let clones: Vec<String> = made["clones"]
+        .as_array()
+        .expect("clones")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(clones.len(), 5);
+    assert!(made["failed"].as_array().is_some_and(Vec::is_empty));
+    assert!(made["clones"][0]["spawn_us"].as_f64().is_some_and(|s| s > 0.0));
+
+    let fork = ok(
+        &c,
+        "POST",
+        &format!("/v1/vms/{vm_id}/clones"),
+        Some(json!({"count": 2})),
+        201,
+    );
+    assert!(fork["pause_us"].as_f64().is_some_and(|p| p > 0.0));
+    assert_ne!(fork["template_id"], tpl);
+    assert_eq!(fork["clones"].as_array().map(Vec::len), Some(2));
+
+    let first = &clones[0];
+    let run = ok(
+        &c,
+        "POST",
+        &format!("/v1/vms/{first}/run"),
+        Some(json!({"command": "checksum", "start_gpa": 8 << 20, "count": 10, "stride": 4096})),
+        200,
+    );
+    assert_eq!(run["status"], 0);
+    let probe = ok(
+        &c,
+        "POST",
+        &format!("/v1/vms/{first}/probes/write"),
+        Some(json!({"start_gpa": 8 << 20, "pages": 10, "stride": 4096})),
+        200,
+    );
+    assert_eq!(
+        (probe["written"].as_u64(), probe["became_private"].as_u64()),
+        (Some(10), Some(10))
+    );
+    assert!(probe["host_cow_us"]["p50"].as_f64().is_some_and(|v| v > 0.0));
+    let listed = ok(
+        &c,
+        "POST",
+        &format!("/v1/vms/{}/probes/write", clones[1]),
+        Some(json!({"gpas": [12 << 20, (12 << 20) + 8192]})),
+        200,
+    );
+    assert_eq!(listed["written"], 2);
+
+    let stats = ok(&c, "GET", &format!("/v1/vms/{first}/stats"), None, 200);
+    assert_eq!(stats["pages"]["total"], 64 * 256);
+    assert_eq!(stats["pages"]["private"], 10);
+    for key in ["present", "shared", "untouched"] {
+        assert!(stats["pages"][key].is_u64(), "{key}");
+    }
+    assert!(stats["kvm"]["vm"].is_object());
+    let tstats = ok(&c, "GET", &format!("/v1/templates/{tpl}/stats"), None, 200);
+    assert_eq!(tstats["clones"], 5);
+    assert_eq!(
+        tstats["histogram"]["4"], 12,
+        "10 + 2 probed pages are shared by 4 of 5 clones"
+    );
+    assert!(tstats["pages_shared_by_all"].is_u64() && tstats["saved_bytes"].is_u64());
+
+    let reset = ok(&c, "POST", &format!("/v1/vms/{first}/reset"), None, 200);
+    assert_eq!(reset["pages_dropped"], 10);
+    assert!(reset["reset_us"].as_f64().is_some_and(|v| v > 0.0));
+
+    expect_error(
+        c.request("DELETE", &format!("/v1/templates/{tpl}"), None).expect("req"),
+        409,
+        "template_in_use",
+    );
+    for id in &clones {
+        ok(&c, "DELETE", &format!("/v1/vms/{id}"), None, 204);
+    }
+    ok(&c, "DELETE", &format!("/v1/templates/{tpl}"), None, 204);
+    ok(&c, "DELETE", &format!("/v1/vms/{vm_id}"), None, 204);
+    expect_error(
+        c.request("GET", &format!("/v1/vms/{vm_id}"), None).expect("req"),
+        404,
+        "not_found",
+    );
+    server.stop().expect("stop");
+}
+
+#[test]
+fn test_every_error_class_has_its_status_and_a_json_body() {
+    let limits = Limits {
+        max_vms: 3,
+        max_clones_per_call: 10,
+        max_body_bytes: 1024,
+        ..small()
+    };
+    let (server, c) = start(limits);
+    let vm = ok(&c, "POST", "/v1/vms", Some(json!({"memory_mib": 16})), 201);
+    let id = vm["id"].as_str().expect("id").to_owned();
+
+    expect_error(
+        raw(
+            &server,
+            "POST",
+            "/v1/vms",
+            Some("application/json"),
+            b"{\"memory_mib\": 16",
+        ),
+        400,
+        "malformed_json",
+    );
+    expect_error(
+        raw(
+            &server,
+            "POST",
+            "/v1/vms",
+            Some("application/json"),
+            b"{\"memory_mib\": \"lots\"}",
+        ),
+        400,
+        "invalid_field",
+    );
+    expect_error(
+        raw(
+            &server,
+            "POST",
+            "/v1/vms",
+            Some("application/json"),
+            b"{\"memory_mb\": 16}",
+        ),
+        400,
+        "invalid_field",
+    );
+    expect_error(
+        raw(
+            &server,
+            "POST",
+            "/v1/vms",
+            Some("application/json"),
+            b"{\"memory_mib\": -5}",
+        ),
+        400,
+        "invalid_field",
+    );
+    expect_error(
+        raw(
+            &server,
+            "POST",
+            "/v1/vms",
+            Some("application/json"),
+            b"{\"memory_mib\": 1.5}",
+        ),
+        400,
+        "invalid_field",
+    );
+    expect_error(
+        raw(&server, "POST", "/v1/vms", Some("text/plain"), b"{}"),
+        415,
+        "unsupported_media_type",
+    );
+    expect_error(
+        raw(&server, "POST", "/v1/vms", None, b"{}"),
+        415,
+        "unsupported_media_type",
+    );
+    let huge = format!("{{\"memory_mib\": 16, \"kernel\": \"{}\"}}", "x".repeat(4096));
+    expect_error(
+        raw(&server, "POST", "/v1/vms", Some("application/json"), huge.as_bytes()),
+        413,
+        "body_too_large",
+    );
+    expect_error(c.request("GET", "/v1/vms/vm-999", None).expect("req"), 404, "not_found");
+    expect_error(
+        c.request("GET", &format!("/v1/vms/{}", "é".repeat(300)), None)
+            .expect("req"),
+        404,
+        "not_found",
+    );
+    expect_error(
+        c.request("GET", "/v1/templates/..%2F..%2Fetc%2Fpasswd", None)
+            .expect("req"),
+        404,
+        "not_found",
+    );
+    expect_error(
+        c.request("GET", "/v1/nothing-here", None).expect("req"),
+        404,
+        "route_not_found",
+    );
+    expect_error(
+        c.request("DELETE", "/v1/templates", None).expect("req"),
+        405,
+        "method_not_allowed",
+    );
+    expect_error(
+        raw(&server, "PUT", "/v1/vms", Some("application/json"), b"{}"),
+        405,
+        "method_not_allowed",
+    );
+    expect_error(
+        c.request("POST", "/v1/vms", Some(&json!({"memory_mib": 100000})))
+            .expect("req"),
+        422,
+        "memory_out_of_range",
+    );
+    expect_error(
+        c.request("POST", "/v1/vms", Some(&json!({"memory_mib": 2})))
+            .expect("req"),
+        422,
+        "memory_out_of_range",
+    );
+    expect_error(
+        c.request("POST", "/v1/vms", Some(&json!({"memory_mib": 16, "vcpus": 4})))
+            .expect("req"),
+        422,
+        "vcpus_out_of_range",
+    );
+    expect_error(
+        c.request(
+            "POST",
+            "/v1/vms",
+            Some(&json!({"memory_mib": 16, "kernel": "../../bin/sh"})),
+        )
+        .expect("req"),
+        422,
+        "kernels_disabled",
+    );
+    let outside = json!({"start_gpa": 64u64 << 20, "pages": 1, "stride": 4096});
+    expect_error(
+        c.request("POST", &format!("/v1/vms/{id}/probes/write"), Some(&outside))
+            .expect("req"),
+        422,
+        "address_out_of_range",
+    );
+    let tables = json!({"gpas": [0x9000]});
+    expect_error(
+        c.request("POST", &format!("/v1/vms/{id}/probes/write"), Some(&tables))
+            .expect("req"),
+        422,
+        "address_out_of_range",
+    );
+    expect_error(
+        c.request(
+            "POST",
+            &format!("/v1/vms/{id}/run"),
+            Some(&json!({"command": "explode"})),
+        )
+        .expect("req"),
+        400,
+        "invalid_field",
+    );
+    expect_error(
+        c.request("POST", &format!("/v1/vms/{id}/reset"), None).expect("req"),
+        409,
+        "not_a_clone",
+    );
+
+    let tpl = ok(&c, "POST", &format!("/v1/vms/{id}/snapshot"), None, 201)["template_id"]
+        .as_str()
+        .expect("tpl")
+        .to_owned();
+    for count in [json!(0), json!(11), json!(1u64 << 40)] {
+        expect_error(
+            c.request(
+                "POST",
+                &format!("/v1/templates/{tpl}/clones"),
+                Some(&json!({"count": count})),
+            )
+            .expect("req"),
+            422,
+            "count_out_of_range",
+        );
+    }
+    ok(
+        &c,
+        "POST",
+        &format!("/v1/templates/{tpl}/clones"),
+        Some(json!({"count": 2})),
+        201,
+    );
+    expect_error(
+        c.request(
+            "POST",
+            &format!("/v1/templates/{tpl}/clones"),
+            Some(&json!({"count": 1})),
+        )
+        .expect("req"),
+        429,
+        "too_many_vms",
+    );
+    expect_error(
+        c.request("POST", "/v1/vms", Some(&json!({"memory_mib": 16})))
+            .expect("req"),
+        429,
+        "too_many_vms",
+    );
+
+    let metrics = c.request("GET", "/metrics", None).expect("metrics");
+    let text = metrics.body.as_str().expect("text").to_owned();
+    assert!(
+        text.contains("cowvm_vms{kind=\"clone\"} 2") && text.contains("cowvm_http_responses_total{class=\"4xx\"}"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("class=\"5xx\"} 1"),
+        "no bad input was answered with a 5xx: {text}"
+    );
+    assert_eq!(ok(&c, "GET", "/healthz", None, 200)["status"], "ok");
+    server.stop().expect("stop");
+}
+
+#[test]
+fn test_openapi_document_lists_every_endpoint() {
+    let (server, c) = start(small());
+    let doc = ok(&c, "GET", "/openapi.json", None, 200);
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    let expected = [
+        ("/v1/vms", "post"),
+        ("/v1/vms", "get"),
+        ("/v1/vms/{id}", "get"),
+        ("/v1/vms/{id}", "delete"),
+        ("/v1/vms/{id}/snapshot", "post"),
+        ("/v1/vms/{id}/clones", "post"),
+        ("/v1/vms/{id}/reset", "post"),
+        ("/v1/vms/{id}/probes/write", "post"),
+        ("/v1/vms/{id}/stats", "get"),
+        ("/v1/vms/{id}/run", "post"),
+        ("/v1/templates", "get"),
+        ("/v1/templates/{id}", "get"),
+        ("/v1/templates/{id}", "delete"),
+        ("/v1/templates/{id}/clones", "post"),
+        ("/v1/templates/{id}/stats", "get"),
+        ("/v1/templates/{id}/warm", "post"),
+        ("/openapi.json", "get"),
+        ("/metrics", "get"),
+        ("/healthz", "get"),
+    ];
+    for (path, method) in expected {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing from /openapi.json"
+        );
+    }
+    let documented: usize = doc["paths"]
+        .as_object()
+        .expect("paths")
+        .values()
+        .map(|p| p.as_object().map_or(0, |m| m.len()))
+        .sum();
+    assert_eq!(
+        documented,
+        expected.len(),
+        "no undocumented extras and no missing endpoint"
+    );
+    use utoipa::OpenApi;
+    assert_eq!(serde_json::to_value(ApiDoc::openapi()).expect("doc"), doc);
+    server.stop().expect("stop");
+}
+
+#[test]
+fn test_token_is_required_off_loopback_and_checked_when_set() {
+    let open = ServerConfig {
+        listen: "0.0.0.0:0".parse().expect("addr"),
+        ..ServerConfig::local(0)
+    };
+    let refused = server::start(open).err().expect("refused without a token");
+    assert!(refused.to_string().contains("without a bearer token"), "{refused}");
+
+    let config = ServerConfig {
+        listen: "0.0.0.0:0".parse().expect("addr"),
+        token: Some("s3cret-token".into()),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("starts with a token");
+    let url = format!("http://127.0.0.1:{}", server.addr.port());
+    expect_error(
+        Client::new(&url, None).request("GET", "/healthz", None).expect("req"),
+        401,
+        "unauthorized",
+    );
+    expect_error(
+        Client::new(&url, Some("wrong".into()))
+            .request("GET", "/v1/vms", None)
+            .expect("req"),
+        401,
+        "unauthorized",
+    );
+    let good = Client::new(&url, Some("s3cret-token".into()));
+    assert_eq!(good.request("GET", "/v1/vms", None).expect("req").status, 200);
+    server.stop().expect("stop");
+}
+
+#[test]
+fn test_a_spinning_guest_is_stopped_and_the_server_keeps_answering() {
+    let (server, c) = start(small());
+    let a = ok(&c, "POST", "/v1/vms", Some(json!({"memory_mib": 16})), 201)["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let b = ok(&c, "POST", "/v1/vms", Some(json!({"memory_mib": 16})), 201)["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let started = std::time::Instant::now();
+    expect_error(
+        c.request("POST", &format!("/v1/vms/{a}/run"), Some(&json!({"command": "spin"})))
+            .expect("req"),
+        409,
+        "vm_failed",
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "stopped at its deadline");
+    let info = ok(&c, "GET", &format!("/v1/vms/{a}"), None, 200);
+    assert_eq!(info["state"], "failed");
+    assert!(
+        info["failure"].as_str().is_some_and(|f| f.contains("still running")),
+        "{info}"
+    );
+    expect_error(
+        c.request("POST", &format!("/v1/vms/{a}/run"), Some(&json!({"command": "exit"})))
+            .expect("req"),
+        409,
+        "vm_failed",
+    );
+    assert_eq!(
+        ok(
+            &c,
+            "POST",
+            &format!("/v1/vms/{b}/run"),
+            Some(json!({"command": "exit"})),
+            200
+        )["status"],
+        0
+    );
+    expect_error(
+        c.request(
+            "POST",
+            &format!("/v1/vms/{b}/run"),
+            Some(&json!({"command": "triple_fault"})),
+        )
+        .expect("req"),
+        409,
+        "vm_failed",
+    );
+    assert!(ok(&c, "GET", &format!("/v1/vms/{b}"), None, 200)["failure"]
+        .as_str()
+        .is_some_and(|f| f.contains("triple fault")));
+    assert_eq!(ok(&c, "GET", "/healthz", None, 200)["vms"], 2);
+    ok(&c, "DELETE", &format!("/v1/vms/{a}"), None, 204);
+    ok(&c, "DELETE", &format!("/v1/vms/{b}"), None, 204);
+    server.stop().expect("stop");
+}
+
+#[test]
+fn test_restart_with_the_same_state_dir_keeps_templates_and_their_clones_share_pages() {
+    let dir = std::env::temp_dir().join(format!("cowvm-http-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = ServerConfig {
+        state_dir: Some(dir.clone()),
+        limits: small(),
+        ..ServerConfig::local(0)
+    };
+    let (tpl, page) = {
+        let server = server::start(config.clone()).expect("first server");
+        let c = Client::new(&format!("http://{}", server.addr), None);
+        let vm = ok(
+            &c,
+            "POST",
+            "/v1/vms",
+            Some(json!({"memory_mib": 32, "warmup_mib": 4})),
+            201,
+        )["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        let snap = ok(&c, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201);
+        assert_eq!(snap["persisted"], true);
+        server.stop().expect("stop");
+        (snap["template_id"].as_str().expect("tpl").to_owned(), 8u64 << 20)
+    };
+    std::fs::write(dir.join("tpl-99.state"), b"COWVMTPL garbage that is not a template").expect("write a damaged file");
+
+    let server = server::start(config).expect("second server");
+    assert_eq!(server.refused_templates.len(), 1, "{:?}", server.refused_templates);
+    assert_eq!(
+        std::fs::read(dir.join("tpl-99.state")).expect("read"),
+        b"COWVMTPL garbage that is not a template",
+        "left as it is"
+    );
+    let c = Client::new(&format!("http://{}", server.addr), None);
+    let templates = ok(&c, "GET", "/v1/templates", None, 200);
+    assert_eq!(templates[0]["id"], tpl);
+    assert_eq!(templates[0]["persisted"], true);
+    let made = ok(
+        &c,
+        "POST",
+        &format!("/v1/templates/{tpl}/clones"),
+        Some(json!({"count": 2})),
+        201,
+    );
+    for clone in made["clones"].as_array().expect("clones") {
+        let id = clone["id"].as_str().expect("id");
+        let sum = ok(
+            &c,
+            "POST",
+            &format!("/v1/vms/{id}/run"),
+            Some(json!({"command": "checksum", "start_gpa": page, "count": 16, "stride": 4096})),
+            200,
+        );
+        assert_ne!(sum["result"], 0, "the warm-up data came back");
+    }
+    let id = made["clones"][0]["id"].as_str().expect("id");
+    let stats = ok(&c, "GET", &format!("/v1/vms/{id}/stats"), None, 200);
+    let shared_by_both = stats["kpagecount_histogram"]
+        .as_object()
+        .expect("histogram")
+        .iter()
+        .filter(|(k, _)| k.parse::<u64>().unwrap_or(0) >= 2)
+        .count();
+    assert!(
+        shared_by_both > 0,
+        "the two clones map the same reloaded frames: {}",
+        stats["kpagecount_histogram"]
+    );
+    assert_eq!(stats["pages"]["private"], 0);
+    server.stop().expect("stop");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn test_docs_api_md_documents_every_openapi_endpoint() {
+    use utoipa::OpenApi;
+    let doc = serde_json::to_value(ApiDoc::openapi()).expect("doc");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md")).expect("docs/api.md");
+    for (path, methods) in doc["paths"].as_object().expect("paths") {
+        for method in methods.as_object().expect("methods").keys() {
+            let method = method.to_uppercase();
+            let documented = text
+                .lines()
+                .any(|l| l.starts_with("### ") && l.contains(&method) && l.contains(&format!("{path}`")));
+            assert!(documented, "docs/api.md has no heading for {method} {path}");
+            let (before, after) = path.split_once("{id}").unwrap_or((path.as_str(), ""));
+            let example = text
+                .lines()
+                .filter(|l| l.contains("curl") && l.contains(&format!("localhost:8080{before}")))
+                .any(|l| {
+                    let rest = &l[l.find(before).unwrap_or(0) + before.len()..];
+                    let rest = rest.split_whitespace().next().unwrap_or("");
+                    match (path.contains("{id}"), after) {
+                        (false, _) => rest.is_empty() || rest.starts_with(['\'', '"', '#']),
+                        (true, "") => rest.starts_with("vm-") || rest.starts_with("tpl-") && !rest.contains('/'),
+                        (true, after) => rest.contains(after),
+                    }
+                });
+            let needs_method = method != "GET";
+            let with_method = text.lines().any(|l| {
+                l.contains("curl")
+                    && (!needs_method || l.contains(&format!("-X {method}")))
+                    && l.contains(before)
+                    && l.contains(after)
+            });
+            assert!(
+                example && with_method,
+                "docs/api.md has no curl example for {method} {path}"
+            );
+        }
+    }
+}
