@@ -198,6 +198,26 @@ pub enum VmCommand {
         /// VM id.
         id: String,
     },
+    /// Run a command in the built-in guest.
+    Run {
+        /// VM id.
+        id: String,
+        /// exit, write, checksum, identity, triple_fault, spin or halt.
+        #[arg(long, default_value = "exit")]
+        command: String,
+        /// First guest address (write, checksum).
+        #[arg(long, value_parser = parse_address, default_value = "0")]
+        start_gpa: u64,
+        /// Qwords to touch.
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Bytes between them.
+        #[arg(long, default_value_t = 8)]
+        stride: u64,
+        /// Value stored (write).
+        #[arg(long, default_value_t = 0)]
+        value: u64,
+    },
 }
 
 fn vm_table(vms: &[Value]) {
@@ -252,6 +272,29 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
                 if !conn.json {
                     println!("removed {id}");
                 }
+            }
+        }
+        VmCommand::Run {
+            id,
+            command,
+            start_gpa,
+            count,
+            stride,
+            value,
+        } => {
+            let body =
+                json!({"command": command, "start_gpa": start_gpa, "count": count, "stride": stride, "value": value});
+            let out = client.call("POST", &format!("/v1/vms/{id}/run"), Some(&body))?;
+            if conn.json {
+                print_json(&out)
+            } else {
+                println!(
+                    "{id}: {command} → status {}, result {:#x}, extra {:#x} ({:.1} µs)",
+                    out["status"],
+                    out["result"].as_u64().unwrap_or(0),
+                    out["extra"].as_u64().unwrap_or(0),
+                    num(&out["run_us"])
+                );
             }
         }
         VmCommand::Reset { id } => {
@@ -471,6 +514,17 @@ pub enum TemplateCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Keep warm shells ready for a template (built in the background).
+    Warm {
+        /// Template id.
+        id: String,
+        /// Shells to keep ready (0 stops building).
+        #[arg(long)]
+        shells: u64,
+        /// Wait until they are all ready.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 /// Runs `cowvm template …`.
@@ -498,6 +552,31 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
                     text(&t["source_vm"]),
                     t["persisted"]
                 );
+            }
+        }
+        TemplateCommand::Warm { id, shells, wait } => {
+            let status = client.call(
+                "POST",
+                &format!("/v1/templates/{id}/warm"),
+                Some(&json!({"shells": shells})),
+            )?;
+            let started = std::time::Instant::now();
+            let mut ready = status["warm_shells"].as_u64().unwrap_or(0);
+            while *wait && ready < *shells {
+                if started.elapsed() > Duration::from_secs(600) {
+                    return Err(CliError::Usage(format!(
+                        "only {ready} of {shells} shells were ready after 600 s"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                ready = client.call("GET", &format!("/v1/templates/{id}"), None)?["warm_shells"]
+                    .as_u64()
+                    .unwrap_or(0);
+            }
+            if conn.json {
+                print_json(&json!({"template_id": id, "target": shells, "warm_shells": ready}));
+            } else {
+                println!("{id}: {ready} of {shells} warm shells ready");
             }
         }
         TemplateCommand::Rm { ids } => {

@@ -23,9 +23,9 @@ enum Command {
     Serve(ServeArgs),
     /// Boot a guest directly (no server), run a self-check command and report how it went.
     Run(run::RunArgs),
-    /// Run a benchmark; prints medians and percentiles and writes JSON.
-    #[command(subcommand)]
-    Bench(bench::Bench),
+    /// Run a benchmark (or, with --out DIR, all of them); prints medians and percentiles,
+    /// writes JSON and SVG plots.
+    Bench(bench::BenchArgs),
     /// Manage VMs on a server.
     Vm {
         #[command(flatten)]

@@ -1,4 +1,5 @@
-//! `cowvm bench spawn` runs end to end (small sizes) and writes the JSON keys it promises.
+//! `cowvm bench` end to end at small sizes: `bench spawn` writes the JSON keys it promises, and
+//! the whole suite (`--quick --out DIR`) writes every result and plot.
 
 use std::process::Command;
 
@@ -51,4 +52,48 @@ fn test_bench_spawn_writes_every_promised_key() {
     assert!(number(&r["reset_us"]["dirty_1000"]) > 0.0);
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(summary.contains("spawn (request → first guest exit)"), "{summary}");
+}
+
+#[test]
+fn test_bench_suite_writes_every_result_and_plot() {
+    let dir = std::env::temp_dir().join(format!("cowvm-bench-suite-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+        .args(["bench", "--quick", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("run cowvm bench");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    for name in [
+        "spawn-cdf.svg",
+        "spawn-vs-size.svg",
+        "spawn-vs-live-clones.svg",
+        "memory-vs-live-clones.svg",
+        "cow-fault.svg",
+        "cow-vs-live-clones.svg",
+        "sharing-histogram.svg",
+        "memory-saved.svg",
+        "ci-loop.svg",
+    ] {
+        let svg = std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            svg.starts_with("<svg") && (svg.contains("<line") || svg.contains("<rect")),
+            "{name} is not a drawn SVG"
+        );
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).expect("summary")).expect("JSON");
+    let sharing = &summary["sharing"]["rows"];
+    assert_eq!(
+        sharing[0]["histogram"]["10"], 65536,
+        "nothing written: every page shared by all 10 clones"
+    );
+    assert_eq!(
+        sharing[2]["histogram"]["9"], 64512,
+        "10 %: every page above 4 MiB copied by exactly one of 10 clones"
+    );
+    assert!(summary["ci_loop"]["rows"][1]["iterations"]
+        .as_u64()
+        .is_some_and(|n| n > 0));
+    std::fs::remove_dir_all(&dir).ok();
 }

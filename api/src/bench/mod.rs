@@ -1,13 +1,16 @@
 //! `cowvm bench`: reproducible benchmarks that print medians and percentiles and write JSON.
 
+mod plot;
 mod probe;
 mod spawn;
 mod stats;
+mod sweeps;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::{GuestCommand, Kvm, Template, Vm, VmConfig};
 use vm_memory::GuestAddress;
@@ -43,6 +46,20 @@ pub(crate) fn write_json(path: &std::path::Path, value: &serde_json::Value) -> R
         what: "write JSON results",
         source,
     })
+}
+
+/// `cowvm bench`: one benchmark by name, or (with `--out`) the whole suite.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A single benchmark; without one, the whole suite runs (needs `--out`).
+    #[command(subcommand)]
+    pub which: Option<Bench>,
+    /// Directory for every result (JSON) and plot (SVG) of the whole suite.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Smaller counts everywhere (a smoke run of the suite, a few seconds).
+    #[arg(long)]
+    pub quick: bool,
 }
 
 /// The benchmarks.
@@ -86,10 +103,139 @@ pub enum BenchError {
     Setup(String),
 }
 
-/// Runs one benchmark.
-pub fn run(bench: &Bench) -> Result<(), BenchError> {
-    match bench {
-        Bench::Spawn(args) => spawn::run(args),
-        Bench::Probe(args) => probe::run(args),
+/// Runs one benchmark, or the suite.
+pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
+    match (&args.which, &args.out) {
+        (Some(Bench::Spawn(a)), _) => spawn::run(a),
+        (Some(Bench::Probe(a)), _) => probe::run(a),
+        (None, Some(out)) => suite(out, args.quick),
+        (None, None) => Err(BenchError::Setup(
+            "name a benchmark (spawn, probe) or give --out DIR to run them all".into(),
+        )),
     }
+}
+
+/// Runs every benchmark and sweep, writing JSON and SVG plots into `out`.
+fn suite(out: &Path, quick: bool) -> Result<(), BenchError> {
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(out).map_err(|source| BenchError::Io {
+        what: "create the output directory",
+        source,
+    })?;
+    let fd_limit = cowvm_vmm::host::raise_fd_limit().map_err(|source| BenchError::Io {
+        what: "raise RLIMIT_NOFILE",
+        source,
+    })?;
+    fn choose<T>(quick: bool, full: T, small: T) -> T {
+        if quick {
+            small
+        } else {
+            full
+        }
+    }
+    macro_rules! pick {
+        ($full:expr, $small:expr) => {
+            choose(quick, $full, $small)
+        };
+    }
+    let steps = 6;
+    let step = |n: usize, what: &str| {
+        eprintln!(
+            "[bench {n}/{steps}] {what} ({:.0} s so far)",
+            started.elapsed().as_secs_f64()
+        )
+    };
+
+    step(1, "spawn: latency, throughput, memory, reset, live fork, baselines");
+    let spawn_args = spawn::SpawnArgs {
+        memory_mib: 256,
+        clones: pick!(1000, 50),
+        samples: pick!(100, 5),
+        json: None,
+    };
+    let (spawn_results, samples) = spawn::measure(&spawn_args)?;
+    spawn::print_summary(&spawn_results);
+    write_json(&out.join("spawn.json"), &spawn_results)?;
+    plot::cdf(
+        &out.join("spawn-cdf.svg"),
+        "Spawn latency CDF (256 MiB guest)",
+        "request → first guest exit (µs, log)",
+        &[
+            ("cowvm clone", &samples.clones),
+            ("fresh VM", &samples.fresh),
+            ("memcpy clone", &samples.memcpy),
+            ("fork()", &samples.fork),
+        ],
+    )?;
+
+    step(2, "probe: copy-on-write fault costs and sharing scans");
+    let probe_args = probe::ProbeArgs {
+        memory_mib: 256,
+        pages: pick!(1000, 50),
+        present_pages: pick!(16384, 1024),
+        scans: pick!(20, 3),
+        json: None,
+    };
+    let probe_results = probe::measure(&probe_args)?;
+    probe::print_summary(&probe_results);
+    write_json(&out.join("probe.json"), &probe_results)?;
+    let p50 = |v: &serde_json::Value| v["p50"].as_f64().unwrap_or(0.0);
+    plot::bars(
+        &out.join("cow-fault.svg"),
+        "Copy-on-write fault, p50 (µs)",
+        "µs per page",
+        &[
+            ("guest write".into(), p50(&probe_results["guest_cow_us"])),
+            ("host-only write".into(), p50(&probe_results["host_cow_us"])),
+            (
+                "guest read then write".into(),
+                p50(&probe_results["read_then_write_us"]),
+            ),
+        ],
+    )?;
+
+    let kvm = Arc::new(Kvm::open()?);
+    let engine = Arc::new(cowvm_vmm::CloneEngine::new(
+        Arc::clone(&kvm),
+        cowvm_vmm::EngineConfig {
+            max_clones_per_call: 5000,
+            ..Default::default()
+        },
+    )?);
+    let host = Arc::new(cowvm_vmm::stats::HostView::open()?);
+    step(3, "spawn vs guest RAM size");
+    let sizes = sweeps::sizes(
+        &engine,
+        pick!(&[64, 256, 1024, 4096][..], &[64, 256][..]),
+        pick!(100, 5),
+        out,
+    )?;
+    write_json(&out.join("sizes.json"), &sizes)?;
+    step(4, "spawn, memory and COW cost vs live clones");
+    let max_live = ((fd_limit.saturating_sub(1000)) / 2) as usize;
+    let counts: Vec<usize> = pick!(&[1usize, 10, 100, 1000, 2000][..], &[1usize, 10][..])
+        .iter()
+        .copied()
+        .filter(|&n| n <= max_live)
+        .collect();
+    let live = sweeps::live_clones(&engine, &host, &counts, pick!(50, 5), out)?;
+    write_json(&out.join("live-clones.json"), &live)?;
+    step(5, "template sharing after clones write 0 %, 1 % and 10 %");
+    let sharing = sweeps::sharing(&engine, pick!(100, 10), out)?;
+    write_json(&out.join("sharing.json"), &sharing)?;
+    step(6, "CI-like loop with 1 and 2 workers");
+    let ci = sweeps::ci_loop(&engine, &host, pick!(10.0, 1.0), out)?;
+    write_json(&out.join("ci-loop.json"), &ci)?;
+
+    let summary = serde_json::json!({
+        "spawn": spawn_results, "probe": probe_results, "sizes": sizes, "live_clones": live, "sharing": sharing, "ci_loop": ci,
+        "seconds": started.elapsed().as_secs_f64(), "quick": quick,
+    });
+    write_json(&out.join("summary.json"), &summary)?;
+    eprintln!(
+        "[bench] done in {:.0} s; results and plots in {}",
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    Ok(())
 }

@@ -17,29 +17,39 @@ use super::stats::Percentiles;
 use super::{make_template, write_json, BenchError, DEADLINE};
 
 /// Arguments of `cowvm bench probe`.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ProbeArgs {
     /// Guest RAM of the template, in MiB.
     #[arg(long, default_value_t = 256)]
-    memory_mib: u64,
+    pub memory_mib: u64,
     /// Pages written for each fault-cost figure.
     #[arg(long, default_value_t = 1000)]
-    pages: u64,
+    pub pages: u64,
     /// Pages the guest reads before the sharing scans are timed.
     #[arg(long, default_value_t = 16384)]
-    present_pages: u64,
+    pub present_pages: u64,
     /// Sharing scans timed.
     #[arg(long, default_value_t = 20)]
-    scans: usize,
+    pub scans: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
 }
 
 const MIB: u64 = 1 << 20;
 
-/// Runs the benchmark.
+/// Runs the benchmark: prints the summary and writes `--json`.
 pub fn run(args: &ProbeArgs) -> Result<(), BenchError> {
+    let results = measure(args)?;
+    print_summary(&results);
+    if let Some(path) = &args.json {
+        write_json(path, &results)?;
+    }
+    Ok(())
+}
+
+/// Measures everything; returns the JSON results.
+pub fn measure(args: &ProbeArgs) -> Result<serde_json::Value, BenchError> {
     let kvm = Arc::new(Kvm::open()?);
     let engine = CloneEngine::new(Arc::clone(&kvm), EngineConfig::default())?;
     let host = HostView::open()?;
@@ -116,11 +126,7 @@ pub fn run(args: &ProbeArgs) -> Result<(), BenchError> {
         "scan_ms": { "p50": Percentiles::of(&scans).p50, "p99": Percentiles::of(&scans).p99, "present_pages": present_pages },
         "check": check,
     });
-    print_summary(&results);
-    if let Some(path) = &args.json {
-        write_json(path, &results)?;
-    }
-    Ok(())
+    Ok(results)
 }
 
 /// Three clones read 10 pages; the guest of the first writes them. Counts, from the kernel,
@@ -171,7 +177,8 @@ fn self_check(
     }))
 }
 
-fn print_summary(r: &serde_json::Value) {
+/// Prints the human summary.
+pub fn print_summary(r: &serde_json::Value) {
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     println!(
         "cowvm bench probe: {} MiB template, {} pages per figure",

@@ -19,20 +19,20 @@ use super::stats::Percentiles;
 use super::{make_template, write_json, BenchError, DEADLINE};
 
 /// Arguments of `cowvm bench spawn`.
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct SpawnArgs {
     /// Guest RAM of the main template, in MiB.
     #[arg(long, default_value_t = 256)]
-    memory_mib: u64,
+    pub memory_mib: u64,
     /// Clones made in the main batch (and kept alive for the "with N live" figure).
     #[arg(long, default_value_t = 1000)]
-    clones: usize,
+    pub clones: usize,
     /// Samples for each secondary figure (baselines, other sizes, reset, spawn with N live).
     #[arg(long, default_value_t = 100)]
-    samples: usize,
+    pub samples: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
 }
 
 const POOL_FILL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -41,7 +41,7 @@ fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-fn fill_pool(engine: &CloneEngine, template: &Arc<Template>, shells: usize) -> Result<Duration, BenchError> {
+pub(super) fn fill_pool(engine: &CloneEngine, template: &Arc<Template>, shells: usize) -> Result<Duration, BenchError> {
     let started = Instant::now();
     engine.keep_warm(template, shells);
     let filled = engine.wait_for_shells(template, shells, POOL_FILL_TIMEOUT);
@@ -55,7 +55,11 @@ fn fill_pool(engine: &CloneEngine, template: &Arc<Template>, shells: usize) -> R
     Ok(started.elapsed())
 }
 
-fn spawn_all(engine: &CloneEngine, template: &Arc<Template>, count: usize) -> Result<Vec<Clone>, BenchError> {
+pub(super) fn spawn_all(
+    engine: &CloneEngine,
+    template: &Arc<Template>,
+    count: usize,
+) -> Result<Vec<Clone>, BenchError> {
     let batch = engine.spawn(template, count)?;
     if let Some(failure) = batch.failed.first() {
         return Err(BenchError::Setup(format!(
@@ -66,7 +70,7 @@ fn spawn_all(engine: &CloneEngine, template: &Arc<Template>, count: usize) -> Re
     Ok(batch.clones)
 }
 
-fn destroy_all(engine: &CloneEngine, clones: Vec<Clone>) {
+pub(super) fn destroy_all(engine: &CloneEngine, clones: Vec<Clone>) {
     for clone in clones {
         engine.destroy(clone);
     }
@@ -102,11 +106,7 @@ fn spawn_at_size(engine: &CloneEngine, memory_mib: u64, samples: usize) -> Resul
 }
 
 /// Baseline (a): a fresh VM per clone, built on the request path (no warm shells).
-fn fresh_vm_baseline(
-    engine: &CloneEngine,
-    template: &Arc<Template>,
-    samples: usize,
-) -> Result<Percentiles, BenchError> {
+fn fresh_vm_baseline(engine: &CloneEngine, template: &Arc<Template>, samples: usize) -> Result<Vec<f64>, BenchError> {
     engine.retire(template);
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
@@ -114,11 +114,11 @@ fn fresh_vm_baseline(
         times.extend(clones.iter().filter(|c| !c.pooled()).map(Clone::spawn_us));
         destroy_all(engine, clones);
     }
-    Ok(Percentiles::of(&times))
+    Ok(times)
 }
 
 /// Baseline (b): copy the whole template RAM into fresh anonymous memory.
-fn memcpy_baseline(template: &Template, samples: usize) -> Result<Percentiles, BenchError> {
+fn memcpy_baseline(template: &Template, samples: usize) -> Result<Vec<f64>, BenchError> {
     use std::os::fd::AsFd;
     let io = |what| move |source| BenchError::Io { what, source };
     let fd = template
@@ -136,11 +136,11 @@ fn memcpy_baseline(template: &Template, samples: usize) -> Result<Percentiles, B
         times.push(micros(started.elapsed()));
         drop(copy);
     }
-    Ok(Percentiles::of(&times))
+    Ok(times)
 }
 
 /// Baseline (c): `fork()` of a process holding the same amount of RAM, present and private.
-fn fork_baseline(memory_mib: u64, samples: usize) -> Result<Percentiles, BenchError> {
+fn fork_baseline(memory_mib: u64, samples: usize) -> Result<Vec<f64>, BenchError> {
     let ram = vec![1u8; (memory_mib << 20) as usize];
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
@@ -148,7 +148,7 @@ fn fork_baseline(memory_mib: u64, samples: usize) -> Result<Percentiles, BenchEr
         times.push(micros(took));
     }
     drop(std::hint::black_box(ram));
-    Ok(Percentiles::of(&times))
+    Ok(times)
 }
 
 /// Reset times of one clone: clean, and after its guest wrote `dirty` pages (contiguous), with
@@ -240,8 +240,30 @@ impl MemoryPerClone {
     }
 }
 
-/// Runs the benchmark.
+/// Raw spawn times of one run, for plots.
+pub struct SpawnSamples {
+    /// cowvm clones (the main batch).
+    pub clones: Vec<f64>,
+    /// Fresh VMs built on the request path.
+    pub fresh: Vec<f64>,
+    /// memcpy of the RAM.
+    pub memcpy: Vec<f64>,
+    /// fork() of a process holding the RAM.
+    pub fork: Vec<f64>,
+}
+
+/// Runs the benchmark: prints the summary and writes `--json`.
 pub fn run(args: &SpawnArgs) -> Result<(), BenchError> {
+    let (results, _) = measure(args)?;
+    print_summary(&results);
+    if let Some(path) = &args.json {
+        write_json(path, &results)?;
+    }
+    Ok(())
+}
+
+/// Measures everything; returns the JSON results and the raw samples.
+pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), BenchError> {
     let io = |what| move |source| BenchError::Io { what, source };
     let fd_limit = cowvm_vmm::host::raise_fd_limit().map_err(io("raise RLIMIT_NOFILE"))?;
     let kvm = Arc::new(Kvm::open()?);
@@ -257,10 +279,13 @@ pub fn run(args: &SpawnArgs) -> Result<(), BenchError> {
 
     progress("baselines: memcpy of the RAM and fork() of a process holding it");
     let template = make_template(&kvm, args.memory_mib)?;
-    let memcpy = memcpy_baseline(&template, samples.min(10))?;
-    let fork = fork_baseline(args.memory_mib, samples.min(50))?;
+    let memcpy_samples = memcpy_baseline(&template, samples.min(10))?;
+    let memcpy = Percentiles::of(&memcpy_samples);
+    let fork_samples = fork_baseline(args.memory_mib, samples.min(50))?;
+    let fork = Percentiles::of(&fork_samples);
     progress("baseline: fresh VM per clone, built on the request path");
-    let fresh = fresh_vm_baseline(&engine, &template, samples)?;
+    let fresh_samples = fresh_vm_baseline(&engine, &template, samples)?;
+    let fresh = Percentiles::of(&fresh_samples);
 
     progress("spawn with about one clone alive");
     let one_alive = spawn_one_at_a_time(&engine, &template, samples)?;
@@ -326,14 +351,19 @@ pub fn run(args: &SpawnArgs) -> Result<(), BenchError> {
         "samples": samples,
         "fd_limit": fd_limit,
     });
-    print_summary(&results);
-    if let Some(path) = &args.json {
-        write_json(path, &results)?;
-    }
-    Ok(())
+    Ok((
+        results,
+        SpawnSamples {
+            clones: spawn_times,
+            fresh: fresh_samples,
+            memcpy: memcpy_samples,
+            fork: fork_samples,
+        },
+    ))
 }
 
-fn print_summary(r: &serde_json::Value) {
+/// Prints the human summary.
+pub fn print_summary(r: &serde_json::Value) {
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let s = &r["spawn_us"];
     println!(

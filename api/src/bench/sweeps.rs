@@ -1,0 +1,356 @@
+//! The sweeps of `cowvm bench`: spawn against guest RAM size; spawn, memory and copy-on-write
+//! cost against the number of live clones; template sharing after clones write part of their
+//! RAM; and a CI-like clone → test → stats → destroy loop with 1 and 2 workers.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cowvm_vmm::host::MemorySnapshot;
+use cowvm_vmm::memory::PAGE_SIZE;
+use cowvm_vmm::probe::{host_cow_times, write_probe, ProbeTargets};
+use cowvm_vmm::stats::{template_sharing, vm_sharing, HostView};
+use cowvm_vmm::{Clone, CloneEngine, GuestCommand, Vm};
+use serde_json::{json, Value};
+use vm_memory::GuestAddress;
+
+use super::plot::{bars, lines, Series};
+use super::spawn::{destroy_all, fill_pool, spawn_all};
+use super::stats::Percentiles;
+use super::{make_template, BenchError, DEADLINE};
+
+const MIB: u64 = 1 << 20;
+
+fn progress(step: &str) {
+    eprintln!("[bench] {step}");
+}
+
+/// Spawn p50/p99 of `samples` clones (one batch, warm shells) at each RAM size.
+pub fn sizes(engine: &CloneEngine, sizes_mib: &[u64], samples: usize, out: &Path) -> Result<Value, BenchError> {
+    let mut rows = Vec::new();
+    for &mib in sizes_mib {
+        progress(&format!("spawn at {mib} MiB"));
+        let template = make_template(engine.kvm(), mib)?;
+        fill_pool(engine, &template, samples)?;
+        let clones = spawn_all(engine, &template, samples)?;
+        let p = Percentiles::of(&clones.iter().map(Clone::spawn_us).collect::<Vec<_>>());
+        destroy_all(engine, clones);
+        engine.retire(&template);
+        rows.push(json!({"memory_mib": mib, "spawn_us": p}));
+    }
+    let series = |key: &str| {
+        Series::new(
+            format!("spawn {key}"),
+            rows.iter()
+                .map(|r| {
+                    (
+                        r["memory_mib"].as_f64().unwrap_or(0.0),
+                        r["spawn_us"][key].as_f64().unwrap_or(0.0),
+                    )
+                })
+                .collect(),
+        )
+    };
+    lines(
+        &out.join("spawn-vs-size.svg"),
+        "Clone spawn vs guest RAM size",
+        "guest RAM (MiB)",
+        "spawn (µs)",
+        true,
+        false,
+        &[series("p50"), series("p99")],
+    )?;
+    Ok(json!({"samples": samples, "sizes": rows}))
+}
+
+/// At each number of live clones: host memory per clone, spawn p50/p99 of more clones, and the
+/// copy-on-write cost of a guest write to an untouched page, of a guest write to a page it has
+/// read (the fault replaces a present PTE, so every VM's MMU notifier in the process is called),
+/// and of a host write.
+pub fn live_clones(
+    engine: &CloneEngine,
+    host: &HostView,
+    counts: &[usize],
+    samples: usize,
+    out: &Path,
+) -> Result<Value, BenchError> {
+    let template = make_template(engine.kvm(), 256)?;
+    engine.flush();
+    let baseline = MemorySnapshot::take().map_err(|source| BenchError::Io {
+        what: "read memory figures",
+        source,
+    })?;
+    let mut alive: Vec<Clone> = Vec::new();
+    let mut rows = Vec::new();
+    for &target in counts {
+        let need = target.saturating_sub(alive.len());
+        progress(&format!("{target} live clones"));
+        if need > 0 {
+            fill_pool(engine, &template, need)?;
+            alive.extend(spawn_all(engine, &template, need)?);
+        }
+        engine.flush();
+        let now = MemorySnapshot::take().map_err(|source| BenchError::Io {
+            what: "read memory figures",
+            source,
+        })?;
+        let delta = now.since(&baseline);
+        let per = |kib: i64| kib as f64 / alive.len().max(1) as f64;
+
+        fill_pool(engine, &template, samples)?;
+        let mut times = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let clones = spawn_all(engine, &template, 1)?;
+            times.extend(clones.iter().map(Clone::spawn_us));
+            destroy_all(engine, clones);
+        }
+        let spawn = Percentiles::of(&times);
+
+        let mut pair = spawn_all(engine, &template, 2)?;
+        let targets = ProbeTargets::Stride {
+            start: 16 * MIB,
+            pages: 100,
+            stride: PAGE_SIZE,
+        };
+        let guest = write_probe(pair[0].vm_mut(), &targets, host, None)?;
+        let read_first = ProbeTargets::Stride {
+            start: 32 * MIB,
+            pages: 100,
+            stride: PAGE_SIZE,
+        };
+        let read = GuestCommand::Checksum {
+            start: GuestAddress(32 * MIB),
+            count: 100,
+            stride: PAGE_SIZE,
+        };
+        pair[0].vm_mut().execute(read, DEADLINE)?;
+        let read_then_write = write_probe(pair[0].vm_mut(), &read_first, host, None)?;
+        let gpas: Vec<u64> = (0..100).map(|i| 16 * MIB + i * PAGE_SIZE).collect();
+        let host_cow = Percentiles::of(&host_cow_times(pair[1].vm(), &gpas)?);
+        destroy_all(engine, pair);
+        rows.push(json!({
+            "live_clones": alive.len(),
+            "spawn_us": spawn,
+            "memory_per_clone_kib": {"user": per(delta.private_kib), "kernel": per(delta.kernel_kib), "total": per(delta.private_kib + delta.kernel_kib)},
+            "guest_cow_us_p50": guest.guest_cow_us.p50,
+            "guest_read_then_write_us_p50": read_then_write.guest_cow_us.p50,
+            "host_cow_us_p50": host_cow.p50,
+        }));
+    }
+    destroy_all(engine, alive);
+    engine.retire(&template);
+    let x = |r: &Value| r["live_clones"].as_f64().unwrap_or(0.0);
+    let pick = |label: &str, f: &dyn Fn(&Value) -> f64| Series::new(label, rows.iter().map(|r| (x(r), f(r))).collect());
+    lines(
+        &out.join("spawn-vs-live-clones.svg"),
+        "Clone spawn vs live clones (256 MiB)",
+        "live clones",
+        "spawn (µs)",
+        true,
+        false,
+        &[
+            pick("p50", &|r| r["spawn_us"]["p50"].as_f64().unwrap_or(0.0)),
+            pick("p99", &|r| r["spawn_us"]["p99"].as_f64().unwrap_or(0.0)),
+        ],
+    )?;
+    lines(
+        &out.join("memory-vs-live-clones.svg"),
+        "Host memory per live clone (256 MiB)",
+        "live clones",
+        "KiB per clone",
+        true,
+        false,
+        &[
+            pick("user", &|r| r["memory_per_clone_kib"]["user"].as_f64().unwrap_or(0.0)),
+            pick("kernel", &|r| {
+                r["memory_per_clone_kib"]["kernel"].as_f64().unwrap_or(0.0)
+            }),
+            pick("total", &|r| r["memory_per_clone_kib"]["total"].as_f64().unwrap_or(0.0)),
+        ],
+    )?;
+    lines(
+        &out.join("cow-vs-live-clones.svg"),
+        "Copy-on-write fault vs live VMs in the process",
+        "live clones",
+        "µs per fault (p50)",
+        true,
+        true,
+        &[
+            pick("guest write, untouched page", &|r| {
+                r["guest_cow_us_p50"].as_f64().unwrap_or(0.0)
+            }),
+            pick("guest write after a read", &|r| {
+                r["guest_read_then_write_us_p50"].as_f64().unwrap_or(0.0)
+            }),
+            pick("host-only write, untouched page", &|r| {
+                r["host_cow_us_p50"].as_f64().unwrap_or(0.0)
+            }),
+        ],
+    )?;
+    Ok(json!({"samples": samples, "rows": rows}))
+}
+
+/// Template sharing after 100 clones each write 0 %, 1 % and 10 % of their pages (above 4 MiB,
+/// every 100th / 10th page at a clone-specific offset, so that at 1 % each page is copied by one
+/// clone and at 10 % by ten).
+pub fn sharing(engine: &CloneEngine, clones: usize, out: &Path) -> Result<Value, BenchError> {
+    let template = make_template(engine.kvm(), 256)?;
+    let pages = template.size() / PAGE_SIZE;
+    let first = 4 * MIB / PAGE_SIZE;
+    let mut rows = Vec::new();
+    let mut series = Vec::new();
+    for pct in [0u64, 1, 10] {
+        progress(&format!("{clones} clones each write {pct} % of their pages"));
+        fill_pool(engine, &template, clones)?;
+        let mut made = spawn_all(engine, &template, clones)?;
+        if let Some(stride) = 100u64.checked_div(pct) {
+            for (i, clone) in made.iter_mut().enumerate() {
+                let start = first + (i as u64 * 37) % stride;
+                let count = (pages - start).div_ceil(stride);
+                let write = GuestCommand::Write {
+                    start: GuestAddress(start * PAGE_SIZE),
+                    count,
+                    stride: stride * PAGE_SIZE,
+                    value: i as u64,
+                };
+                clone.vm_mut().execute(write, Some(Duration::from_secs(60)))?;
+            }
+        }
+        let vms: Vec<&Vm> = made.iter().map(Clone::vm).collect();
+        let stats = template_sharing(&template, &vms, engine.pagemap())?;
+        series.push(Series::new(
+            format!("{pct} % written"),
+            stats.histogram.iter().map(|(k, v)| (*k as f64, *v as f64)).collect(),
+        ));
+        rows.push(json!({
+            "percent_written": pct,
+            "histogram": stats.histogram,
+            "pages_shared_by_all": stats.pages_shared_by_all,
+            "private_bytes": stats.private_bytes,
+            "saved_bytes": stats.saved_bytes,
+            "saved_percent": 100.0 * stats.saved_bytes as f64 / (clones as f64 * template.size() as f64),
+        }));
+        destroy_all(engine, made);
+    }
+    engine.retire(&template);
+    lines(
+        &out.join("sharing-histogram.svg"),
+        "Template pages by clones still sharing them (100 clones)",
+        "clones sharing the page",
+        "pages",
+        false,
+        true,
+        &series,
+    )?;
+    let saved: Vec<(String, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                format!("{} % written", r["percent_written"]),
+                r["saved_percent"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    bars(
+        &out.join("memory-saved.svg"),
+        "Memory saved vs 100 full copies (%)",
+        "% saved",
+        &saved,
+    )?;
+    Ok(json!({"clones": clones, "template_mib": template.size() >> 20, "rows": rows}))
+}
+
+/// A CI-like loop for `seconds`: clone from warm shells, run a test command in the guest (read
+/// 64 pages, write 16), collect sharing statistics, destroy; iterations per second with 1 and 2
+/// worker threads.
+pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, out: &Path) -> Result<Value, BenchError> {
+    let template = make_template(engine.kvm(), 256)?;
+    let mut rows = Vec::new();
+    for workers in [1usize, 2] {
+        progress(&format!("CI loop with {workers} worker(s) for {seconds} s"));
+        fill_pool(engine, &template, 64)?;
+        engine.keep_warm(&template, 64);
+        let iterations = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        let started = Instant::now();
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (engine, host, template, iterations) = (
+                    Arc::clone(engine),
+                    Arc::clone(host),
+                    Arc::clone(&template),
+                    Arc::clone(&iterations),
+                );
+                std::thread::spawn(move || -> Result<(), String> {
+                    while Instant::now() < deadline {
+                        let mut clone = engine
+                            .spawn(&template, 1)
+                            .map_err(|e| e.to_string())?
+                            .clones
+                            .pop()
+                            .ok_or("no clone")?;
+                        let vm = clone.vm_mut();
+                        vm.execute(
+                            GuestCommand::Checksum {
+                                start: GuestAddress(8 * MIB),
+                                count: 64,
+                                stride: PAGE_SIZE,
+                            },
+                            DEADLINE,
+                        )
+                        .map_err(|e| e.to_string())?;
+                        vm.execute(
+                            GuestCommand::Write {
+                                start: GuestAddress(16 * MIB),
+                                count: 16,
+                                stride: PAGE_SIZE,
+                                value: 1,
+                            },
+                            DEADLINE,
+                        )
+                        .map_err(|e| e.to_string())?;
+                        let stats = vm_sharing(clone.vm(), &host).map_err(|e| e.to_string())?;
+                        if stats.pages.private != 16 {
+                            return Err(format!(
+                                "expected 16 private pages, the kernel says {}",
+                                stats.pages.private
+                            ));
+                        }
+                        engine.destroy(clone);
+                        iterations.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle
+                .join()
+                .map_err(|_| BenchError::Setup("a CI worker panicked".into()))?
+                .map_err(BenchError::Setup)?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        engine.keep_warm(&template, 0);
+        engine.flush();
+        let done = iterations.load(Ordering::Relaxed);
+        rows.push(json!({"workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
+    }
+    engine.retire(&template);
+    let values: Vec<(String, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                format!("{} worker(s)", r["workers"]),
+                r["iterations_per_s"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect();
+    bars(
+        &out.join("ci-loop.svg"),
+        "CI loop: clone → test → stats → destroy (iterations/s)",
+        "iterations per second",
+        &values,
+    )?;
+    Ok(json!({"rows": rows}))
+}
