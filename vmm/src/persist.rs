@@ -303,22 +303,42 @@ pub fn load(state_file: &Path) -> Result<LoadedTemplate, PersistError> {
     })
 }
 
+/// The memory file a state file names, if its payload can be read at all.
+fn referenced_memory_file(state: &Path) -> Option<String> {
+    let bytes = std::fs::read(state).ok()?;
+    let body = bytes.get(HEADER_LEN..)?;
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.get("memory_file")?.as_str().map(str::to_owned)
+}
+
 /// Loads every `*.state` file in `dir`: the templates that loaded, and an error for each that
-/// did not (its files are left as they are).
+/// did not (its files are left as they are). Leftovers of saves that never committed — temporary
+/// files, and memory files no state file names — are removed.
 pub fn load_all(dir: &Path) -> Result<(Vec<LoadedTemplate>, Vec<PersistError>), PersistError> {
     let mut loaded = Vec::new();
     let mut failed = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(io_err("list", dir))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "state")
-                && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        })
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io_err("list", dir))?
+        .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
         .collect();
-    paths.sort();
-    for path in paths {
-        match load(&path) {
+    let mut states: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".state") && !n.starts_with('.'))
+        .collect();
+    states.sort();
+    let referenced: Vec<String> = states
+        .iter()
+        .filter_map(|n| referenced_memory_file(&dir.join(n)))
+        .collect();
+    for name in &names {
+        let uncommitted = name.starts_with('.') && name.ends_with(".tmp");
+        let orphan = name.ends_with(".mem") && !referenced.contains(name);
+        if uncommitted || orphan {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+    }
+    for name in states {
+        match load(&dir.join(name)) {
             Ok(template) => loaded.push(template),
             Err(e) => failed.push(e),
         }
