@@ -132,12 +132,28 @@ fn assert_rejected(case: &str, answer: &Answer, codes: &[&str]) {
 
 const JSON: Option<&str> = Some("application/json");
 
-fn corpus() -> Vec<(String, String, Option<&'static str>, Vec<u8>, Vec<&'static str>)> {
+/// One bad request and the error codes it may get.
+struct Case {
+    method: String,
+    path: String,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    codes: Vec<&'static str>,
+}
+
+fn corpus() -> Vec<Case> {
     let f = fixture();
-    let mut cases: Vec<(String, String, Option<&'static str>, Vec<u8>, Vec<&'static str>)> = Vec::new();
-    let mut add = |method: &str, path: String, ct: Option<&'static str>, body: Vec<u8>, codes: &[&'static str]| {
-        cases.push((method.to_owned(), path, ct, body, codes.to_vec()));
-    };
+    let mut cases: Vec<Case> = Vec::new();
+    let mut add =
+        |method: &str, path: String, content_type: Option<&'static str>, body: Vec<u8>, codes: &[&'static str]| {
+            cases.push(Case {
+                method: method.to_owned(),
+                path,
+                content_type,
+                body,
+                codes: codes.to_vec(),
+            });
+        };
     // Truncated JSON: every strict prefix of a valid body.
     let valid = br#"{"memory_mib": 16, "vcpus": 1, "warmup_mib": 0, "kernel": null}"#;
     for n in 0..valid.len() {
@@ -446,7 +462,7 @@ fn corpus() -> Vec<(String, String, Option<&'static str>, Vec<u8>, Vec<&'static 
         ("POST", "/openapi.json".to_owned()),
         ("DELETE", "/metrics".to_owned()),
     ] {
-        add(&method, path, JSON, b"{}".to_vec(), &["method_not_allowed"]);
+        add(method, path, JSON, b"{}".to_vec(), &["method_not_allowed"]);
     }
     // Wrong content types and oversized bodies.
     for ct in [
@@ -485,10 +501,14 @@ fn test_a_corpus_of_over_200_bad_requests_gets_4xx_json_errors_and_the_server_ke
     let f = fixture();
     let cases = corpus();
     assert!(cases.len() >= 200, "only {} cases", cases.len());
-    for (method, path, ct, body, codes) in &cases {
-        let shown: String = path.chars().take(80).collect();
-        let answer = send(method, path, *ct, body);
-        assert_rejected(&format!("{method} {shown} ({} bytes)", body.len()), &answer, codes);
+    for case in &cases {
+        let shown: String = case.path.chars().take(80).collect();
+        let answer = send(&case.method, &case.path, case.content_type, &case.body);
+        assert_rejected(
+            &format!("{} {shown} ({} bytes)", case.method, case.body.len()),
+            &answer,
+            &case.codes,
+        );
     }
     let exit = f
         .client
