@@ -162,11 +162,13 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     for refused in &running.refused_templates {
         eprintln!("cowvm serve: refused a saved template: {refused}");
     }
-    println!("cowvm serve: listening on http://{}", running.addr);
+    // Whoever started the server may close its stdout after reading the address: a server must
+    // not die of that, so these lines ignore write errors.
     use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "cowvm serve: listening on http://{}", running.addr).and_then(|()| out.flush());
     running.wait()?;
-    println!("cowvm serve: stopped; every VM was torn down");
+    let _ = writeln!(out, "cowvm serve: stopped; every VM was torn down").and_then(|()| out.flush());
     Ok(())
 }
 

@@ -165,3 +165,17 @@ pub fn smaps_for_range(start: u64, end: u64) -> io::Result<SmapsFigures> {
     }
     Ok(figures)
 }
+
+/// File descriptors this process may still open: the soft `RLIMIT_NOFILE` minus those open now.
+pub fn fd_headroom() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid rlimit struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let open = std::fs::read_dir("/proc/self/fd")?.count() as u64;
+    Ok(limit.rlim_cur.saturating_sub(open))
+}

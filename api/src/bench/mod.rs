@@ -1,5 +1,6 @@
 //! `cowvm bench`: reproducible benchmarks that print medians and percentiles and write JSON.
 
+mod load;
 mod plot;
 mod probe;
 mod spawn;
@@ -70,6 +71,11 @@ pub enum Bench {
     /// Copy-on-write fault costs (guest, host-only, read-then-write), sharing-scan time, and a
     /// self-check of what a 10-page probe does to the host's page frames.
     Probe(ProbeArgs),
+    /// Drive an embedded server with concurrent clients and mixed requests; count 5xx answers,
+    /// latency, and whether fds, mappings and RSS return to their baseline.
+    Load(load::LoadArgs),
+    /// Create and destroy clones in a loop; report the slope of fds, mappings, RSS and kernel memory.
+    Soak(load::SoakArgs),
 }
 
 /// Errors of a benchmark run.
@@ -108,6 +114,8 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     match (&args.which, &args.out) {
         (Some(Bench::Spawn(a)), _) => spawn::run(a),
         (Some(Bench::Probe(a)), _) => probe::run(a),
+        (Some(Bench::Load(a)), _) => load::load(a),
+        (Some(Bench::Soak(a)), _) => load::soak(a),
         (None, Some(out)) => suite(out, args.quick),
         (None, None) => Err(BenchError::Setup(
             "name a benchmark (spawn, probe) or give --out DIR to run them all".into(),

@@ -16,6 +16,35 @@ use super::error::{ApiError, ErrorBody};
 use super::model::*;
 use super::ops::blocking;
 
+/// File descriptors kept free for accepting connections, state files and stats reads.
+pub const FD_RESERVE: u64 = 64;
+/// File descriptors one VM holds (its VM fd and its vCPU fd).
+pub const FDS_PER_VM: u64 = 2;
+
+/// How many of `count` new VMs the remaining file descriptors allow (keeping [`FD_RESERVE`] free),
+/// or a 503 when not even one fits.
+pub fn fd_budget(count: usize) -> Result<usize, ApiError> {
+    let headroom =
+        cowvm_vmm::host::fd_headroom().map_err(|e| ApiError::internal(format!("counting open files: {e}")))?;
+    let fits = (headroom.saturating_sub(FD_RESERVE) / FDS_PER_VM) as usize;
+    if fits == 0 {
+        return Err(ApiError::exhausted(format!(
+            "no file descriptors left for another VM ({headroom} free, {FD_RESERVE} kept in reserve); delete VMs or raise RLIMIT_NOFILE"
+        )));
+    }
+    Ok(count.min(fits))
+}
+
+/// Clones asked for but not attempted because file descriptors ran short.
+pub fn fd_shortfall(made_or_tried: usize, count: usize) -> Vec<CloneFailed> {
+    (made_or_tried..count)
+        .map(|index| CloneFailed {
+            index,
+            reason: format!("not attempted: too few file descriptors left (each VM needs {FDS_PER_VM}; {FD_RESERVE} are kept in reserve)"),
+        })
+        .collect()
+}
+
 /// Checks a clone count against the per-call and total limits.
 pub fn check_count(app: &App, count: u64) -> Result<usize, ApiError> {
     let limit = app.limits.max_clones_per_call;
@@ -124,8 +153,11 @@ pub async fn clone_template(
     let count = check_count(&app, req.count)?;
     let service = Arc::clone(&app);
     let created = blocking(&app, move || {
-        let batch = service.engine.spawn(&template.template, count)?;
-        register_clones(&service, &template, batch)
+        let fits = fd_budget(count)?;
+        let batch = service.engine.spawn(&template.template, fits)?;
+        let mut created = register_clones(&service, &template, batch)?;
+        created.failed.extend(fd_shortfall(fits, count));
+        Ok(created)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(created)))

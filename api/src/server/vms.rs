@@ -17,7 +17,7 @@ use super::app::{App, Machine, TemplateEntry, VmStatus};
 use super::error::{ApiError, ErrorBody};
 use super::model::*;
 use super::ops::{blocking, destroy, on_vm};
-use super::templates::{register_clones, save_template};
+use super::templates::{fd_budget, fd_shortfall, register_clones, save_template};
 
 type Body<T> = Result<Json<T>, JsonRejection>;
 type Id = Result<Path<String>, PathRejection>;
@@ -108,6 +108,7 @@ pub async fn create_vm(
     }
     let service = Arc::clone(&app);
     let info = blocking(&app, move || {
+        fd_budget(1)?;
         let config = VmConfig {
             memory_mib: req.memory_mib,
             kernel,
@@ -218,7 +219,8 @@ pub async fn live_fork(
     let Json(req) = body?;
     let count = super::templates::check_count(&app, req.count)?;
     let created = on_vm(&app, &id, move |app, entry, machine| {
-        let fork = app.engine.live_fork(machine.vm_mut(), count)?;
+        let fits = fd_budget(count)?;
+        let fork = app.engine.live_fork(machine.vm_mut(), fits)?;
         let template_id = app.new_template_id();
         let persisted = save_template(app, &template_id, &fork.template)?;
         let template = app.add_template(TemplateEntry {
@@ -228,6 +230,7 @@ pub async fn live_fork(
             persisted,
         });
         let mut created = register_clones(app, &template, fork.batch)?;
+        created.failed.extend(fd_shortfall(fits, count));
         created.pause_us = Some(fork.pause_us);
         Ok(created)
     })
