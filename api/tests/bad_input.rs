@@ -2,6 +2,8 @@
 //! one gets its documented 4xx and a JSON error, nothing panics, and the server keeps serving the
 //! VMs it already had.
 
+mod common;
+
 use std::sync::OnceLock;
 
 use cowvm::client::{Answer, Client};
@@ -81,31 +83,7 @@ fn send(method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> An
 }
 
 fn send_to(f: &Fixture, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Answer {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let url = format!("http://{}{path}", f.server.addr);
-    let response = match method {
-        "GET" => agent.get(&url).call(),
-        "DELETE" => agent.delete(&url).call(),
-        _ => {
-            let request = match method {
-                "PUT" => agent.put(&url),
-                "PATCH" => agent.patch(&url),
-                _ => agent.post(&url),
-            };
-            let request = match content_type {
-                Some(ct) => request.header("content-type", ct),
-                None => request,
-            };
-            request.send(body)
-        }
-    };
-    let mut response = response.expect("the server answers");
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().unwrap_or_default();
-    Answer {
-        status,
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    }
+    common::raw(f.server.addr, method, path, content_type, body)
 }
 
 /// A 4xx with `{"error": {"code", "message"}}`, and the code one of `codes`.

@@ -8,6 +8,17 @@ use std::time::Duration;
 use cowvm::client::Client;
 use serde_json::json;
 
+/// Files in `dir` whose names end with `suffix`.
+fn count_files(dir: &std::path::Path, suffix: &str) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(suffix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 fn serve(dir: &std::path::Path) -> (Child, Client) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cowvm"))
         .args(["serve", "--listen", "127.0.0.1:0", "--warm-shells", "0", "--state-dir"])
@@ -45,13 +56,7 @@ fn test_kill_9_during_saves_never_leaves_a_corrupt_template() {
         });
         if round + 1 == rounds {
             // Last round: let the save commit, then kill.
-            while !std::fs::read_dir(&dir)
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .any(|e| e.file_name().to_string_lossy().ends_with(".state"))
-                })
-                .unwrap_or(false)
-            {
+            while count_files(&dir, ".state") == 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
         } else {
@@ -62,13 +67,7 @@ fn test_kill_9_during_saves_never_leaves_a_corrupt_template() {
         if let Ok(Ok(201)) = request.join() {
             committed += 1;
         }
-        let killed_mid_save = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-            })
-            .unwrap_or(false);
-        mid_save += usize::from(killed_mid_save);
+        mid_save += usize::from(count_files(&dir, ".tmp") > 0);
 
         let (mut child, client) = serve(&dir);
         let templates = client.call("GET", "/v1/templates", None).expect("list");
@@ -99,40 +98,26 @@ fn test_kill_9_during_saves_never_leaves_a_corrupt_template() {
             err.read_to_string(&mut stderr).ok();
         }
         assert!(!stderr.contains("refused a saved template"), "round {round}: {stderr}");
-        let leftovers: Vec<String> = std::fs::read_dir(&dir)
-            .expect("list")
-            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .filter(|n| n.ends_with(".tmp"))
-            .collect();
         let all: Vec<String> = std::fs::read_dir(&dir)
             .expect("list")
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect();
-        assert!(leftovers.is_empty(), "round {round}: uncommitted files left: {leftovers:?}; all: {all:?}; templates {templates}; stderr {stderr}");
+        assert_eq!(
+            count_files(&dir, ".tmp"),
+            0,
+            "round {round}: uncommitted files left: {all:?}; stderr {stderr}"
+        );
         assert!(
             templates.as_array().expect("array").len() >= committed,
             "round {round}: a committed template is missing"
         );
-        let states = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".state"))
-                    .count()
-            })
-            .unwrap_or(0);
         assert_eq!(
             templates.as_array().expect("array").len(),
-            states,
+            count_files(&dir, ".state"),
             "round {round}: every committed state file loads"
         );
     }
-    let states = std::fs::read_dir(&dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".state"))
-                .count()
-        })
-        .unwrap_or(0);
+    let states = count_files(&dir, ".state");
     eprintln!(
         "{rounds} kills: {mid_save} in the middle of a save; {states} saves committed (reloaded after every kill)"
     );

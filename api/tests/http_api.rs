@@ -1,6 +1,8 @@
 //! The HTTP API over real HTTP on 127.0.0.1: the whole flow, every error class with its status
 //! and JSON body, the OpenAPI document, the token, a spinning guest, metrics.
 
+mod common;
+
 use std::time::Duration;
 
 use cowvm::client::{Answer, Client};
@@ -44,24 +46,7 @@ fn expect_error(answer: Answer, status: u16, code: &str) {
 
 /// Sends raw bytes with a content type.
 fn raw(server: &RunningServer, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Answer {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let url = format!("http://{}{path}", server.addr);
-    let request = match method {
-        "PUT" => agent.put(&url),
-        "PATCH" => agent.patch(&url),
-        _ => agent.post(&url),
-    };
-    let request = match content_type {
-        Some(ct) => request.header("content-type", ct),
-        None => request,
-    };
-    let mut response = request.send(body).expect("send");
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().unwrap_or_default();
-    Answer {
-        status,
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    }
+    common::raw(server.addr, method, path, content_type, body)
 }
 
 #[test]

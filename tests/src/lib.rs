@@ -1,8 +1,35 @@
 //! Helpers for cowvm's end-to-end tests. Every test runs real guests on `/dev/kvm`.
 
+use std::time::Duration;
+
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::pagemap::{PageMap, PageMapEntry};
-use cowvm_vmm::{GuestRam, Kvm};
+use cowvm_vmm::{GuestCommand, GuestRam, Kvm, Vm};
+use vm_memory::GuestAddress;
+
+/// How long a test lets the guest run one command.
+pub const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
+
+/// Has the guest store `value` at `gpa`.
+pub fn guest_write(vm: &mut Vm, gpa: u64, value: u64) {
+    let write = GuestCommand::Write {
+        start: GuestAddress(gpa),
+        count: 1,
+        stride: 8,
+        value,
+    };
+    vm.execute(write, DEADLINE).expect("guest write");
+}
+
+/// Has the guest read the qword at `gpa` (its checksum of a single qword is the qword).
+pub fn guest_read(vm: &mut Vm, gpa: u64) -> u64 {
+    let read = GuestCommand::Checksum {
+        start: GuestAddress(gpa),
+        count: 1,
+        stride: 8,
+    };
+    vm.execute(read, DEADLINE).expect("guest read").result
+}
 
 /// Opens `/dev/kvm`. cowvm cannot work without it, so its absence fails the test loudly.
 pub fn kvm() -> Kvm {
@@ -83,17 +110,9 @@ pub fn maps_count() -> usize {
 /// A frozen template of the built-in guest with `memory_mib` MiB whose pages at `data_pages`
 /// (guest physical addresses) each hold `gpa | 0xfeed` in their first qword.
 pub fn template_with_data(kvm: &Kvm, memory_mib: u64, data_pages: &[u64]) -> cowvm_vmm::Template {
-    use cowvm_vmm::{GuestCommand, Vm, VmConfig};
-    let (mut vm, _) = Vm::boot(kvm, &VmConfig::builtin(memory_mib)).expect("boot");
+    let (mut vm, _) = Vm::boot(kvm, &cowvm_vmm::VmConfig::builtin(memory_mib)).expect("boot");
     for &gpa in data_pages {
-        let cmd = GuestCommand::Write {
-            start: vm_memory::GuestAddress(gpa),
-            count: 1,
-            stride: 8,
-            value: gpa | 0xfeed,
-        };
-        vm.execute(cmd, Some(std::time::Duration::from_secs(10)))
-            .expect("write data page");
+        guest_write(&mut vm, gpa, gpa | 0xfeed);
     }
     cowvm_vmm::Template::freeze(kvm, &mut vm).expect("freeze")
 }

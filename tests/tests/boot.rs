@@ -2,14 +2,13 @@
 
 use std::time::{Duration, Instant};
 
-use cowvm_tests::{kvm, tiny_elf, write_temp_kernel};
+use cowvm_tests::{kvm, tiny_elf, write_temp_kernel, DEADLINE};
 use cowvm_vmm::boot::IdentityPageSize;
 use cowvm_vmm::command::expected_checksum;
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::{GuestCommand, GuestExit, Kernel, Vm, VmConfig, VmError};
 use vm_memory::GuestAddress;
 
-const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
 const EFER_LMA: u64 = 0x400;
 
 fn boot_and_check_last_page(memory_mib: u64, page_size: Option<IdentityPageSize>) {

@@ -5,42 +5,17 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cowvm_tests::{kvm, pagemap, private_pages, template_with_data};
+use cowvm_tests::{
+    guest_read as read, guest_write as write, kvm, pagemap, private_pages, template_with_data, DEADLINE,
+};
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::{CloneEngine, CloneError, EngineConfig, GuestCommand, Template, Vm, VmConfig};
 use vm_memory::GuestAddress;
 
-const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
 const MIB: u64 = 1 << 20;
 
 fn engine() -> CloneEngine {
     CloneEngine::new(Arc::new(kvm()), EngineConfig::default()).expect("engine")
-}
-
-fn write(vm: &mut Vm, gpa: u64, value: u64) {
-    vm.execute(
-        GuestCommand::Write {
-            start: GuestAddress(gpa),
-            count: 1,
-            stride: 8,
-            value,
-        },
-        DEADLINE,
-    )
-    .expect("guest write");
-}
-
-fn read(vm: &mut Vm, gpa: u64) -> u64 {
-    vm.execute(
-        GuestCommand::Checksum {
-            start: GuestAddress(gpa),
-            count: 1,
-            stride: 8,
-        },
-        DEADLINE,
-    )
-    .expect("guest read")
-    .result
 }
 
 fn page(gpa: u64) -> usize {

@@ -5,42 +5,14 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
 
-use cowvm_tests::{kvm, pagemap, private_pages};
+use cowvm_tests::{guest_read as read, guest_write as write, kvm, pagemap, private_pages, DEADLINE};
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::pagemap::PageMap;
 use cowvm_vmm::{FrozenMemory, GuestCommand, TemplateMemory, Vm, VmConfig};
 use vm_memory::GuestAddress;
 
-const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
 const MIB: u64 = 1 << 20;
-
-fn write(vm: &mut Vm, gpa: u64, value: u64) {
-    vm.execute(
-        GuestCommand::Write {
-            start: GuestAddress(gpa),
-            count: 1,
-            stride: 8,
-            value,
-        },
-        DEADLINE,
-    )
-    .expect("guest write");
-}
-
-fn read(vm: &mut Vm, gpa: u64) -> u64 {
-    vm.execute(
-        GuestCommand::Checksum {
-            start: GuestAddress(gpa),
-            count: 1,
-            stride: 8,
-        },
-        DEADLINE,
-    )
-    .expect("guest read")
-    .result
-}
 
 /// A frozen 64 MiB template whose pages at `pages` hold data, and its state.
 fn template(pages: &[u64]) -> (TemplateMemory, cowvm_vmm::VmState) {

@@ -4,35 +4,20 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use cowvm_tests::{kvm, pagemap, template_with_data};
+use cowvm_tests::{guest_read as read, kvm, pagemap, template_with_data, DEADLINE};
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::persist::{self, PersistError};
-use cowvm_vmm::{CloneEngine, EngineConfig, GuestCommand, Template, Vm};
+use cowvm_vmm::{CloneEngine, EngineConfig, GuestCommand, Template};
 use vm_memory::GuestAddress;
 
 const MIB: u64 = 1 << 20;
-const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
 
 fn state_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cowvm-persist-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create state dir");
     dir
-}
-
-fn read(vm: &mut Vm, gpa: u64) -> u64 {
-    vm.execute(
-        GuestCommand::Checksum {
-            start: GuestAddress(gpa),
-            count: 1,
-            stride: 8,
-        },
-        DEADLINE,
-    )
-    .expect("read")
-    .result
 }
 
 #[test]

@@ -2,16 +2,14 @@
 //! kpageflags, smaps, KVM binary stats).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use cowvm_tests::{kvm, pagemap, template_with_data};
+use cowvm_tests::{kvm, pagemap, template_with_data, DEADLINE};
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::probe::{write_probe, ProbeError, ProbeTargets};
 use cowvm_vmm::stats::{template_sharing, vm_sharing, HostView};
 use cowvm_vmm::{Clone, CloneEngine, EngineConfig, GuestCommand, Vm};
 use vm_memory::GuestAddress;
 
-const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
 const MIB: u64 = 1 << 20;
 
 fn engine() -> CloneEngine {

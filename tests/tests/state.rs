@@ -1,13 +1,9 @@
 //! Capture a running guest's complete state, restore it into a fresh VM, and continue there.
 
-use std::time::Duration;
-
-use cowvm_tests::kvm;
+use cowvm_tests::{kvm, DEADLINE};
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::{GuestCommand, Vm, VmConfig, VmState};
 use vm_memory::GuestAddress;
-
-const DEADLINE: Option<Duration> = Some(Duration::from_secs(10));
 
 fn data_pages() -> GuestCommand {
     GuestCommand::Checksum {

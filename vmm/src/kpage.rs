@@ -117,64 +117,47 @@ impl KPages {
         sorted.sort_unstable();
         sorted.dedup();
         let counts = self.counts(&sorted)?;
-        let mut out = HashMap::with_capacity(sorted.len());
-        let mut buffer = Vec::new();
-        let mut next = 0;
-        for window in coalesce(&sorted) {
-            let n = (window.end - window.start) as usize;
-            buffer.resize(n * 8, 0);
-            self.flags
-                .read_exact_at(&mut buffer, window.start * 8)
-                .map_err(|source| KPageError::Read {
-                    path: "/proc/kpageflags",
-                    source,
-                })?;
-            while next < sorted.len() && window.contains(&sorted[next]) {
-                let pfn = sorted[next];
-                let i = (pfn - window.start) as usize * 8;
-                let flags = FrameFlags::from_raw(buffer[i..i + 8].try_into().map_or(0, u64::from_le_bytes));
-                out.insert(
+        let flags = read_entries(&self.flags, "/proc/kpageflags", &sorted)?;
+        Ok(sorted
+            .iter()
+            .zip(counts.iter().zip(flags))
+            .map(|(&pfn, (&kpagecount, raw))| {
+                (
                     pfn,
                     FrameInfo {
                         pfn,
-                        kpagecount: counts[next],
-                        flags,
+                        kpagecount,
+                        flags: FrameFlags::from_raw(raw),
                     },
-                );
-                next += 1;
-            }
-        }
-        Ok(out)
+                )
+            })
+            .collect())
+    }
+
+    /// `/proc/kpagecount` of each frame in `sorted` (ascending, no duplicates), in the same order.
+    pub fn counts(&self, sorted: &[u64]) -> Result<Vec<u64>, KPageError> {
+        read_entries(&self.count, "/proc/kpagecount", sorted)
     }
 }
 
-impl KPages {
-    /// `/proc/kpagecount` of each frame in `sorted` (ascending, no duplicates), in the same order.
-    pub fn counts(&self, sorted: &[u64]) -> Result<Vec<u64>, KPageError> {
-        self.counts_serial(sorted)
-    }
-
-    fn counts_serial(&self, sorted: &[u64]) -> Result<Vec<u64>, KPageError> {
-        let mut out = Vec::with_capacity(sorted.len());
-        let mut buffer = Vec::new();
-        let mut next = 0;
-        for window in coalesce(sorted) {
-            let n = (window.end - window.start) as usize;
-            buffer.resize(n * 8, 0);
-            self.count
-                .read_exact_at(&mut buffer, window.start * 8)
-                .map_err(|source| KPageError::Read {
-                    path: "/proc/kpagecount",
-                    source,
-                })?;
-            while next < sorted.len() && window.contains(&sorted[next]) {
-                let i = (sorted[next] - window.start) as usize * 8;
-                out.push(buffer[i..i + 8].try_into().map_or(0, u64::from_le_bytes));
-                next += 1;
-            }
+/// The 8-byte entries of a `/proc/kpage*` file for each frame of `sorted` (ascending, no
+/// duplicates), in the same order, read window by window.
+fn read_entries(file: &File, path: &'static str, sorted: &[u64]) -> Result<Vec<u64>, KPageError> {
+    let mut out = Vec::with_capacity(sorted.len());
+    let mut buffer = Vec::new();
+    let mut next = 0;
+    for window in coalesce(sorted) {
+        let n = (window.end - window.start) as usize;
+        buffer.resize(n * 8, 0);
+        file.read_exact_at(&mut buffer, window.start * 8)
+            .map_err(|source| KPageError::Read { path, source })?;
+        while next < sorted.len() && window.contains(&sorted[next]) {
+            let i = (sorted[next] - window.start) as usize * 8;
+            out.push(buffer[i..i + 8].try_into().map_or(0, u64::from_le_bytes));
+            next += 1;
         }
-        Ok(out)
     }
+    Ok(out)
 }
 
 /// Groups sorted PFNs into ranges to read, merging neighbours closer than [`MERGE_GAP`].
