@@ -178,77 +178,21 @@ fn test_every_error_class_has_its_status_and_a_json_body() {
     let vm = ok(&c, "POST", "/v1/vms", Some(json!({"memory_mib": 16})), 201);
     let id = vm["id"].as_str().expect("id").to_owned();
 
-    expect_error(
-        raw(
-            &server,
-            "POST",
-            "/v1/vms",
-            Some("application/json"),
-            b"{\"memory_mib\": 16",
-        ),
-        400,
-        "malformed_json",
-    );
-    expect_error(
-        raw(
-            &server,
-            "POST",
-            "/v1/vms",
-            Some("application/json"),
-            b"{\"memory_mib\": \"lots\"}",
-        ),
-        400,
-        "invalid_field",
-    );
-    expect_error(
-        raw(
-            &server,
-            "POST",
-            "/v1/vms",
-            Some("application/json"),
-            b"{\"memory_mb\": 16}",
-        ),
-        400,
-        "invalid_field",
-    );
-    expect_error(
-        raw(
-            &server,
-            "POST",
-            "/v1/vms",
-            Some("application/json"),
-            b"{\"memory_mib\": -5}",
-        ),
-        400,
-        "invalid_field",
-    );
-    expect_error(
-        raw(
-            &server,
-            "POST",
-            "/v1/vms",
-            Some("application/json"),
-            b"{\"memory_mib\": 1.5}",
-        ),
-        400,
-        "invalid_field",
-    );
-    expect_error(
-        raw(&server, "POST", "/v1/vms", Some("text/plain"), b"{}"),
-        415,
-        "unsupported_media_type",
-    );
-    expect_error(
-        raw(&server, "POST", "/v1/vms", None, b"{}"),
-        415,
-        "unsupported_media_type",
-    );
+    let json = Some("application/json");
     let huge = format!("{{\"memory_mib\": 16, \"kernel\": \"{}\"}}", "x".repeat(4096));
-    expect_error(
-        raw(&server, "POST", "/v1/vms", Some("application/json"), huge.as_bytes()),
-        413,
-        "body_too_large",
-    );
+    let raw_cases: [(Option<&str>, &[u8], u16, &str); 8] = [
+        (json, b"{\"memory_mib\": 16", 400, "malformed_json"),
+        (json, b"{\"memory_mib\": \"lots\"}", 400, "invalid_field"),
+        (json, b"{\"memory_mb\": 16}", 400, "invalid_field"),
+        (json, b"{\"memory_mib\": -5}", 400, "invalid_field"),
+        (json, b"{\"memory_mib\": 1.5}", 400, "invalid_field"),
+        (Some("text/plain"), b"{}", 415, "unsupported_media_type"),
+        (None, b"{}", 415, "unsupported_media_type"),
+        (json, huge.as_bytes(), 413, "body_too_large"),
+    ];
+    for (content_type, body, status, code) in raw_cases {
+        expect_error(raw(&server, "POST", "/v1/vms", content_type, body), status, code);
+    }
     expect_error(c.request("GET", "/v1/vms/vm-999", None).expect("req"), 404, "not_found");
     expect_error(
         c.request("GET", &format!("/v1/vms/{}", "é".repeat(300)), None)
