@@ -97,3 +97,20 @@ fn test_bench_suite_writes_every_result_and_plot() {
         .is_some_and(|n| n > 0));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn test_a_sweep_runs_on_its_own_by_name() {
+    let dir = std::env::temp_dir().join(format!("cowvm-sweep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+        .args(["bench", "ci-loop", "--quick", "--out"])
+        .arg(&dir)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ci-loop.json")).expect("json")).expect("JSON");
+    assert_eq!(result["rows"].as_array().map(Vec::len), Some(2), "1 and 2 workers");
+    assert!(dir.join("ci-loop.svg").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

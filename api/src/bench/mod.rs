@@ -76,6 +76,89 @@ pub enum Bench {
     Load(load::LoadArgs),
     /// Create and destroy clones in a loop; report the slope of fds, mappings, RSS and kernel memory.
     Soak(load::SoakArgs),
+    /// Spawn p50/p99 at 64 MiB, 256 MiB, 1 GiB and 4 GiB (JSON and plot into --out).
+    Sizes(SweepArgs),
+    /// Spawn, host memory and copy-on-write cost at 1, 10, 100, 1000 and 2000 live clones.
+    LiveClones(SweepArgs),
+    /// Template sharing after 100 clones write 0 %, 1 % and 10 % of their pages.
+    Sharing(SweepArgs),
+    /// A CI-like clone → test → stats → destroy loop with 1 and 2 workers.
+    CiLoop(SweepArgs),
+}
+
+/// Arguments of the sweeps run on their own.
+#[derive(Args, Clone)]
+pub struct SweepArgs {
+    /// Directory for the JSON result and the SVG plots.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+    /// Smaller counts (a few seconds).
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// Runs one sweep on its own, with the counts the suite uses.
+fn sweep(which: &Bench, args: &SweepArgs) -> Result<(), BenchError> {
+    let out = args.out.as_path();
+    std::fs::create_dir_all(out).map_err(|source| BenchError::Io {
+        what: "create the output directory",
+        source,
+    })?;
+    let fd_limit = cowvm_vmm::host::raise_fd_limit().map_err(|source| BenchError::Io {
+        what: "raise RLIMIT_NOFILE",
+        source,
+    })?;
+    let quick = args.quick;
+    let kvm = Arc::new(Kvm::open()?);
+    let engine = Arc::new(cowvm_vmm::CloneEngine::new(
+        kvm,
+        cowvm_vmm::EngineConfig {
+            max_clones_per_call: 5000,
+            ..Default::default()
+        },
+    )?);
+    let host = Arc::new(cowvm_vmm::stats::HostView::open()?);
+    let (name, result) = match which {
+        Bench::Sizes(_) => (
+            "sizes",
+            sweeps::sizes(
+                &engine,
+                if quick {
+                    &[64, 256][..]
+                } else {
+                    &[64, 256, 1024, 4096][..]
+                },
+                if quick { 5 } else { 100 },
+                out,
+            )?,
+        ),
+        Bench::LiveClones(_) => {
+            let max_live = (fd_limit.saturating_sub(1000) / 2) as usize;
+            let counts: Vec<usize> = (if quick {
+                &[1usize, 10][..]
+            } else {
+                &[1usize, 10, 100, 1000, 2000][..]
+            })
+            .iter()
+            .copied()
+            .filter(|&n| n <= max_live)
+            .collect();
+            (
+                "live-clones",
+                sweeps::live_clones(&engine, &host, &counts, if quick { 5 } else { 50 }, out)?,
+            )
+        }
+        Bench::Sharing(_) => ("sharing", sweeps::sharing(&engine, if quick { 10 } else { 100 }, out)?),
+        _ => (
+            "ci-loop",
+            sweeps::ci_loop(&engine, &host, if quick { 1.0 } else { 10.0 }, out)?,
+        ),
+    };
+    let path = out.join(format!("{name}.json"));
+    write_json(&path, &result)?;
+    println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
+    eprintln!("[bench] {name}: results in {} and its plots beside it", path.display());
+    Ok(())
 }
 
 /// Errors of a benchmark run.
@@ -116,6 +199,9 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         (Some(Bench::Probe(a)), _) => probe::run(a),
         (Some(Bench::Load(a)), _) => load::load(a),
         (Some(Bench::Soak(a)), _) => load::soak(a),
+        (Some(which @ (Bench::Sizes(a) | Bench::LiveClones(a) | Bench::Sharing(a) | Bench::CiLoop(a))), _) => {
+            sweep(which, a)
+        }
         (None, Some(out)) => suite(out, args.quick),
         (None, None) => Err(BenchError::Setup(
             "name a benchmark (spawn, probe) or give --out DIR to run them all".into(),
