@@ -338,12 +338,8 @@ pub fn snapshot(conn: &Connection, vm: &str) -> Result<(), CliError> {
 
 /// Percentile of the `spawn_us` of clones (nearest rank).
 pub fn spawn_percentile(clones: &[Value], q: f64) -> f64 {
-    let mut times: Vec<f64> = clones.iter().map(|c| num(&c["spawn_us"])).collect();
-    times.sort_by(f64::total_cmp);
-    if times.is_empty() {
-        return 0.0;
-    }
-    times[((q * times.len() as f64).ceil() as usize).clamp(1, times.len()) - 1]
+    let times = cowvm_vmm::percentile::sorted(clones.iter().map(|c| num(&c["spawn_us"])));
+    cowvm_vmm::percentile::nearest_rank(&times, q)
 }
 
 /// Runs `cowvm clone`.

@@ -23,6 +23,7 @@ pub mod kvm_stats;
 pub mod loader;
 pub mod memory;
 pub mod pagemap;
+pub mod percentile;
 pub mod persist;
 mod pool;
 pub mod probe;

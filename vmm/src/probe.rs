@@ -11,6 +11,7 @@ use crate::command::GuestCommand;
 use crate::kpage::{FrameInfo, KPageError};
 use crate::memory::PAGE_SIZE;
 use crate::pagemap::PageMapEntry;
+use crate::percentile;
 use crate::stats::{HostView, StatsError};
 use crate::vm::{Vm, VmError};
 
@@ -185,18 +186,10 @@ pub struct Micros {
 impl Micros {
     /// Nearest-rank percentiles of `samples`.
     pub fn of(samples: &[f64]) -> Self {
-        let mut sorted = samples.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        let rank = |q: f64| {
-            if sorted.is_empty() {
-                0.0
-            } else {
-                sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
-            }
-        };
+        let sorted = percentile::sorted(samples.iter().copied());
         Micros {
-            p50: rank(0.5),
-            p99: rank(0.99),
+            p50: percentile::nearest_rank(&sorted, 0.5),
+            p99: percentile::nearest_rank(&sorted, 0.99),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Percentiles of samples.
 
+use cowvm_vmm::percentile::{nearest_rank, sorted};
 use serde::Serialize;
 
 /// p50/p90/p99/max of a set of samples (nearest rank).
@@ -18,22 +19,14 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    /// Percentiles of `samples` (all zero when empty).
+    /// Percentiles of `samples` (all zero when empty; non-finite samples are left out).
     pub fn of(samples: &[f64]) -> Self {
-        let mut sorted: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
-        sorted.sort_by(f64::total_cmp);
-        let rank = |q: f64| -> f64 {
-            if sorted.is_empty() {
-                return 0.0;
-            }
-            let index = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
-            sorted[index]
-        };
+        let sorted = sorted(samples.iter().copied().filter(|v| v.is_finite()));
         Percentiles {
-            p50: rank(0.50),
-            p90: rank(0.90),
-            p99: rank(0.99),
-            max: rank(1.0),
+            p50: nearest_rank(&sorted, 0.50),
+            p90: nearest_rank(&sorted, 0.90),
+            p99: nearest_rank(&sorted, 0.99),
+            max: nearest_rank(&sorted, 1.0),
             n: sorted.len(),
         }
     }

@@ -1,0 +1,31 @@
+//! Nearest-rank percentiles, shared by probe reports, benchmarks and the CLI.
+
+/// The samples in ascending order, for [`nearest_rank`].
+pub fn sorted(samples: impl IntoIterator<Item = f64>) -> Vec<f64> {
+    let mut sorted: Vec<f64> = samples.into_iter().collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+/// The nearest-rank `q` quantile (0 < q ≤ 1) of `sorted` (ascending); 0 when there are none.
+pub fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_nearest_rank_of_one_to_a_hundred() {
+        let s = sorted((1..=100).rev().map(f64::from));
+        assert_eq!(
+            (nearest_rank(&s, 0.5), nearest_rank(&s, 0.99), nearest_rank(&s, 1.0)),
+            (50.0, 99.0, 100.0)
+        );
+        assert_eq!(nearest_rank(&[], 0.5), 0.0);
+    }
+}
