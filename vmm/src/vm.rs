@@ -366,21 +366,7 @@ impl Vm {
     /// Validates `command`, loads it into the registers, runs the guest and returns its answer.
     /// Any exit other than the guest finishing is an error that names the exit.
     pub fn execute(&mut self, command: GuestCommand, deadline: Option<Duration>) -> Result<CommandOutput, VmError> {
-        command.validate(self.ram.size(), self.protected_end)?;
-        let mut regs = self.vcpu.regs()?;
-        command.load(&mut regs);
-        self.vcpu.set_regs(&regs)?;
-        match self.run(deadline)? {
-            GuestExit::Done { status } => {
-                let regs = self.vcpu.regs()?;
-                Ok(CommandOutput {
-                    status,
-                    result: regs.rbx,
-                    extra: regs.rcx,
-                })
-            }
-            other => Err(VmError::GuestStopped(other)),
-        }
+        self.execute_timed(command, deadline).map(|(output, _)| output)
     }
 
     /// Like [`Vm::execute`], and also returns how long the `KVM_RUN` itself took (host-timed
