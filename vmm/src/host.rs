@@ -53,6 +53,16 @@ impl MemorySnapshot {
         self.meminfo.get(key).copied().unwrap_or(0) as i64
     }
 
+    /// Resident set size of this process, KiB.
+    pub fn rss_kib(&self) -> i64 {
+        self.smaps("Rss")
+    }
+
+    /// Kernel memory of the host (Slab + VmallocUsed + PageTables + SecPageTables + KernelStack), KiB.
+    pub fn kernel_kib(&self) -> i64 {
+        self.kernel()
+    }
+
     fn kernel(&self) -> i64 {
         ["Slab", "VmallocUsed", "PageTables", "SecPageTables", "KernelStack"]
             .iter()
@@ -166,6 +176,16 @@ pub fn smaps_for_range(start: u64, end: u64) -> io::Result<SmapsFigures> {
     Ok(figures)
 }
 
+/// File descriptors this process has open (entries of `/proc/self/fd`).
+pub fn open_fds() -> io::Result<u64> {
+    Ok(std::fs::read_dir("/proc/self/fd")?.count() as u64)
+}
+
+/// Mappings of this process (lines of `/proc/self/maps`).
+pub fn mappings() -> io::Result<u64> {
+    Ok(std::fs::read_to_string("/proc/self/maps")?.lines().count() as u64)
+}
+
 /// File descriptors this process may still open: the soft `RLIMIT_NOFILE` minus those open now.
 pub fn fd_headroom() -> io::Result<u64> {
     let mut limit = libc::rlimit {
@@ -176,6 +196,5 @@ pub fn fd_headroom() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let open = std::fs::read_dir("/proc/self/fd")?.count() as u64;
-    Ok(limit.rlim_cur.saturating_sub(open))
+    Ok(limit.rlim_cur.saturating_sub(open_fds()?))
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use cowvm_vmm::host::{self, MemorySnapshot};
 use serde_json::{json, Value};
 
 use super::stats::Percentiles;
@@ -67,29 +68,15 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
 
 /// Open fds, mappings, RSS (KiB) and kernel memory (KiB) of this process and host, now.
 fn resources() -> Result<[f64; 4], BenchError> {
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .map_err(io("list /proc/self/fd"))?
-        .count() as f64;
-    let maps = std::fs::read_to_string("/proc/self/maps")
-        .map_err(io("read /proc/self/maps"))?
-        .lines()
-        .count() as f64;
-    let rss = snapshot_field("/proc/self/smaps_rollup", "Rss:")?;
-    let kernel: f64 = ["Slab:", "VmallocUsed:", "PageTables:", "SecPageTables:", "KernelStack:"]
-        .iter()
-        .map(|k| snapshot_field("/proc/meminfo", k))
-        .sum::<Result<f64, BenchError>>()?;
-    Ok([fds, maps, rss, kernel])
-}
-
-fn snapshot_field(path: &'static str, key: &str) -> Result<f64, BenchError> {
-    let text = std::fs::read_to_string(path).map_err(io("read /proc"))?;
-    Ok(text
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0))
+    let fds = host::open_fds().map_err(io("list /proc/self/fd"))?;
+    let maps = host::mappings().map_err(io("read /proc/self/maps"))?;
+    let memory = MemorySnapshot::take().map_err(io("read memory figures"))?;
+    Ok([
+        fds as f64,
+        maps as f64,
+        memory.rss_kib() as f64,
+        memory.kernel_kib() as f64,
+    ])
 }
 
 fn start_server(warm_shells: usize) -> Result<(RunningServer, Client), BenchError> {
