@@ -350,14 +350,7 @@ pub fn load_all(dir: &Path) -> Result<(Vec<LoadedTemplate>, Vec<PersistError>), 
 pub fn remove(dir: &Path, id: &str) -> Result<(), PersistError> {
     check_id(id, dir)?;
     let state = state_path(dir, id);
-    let memory_file = std::fs::read(&state).ok().and_then(|bytes| {
-        let body = bytes.get(HEADER_LEN..)?;
-        serde_json::from_slice::<serde_json::Value>(body)
-            .ok()?
-            .get("memory_file")?
-            .as_str()
-            .map(str::to_owned)
-    });
+    let memory_file = referenced_memory_file(&state);
     match std::fs::remove_file(&state) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("remove", &state)(e)),
         _ => {}
