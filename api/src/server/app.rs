@@ -201,6 +201,17 @@ impl App {
         }
     }
 
+    /// The kernel files statistics come from, or a 503 naming why they cannot be read.
+    pub fn host_view(&self) -> Result<&HostView, ApiError> {
+        self.host.as_ref().map_err(|why| {
+            ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "stats_unavailable",
+                why.clone(),
+            )
+        })
+    }
+
     /// The VM `id`, or 404.
     pub fn vm(&self, id: &str) -> Result<Arc<VmEntry>, ApiError> {
         self.vms

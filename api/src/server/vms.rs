@@ -283,10 +283,7 @@ pub async fn probe_write(
         },
     };
     let report = on_vm(&app, &id, move |app, _, machine| {
-        let host = app
-            .host
-            .as_ref()
-            .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stats_unavailable", why.clone()))?;
+        let host = app.host_view()?;
         let scratch = match &*machine {
             Machine::Clone(clone) => app.engine.spawn(clone.template(), 1)?.clones.pop(),
             Machine::Booted(_) => None,
@@ -307,10 +304,7 @@ pub async fn probe_write(
 pub async fn vm_stats(State(app): State<Arc<App>>, id: Id) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(id) = id?;
     let stats = on_vm(&app, &id, |app, entry, machine| {
-        let host = app
-            .host
-            .as_ref()
-            .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stats_unavailable", why.clone()))?;
+        let host = app.host_view()?;
         let mut value = serde_json::to_value(vm_sharing(machine.vm(), host)?).unwrap_or_default();
         value["id"] = entry.id.clone().into();
         Ok(value)
