@@ -7,6 +7,8 @@ mod spawn;
 mod stats;
 mod sweeps;
 
+use sweeps::{choose, Sweep};
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,67 +99,31 @@ pub struct SweepArgs {
     pub quick: bool,
 }
 
-/// Runs one sweep on its own, with the counts the suite uses.
-fn sweep(which: &Bench, args: &SweepArgs) -> Result<(), BenchError> {
-    let out = args.out.as_path();
+/// Creates the output directory and raises the fd limit (every VM holds two fds); returns the limit.
+fn prepare(out: &Path) -> Result<u64, BenchError> {
     std::fs::create_dir_all(out).map_err(|source| BenchError::Io {
         what: "create the output directory",
         source,
     })?;
-    let fd_limit = cowvm_vmm::host::raise_fd_limit().map_err(|source| BenchError::Io {
+    cowvm_vmm::host::raise_fd_limit().map_err(|source| BenchError::Io {
         what: "raise RLIMIT_NOFILE",
         source,
-    })?;
-    let quick = args.quick;
-    let kvm = Arc::new(Kvm::open()?);
-    let engine = Arc::new(cowvm_vmm::CloneEngine::new(
-        kvm,
-        cowvm_vmm::EngineConfig {
-            max_clones_per_call: 5000,
-            ..Default::default()
-        },
-    )?);
-    let host = Arc::new(cowvm_vmm::stats::HostView::open()?);
-    let (name, result) = match which {
-        Bench::Sizes(_) => (
-            "sizes",
-            sweeps::sizes(
-                &engine,
-                if quick {
-                    &[64, 256][..]
-                } else {
-                    &[64, 256, 1024, 4096][..]
-                },
-                if quick { 5 } else { 100 },
-                out,
-            )?,
-        ),
-        Bench::LiveClones(_) => {
-            let max_live = (fd_limit.saturating_sub(1000) / 2) as usize;
-            let counts: Vec<usize> = (if quick {
-                &[1usize, 10][..]
-            } else {
-                &[1usize, 10, 100, 1000, 2000][..]
-            })
-            .iter()
-            .copied()
-            .filter(|&n| n <= max_live)
-            .collect();
-            (
-                "live-clones",
-                sweeps::live_clones(&engine, &host, &counts, if quick { 5 } else { 50 }, out)?,
-            )
-        }
-        Bench::Sharing(_) => ("sharing", sweeps::sharing(&engine, if quick { 10 } else { 100 }, out)?),
-        _ => (
-            "ci-loop",
-            sweeps::ci_loop(&engine, &host, if quick { 1.0 } else { 10.0 }, out)?,
-        ),
-    };
-    let path = out.join(format!("{name}.json"));
+    })
+}
+
+/// Runs one sweep on its own, with the counts the suite uses.
+fn sweep(which: Sweep, args: &SweepArgs) -> Result<(), BenchError> {
+    let out = args.out.as_path();
+    let lab = sweeps::Lab::new(prepare(out)?, args.quick)?;
+    let result = lab.run(which, out)?;
+    let path = out.join(format!("{}.json", which.name()));
     write_json(&path, &result)?;
     println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
-    eprintln!("[bench] {name}: results in {} and its plots beside it", path.display());
+    eprintln!(
+        "[bench] {}: results in {} and its plots beside it",
+        which.name(),
+        path.display()
+    );
     Ok(())
 }
 
@@ -199,12 +165,14 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         (Some(Bench::Probe(a)), _) => probe::run(a),
         (Some(Bench::Load(a)), _) => load::load(a),
         (Some(Bench::Soak(a)), _) => load::soak(a),
-        (Some(which @ (Bench::Sizes(a) | Bench::LiveClones(a) | Bench::Sharing(a) | Bench::CiLoop(a))), _) => {
-            sweep(which, a)
-        }
+        (Some(Bench::Sizes(a)), _) => sweep(Sweep::Sizes, a),
+        (Some(Bench::LiveClones(a)), _) => sweep(Sweep::LiveClones, a),
+        (Some(Bench::Sharing(a)), _) => sweep(Sweep::Sharing, a),
+        (Some(Bench::CiLoop(a)), _) => sweep(Sweep::CiLoop, a),
         (None, Some(out)) => suite(out, args.quick),
         (None, None) => Err(BenchError::Setup(
-            "name a benchmark (spawn, probe) or give --out DIR to run them all".into(),
+            "name a benchmark (spawn, probe, load, soak, sizes, live-clones, sharing, ci-loop) or give --out DIR to run them all"
+                .into(),
         )),
     }
 }
@@ -212,21 +180,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
 /// Runs every benchmark and sweep, writing JSON and SVG plots into `out`.
 fn suite(out: &Path, quick: bool) -> Result<(), BenchError> {
     let started = std::time::Instant::now();
-    std::fs::create_dir_all(out).map_err(|source| BenchError::Io {
-        what: "create the output directory",
-        source,
-    })?;
-    let fd_limit = cowvm_vmm::host::raise_fd_limit().map_err(|source| BenchError::Io {
-        what: "raise RLIMIT_NOFILE",
-        source,
-    })?;
-    fn choose<T>(quick: bool, full: T, small: T) -> T {
-        if quick {
-            small
-        } else {
-            full
-        }
-    }
+    let fd_limit = prepare(out)?;
     macro_rules! pick {
         ($full:expr, $small:expr) => {
             choose(quick, $full, $small)
@@ -288,38 +242,30 @@ fn suite(out: &Path, quick: bool) -> Result<(), BenchError> {
         ],
     )?;
 
-    let kvm = Arc::new(Kvm::open()?);
-    let engine = Arc::new(cowvm_vmm::CloneEngine::new(
-        Arc::clone(&kvm),
-        cowvm_vmm::EngineConfig {
-            max_clones_per_call: 5000,
-            ..Default::default()
-        },
-    )?);
-    let host = Arc::new(cowvm_vmm::stats::HostView::open()?);
-    step(3, "spawn vs guest RAM size");
-    let sizes = sweeps::sizes(
-        &engine,
-        pick!(&[64, 256, 1024, 4096][..], &[64, 256][..]),
-        pick!(100, 5),
-        out,
-    )?;
-    write_json(&out.join("sizes.json"), &sizes)?;
-    step(4, "spawn, memory and COW cost vs live clones");
-    let max_live = ((fd_limit.saturating_sub(1000)) / 2) as usize;
-    let counts: Vec<usize> = pick!(&[1usize, 10, 100, 1000, 2000][..], &[1usize, 10][..])
-        .iter()
-        .copied()
-        .filter(|&n| n <= max_live)
-        .collect();
-    let live = sweeps::live_clones(&engine, &host, &counts, pick!(50, 5), out)?;
-    write_json(&out.join("live-clones.json"), &live)?;
-    step(5, "template sharing after clones write 0 %, 1 % and 10 %");
-    let sharing = sweeps::sharing(&engine, pick!(100, 10), out)?;
-    write_json(&out.join("sharing.json"), &sharing)?;
-    step(6, "CI-like loop with 1 and 2 workers");
-    let ci = sweeps::ci_loop(&engine, &host, pick!(10.0, 1.0), out)?;
-    write_json(&out.join("ci-loop.json"), &ci)?;
+    let lab = sweeps::Lab::new(fd_limit, quick)?;
+    let mut results = serde_json::Map::new();
+    let sweeps = [
+        (3, Sweep::Sizes, "spawn vs guest RAM size"),
+        (4, Sweep::LiveClones, "spawn, memory and COW cost vs live clones"),
+        (
+            5,
+            Sweep::Sharing,
+            "template sharing after clones write 0 %, 1 % and 10 %",
+        ),
+        (6, Sweep::CiLoop, "CI-like loop with 1 and 2 workers"),
+    ];
+    for (n, sweep, what) in sweeps {
+        step(n, what);
+        let result = lab.run(sweep, out)?;
+        write_json(&out.join(format!("{}.json", sweep.name())), &result)?;
+        results.insert(sweep.name().to_owned(), result);
+    }
+    let (sizes, live, sharing, ci) = (
+        &results["sizes"],
+        &results["live-clones"],
+        &results["sharing"],
+        &results["ci-loop"],
+    );
 
     let summary = serde_json::json!({
         "spawn": spawn_results, "probe": probe_results, "sizes": sizes, "live_clones": live, "sharing": sharing, "ci_loop": ci,

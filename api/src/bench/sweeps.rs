@@ -22,6 +22,91 @@ use super::{make_template, BenchError, DEADLINE};
 
 const MIB: u64 = 1 << 20;
 
+/// A value for the full run, or a smaller one for `--quick`.
+pub fn choose<T>(quick: bool, full: T, small: T) -> T {
+    if quick {
+        small
+    } else {
+        full
+    }
+}
+
+/// One of the sweeps.
+#[derive(Debug, Clone, Copy)]
+pub enum Sweep {
+    /// Spawn vs guest RAM size.
+    Sizes,
+    /// Spawn, memory and COW cost vs live clones.
+    LiveClones,
+    /// Template sharing after clones write part of their RAM.
+    Sharing,
+    /// The CI-like loop.
+    CiLoop,
+}
+
+impl Sweep {
+    /// Its name, also the stem of its JSON file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Sweep::Sizes => "sizes",
+            Sweep::LiveClones => "live-clones",
+            Sweep::Sharing => "sharing",
+            Sweep::CiLoop => "ci-loop",
+        }
+    }
+}
+
+/// What the sweeps share: a clone engine, the kernel's page views, the fd limit, and whether
+/// the run is the quick one. Each sweep runs with the same counts alone or in the suite.
+pub struct Lab {
+    engine: Arc<CloneEngine>,
+    host: Arc<HostView>,
+    fd_limit: u64,
+    quick: bool,
+}
+
+impl Lab {
+    /// Opens KVM, an engine and the page views.
+    pub fn new(fd_limit: u64, quick: bool) -> Result<Self, BenchError> {
+        let kvm = Arc::new(cowvm_vmm::Kvm::open()?);
+        let config = cowvm_vmm::EngineConfig {
+            max_clones_per_call: 5000,
+            ..Default::default()
+        };
+        let engine = Arc::new(CloneEngine::new(kvm, config)?);
+        Ok(Lab {
+            engine,
+            host: Arc::new(HostView::open()?),
+            fd_limit,
+            quick,
+        })
+    }
+
+    /// Runs `sweep`, writing its plots into `out`; returns its JSON result.
+    pub fn run(&self, sweep: Sweep, out: &Path) -> Result<Value, BenchError> {
+        let quick = self.quick;
+        match sweep {
+            Sweep::Sizes => sizes(
+                &self.engine,
+                choose(quick, &[64, 256, 1024, 4096][..], &[64, 256][..]),
+                choose(quick, 100, 5),
+                out,
+            ),
+            Sweep::LiveClones => {
+                let max_live = (self.fd_limit.saturating_sub(1000) / 2) as usize;
+                let counts: Vec<usize> = choose(quick, &[1usize, 10, 100, 1000, 2000][..], &[1usize, 10][..])
+                    .iter()
+                    .copied()
+                    .filter(|&n| n <= max_live)
+                    .collect();
+                live_clones(&self.engine, &self.host, &counts, choose(quick, 50, 5), out)
+            }
+            Sweep::Sharing => sharing(&self.engine, choose(quick, 100, 10), out),
+            Sweep::CiLoop => ci_loop(&self.engine, &self.host, choose(quick, 10.0, 1.0), out),
+        }
+    }
+}
+
 fn progress(step: &str) {
     eprintln!("[bench] {step}");
 }
