@@ -334,17 +334,6 @@ impl TemplateMemory {
         &self.inner.base
     }
 
-    /// The frozen memory whose page backs guest offset `offset` in a clone: the last overlay
-    /// with a run covering it, else the base.
-    pub fn layer_at(&self, offset: u64) -> &FrozenMemory {
-        self.inner
-            .overlays
-            .iter()
-            .rev()
-            .find(|o| o.runs.iter().any(|r| r.contains(&offset)))
-            .map_or(&self.inner.base, |o| &o.memory)
-    }
-
     /// Where the template's data lives, in the order to apply it: the base's data extents, then
     /// each overlay's runs (later entries win where they overlap earlier ones).
     pub fn data_sources(&self) -> io::Result<Vec<(Range<u64>, &FrozenMemory)>> {

@@ -11,10 +11,8 @@ use crate::memory::PAGE_SIZE;
 const CHUNK_ENTRIES: usize = 64 * 1024;
 
 const PFN_MASK: u64 = (1 << 55) - 1;
-const SOFT_DIRTY: u64 = 1 << 55;
 const EXCLUSIVE: u64 = 1 << 56;
 const FILE_OR_SHARED_ANON: u64 = 1 << 61;
-const SWAPPED: u64 = 1 << 62;
 const PRESENT: u64 = 1 << 63;
 
 /// One page's pagemap entry.
@@ -26,10 +24,6 @@ impl PageMapEntry {
     pub fn present(self) -> bool {
         self.0 & PRESENT != 0
     }
-    /// The page is swapped out.
-    pub fn swapped(self) -> bool {
-        self.0 & SWAPPED != 0
-    }
     /// The page is file-backed or shared anonymous (a memfd's page cache page, for our RAM).
     pub fn file_or_shared(self) -> bool {
         self.0 & FILE_OR_SHARED_ANON != 0
@@ -37,10 +31,6 @@ impl PageMapEntry {
     /// The page is mapped only by this process.
     pub fn exclusive(self) -> bool {
         self.0 & EXCLUSIVE != 0
-    }
-    /// The soft-dirty bit.
-    pub fn soft_dirty(self) -> bool {
-        self.0 & SOFT_DIRTY != 0
     }
     /// The page frame number: `None` when not present, 0 without CAP_SYS_ADMIN.
     pub fn pfn(self) -> Option<u64> {
