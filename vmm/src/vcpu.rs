@@ -193,6 +193,15 @@ impl Vcpu {
 
     /// Runs `KVM_RUN` once, with staged registers copied in and the register cache refreshed.
     fn enter(&mut self) -> Result<GuestExit, kvm_ioctls::Error> {
+        self.push_staged_regs();
+        self.has_run = true;
+        let result = self.fd.run().map(owned_exit);
+        self.refresh_regs_after_run(result.as_ref().err());
+        result
+    }
+
+    /// Hands registers staged by [`Vcpu::set_regs`] to KVM through the sync-regs area.
+    fn push_staged_regs(&mut self) {
         if self.regs_staged {
             if let Some(regs) = self.regs {
                 self.fd.sync_regs_mut().regs = regs;
@@ -200,14 +209,17 @@ impl Vcpu {
             }
             self.regs_staged = false;
         }
-        self.has_run = true;
-        let result = self.fd.run().map(owned_exit);
-        self.regs = match &result {
-            Ok(_) if self.sync_regs => Some(self.fd.sync_regs().regs),
-            Err(e) if self.sync_regs && e.errno() == libc::EINTR => Some(self.fd.sync_regs().regs),
+    }
+
+    /// After any `KVM_RUN` (including an immediate exit, which can complete pending I/O and so
+    /// move rip and rax): takes the registers KVM stored in the sync-regs area on return, or
+    /// drops the cache so that the next read asks KVM.
+    fn refresh_regs_after_run(&mut self, error: Option<&kvm_ioctls::Error>) {
+        self.regs = match error {
+            None if self.sync_regs => Some(self.fd.sync_regs().regs),
+            Some(e) if self.sync_regs && e.errno() == libc::EINTR => Some(self.fd.sync_regs().regs),
             _ => None,
         };
-        result
     }
 
     /// The special registers.
@@ -259,13 +271,19 @@ impl Vcpu {
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 
-    /// Lets KVM finish an I/O exit the guest is in the middle of (the `out` it just executed), so
-    /// the captured rip points past it: `KVM_RUN` with `immediate_exit` set completes the pending
-    /// operation and returns `EINTR` without entering the guest (KVM API doc, `immediate_exit`).
+    /// Lets KVM finish an I/O exit the guest is in the middle of (the `out` or `in` it just
+    /// executed), so that rip points past it: `KVM_RUN` with `immediate_exit` set completes the
+    /// pending operation and returns `EINTR` without entering the guest (KVM API doc,
+    /// `immediate_exit`). Completing an `in` writes rax and rip, so the register cache is
+    /// refreshed from what KVM stored on return. Registers staged before the call go to KVM
+    /// first (KVM applies them before it completes the I/O). Does not count as a run: CPUID can
+    /// still be set afterwards on a vCPU that never entered the guest.
     pub fn complete_pending_io(&mut self) -> Result<(), VcpuError> {
+        self.push_staged_regs();
         self.fd.set_kvm_immediate_exit(1);
         let result = self.fd.run().map(|_| ());
         self.fd.set_kvm_immediate_exit(0);
+        self.refresh_regs_after_run(result.as_ref().err());
         match result {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Ok(()) => Ok(()),

@@ -298,8 +298,8 @@ impl Vm {
     }
 
     /// Returns the VM to `state` in place: drops the pages it has copied since it was mapped
-    /// (found in the host's page tables, so writes by anyone count) and restores the vCPU and
-    /// clock.
+    /// (found in the host's page tables, so writes by anyone count), completes any pending I/O
+    /// and restores the vCPU and clock.
     pub fn reset(&mut self, state: &VmState, pagemap: &PageMap) -> Result<ResetSteps, VmError> {
         if self.ram.template().is_none() {
             return Err(VmError::NotAClone);
@@ -311,6 +311,9 @@ impl Vm {
         self.ram.discard(&runs)?;
         let discard_us = micros(step);
         let step = Instant::now();
+        // An I/O exit left pending (an `in` above all) would be completed at the next entry,
+        // after the restore, and overwrite the restored rip and rax: complete it first.
+        self.vcpu.complete_pending_io()?;
         if let Some(vcpu_state) = state.vcpus.first() {
             self.vcpu.restore(vcpu_state)?;
         }
