@@ -13,6 +13,7 @@ const CHUNK_ENTRIES: usize = 64 * 1024;
 const PFN_MASK: u64 = (1 << 55) - 1;
 const EXCLUSIVE: u64 = 1 << 56;
 const FILE_OR_SHARED_ANON: u64 = 1 << 61;
+const SWAPPED: u64 = 1 << 62;
 const PRESENT: u64 = 1 << 63;
 
 /// One page's pagemap entry.
@@ -36,10 +37,21 @@ impl PageMapEntry {
     pub fn pfn(self) -> Option<u64> {
         self.present().then_some(self.0 & PFN_MASK)
     }
-    /// A private anonymous page: present and not the file's page. In a `MAP_PRIVATE` mapping of
-    /// a memfd this is a page the process copied on write.
+    /// The page is swapped out, or its entry is a migration entry (the kernel reports both as
+    /// swap entries; a file page's migration entry also has the file bit).
+    pub fn swapped(self) -> bool {
+        self.0 & SWAPPED != 0
+    }
+    /// A private anonymous page that is present and not the file's page. In a `MAP_PRIVATE`
+    /// mapping of a memfd this is a page the process copied on write and still has in RAM.
     pub fn private_anonymous(self) -> bool {
         self.present() && !self.file_or_shared()
+    }
+    /// A page the process copied on write, wherever it is now: present or swapped out (or being
+    /// migrated), and not the file's page. Reset and layered freeze must select these; a copy
+    /// that is swapped out still holds the clone's data.
+    pub fn private_copy(self) -> bool {
+        (self.present() || self.swapped()) && !self.file_or_shared()
     }
 }
 
@@ -80,10 +92,48 @@ impl PageMap {
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 const PAGE_IS_FILE: u64 = 1 << 2;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
 const PAGE_IS_PFNZERO: u64 = 1 << 5;
 const PAGE_IS_HUGE: u64 = 1 << 6;
 /// Regions returned per `PAGEMAP_SCAN` call.
 const SCAN_REGIONS: usize = 512;
+
+/// Which pages a `PAGEMAP_SCAN` selects, in the kernel's terms: a page's categories are XORed
+/// with `inverted`, then must contain every bit of `mask` and, if `anyof` is not zero, at least
+/// one bit of `anyof` (`pagemap_scan_is_interesting_page` in `fs/proc/task_mmu.c`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ScanFilter {
+    inverted: u64,
+    mask: u64,
+    anyof: u64,
+    returned: u64,
+}
+
+impl ScanFilter {
+    /// Copies made on write: not the file's page, and present or swapped out (a swapped-out
+    /// copy, or one under migration, still holds the VM's data).
+    const PRIVATE_COPIES: ScanFilter = ScanFilter {
+        inverted: PAGE_IS_FILE,
+        mask: PAGE_IS_FILE,
+        anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        returned: PAGE_IS_FILE,
+    };
+
+    /// Present pages, reported with what the kernel says of them.
+    const PRESENT: ScanFilter = ScanFilter {
+        inverted: 0,
+        mask: PAGE_IS_PRESENT,
+        anyof: 0,
+        returned: PAGE_IS_FILE | PAGE_IS_HUGE | PAGE_IS_PFNZERO,
+    };
+
+    /// Whether the kernel selects a page with `categories` under this filter.
+    #[cfg(test)]
+    fn selects(self, categories: u64) -> bool {
+        let categories = categories ^ self.inverted;
+        categories & self.mask == self.mask && (self.anyof == 0 || categories & self.anyof != 0)
+    }
+}
 
 /// `struct pm_scan_arg` from `<linux/fs.h>`.
 #[repr(C)]
@@ -113,8 +163,8 @@ struct PageRegion {
 }
 
 impl PageMap {
-    /// The runs of private anonymous pages (present, not the file's page) in
-    /// `hva..hva + len`, as sorted, merged host address ranges. Uses `PAGEMAP_SCAN`, whose cost
+    /// The runs of pages copied on write (present or swapped out, not the file's page; see
+    /// [`PageMapEntry::private_copy`]) in `hva..hva + len`, as sorted, merged host address ranges. Uses `PAGEMAP_SCAN`, whose cost
     /// follows the populated page tables rather than the range's size; falls back to reading
     /// pagemap entries on kernels without it. Overlapping or duplicate regions (which the kernel
     /// can return) are merged.
@@ -128,18 +178,12 @@ impl PageMap {
     }
 
     fn scan_private(&self, hva: u64, len: u64) -> io::Result<Vec<std::ops::Range<u64>>> {
-        let regions = self.scan(
-            hva,
-            len,
-            PAGE_IS_FILE,
-            PAGE_IS_PRESENT | PAGE_IS_FILE,
-            PAGE_IS_PRESENT | PAGE_IS_FILE,
-        )?;
+        let regions = self.scan(hva, len, ScanFilter::PRIVATE_COPIES)?;
         Ok(merge_runs(regions.into_iter().map(|r| r.start..r.end).collect()))
     }
 
     /// Runs `PAGEMAP_SCAN` over `hva..hva + len` until the whole range is walked.
-    fn scan(&self, hva: u64, len: u64, inverted: u64, mask: u64, returned: u64) -> io::Result<Vec<PageRegion>> {
+    fn scan(&self, hva: u64, len: u64, filter: ScanFilter) -> io::Result<Vec<PageRegion>> {
         use std::os::fd::AsRawFd;
         let end = hva + len;
         let mut regions = vec![PageRegion::default(); SCAN_REGIONS];
@@ -152,9 +196,10 @@ impl PageMap {
                 end,
                 vec: regions.as_mut_ptr() as u64,
                 vec_len: SCAN_REGIONS as u64,
-                category_inverted: inverted,
-                category_mask: mask,
-                return_mask: returned,
+                category_inverted: filter.inverted,
+                category_mask: filter.mask,
+                category_anyof_mask: filter.anyof,
+                return_mask: filter.returned,
                 ..Default::default()
             };
             // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `SCAN_REGIONS` writable
@@ -175,13 +220,7 @@ impl PageMap {
     /// The present pages of `hva..hva + len` as runs with what the kernel says of them, from
     /// `PAGEMAP_SCAN` (sorted, duplicates removed, overlaps clipped).
     pub fn present_runs(&self, hva: u64, len: u64) -> io::Result<Vec<PresentRun>> {
-        let mut regions = self.scan(
-            hva,
-            len,
-            0,
-            PAGE_IS_PRESENT,
-            PAGE_IS_FILE | PAGE_IS_HUGE | PAGE_IS_PFNZERO,
-        )?;
+        let mut regions = self.scan(hva, len, ScanFilter::PRESENT)?;
         regions.sort_by_key(|r| (r.start, r.end));
         let mut runs: Vec<PresentRun> = Vec::with_capacity(regions.len());
         for r in regions {
@@ -204,7 +243,7 @@ impl PageMap {
         let runs = entries
             .iter()
             .enumerate()
-            .filter(|(_, e)| e.private_anonymous())
+            .filter(|(_, e)| e.private_copy())
             .map(|(i, _)| {
                 let page = hva + i as u64 * PAGE_SIZE;
                 page..page + PAGE_SIZE
@@ -243,6 +282,55 @@ pub fn merge_runs(mut runs: Vec<std::ops::Range<u64>>) -> Vec<std::ops::Range<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PAGE_IS_WRITTEN: u64 = 1 << 1;
+    const PAGE_IS_SOFT_DIRTY: u64 = 1 << 7;
+
+    /// A swap entry as pagemap shows it: swap type in bits 0–4, offset in bits 5–54.
+    fn swap_entry(kind: u64, offset: u64) -> PageMapEntry {
+        PageMapEntry(SWAPPED | EXCLUSIVE | (offset << 5) | kind)
+    }
+
+    #[test]
+    fn test_private_copy_includes_swapped_out_copies_and_excludes_file_pages() {
+        let present_copy = PageMapEntry(PRESENT | EXCLUSIVE | 0x1234);
+        let swapped_copy = swap_entry(1, 0x42);
+        let migrating_file_page = PageMapEntry(SWAPPED | FILE_OR_SHARED_ANON | (0x7 << 5) | 30);
+        let template_page = PageMapEntry(PRESENT | FILE_OR_SHARED_ANON | 0x99);
+        let not_mapped = PageMapEntry(0);
+        assert!(present_copy.private_copy());
+        assert!(
+            swapped_copy.private_copy(),
+            "a swapped-out copy still holds the VM's data"
+        );
+        assert!(!swapped_copy.present() && swapped_copy.swapped());
+        assert!(!migrating_file_page.private_copy());
+        assert!(!template_page.private_copy());
+        assert!(!not_mapped.private_copy());
+    }
+
+    #[test]
+    fn test_private_copies_scan_selects_swapped_anonymous_pages_but_no_file_page() {
+        let filter = ScanFilter::PRIVATE_COPIES;
+        assert!(filter.selects(PAGE_IS_PRESENT | PAGE_IS_WRITTEN));
+        assert!(filter.selects(PAGE_IS_SWAPPED | PAGE_IS_WRITTEN));
+        assert!(filter.selects(PAGE_IS_SWAPPED | PAGE_IS_SOFT_DIRTY));
+        assert!(!filter.selects(PAGE_IS_PRESENT | PAGE_IS_FILE));
+        assert!(
+            !filter.selects(PAGE_IS_SWAPPED | PAGE_IS_FILE),
+            "a file page under migration"
+        );
+        assert!(!filter.selects(0), "nothing mapped");
+        assert!(!filter.selects(PAGE_IS_WRITTEN), "neither present nor swapped");
+    }
+
+    #[test]
+    fn test_present_scan_selects_only_present_pages() {
+        let filter = ScanFilter::PRESENT;
+        assert!(filter.selects(PAGE_IS_PRESENT | PAGE_IS_FILE));
+        assert!(filter.selects(PAGE_IS_PRESENT));
+        assert!(!filter.selects(PAGE_IS_SWAPPED));
+    }
 
     #[test]
     fn test_duplicate_and_adjacent_runs_are_merged() {
