@@ -460,23 +460,30 @@ impl GuestRam {
         Ok(template)
     }
 
+    /// Copies this clone's private pages into a new sealed overlay over `parent`. The layer and
+    /// run limits are checked before anything is allocated or copied, and the copy goes through
+    /// a buffer of at most [`FREEZE_CHUNK`] bytes whatever the size of a run.
     fn freeze_layer(&self, parent: &TemplateMemory, pagemap: &PageMap) -> Result<TemplateMemory, MemoryError> {
         let runs = self.private_runs(pagemap)?;
         if runs.is_empty() {
             return Ok(parent.clone());
         }
+        check_overlay_limits(parent, runs.len())?;
         let file = create_memfd(c"cowvm-template-overlay")?;
         let size = self.size();
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
-        let mut buffer = Vec::new();
+        let largest = runs.iter().map(|r| r.end - r.start).max().unwrap_or(0);
+        let mut buffer = vec![0u8; largest.min(FREEZE_CHUNK) as usize];
         for run in &runs {
-            buffer.resize((run.end - run.start) as usize, 0);
-            self.view
-                .read_slice(&mut buffer, GuestAddress(run.start))
-                .map_err(|e| MemoryError::Region(e.to_string()))?;
-            file.write_all_at(&buffer, run.start)
-                .map_err(MemoryError::CreateMemfd)?;
+            for chunk in chunks(run.clone(), FREEZE_CHUNK) {
+                let bytes = &mut buffer[..(chunk.end - chunk.start) as usize];
+                self.view
+                    .read_slice(bytes, GuestAddress(chunk.start))
+                    .map_err(|e| MemoryError::Region(e.to_string()))?;
+                file.write_all_at(bytes, chunk.start)
+                    .map_err(MemoryError::CreateMemfd)?;
+            }
         }
         add_seals(&file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
         let memory = FrozenMemory::from_sealed(file)?;
@@ -535,6 +542,84 @@ impl GuestRam {
             Backing::Owned(_) => None,
             Backing::Private(frozen) => Some(frozen),
         }
+    }
+}
+
+/// Most bytes a layered freeze copies at once (the size of its copy buffer).
+pub const FREEZE_CHUNK: u64 = 1 << 20;
+
+/// Fails with [`MemoryError::TooFragmented`] if an overlay of `new_runs` runs on `parent` would
+/// exceed the layer or run limits.
+fn check_overlay_limits(parent: &TemplateMemory, new_runs: usize) -> Result<(), MemoryError> {
+    let layers = parent.depth() + 1;
+    let runs = parent.overlay_runs().saturating_add(new_runs);
+    if layers > MAX_TEMPLATE_LAYERS || runs > MAX_TEMPLATE_RUNS {
+        return Err(MemoryError::TooFragmented { layers, runs });
+    }
+    Ok(())
+}
+
+/// `range` cut into consecutive pieces of at most `chunk` bytes.
+fn chunks(range: Range<u64>, chunk: u64) -> impl Iterator<Item = Range<u64>> {
+    let chunk = chunk.max(1);
+    (range.start..range.end)
+        .step_by(chunk as usize)
+        .map(move |start| start..start.saturating_add(chunk).min(range.end))
+}
+
+#[cfg(test)]
+mod freeze_tests {
+    use super::*;
+
+    fn template_of_depth(depth: usize, runs_per_overlay: usize) -> TemplateMemory {
+        let base = FrozenMemory::new_sealed_with(64 * PAGE_SIZE, |_| Ok(())).expect("base");
+        let overlays = (1..depth)
+            .map(|_| Overlay {
+                memory: base.clone(),
+                runs: (0..runs_per_overlay as u64)
+                    .map(|i| i * 2 * PAGE_SIZE..(i * 2 + 1) * PAGE_SIZE)
+                    .collect(),
+            })
+            .collect();
+        TemplateMemory {
+            inner: Arc::new(Layers { base, overlays }),
+        }
+    }
+
+    #[test]
+    fn test_overlay_limits_refuse_one_layer_too_many_and_one_run_too_many() {
+        let full_depth = template_of_depth(MAX_TEMPLATE_LAYERS, 0);
+        assert!(matches!(
+            check_overlay_limits(&full_depth, 1),
+            Err(MemoryError::TooFragmented { layers, .. }) if layers == MAX_TEMPLATE_LAYERS + 1
+        ));
+        let room = template_of_depth(MAX_TEMPLATE_LAYERS - 1, 0);
+        assert!(check_overlay_limits(&room, MAX_TEMPLATE_RUNS).is_ok());
+        assert!(matches!(
+            check_overlay_limits(&room, MAX_TEMPLATE_RUNS + 1),
+            Err(MemoryError::TooFragmented { runs, .. }) if runs == MAX_TEMPLATE_RUNS + 1
+        ));
+        let some_runs = template_of_depth(2, 10);
+        assert!(check_overlay_limits(&some_runs, MAX_TEMPLATE_RUNS - 10).is_ok());
+        assert!(check_overlay_limits(&some_runs, MAX_TEMPLATE_RUNS - 9).is_err());
+    }
+
+    #[test]
+    fn test_a_run_larger_than_the_chunk_is_cut_into_whole_consecutive_chunks() {
+        let run = 3 * PAGE_SIZE..3 * PAGE_SIZE + 2 * FREEZE_CHUNK + 5 * PAGE_SIZE;
+        let pieces: Vec<_> = chunks(run.clone(), FREEZE_CHUNK).collect();
+        assert_eq!(pieces.len(), 3);
+        assert!(pieces
+            .iter()
+            .all(|p| p.end - p.start <= FREEZE_CHUNK && p.start < p.end));
+        assert_eq!(pieces[0].start, run.start);
+        assert_eq!(pieces[2].end, run.end);
+        assert!(pieces.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(
+            chunks(0..PAGE_SIZE, FREEZE_CHUNK).collect::<Vec<_>>(),
+            vec![0..PAGE_SIZE]
+        );
+        assert_eq!(chunks(0..0, FREEZE_CHUNK).count(), 0);
     }
 }
 
