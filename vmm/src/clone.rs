@@ -278,6 +278,8 @@ impl CloneEngine {
         };
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         let first_exit = fresh_seed().and_then(|seed| {
+            // The clock starts when the clone is taken, not when its shell was built.
+            vm.start_clocks(template.state())?;
             vm.set_identity(generation, seed)?;
             Ok((seed, vm.run(Some(self.config.first_run_deadline))?))
         });

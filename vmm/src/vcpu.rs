@@ -122,6 +122,20 @@ pub struct VcpuState {
     pub vcpu_events: kvm_vcpu_events,
 }
 
+/// `IA32_TIME_STAMP_COUNTER`: the guest's TSC, among the saved MSRs where the host can save it.
+pub const MSR_IA32_TSC: u32 = 0x10;
+
+impl VcpuState {
+    /// The guest TSC when the state was captured, if this host saves it.
+    pub fn tsc(&self) -> Option<u64> {
+        self.msrs
+            .as_slice()
+            .iter()
+            .find(|entry| entry.index == MSR_IA32_TSC)
+            .map(|entry| entry.data)
+    }
+}
+
 /// A vCPU of a VM.
 ///
 /// The general registers are cached. With `KVM_CAP_SYNC_REGS`, KVM copies them into the shared
@@ -220,6 +234,40 @@ impl Vcpu {
             Some(e) if self.sync_regs && e.errno() == libc::EINTR => Some(self.fd.sync_regs().regs),
             _ => None,
         };
+    }
+
+    /// The guest's TSC now (`KVM_GET_MSRS` of `IA32_TSC`).
+    pub fn tsc(&self) -> Result<u64, VcpuError> {
+        let mut msrs = tsc_msrs(0)?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+        match msrs.as_slice().first() {
+            Some(entry) if read == 1 => Ok(entry.data),
+            _ => Err(VcpuError::PartialMsrs {
+                set: read,
+                total: 1,
+                refused: MSR_IA32_TSC,
+            }),
+        }
+    }
+
+    /// Sets the guest's TSC to `value` from now on (`KVM_SET_MSRS` of `IA32_TSC`). KVM treats a
+    /// write within one second of the TSC it expects as a resynchronisation and keeps the running
+    /// offset (`kvm_synchronize_tsc`), so the result is exact only to within that second.
+    pub fn set_tsc(&self, value: u64) -> Result<(), VcpuError> {
+        let set = self.fd.set_msrs(&tsc_msrs(value)?).map_err(ioctl("KVM_SET_MSRS"))?;
+        if set != 1 {
+            return Err(VcpuError::PartialMsrs {
+                set,
+                total: 1,
+                refused: MSR_IA32_TSC,
+            });
+        }
+        Ok(())
+    }
+
+    /// The guest TSC frequency in kHz (`KVM_GET_TSC_KHZ`).
+    pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
+        self.fd.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))
     }
 
     /// The special registers.
@@ -367,6 +415,20 @@ impl Vcpu {
             .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
+}
+
+/// An MSR list holding only `IA32_TSC` with `value`.
+fn tsc_msrs(value: u64) -> Result<Msrs, VcpuError> {
+    Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        data: value,
+        ..Default::default()
+    }])
+    .map_err(|_| VcpuError::PartialMsrs {
+        set: 0,
+        total: 1,
+        refused: MSR_IA32_TSC,
+    })
 }
 
 fn little_endian(data: &[u8]) -> u32 {
