@@ -16,6 +16,7 @@ pub mod boot;
 pub mod clone;
 pub mod command;
 pub mod exit;
+mod fixed_map;
 pub mod host;
 pub mod kpage;
 pub mod kvm;

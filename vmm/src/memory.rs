@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
+use crate::fixed_map::{self, Fate};
 use crate::pagemap::PageMap;
 
 /// Host page size assumed for guest RAM granularity.
@@ -75,12 +76,23 @@ pub enum MemoryError {
     /// vm-memory refused the region.
     #[error("vm-memory rejected the guest RAM region: {0}")]
     Region(String),
+    /// A `MAP_FIXED` over guest RAM failed after the kernel (before Linux 6.12) had unmapped the
+    /// range: the data there is gone and the VM cannot go on.
+    #[error("remapping {len} bytes of guest RAM failed ({source}) and the kernel had already unmapped the range: the VM's memory is lost and the VM cannot continue")]
+    RamLost {
+        /// Length of the range that was to be remapped.
+        len: u64,
+        /// Error from `mmap`.
+        source: io::Error,
+    },
 }
 
-/// A host virtual address range this process mapped; unmapped exactly once, on drop.
+/// A host virtual address range this process mapped; unmapped exactly once, on drop, unless a
+/// failed `MAP_FIXED` lost part of it to another mapping (see [`crate::fixed_map`]).
 struct HostMapping {
     addr: NonNull<libc::c_void>,
     len: usize,
+    fate: Fate,
 }
 
 // SAFETY: the mapping is plain process memory; the raw pointer is only an address, and access
@@ -112,7 +124,29 @@ impl HostMapping {
             return Err(map_err(io::Error::last_os_error()));
         }
         let addr = NonNull::new(addr).ok_or_else(|| map_err(io::Error::other("mmap returned NULL")))?;
-        Ok(HostMapping { addr, len: size })
+        Ok(HostMapping {
+            addr,
+            len: size,
+            fate: Fate::default(),
+        })
+    }
+
+    /// Handles a failed `MAP_FIXED` over `range` (byte offsets) of this mapping: records what
+    /// the kernel left there and, if the data is gone, turns the error into
+    /// [`MemoryError::RamLost`].
+    fn fixed_map_failed(&self, range: Range<usize>, len: u64, source: io::Error) -> MemoryError {
+        // SAFETY: `range` lies inside this mapping (callers check), so the address is in bounds.
+        let start = unsafe { self.addr.as_ptr().cast::<u8>().add(range.start) };
+        let Some(start) = NonNull::new(start.cast::<libc::c_void>()) else {
+            return MemoryError::Map { len, source };
+        };
+        let aftermath = fixed_map::after_failed_fixed_map(start, range.end - range.start);
+        self.fate.record(aftermath);
+        if aftermath.data_lost() {
+            MemoryError::RamLost { len, source }
+        } else {
+            MemoryError::Map { len, source }
+        }
     }
 
     /// Maps `run` of `fd` (file offset = offset in this mapping) privately over the same run of
@@ -135,10 +169,8 @@ impl HostMapping {
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(MemoryError::Map {
-                len,
-                source: io::Error::last_os_error(),
-            });
+            let source = io::Error::last_os_error();
+            return Err(self.fixed_map_failed(run.start as usize..run.end as usize, len, source));
         }
         Ok(())
     }
@@ -159,6 +191,11 @@ impl HostMapping {
 
 impl Drop for HostMapping {
     fn drop(&mut self) {
+        if !self.fate.get().may_unmap() {
+            // Part of the range now belongs to another mapping: leaking the rest is the only
+            // way not to unmap it.
+            return;
+        }
         // SAFETY: `addr..addr+len` was mapped by us and is unmapped only here, once.
         unsafe { libc::munmap(self.addr.as_ptr(), self.len) };
     }
@@ -442,13 +479,19 @@ impl GuestRam {
             Backing::Owned(file) => file,
             Backing::Private(template) => return self.freeze_layer(template, pagemap),
         };
-        let remapped = HostMapping::map(
+        let remapped = match HostMapping::map(
             file.as_fd(),
             self.size(),
             RAM_PROT,
             PRIVATE_FLAGS,
             Some(self.mapping.addr),
-        )?;
+        ) {
+            Ok(remapped) => remapped,
+            Err(MemoryError::Map { len, source }) => {
+                return Err(self.mapping.fixed_map_failed(0..self.mapping.len, len, source));
+            }
+            Err(e) => return Err(e),
+        };
         // The old mapping object describes the range that MAP_FIXED just replaced; forgetting it
         // leaves `remapped` as the range's only owner.
         std::mem::forget(std::mem::replace(&mut self.mapping, remapped));
@@ -536,6 +579,23 @@ impl GuestRam {
         self.mapping.len as u64
     }
 
+    /// Whether a failed `MAP_FIXED` lost this RAM's data (kernels before 6.12 can leave the
+    /// range unmapped; see `fixed_map.rs`): the VM must not run or be read again, only dropped.
+    pub fn is_lost(&self) -> bool {
+        self.mapping.fate.get().data_lost()
+    }
+
+    /// Test aid: leaves the RAM as a failed `MAP_FIXED` leaves it before Linux 6.12 (the whole
+    /// range unmapped) and hands that to the same failure handling a real failure gets.
+    #[cfg(test)]
+    pub(crate) fn fail_remap_as_before_6_12(&self) -> MemoryError {
+        // SAFETY: the range is ours; the caller holds the VM, so nothing reads the range before
+        // the handler below has taken the hole back or marked the range lost.
+        unsafe { libc::munmap(self.mapping.addr.as_ptr(), self.mapping.len) };
+        let source = io::Error::from_raw_os_error(libc::ENOMEM);
+        self.mapping.fixed_map_failed(0..self.mapping.len, self.size(), source)
+    }
+
     /// The template this RAM is a private view of, if any.
     pub fn template(&self) -> Option<&TemplateMemory> {
         match &self.backing {
@@ -565,62 +625,6 @@ fn chunks(range: Range<u64>, chunk: u64) -> impl Iterator<Item = Range<u64>> {
     (range.start..range.end)
         .step_by(chunk as usize)
         .map(move |start| start..start.saturating_add(chunk).min(range.end))
-}
-
-#[cfg(test)]
-mod freeze_tests {
-    use super::*;
-
-    fn template_of_depth(depth: usize, runs_per_overlay: usize) -> TemplateMemory {
-        let base = FrozenMemory::new_sealed_with(64 * PAGE_SIZE, |_| Ok(())).expect("base");
-        let overlays = (1..depth)
-            .map(|_| Overlay {
-                memory: base.clone(),
-                runs: (0..runs_per_overlay as u64)
-                    .map(|i| i * 2 * PAGE_SIZE..(i * 2 + 1) * PAGE_SIZE)
-                    .collect(),
-            })
-            .collect();
-        TemplateMemory {
-            inner: Arc::new(Layers { base, overlays }),
-        }
-    }
-
-    #[test]
-    fn test_overlay_limits_refuse_one_layer_too_many_and_one_run_too_many() {
-        let full_depth = template_of_depth(MAX_TEMPLATE_LAYERS, 0);
-        assert!(matches!(
-            check_overlay_limits(&full_depth, 1),
-            Err(MemoryError::TooFragmented { layers, .. }) if layers == MAX_TEMPLATE_LAYERS + 1
-        ));
-        let room = template_of_depth(MAX_TEMPLATE_LAYERS - 1, 0);
-        assert!(check_overlay_limits(&room, MAX_TEMPLATE_RUNS).is_ok());
-        assert!(matches!(
-            check_overlay_limits(&room, MAX_TEMPLATE_RUNS + 1),
-            Err(MemoryError::TooFragmented { runs, .. }) if runs == MAX_TEMPLATE_RUNS + 1
-        ));
-        let some_runs = template_of_depth(2, 10);
-        assert!(check_overlay_limits(&some_runs, MAX_TEMPLATE_RUNS - 10).is_ok());
-        assert!(check_overlay_limits(&some_runs, MAX_TEMPLATE_RUNS - 9).is_err());
-    }
-
-    #[test]
-    fn test_a_run_larger_than_the_chunk_is_cut_into_whole_consecutive_chunks() {
-        let run = 3 * PAGE_SIZE..3 * PAGE_SIZE + 2 * FREEZE_CHUNK + 5 * PAGE_SIZE;
-        let pieces: Vec<_> = chunks(run.clone(), FREEZE_CHUNK).collect();
-        assert_eq!(pieces.len(), 3);
-        assert!(pieces
-            .iter()
-            .all(|p| p.end - p.start <= FREEZE_CHUNK && p.start < p.end));
-        assert_eq!(pieces[0].start, run.start);
-        assert_eq!(pieces[2].end, run.end);
-        assert!(pieces.windows(2).all(|w| w[0].end == w[1].start));
-        assert_eq!(
-            chunks(0..PAGE_SIZE, FREEZE_CHUNK).collect::<Vec<_>>(),
-            vec![0..PAGE_SIZE]
-        );
-        assert_eq!(chunks(0..0, FREEZE_CHUNK).count(), 0);
-    }
 }
 
 fn create_memfd(name: &CStr) -> Result<File, MemoryError> {
@@ -679,4 +683,88 @@ fn get_seals(file: &File) -> io::Result<libc::c_int> {
         return Err(io::Error::last_os_error());
     }
     Ok(seals)
+}
+
+#[cfg(test)]
+mod freeze_and_remap_tests {
+    use super::*;
+
+    fn template_of_depth(depth: usize, runs_per_overlay: usize) -> TemplateMemory {
+        let base = FrozenMemory::new_sealed_with(64 * PAGE_SIZE, |_| Ok(())).expect("base");
+        let overlays = (1..depth)
+            .map(|_| Overlay {
+                memory: base.clone(),
+                runs: (0..runs_per_overlay as u64)
+                    .map(|i| i * 2 * PAGE_SIZE..(i * 2 + 1) * PAGE_SIZE)
+                    .collect(),
+            })
+            .collect();
+        TemplateMemory {
+            inner: Arc::new(Layers { base, overlays }),
+        }
+    }
+
+    #[test]
+    fn test_overlay_limits_refuse_one_layer_too_many_and_one_run_too_many() {
+        let full_depth = template_of_depth(MAX_TEMPLATE_LAYERS, 0);
+        assert!(matches!(
+            check_overlay_limits(&full_depth, 1),
+            Err(MemoryError::TooFragmented { layers, .. }) if layers == MAX_TEMPLATE_LAYERS + 1
+        ));
+        let room = template_of_depth(MAX_TEMPLATE_LAYERS - 1, 0);
+        assert!(check_overlay_limits(&room, MAX_TEMPLATE_RUNS).is_ok());
+        assert!(matches!(
+            check_overlay_limits(&room, MAX_TEMPLATE_RUNS + 1),
+            Err(MemoryError::TooFragmented { runs, .. }) if runs == MAX_TEMPLATE_RUNS + 1
+        ));
+        let some_runs = template_of_depth(2, 10);
+        assert!(check_overlay_limits(&some_runs, MAX_TEMPLATE_RUNS - 10).is_ok());
+        assert!(check_overlay_limits(&some_runs, MAX_TEMPLATE_RUNS - 9).is_err());
+    }
+
+    #[test]
+    fn test_a_mapping_that_lost_its_range_to_another_mapping_does_not_unmap_it_on_drop() {
+        let file = create_memfd(c"cowvm-test").expect("memfd");
+        file.set_len(4 * PAGE_SIZE).expect("size");
+        let mapping = HostMapping::map(file.as_fd(), 4 * PAGE_SIZE, RAM_PROT, PRIVATE_FLAGS, None).expect("map");
+        let base = mapping.addr;
+        // A failed MAP_FIXED before 6.12 leaves the range unmapped; another mmap lands in it.
+        // SAFETY: the range is the test's own mapping, not used again until the check below.
+        unsafe { libc::munmap(base.as_ptr(), mapping.len) };
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+        // SAFETY: NOREPLACE into the hole the test just made; the page is the "other" mapping.
+        let other = unsafe { libc::mmap(base.as_ptr(), PAGE_SIZE as usize, RAM_PROT, flags, -1, 0) };
+        assert_eq!(other, base.as_ptr());
+        let error = mapping.fixed_map_failed(
+            0..mapping.len,
+            4 * PAGE_SIZE,
+            io::Error::from_raw_os_error(libc::ENOMEM),
+        );
+        assert!(matches!(error, MemoryError::RamLost { .. }));
+        drop(mapping);
+        assert!(
+            fixed_map::range_is_mapped(base, PAGE_SIZE as usize),
+            "dropping the lost mapping left the other mapping alone"
+        );
+        // SAFETY: the other mapping is the test's own page.
+        unsafe { libc::munmap(other, PAGE_SIZE as usize) };
+    }
+
+    #[test]
+    fn test_a_run_larger_than_the_chunk_is_cut_into_whole_consecutive_chunks() {
+        let run = 3 * PAGE_SIZE..3 * PAGE_SIZE + 2 * FREEZE_CHUNK + 5 * PAGE_SIZE;
+        let pieces: Vec<_> = chunks(run.clone(), FREEZE_CHUNK).collect();
+        assert_eq!(pieces.len(), 3);
+        assert!(pieces
+            .iter()
+            .all(|p| p.end - p.start <= FREEZE_CHUNK && p.start < p.end));
+        assert_eq!(pieces[0].start, run.start);
+        assert_eq!(pieces[2].end, run.end);
+        assert!(pieces.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(
+            chunks(0..PAGE_SIZE, FREEZE_CHUNK).collect::<Vec<_>>(),
+            vec![0..PAGE_SIZE]
+        );
+        assert_eq!(chunks(0..0, FREEZE_CHUNK).count(), 0);
+    }
 }
