@@ -380,7 +380,7 @@ impl Vm {
     /// clone's clock (see docs/architecture.md, "Guest clocks of clones"); the clone engine calls
     /// it when a clone is taken, whether from a warm shell or built on the spot.
     ///
-    /// `KVM_SET_CLOCK` costs about 1 µs. The TSC is rewritten (`KVM_SET_MSRS`, about 6 µs here)
+    /// `KVM_SET_CLOCK` costs about 0.6 µs. The TSC is rewritten (`KVM_SET_MSRS`, about 6 µs here)
     /// only if the clocks were last set at least [`TSC_RESYNC_WINDOW`] ago: KVM takes a host
     /// write within that window of the TSC it expects as a resynchronisation and keeps the
     /// running offset, so an earlier write would change nothing.
