@@ -127,9 +127,9 @@ fn allocated(dir: &Path, id: &str) -> u64 {
     std::fs::metadata(dir.join(name)).expect("stat").blocks() * 512
 }
 
-/// Issue 11 items 1–5 and issue 18 item 9, through a real server.
+/// Issue 11 items 1, 2, 3 and 5 and issue 18 item 9, through a real server.
 #[test]
-fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_or_generation() {
+fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_nor_generation() {
     let dir = state_dir("startup");
     let server = serve(&dir).expect("first start");
     let vm = server.call("POST", "/v1/vms", Some(json!({"memory_mib": 64})));
@@ -142,16 +142,13 @@ fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_or_gene
     let first_run: HashSet<u64> = generations(&made).into_iter().collect();
     server.kill();
 
-    // Damage tpl-2, copy tpl-1's state file under another id, and add a FIFO and foreign files.
+    // Damage tpl-2, copy tpl-1's state file under another id, and add foreign files.
     let tpl2 = dir.join("tpl-2.state");
     let mut damaged = std::fs::read(&tpl2).expect("read");
     let last = damaged.len() - 1;
     damaged[last] ^= 0x20;
     std::fs::write(&tpl2, &damaged).expect("damage");
     std::fs::copy(dir.join("tpl-1.state"), dir.join("tpl-5.state")).expect("copy");
-    let fifo = std::ffi::CString::new(dir.join("zzz.state").to_string_lossy().as_bytes()).expect("path");
-    // SAFETY: mkfifo on a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
     for foreign in ["backup-disk.mem", ".editor.swp.tmp"] {
         std::fs::write(dir.join(foreign), b"mine").expect("write");
     }
@@ -168,9 +165,7 @@ fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_or_gene
         tpl2_memory_bytes,
         "its memory file is kept, unchanged"
     );
-    for name in ["tpl-5.state", "zzz.state"] {
-        assert!(quarantine.join(name).exists(), "{name} in quarantine: {:?}", names(&quarantine));
-    }
+    assert!(quarantine.join("tpl-5.state").exists(), "{:?}", names(&quarantine));
     for foreign in ["backup-disk.mem", ".editor.swp.tmp"] {
         assert_eq!(std::fs::read(dir.join(foreign)).expect("kept"), b"mine", "{foreign} untouched");
     }
@@ -186,13 +181,31 @@ fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_or_gene
         assert!(!first_run.contains(&generation), "generation {generation} repeats across a restart");
     }
     let stderr = server.kill();
-    for name in ["tpl-2.state", "tpl-5.state", "zzz.state"] {
+    for name in ["tpl-2.state", "tpl-5.state"] {
         assert!(
             stderr.lines().any(|l| l.contains(name) && l.contains("quarantine")),
             "{name} is logged with its reason: {stderr}"
         );
     }
-    assert!(stderr.contains("FIFO"), "{stderr}");
+    assert!(stderr.contains("claims template id \"tpl-1\""), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Issue 11 item 4.
+#[test]
+fn test_a_fifo_named_like_a_state_file_neither_blocks_start_up_nor_is_opened() {
+    let dir = state_dir("fifo");
+    let fifo = std::ffi::CString::new(dir.join("zzz.state").to_string_lossy().as_bytes()).expect("path");
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    let server = serve(&dir).expect("start");
+    assert!(template_ids(&server).is_empty());
+    let stderr = server.kill();
+    assert!(
+        stderr.lines().any(|l| l.contains("zzz.state") && l.contains("FIFO") && l.contains("quarantine")),
+        "{stderr}"
+    );
+    assert!(dir.join("quarantine/zzz.state").exists());
     std::fs::remove_dir_all(&dir).ok();
 }
 
