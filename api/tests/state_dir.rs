@@ -288,3 +288,79 @@ fn test_layered_templates_are_saved_as_overlays_and_reload_after_their_parent() 
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_dir_all(&aside).ok();
 }
+
+/// Issue 18 item 3: copies that change sparseness (same content) keep the template.
+#[test]
+fn test_a_template_survives_cp_sparse_never_and_always_of_its_memory_file() {
+    let dir = state_dir("sparse");
+    let server = serve(&dir).expect("start");
+    let vm = server.call("POST", "/v1/vms", Some(json!({"memory_mib": 64, "warmup_mib": 4})));
+    let vm = vm["id"].as_str().expect("id").to_owned();
+    server.call("POST", &format!("/v1/vms/{vm}/snapshot"), None);
+    let sum = json!({"command": "checksum", "start_gpa": 8 * MIB, "count": 1024, "stride": 4096});
+    let made = server.call("POST", "/v1/templates/tpl-1/clones", Some(json!({"count": 1})));
+    let clone = made["clones"][0]["id"].as_str().expect("clone").to_owned();
+    let expected = server.call("POST", &format!("/v1/vms/{clone}/run"), Some(sum.clone()))["result"].clone();
+    server.kill();
+    let memory = names(&dir)
+        .into_iter()
+        .find(|n| n.starts_with("tpl-1.") && n.ends_with(".mem"))
+        .map(|n| dir.join(n))
+        .expect("memory file");
+    for mode in ["never", "always"] {
+        let copy = dir.join("copy-in-progress");
+        let copied = Command::new("cp")
+            .arg(format!("--sparse={mode}"))
+            .arg(&memory)
+            .arg(&copy)
+            .status()
+            .expect("cp");
+        assert!(copied.success());
+        std::fs::rename(&copy, &memory).expect("replace");
+        let server = serve(&dir).expect("restart");
+        assert_eq!(template_ids(&server), ["tpl-1"], "--sparse={mode}");
+        let made = server.call("POST", "/v1/templates/tpl-1/clones", Some(json!({"count": 1})));
+        let clone = made["clones"][0]["id"].as_str().expect("clone").to_owned();
+        let got = server.call("POST", &format!("/v1/vms/{clone}/run"), Some(sum.clone()));
+        assert_eq!(got["result"], expected, "--sparse={mode}");
+        server.kill();
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Issue 18 item 8: a payload is tied to its file name and checked against its state.
+#[test]
+fn test_payloads_naming_another_id_or_a_wrong_size_are_quarantined_at_start() {
+    const CRC: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+    let dir = state_dir("payload");
+    let server = serve(&dir).expect("start");
+    let vm = server.call("POST", "/v1/vms", Some(json!({"memory_mib": 64})));
+    let vm = vm["id"].as_str().expect("id").to_owned();
+    for _ in 0..3 {
+        server.call("POST", &format!("/v1/vms/{vm}/snapshot"), None);
+    }
+    server.kill();
+    let rewrite = |id: &str, edit: &dyn Fn(&mut Value)| {
+        let path = dir.join(format!("{id}.state"));
+        let bytes = std::fs::read(&path).expect("read");
+        let mut payload: Value = serde_json::from_slice(&bytes[28..]).expect("payload");
+        edit(&mut payload);
+        let body = serde_json::to_vec(&payload).expect("encode");
+        let mut out = bytes[..12].to_vec();
+        out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        out.extend_from_slice(&CRC.checksum(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        std::fs::write(&path, out).expect("write");
+    };
+    rewrite("tpl-2", &|p| p["id"] = "tpl-9".into());
+    rewrite("tpl-3", &|p| p["memory_size"] = (128 * MIB).into());
+    let server = serve(&dir).expect("restart");
+    assert_eq!(template_ids(&server), ["tpl-1"]);
+    let stderr = server.kill();
+    assert!(stderr.contains("claims template id \"tpl-9\""), "{stderr}");
+    assert!(stderr.contains("differs from the VM state"), "{stderr}");
+    for name in ["tpl-2.state", "tpl-3.state"] {
+        assert!(dir.join("quarantine").join(name).exists(), "{name}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
