@@ -152,14 +152,21 @@ fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_nor_gen
     for foreign in ["backup-disk.mem", ".editor.swp.tmp"] {
         std::fs::write(dir.join(foreign), b"mine").expect("write");
     }
-    let tpl2_memory: Vec<String> = names(&dir).into_iter().filter(|n| n.starts_with("tpl-2.") && n.ends_with(".mem")).collect();
+    let tpl2_memory: Vec<String> = names(&dir)
+        .into_iter()
+        .filter(|n| n.starts_with("tpl-2.") && n.ends_with(".mem"))
+        .collect();
     assert_eq!(tpl2_memory.len(), 1);
     let tpl2_memory_bytes = std::fs::read(dir.join(&tpl2_memory[0])).expect("read");
 
     let server = serve(&dir).expect("second start");
     assert_eq!(template_ids(&server), ["tpl-1"], "the intact template loads, once");
     let quarantine = dir.join("quarantine");
-    assert_eq!(std::fs::read(quarantine.join("tpl-2.state")).expect("kept"), damaged, "unchanged");
+    assert_eq!(
+        std::fs::read(quarantine.join("tpl-2.state")).expect("kept"),
+        damaged,
+        "unchanged"
+    );
     assert_eq!(
         std::fs::read(quarantine.join(&tpl2_memory[0])).expect("kept"),
         tpl2_memory_bytes,
@@ -167,7 +174,11 @@ fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_nor_gen
     );
     assert!(quarantine.join("tpl-5.state").exists(), "{:?}", names(&quarantine));
     for foreign in ["backup-disk.mem", ".editor.swp.tmp"] {
-        assert_eq!(std::fs::read(dir.join(foreign)).expect("kept"), b"mine", "{foreign} untouched");
+        assert_eq!(
+            std::fs::read(dir.join(foreign)).expect("kept"),
+            b"mine",
+            "{foreign} untouched"
+        );
     }
 
     // New templates never take a refused id; clones after the restart get new generation ids.
@@ -178,7 +189,10 @@ fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_nor_gen
     assert_eq!(std::fs::read(quarantine.join("tpl-2.state")).expect("kept"), damaged);
     let made = server.call("POST", "/v1/templates/tpl-1/clones", Some(json!({"count": 3})));
     for generation in generations(&made) {
-        assert!(!first_run.contains(&generation), "generation {generation} repeats across a restart");
+        assert!(
+            !first_run.contains(&generation),
+            "generation {generation} repeats across a restart"
+        );
     }
     let stderr = server.kill();
     for name in ["tpl-2.state", "tpl-5.state"] {
@@ -202,7 +216,9 @@ fn test_a_fifo_named_like_a_state_file_neither_blocks_start_up_nor_is_opened() {
     assert!(template_ids(&server).is_empty());
     let stderr = server.kill();
     assert!(
-        stderr.lines().any(|l| l.contains("zzz.state") && l.contains("FIFO") && l.contains("quarantine")),
+        stderr
+            .lines()
+            .any(|l| l.contains("zzz.state") && l.contains("FIFO") && l.contains("quarantine")),
         "{stderr}"
     );
     assert!(dir.join("quarantine/zzz.state").exists());
@@ -242,7 +258,10 @@ fn test_layered_templates_are_saved_as_overlays_and_reload_after_their_parent() 
     let sum = json!({"command": "checksum", "start_gpa": 8 * MIB, "count": 2048, "stride": 4096});
     let expected = server.call("POST", &format!("/v1/vms/{clone}/run"), Some(sum.clone()))["result"].clone();
     let layered = server.call("POST", &format!("/v1/vms/{clone}/snapshot"), None);
-    assert_eq!((layered["template_id"].as_str(), layered["layers"].as_u64()), (Some("tpl-2"), Some(2)));
+    assert_eq!(
+        (layered["template_id"].as_str(), layered["layers"].as_u64()),
+        (Some("tpl-2"), Some(2))
+    );
     let fork = server.call("POST", &format!("/v1/vms/{clone}/clones"), Some(json!({"count": 1})));
     assert_eq!(fork["template_id"], "tpl-3");
 
@@ -258,9 +277,19 @@ fn test_layered_templates_are_saved_as_overlays_and_reload_after_their_parent() 
         let id = vm["id"].as_str().expect("id");
         server.call("DELETE", &format!("/v1/vms/{id}"), None);
     }
-    let refused = server.client.request("DELETE", "/v1/templates/tpl-1", None).expect("answer");
+    let refused = server
+        .client
+        .request("DELETE", "/v1/templates/tpl-1", None)
+        .expect("answer");
     assert_eq!(refused.status, 409, "{:?}", refused.body);
-    assert!(refused.body["error"]["message"].as_str().unwrap_or("").contains("tpl-2"), "{:?}", refused.body);
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("tpl-2"),
+        "{:?}",
+        refused.body
+    );
     server.kill();
 
     let server = serve(&dir).expect("restart");
@@ -270,7 +299,10 @@ fn test_layered_templates_are_saved_as_overlays_and_reload_after_their_parent() 
     let made = server.call("POST", "/v1/templates/tpl-2/clones", Some(json!({"count": 1})));
     let clone = made["clones"][0]["id"].as_str().expect("clone").to_owned();
     let got = server.call("POST", &format!("/v1/vms/{clone}/run"), Some(sum));
-    assert_eq!(got["result"], expected, "the reloaded layered template has the same memory");
+    assert_eq!(
+        got["result"], expected,
+        "the reloaded layered template has the same memory"
+    );
     server.kill();
 
     let aside = state_dir("layered-aside");
@@ -281,7 +313,9 @@ fn test_layered_templates_are_saved_as_overlays_and_reload_after_their_parent() 
     assert!(template_ids(&server).is_empty());
     let stderr = server.kill();
     assert!(
-        stderr.lines().any(|l| l.contains("tpl-2.state") && l.contains("parent template tpl-1")),
+        stderr
+            .lines()
+            .any(|l| l.contains("tpl-2.state") && l.contains("parent template tpl-1")),
         "{stderr}"
     );
     assert!(dir.join("quarantine/tpl-2.state").exists());

@@ -170,7 +170,11 @@ fn test_layered_template_is_saved_as_its_overlay_plus_its_parent_and_loads_after
     let template = Arc::new(startup.loaded.into_iter().nth(1).expect("child").template);
     let mut grandchild = engine.spawn(&template, 1).expect("spawn").clones.pop().expect("clone");
     assert_eq!(read(grandchild.vm_mut(), 12 * MIB), 77, "the overlay's data");
-    assert_eq!(read(grandchild.vm_mut(), 16 * MIB), (16 * MIB) | 0xfeed, "the parent's data");
+    assert_eq!(
+        read(grandchild.vm_mut(), 16 * MIB),
+        (16 * MIB) | 0xfeed,
+        "the parent's data"
+    );
 
     // Without its parent, the layered template is refused and moved aside, not deleted.
     let aside = state_dir("layered-aside");
@@ -180,13 +184,20 @@ fn test_layered_template_is_saved_as_its_overlay_plus_its_parent_and_loads_after
     let startup = persist::load_all(&dir).expect("load");
     assert!(startup.loaded.is_empty());
     assert!(
-        startup.refused.iter().any(|l| l.contains("tpl-2.state") && l.contains("parent template tpl-1")),
+        startup
+            .refused
+            .iter()
+            .any(|l| l.contains("tpl-2.state") && l.contains("parent template tpl-1")),
         "{:?}",
         startup.refused
     );
     let quarantined = names(&dir.join("quarantine"));
     assert!(quarantined.contains(&"tpl-2.state".to_owned()), "{quarantined:?}");
-    assert_eq!(quarantined.iter().filter(|n| n.ends_with(".mem")).count(), 1, "{quarantined:?}");
+    assert_eq!(
+        quarantined.iter().filter(|n| n.ends_with(".mem")).count(),
+        1,
+        "{quarantined:?}"
+    );
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_dir_all(&aside).ok();
 }
@@ -212,7 +223,10 @@ fn test_a_template_survives_cp_sparse_never_and_sparse_always_of_its_memory_file
         std::fs::rename(&copy, &memory).expect("replace");
         let blocks = std::fs::metadata(&memory).expect("stat").blocks();
         if mode == "never" {
-            assert!(blocks > 2 * sparse_blocks, "the copy is dense: {blocks} blocks, {sparse_blocks} before");
+            assert!(
+                blocks > 2 * sparse_blocks,
+                "the copy is dense: {blocks} blocks, {sparse_blocks} before"
+            );
         }
         let startup = persist::load_all(&dir).expect("load");
         assert!(startup.refused.is_empty(), "--sparse={mode}: {:?}", startup.refused);
@@ -286,14 +300,21 @@ fn test_bad_checksum_and_unknown_version_are_refused_by_load_and_the_file_is_unt
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A state file's id, how its payload is spoilt, and what the refusal says.
+type Case = (&'static str, fn(&mut Value), &'static str);
+
 /// Issue 18 item 8: the payload is checked against its file name, its state and the limits.
 #[test]
 fn test_payloads_that_fail_validation_are_refused_and_quarantined() {
     let dir = state_dir("validate");
     let template = template_with_data(&kvm(), 16, &[8 * MIB]);
-    let cases: [(&str, fn(&mut Value), &str); 5] = [
+    let cases: [Case; 5] = [
         ("tpl-1", |p| p["id"] = "tpl-9".into(), "claims template id"),
-        ("tpl-2", |p| p["memory_size"] = (17 * MIB).into(), "differs from the VM state"),
+        (
+            "tpl-2",
+            |p| p["memory_size"] = (17 * MIB).into(),
+            "differs from the VM state",
+        ),
         (
             "tpl-3",
             |p| {
@@ -302,7 +323,11 @@ fn test_payloads_that_fail_validation_are_refused_and_quarantined() {
             },
             "not a page multiple",
         ),
-        ("tpl-4", |p| p["memory_file"] = "../elsewhere.mem".into(), "memory file name"),
+        (
+            "tpl-4",
+            |p| p["memory_file"] = "../elsewhere.mem".into(),
+            "memory file name",
+        ),
         ("tpl-5", |p| p["id"] = "tpl-5/..".into(), "claims template id"),
     ];
     for (id, edit, _) in &cases {
@@ -316,13 +341,20 @@ fn test_payloads_that_fail_validation_are_refused_and_quarantined() {
     assert_eq!(ids(&startup), ["tpl-6"]);
     for (id, _, why) in &cases {
         assert!(
-            startup.refused.iter().any(|l| l.contains(&format!("{id}.state")) && l.contains(why)),
+            startup
+                .refused
+                .iter()
+                .any(|l| l.contains(&format!("{id}.state")) && l.contains(why)),
             "{id}: {:?}",
             startup.refused
         );
     }
     let quarantined = names(&dir.join("quarantine"));
-    assert_eq!(quarantined.len(), 10, "5 state files and their memory files: {quarantined:?}");
+    assert_eq!(
+        quarantined.len(),
+        10,
+        "5 state files and their memory files: {quarantined:?}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -364,7 +396,10 @@ fn test_damaged_templates_are_moved_to_quarantine_unchanged_and_the_others_load(
     assert_eq!(startup.refused.len(), before.len() + 1, "{:#?}", startup.refused);
     for id in ["tpl-2", "tpl-3", "tpl-4", "tpl-5", "tpl-6", "tpl-7"] {
         assert!(
-            startup.refused.iter().any(|l| l.contains(&format!("{id}.state")) && l.contains("quarantine")),
+            startup
+                .refused
+                .iter()
+                .any(|l| l.contains(&format!("{id}.state")) && l.contains("quarantine")),
             "{id} is reported: {:#?}",
             startup.refused
         );
@@ -372,13 +407,22 @@ fn test_damaged_templates_are_moved_to_quarantine_unchanged_and_the_others_load(
     let quarantine = dir.join("quarantine");
     for (name, bytes) in &before {
         assert!(!dir.join(name).exists(), "{name} left the state directory");
-        assert_eq!(&std::fs::read(quarantine.join(name)).expect("kept"), bytes, "{name} unchanged");
+        assert_eq!(
+            &std::fs::read(quarantine.join(name)).expect("kept"),
+            bytes,
+            "{name} unchanged"
+        );
     }
     assert_eq!(
         std::fs::read_link(quarantine.join("tpl-5.state")).expect("the symlink itself"),
         PathBuf::from("tpl-1.state")
     );
-    let mut left = vec!["cowvm-ids.json".to_owned(), "quarantine".into(), "tpl-1.state".into(), tpl1_memory];
+    let mut left = vec![
+        "cowvm-ids.json".to_owned(),
+        "quarantine".into(),
+        "tpl-1.state".into(),
+        tpl1_memory,
+    ];
     left.sort();
     assert_eq!(names(&dir), left, "only tpl-1 and cowvm's own files remain");
     std::fs::remove_dir_all(&dir).ok();
@@ -399,7 +443,11 @@ fn test_only_cowvm_leftovers_are_removed_and_each_removal_is_reported() {
     }
     let startup = persist::load_all(&dir).expect("load");
     for name in foreign {
-        assert_eq!(std::fs::read(dir.join(name)).expect("kept"), b"data", "{name} is not cowvm's");
+        assert_eq!(
+            std::fs::read(dir.join(name)).expect("kept"),
+            b"data",
+            "{name} is not cowvm's"
+        );
     }
     for name in leftovers {
         assert!(!dir.join(name).exists(), "{name} is swept");
@@ -421,7 +469,8 @@ fn test_fifos_sockets_and_devices_in_the_state_dir_are_refused_without_blocking(
     // SAFETY: mkfifo on a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
     let _socket = std::os::unix::net::UnixListener::bind(dir.join("sock.state")).expect("socket");
-    let device = std::ffi::CString::new(dir.join("tpl-2.0123456789abcdef.mem").to_string_lossy().as_bytes()).expect("path");
+    let device =
+        std::ffi::CString::new(dir.join("tpl-2.0123456789abcdef.mem").to_string_lossy().as_bytes()).expect("path");
     // SAFETY: mknod of /dev/null's numbers on a NUL-terminated path.
     let made_device = unsafe { libc::mknod(device.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) } == 0;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -434,10 +483,16 @@ fn test_fifos_sockets_and_devices_in_the_state_dir_are_refused_without_blocking(
     let quarantined = names(&dir.join("quarantine"));
     for (name, kind) in [("zzz.state", "FIFO"), ("sock.state", "socket")] {
         assert!(quarantined.contains(&name.to_owned()), "{quarantined:?}");
-        assert!(refused.iter().any(|l| l.contains(name) && l.contains(kind)), "{refused:?}");
+        assert!(
+            refused.iter().any(|l| l.contains(name) && l.contains(kind)),
+            "{refused:?}"
+        );
     }
     if made_device {
-        assert!(refused.iter().any(|l| l.contains("tpl-2.") && l.contains("device")), "{refused:?}");
+        assert!(
+            refused.iter().any(|l| l.contains("tpl-2.") && l.contains("device")),
+            "{refused:?}"
+        );
     } else {
         eprintln!("skipped the device case: mknod is not permitted here");
     }
@@ -455,9 +510,18 @@ fn test_two_state_files_claiming_one_id_load_it_once() {
     let startup = persist::load_all(&dir).expect("load");
     assert_eq!(ids(&startup), ["tpl-1"], "loaded once");
     assert_eq!(startup.refused.len(), 2, "{:?}", startup.refused);
-    assert!(startup.refused.iter().any(|l| l.contains("tpl-2.state") && l.contains("claims template id \"tpl-1\"")));
-    assert!(startup.refused.iter().any(|l| l.contains("tpl-3.state") && l.contains("symbolic link")));
-    assert!(memory_file(&dir, "tpl-1").exists(), "the original keeps its memory file");
+    assert!(startup
+        .refused
+        .iter()
+        .any(|l| l.contains("tpl-2.state") && l.contains("claims template id \"tpl-1\"")));
+    assert!(startup
+        .refused
+        .iter()
+        .any(|l| l.contains("tpl-3.state") && l.contains("symbolic link")));
+    assert!(
+        memory_file(&dir, "tpl-1").exists(),
+        "the original keeps its memory file"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -486,7 +550,11 @@ fn test_ids_refused_quarantined_or_deleted_are_never_handed_out_again() {
     persist::save(&dir, "tpl-7", &template).expect("save");
     std::fs::write(persist::state_path(&dir, "tpl-7"), b"damaged").expect("damage");
     let first = persist::load_all(&dir).expect("load");
-    assert!(first.refused.iter().any(|l| l.contains("tpl-7.state")), "{:?}", first.refused);
+    assert!(
+        first.refused.iter().any(|l| l.contains("tpl-7.state")),
+        "{:?}",
+        first.refused
+    );
     assert_eq!(first.next_template, 8, "tpl-7 was refused, so 7 is taken");
     let again = persist::load_all(&dir).expect("load");
     assert_eq!(again.next_template, 8, "tpl-7 in quarantine keeps 7 taken");

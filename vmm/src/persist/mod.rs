@@ -272,7 +272,13 @@ pub fn save(dir: &Path, id: &str, template: &Template) -> Result<(), PersistErro
 
 /// Saves `template`, which is `parent` (saved as `parent_id` in `dir`) with one more overlay
 /// (or `parent`'s memory itself), as that overlay's pages plus a reference to the parent.
-pub fn save_layered(dir: &Path, id: &str, template: &Template, parent_id: &str, parent: &Template) -> Result<(), PersistError> {
+pub fn save_layered(
+    dir: &Path,
+    id: &str,
+    template: &Template,
+    parent_id: &str,
+    parent: &Template,
+) -> Result<(), PersistError> {
     check_id(id, dir)?;
     let (memory, parent_memory) = (template.memory(), parent.memory());
     let (sources, runs) = if memory.same_as(parent_memory) {
@@ -388,7 +394,10 @@ fn read_state(path: &Path, id: &str) -> Result<StateFile, PersistError> {
         return Err(malformed(path, "truncated: payload shorter than its header says"));
     }
     if body.len() as u64 > len {
-        return Err(malformed(path, format!("{} trailing bytes after the payload", body.len() as u64 - len)));
+        return Err(malformed(
+            path,
+            format!("{} trailing bytes after the payload", body.len() as u64 - len),
+        ));
     }
     let computed = checksum::bytes_crc(body);
     if computed != stored {
@@ -412,7 +421,10 @@ fn read_state(path: &Path, id: &str) -> Result<StateFile, PersistError> {
 fn validate(path: &Path, id: &str, version: u32, payload: &Payload<VmState>) -> Result<(), PersistError> {
     let fail = |reason: String| Err(malformed(path, reason));
     if payload.id != id {
-        return fail(format!("it claims template id {:?} but is named {id}.state", payload.id));
+        return fail(format!(
+            "it claims template id {:?} but is named {id}.state",
+            payload.id
+        ));
     }
     if names::memory_id(&payload.memory_file) != Some(id) {
         return fail(format!(
@@ -443,7 +455,10 @@ fn validate(path: &Path, id: &str, version: u32, payload: &Payload<VmState>) -> 
             return fail(format!("parent id {:?}", parent.id));
         }
         if parent.runs.len() > MAX_TEMPLATE_RUNS {
-            return fail(format!("{} overlay runs (at most {MAX_TEMPLATE_RUNS})", parent.runs.len()));
+            return fail(format!(
+                "{} overlay runs (at most {MAX_TEMPLATE_RUNS})",
+                parent.runs.len()
+            ));
         }
         let mut end = 0;
         for &[start, stop] in &parent.runs {

@@ -74,7 +74,11 @@ pub fn classify(name: &str) -> Name {
                 return Name::Uncommitted(Some(id.to_owned()));
             }
         }
-        if inner.strip_prefix(COUNTERS_FILE).and_then(|r| r.strip_prefix('.')).is_some_and(nonce) {
+        if inner
+            .strip_prefix(COUNTERS_FILE)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(nonce)
+        {
             return Name::Uncommitted(None);
         }
     }
@@ -119,7 +123,10 @@ mod tests {
             classify(".tpl-7.state.0123456789abcdef.tmp"),
             Name::Uncommitted(Some("tpl-7".into()))
         );
-        assert_eq!(classify(".cowvm-ids.json.0123456789abcdef.tmp"), Name::Uncommitted(None));
+        assert_eq!(
+            classify(".cowvm-ids.json.0123456789abcdef.tmp"),
+            Name::Uncommitted(None)
+        );
         for other in [
             "backup-disk.mem",
             ".editor.swp.tmp",

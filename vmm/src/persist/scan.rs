@@ -236,7 +236,10 @@ impl Pass<'_> {
                 } else if super::state_path(self.dir, &id).exists() {
                     self.remove(&name, "its template's state file names another memory file");
                 } else {
-                    self.remove(&name, &format!("no {id}.state names it (a save or removal that never finished)"));
+                    self.remove(
+                        &name,
+                        &format!("no {id}.state names it (a save or removal that never finished)"),
+                    );
                 }
             }
         }
@@ -293,7 +296,10 @@ impl Pass<'_> {
             });
         let line = match moved {
             Ok(to) => format!("{}: {why}; moved to {}", from.display(), to.display()),
-            Err(e) => format!("{}: {why}; could not move it to quarantine ({e}), left as it is", from.display()),
+            Err(e) => format!(
+                "{}: {why}; could not move it to quarantine ({e}), left as it is",
+                from.display()
+            ),
         };
         self.startup.refused.push(line);
     }
