@@ -176,6 +176,20 @@ fn test_layered_template_is_saved_as_its_overlay_plus_its_parent_and_loads_after
         "the parent's data"
     );
 
+    // A clone frozen before it wrote anything is its parent's memory: saved as an empty overlay,
+    // it loads as the parent's memory again.
+    let mut idle = engine.spawn(&base, 1).expect("spawn").clones.pop().expect("clone");
+    let same = Template::freeze(engine.kvm(), idle.vm_mut()).expect("freeze idle clone");
+    assert!(same.memory().same_as(base.memory()));
+    persist::save_layered(&dir, "tpl-3", &same, "tpl-1", &base).expect("save");
+    let startup = persist::load_all(&dir).expect("load");
+    assert_eq!(ids(&startup), ["tpl-1", "tpl-2", "tpl-3"]);
+    assert!(startup.loaded[2]
+        .template
+        .memory()
+        .same_as(startup.loaded[0].template.memory()));
+    std::fs::remove_file(persist::state_path(&dir, "tpl-3")).expect("drop tpl-3");
+
     // Without its parent, the layered template is refused and moved aside, not deleted.
     let aside = state_dir("layered-aside");
     for name in names(&dir).into_iter().filter(|n| n.starts_with("tpl-1.")) {
