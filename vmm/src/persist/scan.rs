@@ -46,6 +46,8 @@ struct Pass<'a> {
     memories: BTreeMap<String, Vec<String>>,
     /// Ids whose state file was refused.
     refused: BTreeSet<String>,
+    /// Memory files that loaded templates use.
+    used: BTreeSet<String>,
     highest: u64,
 }
 
@@ -89,6 +91,7 @@ pub fn load_all(dir: &Path) -> Result<Startup, PersistError> {
         startup: Startup::default(),
         memories: BTreeMap::new(),
         refused: BTreeSet::new(),
+        used: BTreeSet::new(),
         highest: 0,
     };
     pass.note_quarantined_ids();
@@ -190,8 +193,12 @@ impl Pass<'_> {
                     },
                 };
                 let id = state.payload.id.clone();
+                let memory_file = state.payload.memory_file.clone();
                 match state.load(parent) {
-                    Ok(template) => self.startup.loaded.push(template),
+                    Ok(template) => {
+                        self.used.insert(memory_file);
+                        self.startup.loaded.push(template);
+                    }
                     Err(e) => self.refuse(&id, &e.to_string()),
                 }
             }
@@ -217,15 +224,7 @@ impl Pass<'_> {
     /// loaded from another memory file.
     fn sweep_memory_files(&mut self) {
         let memories = std::mem::take(&mut self.memories);
-        let used: BTreeSet<String> = self
-            .startup
-            .loaded
-            .iter()
-            .filter_map(|t| {
-                let state = read_state(&super::state_path(self.dir, &t.id), &t.id).ok()?;
-                Some(state.payload.memory_file)
-            })
-            .collect();
+        let used = std::mem::take(&mut self.used);
         for (id, files) in memories {
             for name in files {
                 if used.contains(&name) || !self.dir.join(&name).exists() {
