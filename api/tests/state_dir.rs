@@ -194,7 +194,21 @@ fn test_start_up_quarantines_damage_keeps_foreign_files_and_reuses_no_id_nor_gen
             "generation {generation} repeats across a restart"
         );
     }
+    server.call("DELETE", &format!("/v1/vms/{vm}"), None);
+    server
+        .client
+        .request("DELETE", "/v1/templates/tpl-6", None)
+        .expect("delete");
+    assert!(!dir.join("tpl-6.state").exists());
     let stderr = server.kill();
+    assert!(
+        stderr
+            .lines()
+            .filter(|l| l.contains("removed") && l.contains("tpl-6."))
+            .count()
+            == 2,
+        "both files of a deleted template are logged as removed: {stderr}"
+    );
     for name in ["tpl-2.state", "tpl-5.state"] {
         assert!(
             stderr.lines().any(|l| l.contains(name) && l.contains("quarantine")),
