@@ -506,9 +506,9 @@ fn test_restart_with_the_same_state_dir_keeps_templates_and_their_clones_share_p
     let server = server::start(config).expect("second server");
     assert_eq!(server.refused_templates.len(), 1, "{:?}", server.refused_templates);
     assert_eq!(
-        std::fs::read(dir.join("tpl-99.state")).expect("read"),
+        std::fs::read(dir.join("quarantine/tpl-99.state")).expect("read"),
         b"COWVMTPL garbage that is not a template",
-        "left as it is"
+        "moved unchanged into quarantine"
     );
     let c = Client::new(&format!("http://{}", server.addr), None);
     let templates = ok(&c, "GET", "/v1/templates", None, 200);

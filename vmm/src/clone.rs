@@ -20,6 +20,12 @@ use crate::vm::{ResetSteps, Vm, VmError};
 /// Generation ids are unique in the process: every clone start and every reset takes a new one.
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
 
+/// Makes every later generation id at least `floor`. The server seeds it from its state
+/// directory, so generation ids stay unique across restarts.
+pub fn reserve_generations(floor: u64) {
+    NEXT_GENERATION.fetch_max(floor, Ordering::Relaxed);
+}
+
 /// Limits and deadlines of a [`CloneEngine`].
 #[derive(Debug, Clone)]
 pub struct EngineConfig {

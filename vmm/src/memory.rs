@@ -408,6 +408,49 @@ impl TemplateMemory {
     }
 }
 
+/// Layer access for persistence: a layered template is saved as its top overlay plus a
+/// reference to the template it was layered on, and rebuilt the same way.
+impl TemplateMemory {
+    /// Whether `self` and `other` are the same memory (one shared handle).
+    pub fn same_as(&self, other: &TemplateMemory) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Whether `self` is `parent` with exactly one overlay on top (the same memfds below it).
+    pub fn is_layered_on(&self, parent: &TemplateMemory) -> bool {
+        let (mine, theirs) = (&self.inner, &parent.inner);
+        mine.overlays.len() == theirs.overlays.len() + 1
+            && Arc::ptr_eq(&mine.base.inner, &theirs.base.inner)
+            && mine
+                .overlays
+                .iter()
+                .zip(&theirs.overlays)
+                .all(|(a, b)| Arc::ptr_eq(&a.memory.inner, &b.memory.inner))
+    }
+
+    /// The top overlay (its memory and the runs of it that are mapped), if there is one.
+    pub fn top_overlay(&self) -> Option<(&FrozenMemory, &[Range<u64>])> {
+        self.inner.overlays.last().map(|o| (&o.memory, o.runs.as_slice()))
+    }
+
+    /// `self` with `memory`'s `runs` mapped over it as a new top layer. The runs must be
+    /// page-aligned, sorted, disjoint and inside the memory; the layer limits apply.
+    pub fn with_layer(&self, memory: FrozenMemory, runs: Vec<Range<u64>>) -> Result<Self, MemoryError> {
+        let mut end = 0;
+        for run in &runs {
+            let aligned = run.start.is_multiple_of(PAGE_SIZE) && run.end.is_multiple_of(PAGE_SIZE);
+            if !aligned || run.start < end || run.end <= run.start || run.end > self.size() {
+                return Err(MemoryError::InvalidSize(run.end));
+            }
+            end = run.end;
+        }
+        if memory.size() != self.size() {
+            return Err(MemoryError::InvalidSize(memory.size()));
+        }
+        self.with_overlay(Overlay { memory, runs })
+    }
+}
+
 /// Where a VM's RAM comes from.
 enum Backing {
     /// The VM owns the memfd and maps it shared and writable.

@@ -300,6 +300,11 @@ impl App {
         format!("tpl-{}", self.next_template.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// Keeps template numbers below `next` out of use (seen in the state directory).
+    pub fn reserve_template_ids(&self, next: u64) {
+        self.next_template.fetch_max(next, Ordering::Relaxed);
+    }
+
     /// Adds a template (id from [`App::new_template_id`] or from disk) and keeps shells warm.
     pub fn add_template(&self, entry: TemplateEntry) -> Arc<TemplateEntry> {
         let number = id_number(&entry.id);

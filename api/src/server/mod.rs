@@ -6,11 +6,11 @@ mod error;
 pub mod model;
 mod ops;
 mod routes;
+mod state_dir;
 mod templates;
 mod vms;
 
 use std::net::SocketAddr;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 pub use app::Limits;
 pub use routes::ApiDoc;
 
-use app::{App, TemplateEntry};
+use app::App;
 
 /// How to run the server.
 #[derive(Debug, Clone)]
@@ -148,6 +148,9 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         let what = what.to_owned();
         move |source| ServeError::Io { what, source }
     };
+    // The state directory is read before the engine starts, so a directory that cannot be used
+    // stops the server before it builds anything.
+    let startup = config.state_dir.as_deref().map(state_dir::open).transpose()?;
     let _ = cowvm_vmm::host::raise_fd_limit();
     let kvm = Arc::new(Kvm::open()?);
     // Probe the saveable MSRs now (a throw-away VM) rather than during the first snapshot.
@@ -163,23 +166,9 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         config.state_dir.clone(),
         config.kernel_dir.clone(),
     ));
-    let mut refused = Vec::new();
-    if let Some(dir) = &config.state_dir {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io("create the state directory"))?;
-        let (loaded, failed) = cowvm_vmm::persist::load_all(dir)?;
-        for template in loaded {
-            app.add_template(TemplateEntry {
-                id: template.id,
-                template: Arc::new(template.template),
-                source_vm: None,
-                persisted: true,
-            });
-        }
-        refused.extend(failed.iter().map(ToString::to_string));
+    let refused = startup.as_ref().map(|s| s.refused.clone()).unwrap_or_default();
+    if let Some(startup) = startup {
+        state_dir::adopt(&app, startup);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

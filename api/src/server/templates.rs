@@ -7,7 +7,6 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use cowvm_vmm::persist;
 use cowvm_vmm::stats::template_sharing;
 use cowvm_vmm::{CloneBatch, Template};
 
@@ -71,10 +70,7 @@ pub fn check_count(app: &App, count: u64) -> Result<usize, ApiError> {
 
 /// Saves a template under the state directory, if there is one.
 pub fn save_template(app: &App, id: &str, template: &Template) -> Result<bool, ApiError> {
-    match &app.state_dir {
-        Some(dir) => persist::save(dir, id, template).map(|()| true).map_err(ApiError::from),
-        None => Ok(false),
-    }
+    super::state_dir::save(app, id, template)
 }
 
 /// Adds the clones of `batch` as VMs and describes the result.
@@ -212,11 +208,13 @@ pub async fn delete_template(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Path(id) = id?;
+    let check = (Arc::clone(&app), id.clone());
+    blocking(&app, move || super::state_dir::refuse_if_parent(&check.0, &check.1)).await?;
     let entry = app.remove_template(&id)?;
     if entry.persisted {
         if let Some(dir) = app.state_dir.clone() {
             let id = entry.id.clone();
-            blocking(&app, move || persist::remove(&dir, &id).map_err(ApiError::from)).await?;
+            blocking(&app, move || super::state_dir::remove(&dir, &id)).await?;
         }
     }
     Ok(StatusCode::NO_CONTENT)
