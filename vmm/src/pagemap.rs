@@ -113,8 +113,9 @@ struct PageRegion {
 }
 
 impl PageMap {
-    /// The runs of private anonymous pages (present, not the file's page) in
-    /// `hva..hva + len`, as sorted, merged host address ranges. Uses `PAGEMAP_SCAN`, whose cost
+    /// The runs of private anonymous pages (present, not the file's page, not the shared zero
+    /// page that a read of an anonymous hole maps) in `hva..hva + len`, as sorted, merged host
+    /// address ranges: the pages a VM wrote. Uses `PAGEMAP_SCAN`, whose cost
     /// follows the populated page tables rather than the range's size; falls back to reading
     /// pagemap entries on kernels without it. Overlapping or duplicate regions (which the kernel
     /// can return) are merged.
@@ -131,9 +132,9 @@ impl PageMap {
         let regions = self.scan(
             hva,
             len,
-            PAGE_IS_FILE,
-            PAGE_IS_PRESENT | PAGE_IS_FILE,
-            PAGE_IS_PRESENT | PAGE_IS_FILE,
+            PAGE_IS_FILE | PAGE_IS_PFNZERO,
+            PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_PFNZERO,
+            PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_PFNZERO,
         )?;
         Ok(merge_runs(regions.into_iter().map(|r| r.start..r.end).collect()))
     }

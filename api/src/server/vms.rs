@@ -300,7 +300,7 @@ pub async fn probe_write(
 
 /// Sharing statistics of a VM, from the host kernel.
 #[utoipa::path(get, path = "/v1/vms/{id}/stats", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    responses((status = 200, description = "pages, kpagecount histogram, smaps, KVM stats", body = Object), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 200, description = "pages (template_backed, shared, private, zero, untouched, total), kpagecount histogram, smaps, KVM stats", body = Object), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn vm_stats(State(app): State<Arc<App>>, id: Id) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(id) = id?;
     let stats = on_vm(&app, &id, |app, entry, machine| {
