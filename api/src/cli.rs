@@ -502,9 +502,9 @@ pub fn print_template_stats(stats: &Value) {
         stats["pages_shared_by_all"],
     );
     println!(
-        "  clones map {:.1} MiB of template frames and hold {:.1} MiB private; saved {:.1} MiB (what they map beyond one copy of each frame)",
+        "  clones map {:.1} MiB of template frames and hold {:.1} KiB private; saved {:.1} MiB (what they map beyond one copy of each frame)",
         mib("mapped_bytes"),
-        mib("private_bytes"),
+        num(&stats["private_bytes"]) / 1024.0,
         mib("saved_bytes"),
     );
     println!(

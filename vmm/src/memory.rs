@@ -38,7 +38,7 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const MIN_ANON_HOLE: u64 = 16 * PAGE_SIZE;
 /// Most holes of one memfd that clones map anonymously (each costs up to two VMAs per clone); the
 /// smaller ones beyond this are filled with zeros before sealing.
-pub const MAX_ANON_HOLES: usize = 16;
+pub const MAX_ANON_HOLES: usize = 4;
 
 /// Seals applied to a frozen memfd: no writes, no size change, no further seals.
 const FROZEN_SEALS: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
