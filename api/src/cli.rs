@@ -511,7 +511,10 @@ pub fn print_template_stats(stats: &Value) {
         "  naive baseline, not a saving: {:.1} MiB for full copies of RAM per clone",
         mib("full_copy_bytes")
     );
-    println!("  populated pages by clones mapping their frame: {}", stats["histogram"]);
+    println!(
+        "  populated pages by clones mapping their frame: {}",
+        stats["histogram"]
+    );
 }
 
 /// `cowvm template …`.

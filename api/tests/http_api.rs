@@ -142,11 +142,14 @@ fn test_the_whole_flow_over_http() {
     let copied = tstats["copied_pages"].as_array().expect("copied_pages");
     assert_eq!(copied.len(), 12);
     assert!(copied.iter().all(|p| p["clones_copied"] == 1), "{copied:?}");
-    assert_eq!(tstats["full_copy_bytes"], 5 * 64 << 20, "the naive baseline");
+    assert_eq!(tstats["full_copy_bytes"], 5 * (64 << 20), "the naive baseline");
     let populated = tstats["populated_pages"].as_u64().expect("populated_pages");
     assert!(populated >= 2048, "8 MiB of warm-up data: {populated}");
     let saved = tstats["saved_bytes"].as_u64().expect("saved_bytes");
-    assert!(saved <= 5 * populated * 4096, "saved {saved} is bounded by what the template holds");
+    assert!(
+        saved <= 5 * populated * 4096,
+        "saved {saved} is bounded by what the template holds"
+    );
     for key in ["pages_shared_by_all", "mapped_bytes", "own_bytes", "warm_shells"] {
         assert!(tstats[key].is_u64(), "{key}");
     }

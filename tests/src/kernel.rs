@@ -57,7 +57,8 @@ impl Kernel {
 
     fn entry(file: &File, index: u64) -> u64 {
         let mut bytes = [0u8; 8];
-        file.read_exact_at(&mut bytes, index * 8).expect("read a kernel page file");
+        file.read_exact_at(&mut bytes, index * 8)
+            .expect("read a kernel page file");
         u64::from_le_bytes(bytes)
     }
 

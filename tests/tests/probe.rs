@@ -175,7 +175,10 @@ fn test_private_and_shared_counts_agree_with_smaps() {
             stats.smaps.rss_kib - stats.pages.private * 4,
             "template_backed = Rss - private"
         );
-        assert_eq!(stats.pages.shared, stats.pages.template_backed, "both clones map the same frames");
+        assert_eq!(
+            stats.pages.shared, stats.pages.template_backed,
+            "both clones map the same frames"
+        );
         assert_eq!(stats.pages.present * 4, stats.smaps.rss_kib);
         assert_eq!(
             stats.kpagecount_histogram.get(&1),

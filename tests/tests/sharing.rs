@@ -82,7 +82,11 @@ fn check_template(template: &Template, vms: &[&Vm], kernel: &Kernel, host: &Host
     assert_eq!(got.layers, template.memory().layers().len(), "layers");
     assert_eq!(got.populated_pages, populated, "populated_pages");
     assert_eq!(got.histogram, histogram, "histogram");
-    let all = if n > 0 { histogram.get(&n).copied().unwrap_or(0) } else { 0 };
+    let all = if n > 0 {
+        histogram.get(&n).copied().unwrap_or(0)
+    } else {
+        0
+    };
     assert_eq!(got.pages_shared_by_all, all, "pages_shared_by_all");
     assert_eq!(got.mapped_bytes, mapped * PAGE, "mapped_bytes");
     assert_eq!(got.private_bytes, private * PAGE, "private_bytes");
@@ -138,14 +142,38 @@ fn check_vm(vm: &Vm, kernel: &Kernel, host: &HostView) -> Counts {
     let want = (total, present, backed, shared, private, zero, total - present);
     let p = got.pages;
     assert_eq!(
-        (p.total, p.present, p.template_backed, p.shared, p.private, p.zero, p.untouched),
+        (
+            p.total,
+            p.present,
+            p.template_backed,
+            p.shared,
+            p.private,
+            p.zero,
+            p.untouched
+        ),
         want,
         "pages (total, present, template_backed, shared, private, zero, untouched)"
     );
     let b = got.bytes;
     assert_eq!(
-        (b.total, b.present, b.template_backed, b.shared, b.private, b.zero, b.untouched),
-        (want.0 * PAGE, want.1 * PAGE, want.2 * PAGE, want.3 * PAGE, want.4 * PAGE, want.5 * PAGE, want.6 * PAGE),
+        (
+            b.total,
+            b.present,
+            b.template_backed,
+            b.shared,
+            b.private,
+            b.zero,
+            b.untouched
+        ),
+        (
+            want.0 * PAGE,
+            want.1 * PAGE,
+            want.2 * PAGE,
+            want.3 * PAGE,
+            want.4 * PAGE,
+            want.5 * PAGE,
+            want.6 * PAGE
+        ),
         "bytes"
     );
     assert_eq!(got.kpagecount_histogram, histogram, "kpagecount_histogram");
@@ -180,8 +208,15 @@ fn test_sharing_stats_match_an_independent_reader_through_clones_probes_reset_an
     }
     let vms: Vec<&Vm> = clones.iter().map(|c| c.vm()).collect();
     let stats = check_template(&template, &vms, &kernel, &host);
-    assert!(stats.pages_shared_by_all >= DATA.len() as u64, "every clone maps the data frames");
-    assert_eq!(stats.histogram.values().sum::<u64>(), stats.populated_pages, "{stats:?}");
+    assert!(
+        stats.pages_shared_by_all >= DATA.len() as u64,
+        "every clone maps the data frames"
+    );
+    assert_eq!(
+        stats.histogram.values().sum::<u64>(),
+        stats.populated_pages,
+        "{stats:?}"
+    );
     assert!(stats.saved_bytes <= 9 * stats.populated_pages * PAGE, "{stats:?}");
     for clone in &clones {
         let (.., private, _, _) = check_vm(clone.vm(), &kernel, &host);
@@ -247,7 +282,10 @@ fn test_reading_1000_hole_pages_in_10_clones_maps_the_zero_page_and_never_grows_
 
     let vms: Vec<&Vm> = clones.iter().map(|c| c.vm()).collect();
     let after = check_template(&template, &vms, &kernel, &host);
-    assert_eq!(after.populated_pages, before.populated_pages, "populated pages unchanged");
+    assert_eq!(
+        after.populated_pages, before.populated_pages,
+        "populated pages unchanged"
+    );
     assert_eq!(populated(&template), before.populated_pages, "SEEK_DATA agrees");
     assert_eq!(after.mapped_bytes, before.mapped_bytes, "no new template frames mapped");
     assert_eq!(after.zero_bytes, before.zero_bytes + 10 * HOLE_PAGES * PAGE);
@@ -259,7 +297,10 @@ fn test_reading_1000_hole_pages_in_10_clones_maps_the_zero_page_and_never_grows_
         let start = clone.vm().ram().host_address() + HOLES_FROM + i as u64 * HOLE_PAGES * PAGE;
         let read = kernel.present_pages(start, HOLE_PAGES * PAGE);
         assert_eq!(read.len() as u64, HOLE_PAGES, "every read page is mapped");
-        assert!(read.iter().all(|p| p.zero() && !p.file), "kpageflags reports the zero page");
+        assert!(
+            read.iter().all(|p| p.zero() && !p.file),
+            "kpageflags reports the zero page"
+        );
     }
 }
 

@@ -254,7 +254,11 @@ fn tally(host: &HostView, ranges: &[std::ops::Range<u64>], from_template: bool) 
             .pagemap
             .read(range.start, ((range.end - range.start) / PAGE_SIZE) as usize)
             .map_err(pagemap_err)?;
-        pages.extend(entries.iter().filter_map(|e| e.pfn().map(|pfn| (pfn, e.file_or_shared()))));
+        pages.extend(
+            entries
+                .iter()
+                .filter_map(|e| e.pfn().map(|pfn| (pfn, e.file_or_shared()))),
+        );
     }
     if pages.iter().any(|&(pfn, _)| pfn == 0) {
         return Err(KPageError::PfnHidden.into());
@@ -429,7 +433,11 @@ pub fn template_sharing(
         pages: template.size() / PAGE_SIZE,
         layers: memory.depth(),
         populated_pages,
-        pages_shared_by_all: if n > 0 { histogram.get(&n).copied().unwrap_or(0) } else { 0 },
+        pages_shared_by_all: if n > 0 {
+            histogram.get(&n).copied().unwrap_or(0)
+        } else {
+            0
+        },
         histogram,
         mapped_bytes: scan.mapped_pages * PAGE_SIZE,
         private_bytes: scan.private_pages * PAGE_SIZE,

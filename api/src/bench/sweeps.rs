@@ -287,7 +287,9 @@ pub fn sharing(engine: &CloneEngine, clones: usize, out: &Path) -> Result<Value,
     let mut rows = Vec::new();
     let mut series = Vec::new();
     for pct in [0u64, 1, 10] {
-        progress(&format!("{clones} clones each read the template's {data} data pages and write {pct} % of them"));
+        progress(&format!(
+            "{clones} clones each read the template's {data} data pages and write {pct} % of them"
+        ));
         fill_pool(engine, &template, clones)?;
         let mut made = spawn_all(engine, &template, clones)?;
         for (i, clone) in made.iter_mut().enumerate() {
