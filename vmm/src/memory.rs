@@ -284,6 +284,8 @@ impl FrozenMemory {
     }
 
     /// Maps the frozen memory read-only and shared: the view sees the template's own pages.
+    /// Like any file mapping of shmem, reading a hole through it allocates a page in the memfd,
+    /// so read only data pages through it (tests compare clones' pages with these).
     pub fn map_read_only(&self) -> Result<ReadOnlyView, MemoryError> {
         let mapping = HostMapping::map(
             self.as_fd(),
@@ -402,11 +404,6 @@ impl TemplateMemory {
     /// The topmost layer: the one this template added (its base, for a single-layer template).
     pub fn own_layer(&self) -> &FrozenMemory {
         self.inner.overlays.last().map_or(&self.inner.base, |o| &o.memory)
-    }
-
-    /// The guest-offset runs clones map from a memfd; every other page is an anonymous hole.
-    pub fn data_runs(&self) -> Vec<Range<u64>> {
-        self.inner.pieces.iter().map(|p| p.range.clone()).collect()
     }
 
     /// Size in bytes.
