@@ -541,10 +541,30 @@ impl GuestRam {
         // The old mapping object describes the range that MAP_FIXED just replaced; forgetting it
         // leaves `remapped` as the range's only owner.
         std::mem::forget(std::mem::replace(&mut self.mapping, remapped));
-        add_seals(file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
-        let sealed = file.try_clone().map_err(MemoryError::Seal)?;
-        let template = TemplateMemory::single(FrozenMemory::from_sealed(sealed)?);
-        self.mapping.map_pieces(&template)?;
+        let laid_out = (|| {
+            add_seals(file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
+            let sealed = file.try_clone().map_err(MemoryError::Seal)?;
+            let template = TemplateMemory::single(FrozenMemory::from_sealed(sealed)?);
+            self.mapping.map_pieces(&template)?;
+            Ok(template)
+        })();
+        let template = match laid_out {
+            Ok(template) => template,
+            Err(e) => {
+                // Never leave the VM on zeros: map the whole memfd privately instead (its holes
+                // then allocate on read, as before the layout existed).
+                let whole = HostMapping::map(
+                    file.as_fd(),
+                    self.size(),
+                    RAM_PROT,
+                    PRIVATE_FLAGS,
+                    Some(self.mapping.addr),
+                )?;
+                std::mem::forget(std::mem::replace(&mut self.mapping, whole));
+                self.view = self.mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
+                return Err(e);
+            }
+        };
         self.view = self.mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
         self.backing = Backing::Private(template.clone());
         Ok(template)
