@@ -465,12 +465,14 @@ pub fn stats(conn: &Connection, vm: Option<&str>, template: Option<&str>) -> Res
     } else {
         let p = &stats["pages"];
         println!(
-            "{}: {} pages: {} present ({} shared with the template, {} private), {} untouched; scan {:.2} ms",
+            "{}: {} pages: {} present ({} template frames, {} private, {} zero page; {} also mapped elsewhere), {} untouched; scan {:.2} ms",
             text(&stats["id"]),
             p["total"],
             p["present"],
-            p["shared"],
+            p["template_backed"],
             p["private"],
+            p["zero"],
+            p["shared"],
             p["untouched"],
             num(&stats["scan_us"]) / 1000.0
         );
@@ -489,16 +491,30 @@ pub fn stats(conn: &Connection, vm: Option<&str>, template: Option<&str>) -> Res
 
 /// Prints a template's sharing summary.
 pub fn print_template_stats(stats: &Value) {
+    let mib = |key: &str| num(&stats[key]) / (1 << 20) as f64;
     println!(
-        "{}: {} clones, {} pages; {} shared by all clones; clones copied {:.1} KiB; saved {:.1} MiB against full copies",
+        "{}: {} clones (+{} warm shells); the template holds {} populated pages of {}; {} mapped by every clone",
         text(&stats["id"]),
         stats["clones"],
+        stats["warm_shells"],
+        stats["populated_pages"],
         stats["pages"],
         stats["pages_shared_by_all"],
-        num(&stats["private_bytes"]) / 1024.0,
-        num(&stats["saved_bytes"]) / (1 << 20) as f64
     );
-    println!("  pages by number of clones sharing them: {}", stats["histogram"]);
+    println!(
+        "  clones map {:.1} MiB of template frames and hold {:.1} KiB private; saved {:.1} MiB (what they map beyond one copy of each frame)",
+        mib("mapped_bytes"),
+        num(&stats["private_bytes"]) / 1024.0,
+        mib("saved_bytes"),
+    );
+    println!(
+        "  naive baseline, not a saving: {:.1} MiB for full copies of RAM per clone",
+        mib("full_copy_bytes")
+    );
+    println!(
+        "  populated pages by clones mapping their frame: {}",
+        stats["histogram"]
+    );
 }
 
 /// `cowvm template …`.

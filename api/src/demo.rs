@@ -136,8 +136,24 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let vm_stats = client.call("GET", &format!("/v1/vms/{first}/stats"), None)?;
     let p = &vm_stats["pages"];
     println!(
-        "{first}: {} pages present, {} shared with the template, {} private (pagemap; smaps Anonymous {} KiB)",
-        p["present"], p["shared"], p["private"], vm_stats["smaps"]["anonymous_kib"]
+        "{first}: {} pages present: {} template frames ({} also mapped by others), {} private, {} zero page; {} host mappings (VMAs) behind its RAM; smaps Anonymous {} KiB",
+        p["present"],
+        p["template_backed"],
+        p["shared"],
+        p["private"],
+        p["zero"],
+        vm_stats["smaps"]["vmas"],
+        vm_stats["smaps"]["anonymous_kib"]
+    );
+    let mib = |key: &str| stats[key].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+    let closing = format!(
+        "{} clones share the template's frames: {:.1} MiB saved (bytes they map beyond one copy of each frame; the template holds {:.1} MiB). The naive baseline of {} full {} MiB copies would be {:.1} MiB; that is not a saving we claim.",
+        stats["clones"],
+        mib("saved_bytes"),
+        stats["populated_pages"].as_f64().unwrap_or(0.0) * 4096.0 / (1 << 20) as f64,
+        stats["clones"],
+        args.memory_mib,
+        mib("full_copy_bytes"),
     );
 
     for clone in &clones {
@@ -152,5 +168,6 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         "cleaned up: every VM and the template are gone ({:.1} s in all)",
         started.elapsed().as_secs_f64()
     ));
+    step(&closing);
     Ok(())
 }

@@ -57,7 +57,7 @@ fn test_cli_drives_the_api_with_tables_and_json() {
     assert_eq!(stats["pages"]["private"], 6);
     let (ok, text, _) = cowvm(&url, &["stats", "--template", &tpl]);
     assert!(
-        ok && text.contains("5 clones") && text.contains("shared by all"),
+        ok && text.contains("5 clones") && text.contains("mapped by every clone") && text.contains("naive baseline"),
         "{text}"
     );
     let (ok, text, _) = cowvm(&url, &["template", "ls"]);

@@ -132,17 +132,27 @@ fn test_the_whole_flow_over_http() {
     let stats = ok(&c, "GET", &format!("/v1/vms/{first}/stats"), None, 200);
     assert_eq!(stats["pages"]["total"], 64 * 256);
     assert_eq!(stats["pages"]["private"], 10);
-    for key in ["present", "shared", "untouched"] {
+    for key in ["present", "template_backed", "shared", "zero", "untouched"] {
         assert!(stats["pages"][key].is_u64(), "{key}");
     }
     assert!(stats["kvm"]["vm"].is_object());
     let tstats = ok(&c, "GET", &format!("/v1/templates/{tpl}/stats"), None, 200);
     assert_eq!(tstats["clones"], 5);
-    assert_eq!(
-        tstats["histogram"]["4"], 12,
-        "10 + 2 probed pages are shared by 4 of 5 clones"
+    assert_eq!(tstats["private_bytes"], 12 * 4096, "10 + 2 probed pages");
+    let copied = tstats["copied_pages"].as_array().expect("copied_pages");
+    assert_eq!(copied.len(), 12);
+    assert!(copied.iter().all(|p| p["clones_copied"] == 1), "{copied:?}");
+    assert_eq!(tstats["full_copy_bytes"], 5 * (64 << 20), "the naive baseline");
+    let populated = tstats["populated_pages"].as_u64().expect("populated_pages");
+    assert!(populated >= 2048, "8 MiB of warm-up data: {populated}");
+    let saved = tstats["saved_bytes"].as_u64().expect("saved_bytes");
+    assert!(
+        saved <= 5 * populated * 4096,
+        "saved {saved} is bounded by what the template holds"
     );
-    assert!(tstats["pages_shared_by_all"].is_u64() && tstats["saved_bytes"].is_u64());
+    for key in ["pages_shared_by_all", "mapped_bytes", "own_bytes", "warm_shells"] {
+        assert!(tstats[key].is_u64(), "{key}");
+    }
 
     let reset = ok(&c, "POST", &format!("/v1/vms/{first}/reset"), None, 200);
     assert_eq!(reset["pages_dropped"], 10);

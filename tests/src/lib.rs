@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+pub mod kernel;
+
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::pagemap::{PageMap, PageMapEntry};
 use cowvm_vmm::{GuestCommand, GuestRam, Kvm, Vm};
@@ -46,13 +48,14 @@ pub fn pagemap(ram: &GuestRam) -> Vec<PageMapEntry> {
         .expect("read pagemap")
 }
 
-/// Pages of `ram` that are private anonymous copies (written since the mapping was made).
+/// Pages of `ram` that are private anonymous copies (written since the mapping was made; a read
+/// of a template hole maps the shared zero page, which is not a copy).
 pub fn private_pages(ram: &GuestRam) -> Vec<u64> {
-    pagemap(ram)
+    kernel::Kernel::open()
+        .present_pages(ram.host_address(), ram.size())
         .iter()
-        .enumerate()
-        .filter(|(_, e)| e.private_anonymous())
-        .map(|(i, _)| i as u64)
+        .filter(|p| !p.file && !p.zero())
+        .map(|p| p.index)
         .collect()
 }
 

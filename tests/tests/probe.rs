@@ -93,17 +93,23 @@ fn test_probing_10_pages_in_one_of_3_clones_changes_exactly_those_frames() {
     }
 
     let vms: Vec<&Vm> = clones.iter().map(|c| c.vm()).collect();
-    let sharing = template_sharing(&template, &vms, &host.pagemap).expect("template stats");
-    let total = template.size() / PAGE_SIZE;
+    let sharing = template_sharing(&template, &vms, 0, &host.pagemap).expect("template stats");
     assert_eq!(
         sharing.histogram.get(&2),
         Some(&10),
-        "the 10 probed pages are shared by N-1 clones"
+        "the 10 probed pages' frames are mapped by N-1 clones"
     );
-    assert_eq!(sharing.histogram.get(&3), Some(&(total - 10)), "the rest by all N");
-    assert_eq!(sharing.pages_shared_by_all, total - 10);
-    assert_eq!(sharing.copied_pages.iter().map(|c| c.gpa).collect::<Vec<_>>(), pages);
-    assert_eq!(sharing.saved_bytes, 3 * template.size() - 10 * PAGE_SIZE);
+    assert_eq!(sharing.pages_shared_by_all, sharing.histogram[&3]);
+    let copied: Vec<(u64, usize, usize)> = sharing
+        .copied_pages
+        .iter()
+        .map(|c| (c.gpa, c.clones_copied, c.clones_mapping))
+        .collect();
+    assert_eq!(copied, pages.iter().map(|&gpa| (gpa, 1, 2)).collect::<Vec<_>>());
+    assert_eq!(sharing.private_bytes, 10 * PAGE_SIZE);
+    let distinct: u64 = sharing.histogram.iter().filter(|(&k, _)| k > 0).map(|(_, v)| v).sum();
+    assert_eq!(sharing.saved_bytes, sharing.mapped_bytes - distinct * PAGE_SIZE);
+    assert_eq!(sharing.full_copy_bytes, 3 * template.size());
 }
 
 #[test]
@@ -121,7 +127,13 @@ fn test_a_clone_that_only_reads_has_no_private_pages() {
     let stats = vm_sharing(clone.vm(), &host).expect("stats");
     assert_eq!(stats.pages.private, 0);
     assert_eq!(stats.pages.present, stats.pages.total, "every page was read");
-    assert_eq!(stats.pages.shared, stats.pages.present);
+    assert_eq!(
+        stats.pages.template_backed + stats.pages.zero,
+        stats.pages.present,
+        "data pages map template frames, holes the zero page"
+    );
+    assert!(stats.pages.zero > 0 && stats.pages.template_backed > 0);
+    assert_eq!(stats.pages.shared, 0, "no other clone maps the frames");
     assert_eq!(stats.pages.untouched, 0);
     assert_eq!(stats.smaps.anonymous_kib, 0);
 }
@@ -159,9 +171,13 @@ fn test_private_and_shared_counts_agree_with_smaps() {
             "private = smaps Private_Dirty"
         );
         assert_eq!(
-            stats.pages.shared * 4,
+            stats.pages.template_backed * 4,
             stats.smaps.rss_kib - stats.pages.private * 4,
-            "shared = Rss - private"
+            "template_backed = Rss - private"
+        );
+        assert_eq!(
+            stats.pages.shared, stats.pages.template_backed,
+            "both clones map the same frames"
         );
         assert_eq!(stats.pages.present * 4, stats.smaps.rss_kib);
         assert_eq!(

@@ -2,6 +2,15 @@
 //! read-only template, and that clones map `MAP_PRIVATE` so the host kernel copies a page only
 //! when a clone writes it.
 //!
+//! A clone never reads a hole of a template memfd through the memfd: shmem has no zero page for
+//! file mappings, so such a read would allocate a page in the sealed template. Instead a clone's
+//! RAM is one anonymous private range (holes read as the host's shared zero page, a write gives a
+//! private page) with the template's data runs mapped `MAP_FIXED | MAP_PRIVATE` over it from the
+//! memfds: one contiguous host range, so one KVM memslot. Holes shorter than [`MIN_ANON_HOLE`]
+//! (and all but the [`MAX_ANON_HOLES`] largest) are filled with zeros before sealing so that a
+//! fragmented template does not cost every clone thousands of VMAs; from then on a template's
+//! populated pages never change.
+//!
 //! The types make a writable shared mapping of frozen memory impossible to obtain: the only
 //! `MAP_SHARED` writable mapping is made in [`GuestRam::new_owned`] on a memfd that was just
 //! created and is never handed out; [`FrozenMemory`] offers only private or read-only mappings,
@@ -24,6 +33,13 @@ use crate::pagemap::PageMap;
 
 /// Host page size assumed for guest RAM granularity.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// Holes of a template memfd shorter than this are filled with zeros before sealing (and mapped
+/// from the memfd): a shorter anonymous hole would cost each clone two more VMAs for little.
+pub const MIN_ANON_HOLE: u64 = 16 * PAGE_SIZE;
+/// Most holes of one memfd that clones map anonymously (each costs up to two VMAs per clone); the
+/// smaller ones beyond this are filled with zeros before sealing.
+pub const MAX_ANON_HOLES: usize = 4;
 
 /// Seals applied to a frozen memfd: no writes, no size change, no further seals.
 const FROZEN_SEALS: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
@@ -67,6 +83,12 @@ pub enum MemoryError {
         /// Overlay runs it would have.
         runs: usize,
     },
+    /// Finding the data runs of a memfd (`SEEK_DATA`/`SEEK_HOLE`) failed.
+    #[error("finding the data runs of a template memfd failed: {0}")]
+    Extents(io::Error),
+    /// Filling small holes of a memfd with zeros before sealing failed.
+    #[error("filling small holes of the template memfd failed: {0}")]
+    FillHoles(io::Error),
     /// Reading the host's page tables failed.
     #[error("reading /proc/self/pagemap failed: {0}")]
     PageMap(io::Error),
@@ -149,6 +171,35 @@ impl HostMapping {
         }
     }
 
+    /// Maps `len` bytes of private anonymous memory (zero until written; reads map the host's
+    /// shared zero page); `fixed_at` replaces an existing mapping of ours at that address.
+    fn map_anonymous(len: u64, fixed_at: Option<NonNull<libc::c_void>>) -> Result<Self, MemoryError> {
+        let map_err = |source| MemoryError::Map { len, source };
+        let size = usize::try_from(len).map_err(|_| MemoryError::InvalidSize(len))?;
+        let flags = PRIVATE_FLAGS | libc::MAP_ANONYMOUS;
+        let (hint, flags) = match fixed_at {
+            Some(addr) => (addr.as_ptr(), flags | libc::MAP_FIXED),
+            None => (std::ptr::null_mut(), flags),
+        };
+        // SAFETY: an anonymous mapping touches no file. With MAP_FIXED the caller guarantees
+        // `hint` is the start of a mapping of ours of the same length, which this call replaces.
+        let addr = unsafe { libc::mmap(hint, size, RAM_PROT, flags, -1, 0) };
+        if addr == libc::MAP_FAILED {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        let addr = NonNull::new(addr).ok_or_else(|| map_err(io::Error::other("mmap returned NULL")))?;
+        keep_apart(addr, size);
+        Ok(HostMapping { addr, len: size })
+    }
+
+    /// Maps every data piece of `template` privately over this mapping, at its own offset.
+    fn map_pieces(&self, template: &TemplateMemory) -> Result<(), MemoryError> {
+        for piece in &template.inner.pieces {
+            self.map_over(piece.memory.as_fd(), piece.range.clone())?;
+        }
+        Ok(())
+    }
+
     /// Maps `run` of `fd` (file offset = offset in this mapping) privately over the same run of
     /// this mapping. The replaced pages stay owned by this mapping's `Drop`.
     fn map_over(&self, fd: BorrowedFd<'_>, run: Range<u64>) -> Result<(), MemoryError> {
@@ -205,6 +256,8 @@ impl Drop for HostMapping {
 struct SealedMemfd {
     file: File,
     size: u64,
+    /// The data runs when it was adopted (sealed, so they stay the same).
+    extents: Vec<Range<u64>>,
 }
 
 /// Frozen guest RAM: a memfd sealed against writes and resizing. Cheap to clone (shared handle);
@@ -223,8 +276,9 @@ impl FrozenMemory {
             return Err(MemoryError::NotSealed(seals));
         }
         let size = file.metadata().map_err(MemoryError::Seal)?.len();
+        let extents = data_extents(&file, size).map_err(MemoryError::Extents)?;
         Ok(FrozenMemory {
-            inner: Arc::new(SealedMemfd { file, size }),
+            inner: Arc::new(SealedMemfd { file, size, extents }),
         })
     }
 
@@ -245,14 +299,20 @@ impl FrozenMemory {
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
         fill(&file).map_err(MemoryError::CreateMemfd)?;
+        fill_small_holes(&file, size).map_err(MemoryError::FillHoles)?;
         add_seals(&file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
         FrozenMemory::from_sealed(file)
     }
 
-    /// The byte ranges of the memfd that hold data (`SEEK_DATA`/`SEEK_HOLE`); the rest are holes
-    /// that read as zeros.
+    /// The byte ranges of the memfd that hold data, asked of the kernel now
+    /// (`SEEK_DATA`/`SEEK_HOLE`); the rest are holes that read as zeros.
     pub fn data_extents(&self) -> io::Result<Vec<Range<u64>>> {
         data_extents(&self.inner.file, self.size())
+    }
+
+    /// Bytes the memfd holds now (the sum of [`FrozenMemory::data_extents`]).
+    pub fn populated_bytes(&self) -> io::Result<u64> {
+        Ok(self.data_extents()?.iter().map(|r| r.end - r.start).sum())
     }
 
     /// Reads `buf.len()` bytes at `offset` (holes read as zeros without allocating pages).
@@ -261,6 +321,8 @@ impl FrozenMemory {
     }
 
     /// Maps the frozen memory read-only and shared: the view sees the template's own pages.
+    /// Like any file mapping of shmem, reading a hole through it allocates a page in the memfd,
+    /// so read only data pages through it (tests compare clones' pages with these).
     pub fn map_read_only(&self) -> Result<ReadOnlyView, MemoryError> {
         let mapping = HostMapping::map(
             self.as_fd(),
@@ -328,9 +390,17 @@ struct Overlay {
     runs: Vec<Range<u64>>,
 }
 
+/// A run of a template's RAM that clones map from one layer's memfd.
+struct Piece {
+    range: Range<u64>,
+    memory: FrozenMemory,
+}
+
 struct Layers {
     base: FrozenMemory,
     overlays: Vec<Overlay>,
+    /// Where each run of data comes from, sorted and disjoint; the rest is holes (anonymous).
+    pieces: Vec<Piece>,
 }
 
 /// The memory of a template: a sealed base memfd plus, for templates frozen from clones, sealed
@@ -343,12 +413,34 @@ pub struct TemplateMemory {
 impl TemplateMemory {
     /// A template of one layer.
     pub fn single(base: FrozenMemory) -> Self {
+        let pieces = base
+            .inner
+            .extents
+            .iter()
+            .map(|r| Piece {
+                range: r.clone(),
+                memory: base.clone(),
+            })
+            .collect();
         TemplateMemory {
             inner: Arc::new(Layers {
                 base,
                 overlays: Vec::new(),
+                pieces,
             }),
         }
+    }
+
+    /// Every layer's memory, base first.
+    pub fn layers(&self) -> Vec<&FrozenMemory> {
+        std::iter::once(&self.inner.base)
+            .chain(self.inner.overlays.iter().map(|o| &o.memory))
+            .collect()
+    }
+
+    /// The topmost layer: the one this template added (its base, for a single-layer template).
+    pub fn own_layer(&self) -> &FrozenMemory {
+        self.inner.overlays.last().map_or(&self.inner.base, |o| &o.memory)
     }
 
     /// Size in bytes.
@@ -398,11 +490,15 @@ impl TemplateMemory {
                 runs: o.runs.clone(),
             })
             .collect();
+        let mut runs = overlay.runs.clone();
+        runs.sort_by_key(|r| r.start);
+        let pieces = overlay_pieces(&self.inner.pieces, &runs, &overlay.memory);
         overlays.push(overlay);
         Ok(TemplateMemory {
             inner: Arc::new(Layers {
                 base: self.inner.base.clone(),
                 overlays,
+                pieces,
             }),
         })
     }
@@ -489,16 +585,12 @@ impl GuestRam {
         })
     }
 
-    /// Maps a template privately: reads share the template's pages, writes copy them. A layered
-    /// template maps its base, then each overlay run `MAP_FIXED` over it.
+    /// Maps a template privately: reads share the template's pages, writes copy them. The range
+    /// is anonymous private memory (holes read as the zero page and allocate nothing in the
+    /// template) with each data run of each layer mapped `MAP_FIXED | MAP_PRIVATE` over it.
     pub fn new_private(template: &TemplateMemory) -> Result<Self, MemoryError> {
-        let base = template.base();
-        let mapping = HostMapping::map(base.as_fd(), base.size(), RAM_PROT, PRIVATE_FLAGS, None)?;
-        for overlay in &template.inner.overlays {
-            for run in &overlay.runs {
-                mapping.map_over(overlay.memory.as_fd(), run.clone())?;
-            }
-        }
+        let mapping = HostMapping::map_anonymous(template.size(), None)?;
+        mapping.map_pieces(template)?;
         let view = mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
         Ok(GuestRam {
             view,
@@ -507,9 +599,11 @@ impl GuestRam {
         })
     }
 
-    /// Freezes owned RAM without copying it: remaps the same memfd `MAP_PRIVATE | MAP_FIXED` at
-    /// the same host address (KVM's MMU notifier drops its stale translations), then seals the
-    /// memfd, which the kernel allows only once no writable shared mapping remains. The VM keeps
+    /// Freezes owned RAM without copying it: fills the memfd's small holes with zeros, replaces
+    /// the shared mapping at the same host address by the template layout (anonymous holes, the
+    /// memfd's data runs `MAP_PRIVATE | MAP_FIXED`; KVM's MMU notifier drops its stale
+    /// translations) and seals the memfd, which the kernel allows only once no writable shared
+    /// mapping remains. The VM keeps
     /// running on the private mapping; its later writes become private pages.
     ///
     /// RAM that is already a private view of a template is frozen into a layered template: its
@@ -522,13 +616,8 @@ impl GuestRam {
             Backing::Owned(file) => file,
             Backing::Private(template) => return self.freeze_layer(template, pagemap),
         };
-        let remapped = match HostMapping::map(
-            file.as_fd(),
-            self.size(),
-            RAM_PROT,
-            PRIVATE_FLAGS,
-            Some(self.mapping.addr),
-        ) {
+        fill_small_holes(file, self.size()).map_err(MemoryError::FillHoles)?;
+        let remapped = match HostMapping::map_anonymous(self.size(), Some(self.mapping.addr)) {
             Ok(remapped) => remapped,
             Err(MemoryError::Map { len, source }) => {
                 return Err(self.mapping.fixed_map_failed(0..self.mapping.len, len, source));
@@ -538,10 +627,31 @@ impl GuestRam {
         // The old mapping object describes the range that MAP_FIXED just replaced; forgetting it
         // leaves `remapped` as the range's only owner.
         std::mem::forget(std::mem::replace(&mut self.mapping, remapped));
+        let laid_out = (|| {
+            add_seals(file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
+            let sealed = file.try_clone().map_err(MemoryError::Seal)?;
+            let template = TemplateMemory::single(FrozenMemory::from_sealed(sealed)?);
+            self.mapping.map_pieces(&template)?;
+            Ok(template)
+        })();
+        let template = match laid_out {
+            Ok(template) => template,
+            Err(e) => {
+                // Never leave the VM on zeros: map the whole memfd privately instead (its holes
+                // then allocate on read, as before the layout existed).
+                let whole = HostMapping::map(
+                    file.as_fd(),
+                    self.size(),
+                    RAM_PROT,
+                    PRIVATE_FLAGS,
+                    Some(self.mapping.addr),
+                )?;
+                std::mem::forget(std::mem::replace(&mut self.mapping, whole));
+                self.view = self.mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
+                return Err(e);
+            }
+        };
         self.view = self.mapping.guest_view(RAM_PROT, PRIVATE_FLAGS)?;
-        add_seals(file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
-        let sealed = file.try_clone().map_err(MemoryError::Seal)?;
-        let template = TemplateMemory::single(FrozenMemory::from_sealed(sealed)?);
         self.backing = Backing::Private(template.clone());
         Ok(template)
     }
@@ -584,8 +694,8 @@ impl GuestRam {
     }
 
     /// Drops the private pages in `runs` (guest offsets): later accesses map the template's pages
-    /// again. `MADV_DONTNEED` on a private file mapping frees the copies, and KVM's MMU notifier
-    /// drops its translations of the range.
+    /// again. `MADV_DONTNEED` on a private file mapping frees the copies (on an anonymous hole the
+    /// page reads as zero again), and KVM's MMU notifier drops its translations of the range.
     pub fn discard(&self, runs: &[Range<u64>]) -> Result<(), MemoryError> {
         for run in runs {
             if run.end > self.size() || run.start > run.end {
@@ -711,6 +821,96 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<Range<u64>>> {
     Ok(extents)
 }
 
+/// Marks an anonymous RAM range `MADV_DONTFORK` (a forked child gets no guest RAM). Besides
+/// sparing a fork the copy, the flag keeps the range's VMAs from merging with the heap's or a
+/// thread arena's anonymous memory, so each VM's RAM keeps VMAs of its own. Best effort: if the
+/// kernel refuses, only the merging differs.
+fn keep_apart(addr: NonNull<libc::c_void>, len: usize) {
+    // SAFETY: madvise on our own mapping `addr..addr+len`; MADV_DONTFORK changes no contents.
+    unsafe { libc::madvise(addr.as_ptr(), len, libc::MADV_DONTFORK) };
+}
+
+/// The holes of `0..size` between `extents` (sorted, disjoint).
+fn holes(extents: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
+    let mut holes = Vec::new();
+    let mut at = 0;
+    for extent in extents {
+        if extent.start > at {
+            holes.push(at..extent.start);
+        }
+        at = at.max(extent.end);
+    }
+    if at < size {
+        holes.push(at..size);
+    }
+    holes
+}
+
+/// The holes to fill with zeros so that clones map at most [`MAX_ANON_HOLES`] holes, none shorter
+/// than [`MIN_ANON_HOLE`], anonymously: the short ones, then the smallest beyond the limit.
+fn holes_to_fill(extents: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
+    let (mut fill, mut keep): (Vec<_>, Vec<_>) = holes(extents, size)
+        .into_iter()
+        .partition(|h| h.end - h.start < MIN_ANON_HOLE);
+    if keep.len() > MAX_ANON_HOLES {
+        // Largest first; of equal ones the higher (RAM's top is where guests leave holes).
+        keep.sort_by_key(|h| std::cmp::Reverse((h.end - h.start, h.start)));
+        fill.extend(keep.drain(MAX_ANON_HOLES..));
+    }
+    fill.sort_by_key(|h| h.start);
+    fill
+}
+
+/// Writes zeros into the holes [`holes_to_fill`] picks (before sealing; they become data).
+fn fill_small_holes(file: &File, size: u64) -> io::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK];
+    for hole in holes_to_fill(&data_extents(file, size)?, size) {
+        let mut at = hole.start;
+        while at < hole.end {
+            let n = CHUNK.min((hole.end - at) as usize);
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// The pieces of a template whose layer `top` maps `runs` (sorted, disjoint) over `below`.
+fn overlay_pieces(below: &[Piece], runs: &[Range<u64>], top: &FrozenMemory) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(below.len() + runs.len());
+    let mut first = 0;
+    for piece in below {
+        while first < runs.len() && runs[first].end <= piece.range.start {
+            first += 1;
+        }
+        let mut start = piece.range.start;
+        let mut i = first;
+        while i < runs.len() && runs[i].start < piece.range.end {
+            if runs[i].start > start {
+                out.push(Piece {
+                    range: start..runs[i].start,
+                    memory: piece.memory.clone(),
+                });
+            }
+            start = start.max(runs[i].end);
+            i += 1;
+        }
+        if start < piece.range.end {
+            out.push(Piece {
+                range: start..piece.range.end,
+                memory: piece.memory.clone(),
+            });
+        }
+    }
+    out.extend(runs.iter().map(|r| Piece {
+        range: r.clone(),
+        memory: top.clone(),
+    }));
+    out.sort_by_key(|p| p.range.start);
+    out
+}
+
 fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
     // SAFETY: F_ADD_SEALS on an fd we own; no memory is passed.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
@@ -743,7 +943,11 @@ mod freeze_and_remap_tests {
             })
             .collect();
         TemplateMemory {
-            inner: Arc::new(Layers { base, overlays }),
+            inner: Arc::new(Layers {
+                base,
+                overlays,
+                pieces: Vec::new(),
+            }),
         }
     }
 
@@ -809,5 +1013,49 @@ mod freeze_and_remap_tests {
             vec![0..PAGE_SIZE]
         );
         assert_eq!(chunks(0..0, FREEZE_CHUNK).count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    #[test]
+    fn test_short_holes_are_filled_and_long_ones_kept() {
+        let extents = vec![P..2 * P, 3 * P..4 * P, 100 * P..101 * P];
+        let fill = holes_to_fill(&extents, 200 * P);
+        assert_eq!(fill, vec![0..P, 2 * P..3 * P]);
+    }
+
+    #[test]
+    fn test_holes_beyond_the_limit_are_filled_smallest_first() {
+        let gap = MIN_ANON_HOLE;
+        let extents: Vec<Range<u64>> = (0..MAX_ANON_HOLES as u64 + 2)
+            .map(|i| {
+                let start = i * (P + gap) + gap + if i == 0 { 0 } else { i * P };
+                start..start + P
+            })
+            .collect();
+        let size = extents.last().map_or(0, |e| e.end);
+        let fill = holes_to_fill(&extents, size);
+        assert_eq!(holes(&extents, size).len() - fill.len(), MAX_ANON_HOLES);
+        assert!(fill.iter().all(|h| h.end - h.start <= gap + P), "{fill:?}");
+    }
+
+    #[test]
+    fn test_overlay_runs_split_the_pieces_below() {
+        let base = FrozenMemory::new_sealed_with(64 * P, |f| f.write_all_at(&[1], 0)).expect("memfd");
+        let top = FrozenMemory::new_sealed_with(64 * P, |_| Ok(())).expect("memfd");
+        let below = vec![Piece {
+            range: 0..32 * P,
+            memory: base.clone(),
+        }];
+        let pieces = overlay_pieces(&below, &[2 * P..4 * P, 30 * P..40 * P], &top);
+        let ranges: Vec<_> = pieces.iter().map(|p| p.range.clone()).collect();
+        assert_eq!(ranges, vec![0..2 * P, 2 * P..4 * P, 4 * P..30 * P, 30 * P..40 * P]);
+        assert!(Arc::ptr_eq(&pieces[1].memory.inner, &top.inner));
+        assert!(Arc::ptr_eq(&pieces[2].memory.inner, &base.inner));
     }
 }

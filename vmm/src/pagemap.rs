@@ -110,13 +110,13 @@ struct ScanFilter {
 }
 
 impl ScanFilter {
-    /// Copies made on write: not the file's page, and present or swapped out (a swapped-out
-    /// copy, or one under migration, still holds the VM's data).
+    /// Copies made on write: neither the file's page nor the shared zero page, and present or
+    /// swapped out (a swapped-out copy, or one under migration, still holds the VM's data).
     const PRIVATE_COPIES: ScanFilter = ScanFilter {
-        inverted: PAGE_IS_FILE,
-        mask: PAGE_IS_FILE,
+        inverted: PAGE_IS_FILE | PAGE_IS_PFNZERO,
+        mask: PAGE_IS_FILE | PAGE_IS_PFNZERO,
         anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        returned: PAGE_IS_FILE,
+        returned: PAGE_IS_FILE | PAGE_IS_PFNZERO,
     };
 
     /// Present pages, reported with what the kernel says of them.
@@ -163,8 +163,10 @@ struct PageRegion {
 }
 
 impl PageMap {
-    /// The runs of pages copied on write (present or swapped out, not the file's page; see
-    /// [`PageMapEntry::private_copy`]) in `hva..hva + len`, as sorted, merged host address ranges. Uses `PAGEMAP_SCAN`, whose cost
+    /// The runs of pages the VM wrote: copies made on write, present or swapped out (see
+    /// [`PageMapEntry::private_copy`]), neither the file's page nor the shared zero page that a
+    /// read of an anonymous hole maps, in `hva..hva + len`, as sorted, merged host address
+    /// ranges. Uses `PAGEMAP_SCAN`, whose cost
     /// follows the populated page tables rather than the range's size; falls back to reading
     /// pagemap entries on kernels without it. Overlapping or duplicate regions (which the kernel
     /// can return) are merged.
@@ -322,6 +324,10 @@ mod tests {
         );
         assert!(!filter.selects(0), "nothing mapped");
         assert!(!filter.selects(PAGE_IS_WRITTEN), "neither present nor swapped");
+        assert!(
+            !filter.selects(PAGE_IS_PRESENT | PAGE_IS_PFNZERO),
+            "the zero page a read of an anonymous hole maps"
+        );
     }
 
     #[test]

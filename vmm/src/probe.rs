@@ -142,10 +142,11 @@ pub struct PageProbe {
     pub before: PageState,
     /// After it.
     pub after: PageState,
-    /// Before the write: `shared` (mapped to the template's frame), `untouched` (not mapped yet;
-    /// a read would map the template's frame) or `private` (already a copy).
+    /// Before the write: `template` (mapped to the template's frame), `zero` (a read hole: the
+    /// shared zero page), `untouched` (not mapped yet) or `private` (already a copy).
     pub before_kind: &'static str,
-    /// Before the write the page was the template's frame (present, not anonymous).
+    /// Before the write the page mapped the template's frame (present file page, not the zero
+    /// page).
     pub shared_before: bool,
     /// After it the page is a private anonymous copy mapped only here.
     pub private_after: bool,
@@ -321,12 +322,13 @@ pub fn write_probe(
             hva: base + t.gpa,
             before: *b,
             after: *a,
-            before_kind: match (b.present, b.anon) {
-                (false, _) => "untouched",
-                (true, false) => "shared",
-                (true, true) => "private",
+            before_kind: match (b.present, b.zero_page, b.file_or_shmem) {
+                (false, _, _) => "untouched",
+                (true, true, _) => "zero",
+                (true, false, true) => "template",
+                (true, false, false) => "private",
             },
-            shared_before: b.present && !b.anon,
+            shared_before: b.present && b.file_or_shmem && !b.zero_page,
             private_after: a.present && a.anon && a.exclusive,
             first_write_us: *first,
             private_write_us: *again,

@@ -1,7 +1,8 @@
-//! Sharing statistics, read from the host kernel: per VM, which pages of its RAM are present,
-//! still the template's, copied, or never touched (pagemap), how often each frame is mapped
-//! (kpagecount), cross-checked against smaps; per template, how many live clones still share
-//! each page.
+//! Sharing statistics, read from the host kernel: per VM, which pages of its RAM map a template
+//! frame, a private copy or the zero page, or are untouched (pagemap, kpageflags), how often each
+//! frame is mapped (kpagecount), cross-checked against smaps; per template, how many live clones
+//! map each page the template's memfds hold (pagemap + `SEEK_DATA`). A page nobody touched is
+//! never counted as shared.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -67,17 +68,26 @@ impl HostView {
     }
 }
 
-/// Page counts of one VM's RAM.
+/// Page counts of one VM's RAM. `template_backed`, `private`, `zero` and `untouched` split
+/// `total`; `shared` counts the present pages whose frame has other mappings too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PageCounts {
     /// Pages of guest RAM.
     pub total: u64,
-    /// Pages mapped in the host (present).
+    /// Pages mapped in the host (present): `template_backed + private + zero`.
     pub present: u64,
-    /// Present pages that are still the template's (a file/shmem page of its memfd).
+    /// Present pages that map a frame of the VM's template memory (pagemap: a file page; the VM
+    /// is a clone or a snapshotted VM).
+    pub template_backed: u64,
+    /// Present pages (not the zero page) whose frame is mapped by at least one other mapping
+    /// (kpagecount ≥ 2): another clone, a warm shell, the template's source VM…
     pub shared: u64,
-    /// Present pages the VM copied on write (anonymous).
+    /// Present pages that are the VM's own: anonymous copies made on write (kpageflags anon), or
+    /// for a VM that owns its RAM (never snapshotted), its own memfd's pages.
     pub private: u64,
+    /// Present pages that map the host's shared zero page (kpageflags `ZERO_PAGE`): reads of
+    /// template holes, which allocate nothing.
+    pub zero: u64,
     /// Pages never touched (not present).
     pub untouched: u64,
 }
@@ -89,11 +99,13 @@ pub struct VmSharing {
     pub pages: PageCounts,
     /// The same in bytes.
     pub bytes: PageCounts,
-    /// Present pages by the kpagecount of their frame (how many mappings the frame has).
+    /// Present pages by the kpagecount of their frame (how many mappings the frame has; the zero
+    /// page counts as 0).
     pub kpagecount_histogram: BTreeMap<u64, u64>,
     /// Present pages on huge pages or the zero page.
     pub special_pages: SpecialPages,
-    /// smaps of the RAM mapping, for cross-checking: private = Anonymous, shared = Rss − private.
+    /// smaps of the RAM mapping, for cross-checking: `vmas` is the number of host mappings
+    /// behind the RAM, `anonymous_kib` the private copies.
     pub smaps: SmapsFigures,
     /// KVM's binary statistics of the VM and its vCPU.
     pub kvm: KvmStats,
@@ -101,12 +113,12 @@ pub struct VmSharing {
     pub scan_us: f64,
 }
 
-/// Present pages of special kinds (from `PAGEMAP_SCAN`'s categories).
+/// Present pages of special kinds (from kpageflags).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct SpecialPages {
     /// Mapped by a huge page.
     pub thp: u64,
-    /// The shared zero page.
+    /// The shared zero page (the same as `pages.zero`).
     pub zero_page: u64,
 }
 
@@ -114,8 +126,10 @@ fn scale(pages: PageCounts) -> PageCounts {
     PageCounts {
         total: pages.total * PAGE_SIZE,
         present: pages.present * PAGE_SIZE,
+        template_backed: pages.template_backed * PAGE_SIZE,
         shared: pages.shared * PAGE_SIZE,
         private: pages.private * PAGE_SIZE,
+        zero: pages.zero * PAGE_SIZE,
         untouched: pages.untouched * PAGE_SIZE,
     }
 }
@@ -123,52 +137,62 @@ fn scale(pages: PageCounts) -> PageCounts {
 /// Below this many present pages, a scan runs on one thread.
 const PARALLEL_FROM: u64 = 2048;
 
+/// What the kernel says about the present pages of some ranges.
+#[derive(Default)]
+struct Tally {
+    pages: PageCounts,
+    histogram: BTreeMap<u64, u64>,
+    thp: u64,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        let (a, b) = (&mut self.pages, other.pages);
+        a.present += b.present;
+        a.template_backed += b.template_backed;
+        a.shared += b.shared;
+        a.private += b.private;
+        a.zero += b.zero;
+        for (count, n) in other.histogram {
+            *self.histogram.entry(count).or_insert(0) += n;
+        }
+        self.thp += other.thp;
+    }
+}
+
 /// Reads the sharing statistics of `vm` from the kernel: `PAGEMAP_SCAN` for which pages are
-/// present and of what kind, then pagemap for the frames of the present runs only and
-/// kpagecount for those frames (sorted, coalesced), split over two threads when there are many.
+/// present, then pagemap for the frames of the present runs only and kpagecount + kpageflags
+/// for those frames (sorted, coalesced), split over two threads when there are many.
 pub fn vm_sharing(vm: &Vm, host: &HostView) -> Result<VmSharing, StatsError> {
     let started = Instant::now();
     let ram = vm.ram();
+    let from_template = ram.template().is_some();
     let runs = host
         .pagemap
         .present_runs(ram.host_address(), ram.size())
         .map_err(pagemap_err)?;
-    let total = ram.size() / PAGE_SIZE;
-    let mut pages = PageCounts {
-        total,
-        ..PageCounts::default()
-    };
-    let mut special = SpecialPages::default();
-    for run in &runs {
-        let n = (run.range.end - run.range.start) / PAGE_SIZE;
-        pages.present += n;
-        if run.file {
-            pages.shared += n;
-        } else {
-            pages.private += n;
-        }
-        special.thp += if run.huge { n } else { 0 };
-        special.zero_page += if run.zero_page { n } else { 0 };
-    }
-    pages.untouched = total - pages.present;
+    let present: u64 = runs.iter().map(|r| (r.range.end - r.range.start) / PAGE_SIZE).sum();
     let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| r.range.clone()).collect();
-    let histogram = if pages.present < PARALLEL_FROM {
-        count_histogram(host, &ranges)?
+    let tally = if present < PARALLEL_FROM {
+        tally(host, &ranges, from_template)?
     } else {
-        let (low, high) = split_by_pages(&ranges, pages.present / 2);
+        let (low, high) = split_by_pages(&ranges, present / 2);
         let (a, b) = std::thread::scope(|scope| {
-            let helper = scope.spawn(|| count_histogram(host, &high));
-            (count_histogram(host, &low), helper.join())
+            let helper = scope.spawn(|| tally(host, &high, from_template));
+            (tally(host, &low, from_template), helper.join())
         });
-        let mut histogram = a?;
-        let other = b.map_err(|_| StatsError::Io {
+        let mut tally = a?;
+        tally.add(b.map_err(|_| StatsError::Io {
             what: "/proc/kpagecount",
             source: std::io::Error::other("reader thread panicked"),
-        })??;
-        for (count, n) in other {
-            *histogram.entry(count).or_insert(0) += n;
-        }
-        histogram
+        })??);
+        tally
+    };
+    let total = ram.size() / PAGE_SIZE;
+    let pages = PageCounts {
+        total,
+        untouched: total - tally.pages.present.min(total),
+        ..tally.pages
     };
     let scan_us = started.elapsed().as_secs_f64() * 1e6;
     let smaps =
@@ -179,8 +203,11 @@ pub fn vm_sharing(vm: &Vm, host: &HostView) -> Result<VmSharing, StatsError> {
     Ok(VmSharing {
         pages,
         bytes: scale(pages),
-        kpagecount_histogram: histogram,
-        special_pages: special,
+        kpagecount_histogram: tally.histogram,
+        special_pages: SpecialPages {
+            thp: tally.thp,
+            zero_page: pages.zero,
+        },
         smaps,
         kvm: vm.kvm_stats()?,
         scan_us,
@@ -218,25 +245,45 @@ fn split_by_pages(
     (low, high)
 }
 
-/// The kpagecount histogram of the frames behind `ranges` (present host pages).
-fn count_histogram(host: &HostView, ranges: &[std::ops::Range<u64>]) -> Result<BTreeMap<u64, u64>, StatsError> {
-    let mut pfns = Vec::new();
+/// Classifies the present pages behind `ranges` (host addresses) by pagemap, kpagecount and
+/// kpageflags. `from_template`: the RAM's file pages are template frames (else the VM's own).
+fn tally(host: &HostView, ranges: &[std::ops::Range<u64>], from_template: bool) -> Result<Tally, StatsError> {
+    let mut pages = Vec::new();
     for range in ranges {
         let entries = host
             .pagemap
             .read(range.start, ((range.end - range.start) / PAGE_SIZE) as usize)
             .map_err(pagemap_err)?;
-        pfns.extend(entries.iter().filter_map(|e| e.pfn()));
+        pages.extend(
+            entries
+                .iter()
+                .filter_map(|e| e.pfn().map(|pfn| (pfn, e.file_or_shared()))),
+        );
     }
-    if pfns.contains(&0) {
+    if pages.iter().any(|&(pfn, _)| pfn == 0) {
         return Err(KPageError::PfnHidden.into());
     }
-    pfns.sort_unstable();
-    let mut histogram = BTreeMap::new();
-    for count in host.kpages.counts(&pfns)? {
-        *histogram.entry(count).or_insert(0) += 1;
+    let pfns: Vec<u64> = pages.iter().map(|&(pfn, _)| pfn).collect();
+    let frames = host.kpages.read(&pfns)?;
+    let mut tally = Tally::default();
+    for (pfn, file) in pages {
+        let Some(frame) = frames.get(&pfn) else { continue };
+        let counts = &mut tally.pages;
+        counts.present += 1;
+        *tally.histogram.entry(frame.kpagecount).or_insert(0) += 1;
+        tally.thp += u64::from(frame.flags.thp);
+        if frame.flags.zero_page {
+            counts.zero += 1;
+            continue;
+        }
+        counts.shared += u64::from(frame.kpagecount >= 2);
+        if file && from_template {
+            counts.template_backed += 1;
+        } else {
+            counts.private += 1;
+        }
     }
-    Ok(histogram)
+    Ok(tally)
 }
 
 /// A template page that some clones have copied.
@@ -244,26 +291,45 @@ fn count_histogram(host: &HostView, ranges: &[std::ops::Range<u64>]) -> Result<B
 pub struct CopiedPage {
     /// Guest physical address of the page.
     pub gpa: u64,
-    /// Live clones that still share it (have not copied it).
-    pub clones_sharing: usize,
+    /// Live clones holding a private copy of it.
+    pub clones_copied: usize,
+    /// Live clones that map the template's frame at this address right now.
+    pub clones_mapping: usize,
 }
 
-/// Sharing statistics of a template over its live clones.
+/// Sharing statistics of a template over its live clones, read from the kernel. Only pages
+/// somebody actually maps count as shared; see docs/api.md for how each figure is read.
 #[derive(Debug, Clone, Serialize)]
 pub struct TemplateSharing {
-    /// Live clones examined.
+    /// Live clones examined (warm shells are not clones).
     pub clones: usize,
-    /// Pages of the template.
+    /// Warm shells ready for the template (never counted in `clones` or `histogram`).
+    pub warm_shells: usize,
+    /// Pages of guest RAM (the template's size in pages).
     pub pages: u64,
-    /// Pages by the number of clones that still share them (have not copied them).
+    /// Layers of template memory (1, or more for a template frozen from a clone).
+    pub layers: usize,
+    /// Pages the template's memory files hold, over all layers (`SEEK_DATA`/`SEEK_HOLE` now).
+    pub populated_pages: u64,
+    /// For each populated page, how many live clones map its frame now: key = clones (0 =
+    /// populated but mapped by no clone), value = pages. Keys with no pages are left out.
     pub histogram: BTreeMap<usize, u64>,
-    /// Pages no clone has copied.
+    /// Populated pages whose frame every live clone maps (0 without clones).
     pub pages_shared_by_all: u64,
-    /// Bytes the clones copied, all together.
+    /// Summed over live clones: bytes they map from template frames.
+    pub mapped_bytes: u64,
+    /// Summed over live clones: their private bytes (pages copied on write or newly written).
     pub private_bytes: u64,
-    /// Bytes saved against every clone holding a full copy of the template's RAM.
+    /// Summed over live clones: bytes of their RAM that map the zero page (read holes).
+    pub zero_bytes: u64,
+    /// `mapped_bytes` minus the bytes of the distinct template frames they map: what the clones
+    /// would hold in addition if each had its own copy of what it maps.
     pub saved_bytes: u64,
-    /// Copied pages, by address (up to [`MAX_LISTED_PAGES`]); every other page is shared by all.
+    /// Clones × RAM size: the naive baseline of full copies (not a saving).
+    pub full_copy_bytes: u64,
+    /// Bytes the template's own layer holds (its overlay for a layered template, else its base).
+    pub own_bytes: u64,
+    /// Copied pages, by address (up to [`MAX_LISTED_PAGES`]).
     pub copied_pages: Vec<CopiedPage>,
     /// Whether `copied_pages` was cut short.
     pub copied_pages_truncated: bool,
@@ -271,51 +337,114 @@ pub struct TemplateSharing {
     pub scan_us: f64,
 }
 
-/// For each page of `template`, counts how many of `clones` still share it, from each clone's
-/// private pages as the kernel reports them (`PAGEMAP_SCAN`).
-pub fn template_sharing(template: &Template, clones: &[&Vm], pagemap: &PageMap) -> Result<TemplateSharing, StatsError> {
+/// What the clones of a template map, page by page.
+#[derive(Default)]
+struct CloneScan {
+    /// Template frame → (its page index, clones mapping it).
+    frames: HashMap<u64, (u64, usize)>,
+    /// Page index → clones holding a private copy.
+    copies: HashMap<u64, usize>,
+    mapped_pages: u64,
+    private_pages: u64,
+    zero_pages: u64,
+}
+
+impl CloneScan {
+    /// Adds one clone's present pages (`PAGEMAP_SCAN`, then pagemap for the template frames).
+    fn add(&mut self, vm: &Vm, pagemap: &PageMap) -> Result<(), StatsError> {
+        let base = vm.ram().host_address();
+        for run in pagemap.present_runs(base, vm.ram().size()).map_err(pagemap_err)? {
+            let first = (run.range.start - base) / PAGE_SIZE;
+            let n = (run.range.end - run.range.start) / PAGE_SIZE;
+            if run.zero_page {
+                self.zero_pages += n;
+            } else if !run.file {
+                self.private_pages += n;
+                for page in first..first + n {
+                    *self.copies.entry(page).or_insert(0) += 1;
+                }
+            } else {
+                let entries = pagemap.read(run.range.start, n as usize).map_err(pagemap_err)?;
+                for (page, entry) in (first..).zip(entries) {
+                    let Some(pfn) = entry.pfn() else { continue };
+                    if pfn == 0 {
+                        return Err(KPageError::PfnHidden.into());
+                    }
+                    self.mapped_pages += 1;
+                    self.frames.entry(pfn).or_insert((page, 0)).1 += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// For each populated page of `template`, counts how many of `clones` map its frame, from each
+/// clone's page tables (`PAGEMAP_SCAN` + pagemap) and the template's memfds (`SEEK_DATA`).
+pub fn template_sharing(
+    template: &Template,
+    clones: &[&Vm],
+    warm_shells: usize,
+    pagemap: &PageMap,
+) -> Result<TemplateSharing, StatsError> {
     let started = Instant::now();
-    let pages = template.size() / PAGE_SIZE;
-    let mut copies: HashMap<u64, usize> = HashMap::new();
-    let mut private_pages = 0u64;
+    let memory = template.memory();
+    let mut scan = CloneScan::default();
     for (index, vm) in clones.iter().enumerate() {
         if vm.ram().size() != template.size() || vm.ram().template().is_none() {
             return Err(StatsError::NotAClone { index });
         }
-        for run in vm.ram().private_runs(pagemap).map_err(VmError::from)? {
-            for page in run.start / PAGE_SIZE..run.end / PAGE_SIZE {
-                *copies.entry(page).or_insert(0) += 1;
-                private_pages += 1;
-            }
-        }
+        scan.add(vm, pagemap)?;
     }
+    let extents_err = |source| StatsError::Io {
+        what: "the template memfd (SEEK_DATA)",
+        source,
+    };
+    let mut populated_bytes = 0;
+    for layer in memory.layers() {
+        populated_bytes += layer.populated_bytes().map_err(extents_err)?;
+    }
+    let populated_pages = populated_bytes / PAGE_SIZE;
     let n = clones.len();
-    let mut histogram = BTreeMap::new();
-    for &count in copies.values() {
-        *histogram.entry(n - count.min(n)).or_insert(0u64) += 1;
+    let mut histogram: BTreeMap<usize, u64> = BTreeMap::new();
+    for &(_, count) in scan.frames.values() {
+        *histogram.entry(count).or_insert(0) += 1;
     }
-    let shared_by_all = pages - copies.len() as u64;
-    if n > 0 || shared_by_all > 0 {
-        *histogram.entry(n).or_insert(0) += shared_by_all;
+    let unmapped = populated_pages.saturating_sub(scan.frames.len() as u64);
+    if unmapped > 0 {
+        histogram.insert(0, unmapped);
     }
-    let mut copied: Vec<CopiedPage> = copies
+    let mapping_at: HashMap<u64, usize> = scan.frames.values().copied().collect();
+    let mut copied: Vec<CopiedPage> = scan
+        .copies
         .iter()
         .map(|(&page, &count)| CopiedPage {
             gpa: page * PAGE_SIZE,
-            clones_sharing: n - count.min(n),
+            clones_copied: count,
+            clones_mapping: mapping_at.get(&page).copied().unwrap_or(0),
         })
         .collect();
     copied.sort_by_key(|c| c.gpa);
     let truncated = copied.len() > MAX_LISTED_PAGES;
     copied.truncate(MAX_LISTED_PAGES);
-    let private_bytes = private_pages * PAGE_SIZE;
     Ok(TemplateSharing {
         clones: n,
-        pages,
+        warm_shells,
+        pages: template.size() / PAGE_SIZE,
+        layers: memory.depth(),
+        populated_pages,
+        pages_shared_by_all: if n > 0 {
+            histogram.get(&n).copied().unwrap_or(0)
+        } else {
+            0
+        },
         histogram,
-        pages_shared_by_all: shared_by_all,
-        private_bytes,
-        saved_bytes: (n as u64 * template.size()).saturating_sub(private_bytes),
+        mapped_bytes: scan.mapped_pages * PAGE_SIZE,
+        private_bytes: scan.private_pages * PAGE_SIZE,
+        zero_bytes: scan.zero_pages * PAGE_SIZE,
+        saved_bytes: (scan.mapped_pages - scan.frames.len() as u64) * PAGE_SIZE,
+        full_copy_bytes: n as u64 * template.size(),
+        own_bytes: memory.own_layer().populated_bytes().map_err(extents_err)?,
         copied_pages: copied,
         copied_pages_truncated: truncated,
         scan_us: started.elapsed().as_secs_f64() * 1e6,

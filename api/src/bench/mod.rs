@@ -82,7 +82,7 @@ pub enum Bench {
     Sizes(SweepArgs),
     /// Spawn, host memory and copy-on-write cost at 1, 10, 100, 1000 and 2000 live clones.
     LiveClones(SweepArgs),
-    /// Template sharing after 100 clones write 0 %, 1 % and 10 % of their pages.
+    /// Template sharing after 100 clones read a template's 16 MiB of data and write 0 %, 1 % and 10 % of it.
     Sharing(SweepArgs),
     /// A CI-like clone → test → stats → destroy loop with 1 and 2 workers.
     CiLoop(SweepArgs),

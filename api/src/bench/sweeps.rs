@@ -276,26 +276,34 @@ pub fn live_clones(
     Ok(json!({"samples": samples, "rows": rows}))
 }
 
-/// Template sharing after 100 clones each write 0 %, 1 % and 10 % of their pages (above 4 MiB,
-/// every 100th / 10th page at a clone-specific offset, so that at 1 % each page is copied by one
-/// clone and at 10 % by ten).
+/// Template sharing after 100 clones each read the template's 16 MiB of data and write 0 %, 1 %
+/// or 10 % of those pages (every 100th / 10th page at a clone-specific offset, so that at 1 %
+/// each data page is copied by one clone and at 10 % by ten). Only pages clones actually map
+/// count as shared.
 pub fn sharing(engine: &CloneEngine, clones: usize, out: &Path) -> Result<Value, BenchError> {
-    let template = make_template(engine.kvm(), 256)?;
-    let pages = template.size() / PAGE_SIZE;
-    let first = 4 * MIB / PAGE_SIZE;
+    let template = sharing_template(engine)?;
+    let data = SHARING_DATA_PAGES;
+    let first = SHARING_DATA_START / PAGE_SIZE;
     let mut rows = Vec::new();
     let mut series = Vec::new();
     for pct in [0u64, 1, 10] {
-        progress(&format!("{clones} clones each write {pct} % of their pages"));
+        progress(&format!(
+            "{clones} clones each read the template's {data} data pages and write {pct} % of them"
+        ));
         fill_pool(engine, &template, clones)?;
         let mut made = spawn_all(engine, &template, clones)?;
-        if let Some(stride) = 100u64.checked_div(pct) {
-            for (i, clone) in made.iter_mut().enumerate() {
+        for (i, clone) in made.iter_mut().enumerate() {
+            let read = GuestCommand::Checksum {
+                start: GuestAddress(SHARING_DATA_START),
+                count: data,
+                stride: PAGE_SIZE,
+            };
+            clone.vm_mut().execute(read, Some(Duration::from_secs(60)))?;
+            if let Some(stride) = 100u64.checked_div(pct) {
                 let start = first + (i as u64 * 37) % stride;
-                let count = (pages - start).div_ceil(stride);
                 let write = GuestCommand::Write {
                     start: GuestAddress(start * PAGE_SIZE),
-                    count,
+                    count: (first + data - start).div_ceil(stride),
                     stride: stride * PAGE_SIZE,
                     value: i as u64,
                 };
@@ -303,26 +311,30 @@ pub fn sharing(engine: &CloneEngine, clones: usize, out: &Path) -> Result<Value,
             }
         }
         let vms: Vec<&Vm> = made.iter().map(Clone::vm).collect();
-        let stats = template_sharing(&template, &vms, engine.pagemap())?;
+        let stats = template_sharing(&template, &vms, engine.warm_shells(&template), engine.pagemap())?;
         series.push(Series::new(
             format!("{pct} % written"),
             stats.histogram.iter().map(|(k, v)| (*k as f64, *v as f64)).collect(),
         ));
+        let used = stats.mapped_bytes + stats.private_bytes;
         rows.push(json!({
             "percent_written": pct,
+            "populated_pages": stats.populated_pages,
             "histogram": stats.histogram,
             "pages_shared_by_all": stats.pages_shared_by_all,
+            "mapped_bytes": stats.mapped_bytes,
             "private_bytes": stats.private_bytes,
             "saved_bytes": stats.saved_bytes,
-            "saved_percent": 100.0 * stats.saved_bytes as f64 / (clones as f64 * template.size() as f64),
+            "full_copy_bytes": stats.full_copy_bytes,
+            "saved_percent": 100.0 * stats.saved_bytes as f64 / used.max(1) as f64,
         }));
         destroy_all(engine, made);
     }
     engine.retire(&template);
     lines(
         &out.join("sharing-histogram.svg"),
-        "Template pages by clones still sharing them (100 clones)",
-        "clones sharing the page",
+        &format!("Template pages by clones mapping their frame ({clones} clones)"),
+        "clones mapping the page's frame",
         "pages",
         false,
         true,
@@ -339,11 +351,29 @@ pub fn sharing(engine: &CloneEngine, clones: usize, out: &Path) -> Result<Value,
         .collect();
     bars(
         &out.join("memory-saved.svg"),
-        "Memory saved vs 100 full copies (%)",
+        "Saved: bytes clones map from shared frames, % of what they map and copied",
         "% saved",
         &saved,
     )?;
-    Ok(json!({"clones": clones, "template_mib": template.size() >> 20, "rows": rows}))
+    Ok(json!({"clones": clones, "template_mib": template.size() >> 20, "data_pages": data, "rows": rows}))
+}
+
+/// Where the sharing sweep's template holds its data, and how many pages.
+const SHARING_DATA_START: u64 = 8 * MIB;
+const SHARING_DATA_PAGES: u64 = 16 * MIB / PAGE_SIZE;
+
+/// A 256 MiB template whose guest filled 16 MiB from 8 MiB (like `cowvm demo`).
+fn sharing_template(engine: &CloneEngine) -> Result<Arc<cowvm_vmm::Template>, BenchError> {
+    let kvm = engine.kvm();
+    let (mut vm, _) = Vm::boot(kvm, &cowvm_vmm::VmConfig::builtin(256))?;
+    let fill = GuestCommand::Write {
+        start: GuestAddress(SHARING_DATA_START),
+        count: SHARING_DATA_PAGES,
+        stride: PAGE_SIZE,
+        value: 0x5eed,
+    };
+    vm.execute(fill, Some(Duration::from_secs(60)))?;
+    Ok(Arc::new(cowvm_vmm::Template::freeze(kvm, &mut vm)?))
 }
 
 /// A CI-like loop for `seconds`: clone from warm shells, run a test command in the guest (read

@@ -249,3 +249,173 @@ pub struct WarmStatus {
     /// Shells ready now (the rest are built in the background).
     pub warm_shells: usize,
 }
+
+/// Page counts of one VM (`GET /v1/vms/{id}/stats`, in pages or bytes): `template_backed`,
+/// `private`, `zero` and `untouched` split `total`; `shared` overlaps them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct PageCounts {
+    /// Guest RAM.
+    pub total: u64,
+    /// Mapped in the host (`PAGEMAP_SCAN`): `template_backed + private + zero`.
+    pub present: u64,
+    /// Maps a frame of the VM's template memory (pagemap file bit).
+    pub template_backed: u64,
+    /// The frame has at least one other mapping (kpagecount ≥ 2; the zero page excluded).
+    pub shared: u64,
+    /// The VM's own: anonymous copies, or a never-snapshotted VM's own memory.
+    pub private: u64,
+    /// Maps the host's shared zero page (kpageflags `ZERO_PAGE`): reads of template holes.
+    pub zero: u64,
+    /// Not present.
+    pub untouched: u64,
+}
+
+impl From<cowvm_vmm::stats::PageCounts> for PageCounts {
+    fn from(p: cowvm_vmm::stats::PageCounts) -> Self {
+        PageCounts {
+            total: p.total,
+            present: p.present,
+            template_backed: p.template_backed,
+            shared: p.shared,
+            private: p.private,
+            zero: p.zero,
+            untouched: p.untouched,
+        }
+    }
+}
+
+/// Present pages of special kinds (kpageflags).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct SpecialPages {
+    /// On huge pages.
+    pub thp: u64,
+    /// The shared zero page (the same as `pages.zero`).
+    pub zero_page: u64,
+}
+
+/// `GET /v1/vms/{id}/stats`: a VM's sharing, read from the host kernel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmStats {
+    /// VM id.
+    pub id: String,
+    /// Page counts.
+    pub pages: PageCounts,
+    /// The same in bytes.
+    pub bytes: PageCounts,
+    /// Present pages by the kpagecount of their frame.
+    pub kpagecount_histogram: std::collections::BTreeMap<u64, u64>,
+    /// Huge and zero pages.
+    pub special_pages: SpecialPages,
+    /// smaps of the RAM mapping: `vmas`, `rss_kib`, `anonymous_kib`, `private_dirty_kib`,
+    /// `private_clean_kib`, `shared_dirty_kib`, `shared_clean_kib`.
+    #[schema(value_type = Object)]
+    pub smaps: cowvm_vmm::host::SmapsFigures,
+    /// KVM's binary statistics: `vm` and `vcpus`, each by KVM's descriptor names.
+    #[schema(value_type = Object)]
+    pub kvm: cowvm_vmm::kvm_stats::KvmStats,
+    /// Time for the scan, microseconds.
+    pub scan_us: f64,
+}
+
+impl VmStats {
+    /// The API view of `sharing` for VM `id`.
+    pub fn new(id: String, sharing: cowvm_vmm::stats::VmSharing) -> Self {
+        VmStats {
+            id,
+            pages: sharing.pages.into(),
+            bytes: sharing.bytes.into(),
+            kpagecount_histogram: sharing.kpagecount_histogram,
+            special_pages: SpecialPages {
+                thp: sharing.special_pages.thp,
+                zero_page: sharing.special_pages.zero_page,
+            },
+            smaps: sharing.smaps,
+            kvm: sharing.kvm,
+            scan_us: sharing.scan_us,
+        }
+    }
+}
+
+/// A template page some clones have copied.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+pub struct CopiedPage {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Live clones holding a private copy.
+    pub clones_copied: usize,
+    /// Live clones mapping the template's frame there now.
+    pub clones_mapping: usize,
+}
+
+/// `GET /v1/templates/{id}/stats`: sharing over a template's live clones, read from the host
+/// kernel. Only pages clones map count as shared (see docs/api.md).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TemplateStats {
+    /// Template id.
+    pub id: String,
+    /// Live clones (warm shells are not clones).
+    pub clones: usize,
+    /// Warm shells ready, never counted in `clones` or `histogram`.
+    pub warm_shells: usize,
+    /// Pages of guest RAM.
+    pub pages: u64,
+    /// Layers of template memory.
+    pub layers: usize,
+    /// Pages the template's memory files hold over all layers (`SEEK_DATA`).
+    pub populated_pages: u64,
+    /// Populated pages by how many live clones map their frame (0 = none); empty keys left out.
+    pub histogram: std::collections::BTreeMap<usize, u64>,
+    /// Populated pages whose frame every live clone maps (0 without clones).
+    pub pages_shared_by_all: u64,
+    /// Summed over clones: bytes mapped from template frames.
+    pub mapped_bytes: u64,
+    /// Summed over clones: private (copied or newly written) bytes.
+    pub private_bytes: u64,
+    /// Summed over clones: bytes mapping the zero page (read holes).
+    pub zero_bytes: u64,
+    /// `mapped_bytes` minus the bytes of the distinct template frames mapped.
+    pub saved_bytes: u64,
+    /// Clones × RAM size: the naive baseline, not a saving.
+    pub full_copy_bytes: u64,
+    /// Bytes the template's own layer holds (its overlay, or its base).
+    pub own_bytes: u64,
+    /// Copied pages (up to 4096).
+    pub copied_pages: Vec<CopiedPage>,
+    /// Whether `copied_pages` was cut short.
+    pub copied_pages_truncated: bool,
+    /// Time for the scan, microseconds.
+    pub scan_us: f64,
+}
+
+impl TemplateStats {
+    /// The API view of `sharing` for template `id`.
+    pub fn new(id: String, s: cowvm_vmm::stats::TemplateSharing) -> Self {
+        TemplateStats {
+            id,
+            clones: s.clones,
+            warm_shells: s.warm_shells,
+            pages: s.pages,
+            layers: s.layers,
+            populated_pages: s.populated_pages,
+            histogram: s.histogram,
+            pages_shared_by_all: s.pages_shared_by_all,
+            mapped_bytes: s.mapped_bytes,
+            private_bytes: s.private_bytes,
+            zero_bytes: s.zero_bytes,
+            saved_bytes: s.saved_bytes,
+            full_copy_bytes: s.full_copy_bytes,
+            own_bytes: s.own_bytes,
+            copied_pages: s
+                .copied_pages
+                .iter()
+                .map(|c| CopiedPage {
+                    gpa: c.gpa,
+                    clones_copied: c.clones_copied,
+                    clones_mapping: c.clones_mapping,
+                })
+                .collect(),
+            copied_pages_truncated: s.copied_pages_truncated,
+            scan_us: s.scan_us,
+        }
+    }
+}

@@ -179,11 +179,11 @@ pub async fn get_template(
 
 /// Sharing statistics of a template over its live clones, from the host kernel.
 #[utoipa::path(get, path = "/v1/templates/{id}/stats", tag = "templates", params(("id" = String, Path, description = "template id")),
-    responses((status = 200, description = "clones, histogram, pages_shared_by_all, saved_bytes", body = Object), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "populated_pages, histogram, pages_shared_by_all, mapped/private/saved/full_copy/own bytes, warm_shells", body = TemplateStats), (status = 404, body = ErrorBody)))]
 pub async fn template_stats(
     State(app): State<Arc<App>>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<TemplateStats>, ApiError> {
     let Path(id) = id?;
     let entry = app.template(&id)?;
     let service = Arc::clone(&app);
@@ -191,10 +191,9 @@ pub async fn template_stats(
         let clones = service.clones_of(&entry.id);
         let guards: Vec<_> = clones.iter().map(|c| c.lock_machine()).collect();
         let vms: Vec<&cowvm_vmm::Vm> = guards.iter().filter_map(|g| g.as_ref().map(Machine::vm)).collect();
-        let sharing = template_sharing(&entry.template, &vms, service.engine.pagemap())?;
-        let mut value = serde_json::to_value(sharing).unwrap_or_default();
-        value["id"] = entry.id.clone().into();
-        Ok(value)
+        let shells = service.engine.warm_shells(&entry.template);
+        let sharing = template_sharing(&entry.template, &vms, shells, service.engine.pagemap())?;
+        Ok(TemplateStats::new(entry.id.clone(), sharing))
     })
     .await?;
     Ok(Json(stats))

@@ -300,14 +300,12 @@ pub async fn probe_write(
 
 /// Sharing statistics of a VM, from the host kernel.
 #[utoipa::path(get, path = "/v1/vms/{id}/stats", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    responses((status = 200, description = "pages, kpagecount histogram, smaps, KVM stats", body = Object), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn vm_stats(State(app): State<Arc<App>>, id: Id) -> Result<Json<serde_json::Value>, ApiError> {
+    responses((status = 200, description = "pages (template_backed, shared, private, zero, untouched, total), kpagecount histogram, smaps, KVM stats", body = VmStats), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub async fn vm_stats(State(app): State<Arc<App>>, id: Id) -> Result<Json<VmStats>, ApiError> {
     let Path(id) = id?;
     let stats = on_vm(&app, &id, |app, entry, machine| {
         let host = app.host_view()?;
-        let mut value = serde_json::to_value(vm_sharing(machine.vm(), host)?).unwrap_or_default();
-        value["id"] = entry.id.clone().into();
-        Ok(value)
+        Ok(VmStats::new(entry.id.clone(), vm_sharing(machine.vm(), host)?))
     })
     .await?;
     Ok(Json(stats))
