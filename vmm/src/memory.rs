@@ -189,7 +189,11 @@ impl HostMapping {
         }
         let addr = NonNull::new(addr).ok_or_else(|| map_err(io::Error::other("mmap returned NULL")))?;
         keep_apart(addr, size);
-        Ok(HostMapping { addr, len: size })
+        Ok(HostMapping {
+            addr,
+            len: size,
+            fate: Fate::default(),
+        })
     }
 
     /// Maps every data piece of `template` privately over this mapping, at its own offset.
