@@ -7,9 +7,10 @@
 //! RAM is one anonymous private range (holes read as the host's shared zero page, a write gives a
 //! private page) with the template's data runs mapped `MAP_FIXED | MAP_PRIVATE` over it from the
 //! memfds: one contiguous host range, so one KVM memslot. Holes shorter than [`MIN_ANON_HOLE`]
-//! (and all but the [`MAX_ANON_HOLES`] largest) are filled with zeros before sealing so that a
-//! fragmented template does not cost every clone thousands of VMAs; from then on a template's
-//! populated pages never change.
+//! (and, within a byte budget of a quarter of the data, the smallest beyond the
+//! [`MAX_ANON_HOLES`] largest) are filled with zeros before sealing so that a fragmented template
+//! does not cost every clone thousands of VMAs nor grow towards its RAM size; from then on a
+//! template's populated pages never change.
 //!
 //! The types make a writable shared mapping of frozen memory impossible to obtain: the only
 //! `MAP_SHARED` writable mapping is made in [`GuestRam::new_owned`] on a memfd that was just
@@ -38,8 +39,12 @@ pub const PAGE_SIZE: u64 = 4096;
 /// from the memfd): a shorter anonymous hole would cost each clone two more VMAs for little.
 pub const MIN_ANON_HOLE: u64 = 16 * PAGE_SIZE;
 /// Most holes of one memfd that clones map anonymously (each costs up to two VMAs per clone); the
-/// smaller ones beyond this are filled with zeros before sealing.
+/// smaller ones beyond this are filled with zeros before sealing, within [`MAX_FILL_DIVISOR`].
 pub const MAX_ANON_HOLES: usize = 4;
+/// Filling holes beyond [`MAX_ANON_HOLES`] may add at most the template's data bytes divided by
+/// this: a thinly spread template keeps its holes anonymous (more VMAs per clone, a slower shell
+/// build) rather than grow towards its RAM size in zeros.
+pub const MAX_FILL_DIVISOR: u64 = 4;
 
 /// Seals applied to a frozen memfd: no writes, no size change, no further seals.
 const FROZEN_SEALS: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
@@ -850,8 +855,9 @@ fn holes(extents: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
     holes
 }
 
-/// The holes to fill with zeros so that clones map at most [`MAX_ANON_HOLES`] holes, none shorter
-/// than [`MIN_ANON_HOLE`], anonymously: the short ones, then the smallest beyond the limit.
+/// The holes to fill with zeros so that clones map few holes anonymously: every hole shorter
+/// than [`MIN_ANON_HOLE`], then, beyond the [`MAX_ANON_HOLES`] largest, the smallest ones while
+/// the zeros added stay within the data bytes / [`MAX_FILL_DIVISOR`].
 fn holes_to_fill(extents: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
     let (mut fill, mut keep): (Vec<_>, Vec<_>) = holes(extents, size)
         .into_iter()
@@ -859,7 +865,16 @@ fn holes_to_fill(extents: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
     if keep.len() > MAX_ANON_HOLES {
         // Largest first; of equal ones the higher (RAM's top is where guests leave holes).
         keep.sort_by_key(|h| std::cmp::Reverse((h.end - h.start, h.start)));
-        fill.extend(keep.drain(MAX_ANON_HOLES..));
+        let data: u64 = extents.iter().map(|e| e.end - e.start).sum();
+        let mut budget = data / MAX_FILL_DIVISOR;
+        for hole in keep.drain(MAX_ANON_HOLES..).rev() {
+            let len = hole.end - hole.start;
+            if len > budget {
+                break;
+            }
+            budget -= len;
+            fill.push(hole);
+        }
     }
     fill.sort_by_key(|h| h.start);
     fill
@@ -1036,16 +1051,26 @@ mod tests {
     #[test]
     fn test_holes_beyond_the_limit_are_filled_smallest_first() {
         let gap = MIN_ANON_HOLE;
+        let data = 8 * gap;
         let extents: Vec<Range<u64>> = (0..MAX_ANON_HOLES as u64 + 2)
             .map(|i| {
-                let start = i * (P + gap) + gap + if i == 0 { 0 } else { i * P };
-                start..start + P
+                let start = i * (data + gap) + gap + if i == 0 { 0 } else { i * P };
+                start..start + data
             })
             .collect();
         let size = extents.last().map_or(0, |e| e.end);
         let fill = holes_to_fill(&extents, size);
         assert_eq!(holes(&extents, size).len() - fill.len(), MAX_ANON_HOLES);
         assert!(fill.iter().all(|h| h.end - h.start <= gap + P), "{fill:?}");
+    }
+
+    #[test]
+    fn test_a_thinly_spread_template_keeps_its_holes_rather_than_grow_towards_its_ram_size() {
+        // One data page per MiB of a 64 MiB guest: filling all but 4 holes would add ~60 MiB.
+        let extents: Vec<Range<u64>> = (0..64u64).map(|i| i * 256 * P..i * 256 * P + P).collect();
+        let size = 64 * 256 * P;
+        let filled: u64 = holes_to_fill(&extents, size).iter().map(|h| h.end - h.start).sum();
+        assert!(filled <= 64 * P / MAX_FILL_DIVISOR, "filled {filled} bytes");
     }
 
     #[test]
