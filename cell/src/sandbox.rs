@@ -1,0 +1,231 @@
+//! The cell's sandbox: `no_new_privs`, an unprivileged uid/gid when started as root, and a
+//! seccomp-bpf allowlist (built with `seccompiler`, as Firecracker does) that kills the process
+//! on any other system call. Entered once the cell holds the KVM device and before it runs a guest.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// The unprivileged user cells switch to when the supervisor runs as root (`nobody`).
+pub const NOBODY: (u32, u32) = (65534, 65534);
+
+/// The system calls a cell makes after it has entered the sandbox, found by running a cell
+/// workload (spawn, run, reset, destroy, warm shells, stats) under `strace -f`.
+pub const ALLOWED_SYSCALLS: &[i64] = &[
+    // The socket to the supervisor.
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    // KVM and the memory of VMs.
+    libc::SYS_ioctl,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    // Template memfds arriving: seals and size.
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_lseek,
+    libc::SYS_pread64,
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_close,
+    // Threads of the engine (shell builder, reaper) and their queues.
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // Deadlines of KVM_RUN (a per-thread POSIX timer and a real-time signal).
+    libc::SYS_timer_create,
+    libc::SYS_timer_settime,
+    libc::SYS_timer_delete,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    // Clocks, sleeps, seeds.
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+];
+
+/// Errors entering the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A privilege call failed.
+    #[error("{op} failed: {source}")]
+    Privileges {
+        /// The call.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// The filter could not be built or installed.
+    #[error("seccomp filter: {0}")]
+    Seccomp(#[from] seccompiler::Error),
+    /// The filter could not be compiled.
+    #[error("seccomp filter: {0}")]
+    Backend(#[from] seccompiler::BackendError),
+}
+
+fn check(op: &'static str, rc: libc::c_int) -> Result<(), SandboxError> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(SandboxError::Privileges {
+            op,
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+/// Sets `no_new_privs`: no exec can gain privileges again, and seccomp may be installed unprivileged.
+pub fn set_no_new_privs() -> Result<(), SandboxError> {
+    // SAFETY: prctl with integer arguments; no memory is passed.
+    check("prctl(PR_SET_NO_NEW_PRIVS)", unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    })
+}
+
+/// When running as root: drops supplementary groups and switches real, effective and saved
+/// ids to `uid`/`gid` (glibc applies it to every thread). Keeps the process dumpable so that it
+/// can still open its own `/proc/self` files. Returns the uid the process runs as afterwards.
+pub fn drop_privileges(uid: u32, gid: u32) -> Result<u32, SandboxError> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        // SAFETY: as above.
+        return Ok(unsafe { libc::getuid() });
+    }
+    // SAFETY: an empty group list (null pointer with length 0) is valid.
+    check("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: integer arguments only.
+    check("setresgid", unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: integer arguments only.
+    check("setresuid", unsafe { libc::setresuid(uid, uid, uid) })?;
+    // SAFETY: integer arguments only.
+    check("prctl(PR_SET_DUMPABLE)", unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0)
+    })?;
+    // SAFETY: getuid has no arguments and cannot fail.
+    Ok(unsafe { libc::getuid() })
+}
+
+/// The allowlist filter for `syscalls`: any other call kills the whole process (`SIGSYS`).
+pub fn filter(syscalls: &[i64]) -> Result<BpfProgram, SandboxError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = syscalls.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// Installs `program` on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`); sets
+/// `no_new_privs` first.
+pub fn install(program: &BpfProgram) -> Result<(), SandboxError> {
+    set_no_new_privs()?;
+    seccompiler::apply_filter_all_threads(program)?;
+    Ok(())
+}
+
+/// What `/proc/<pid>/status` says about a process's confinement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Confinement {
+    /// `Seccomp:` 0 none, 1 strict, 2 filter.
+    pub seccomp: u32,
+    /// `NoNewPrivs:`.
+    pub no_new_privs: bool,
+    /// Real uid (first field of `Uid:`).
+    pub uid: u32,
+    /// Real gid (first field of `Gid:`).
+    pub gid: u32,
+}
+
+/// Reads the confinement of process `pid` from `/proc/<pid>/status`.
+pub fn confinement(pid: u32) -> io::Result<Confinement> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}/status lacks {name}")))
+    };
+    Ok(Confinement {
+        seccomp: field("Seccomp:")?,
+        no_new_privs: field("NoNewPrivs:")? == 1,
+        uid: field("Uid:")?,
+        gid: field("Gid:")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forks a child that installs `program` and then makes `getppid` (or not); returns how it
+    /// ended as (signal, exit code).
+    fn child_status(program: &BpfProgram, call_getppid: bool) -> (Option<i32>, Option<i32>) {
+        // SAFETY: the child only makes raw system calls (no allocation, no locks) and leaves with
+        // _exit, so forking a multi-threaded test process is sound.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed: {}", io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: prctl with integer arguments.
+            if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                // SAFETY: _exit never returns.
+                unsafe { libc::_exit(90) };
+            }
+            if seccompiler::apply_filter(program).is_err() {
+                // SAFETY: _exit never returns.
+                unsafe { libc::_exit(91) };
+            }
+            if call_getppid {
+                // SAFETY: getppid has no arguments.
+                unsafe { libc::syscall(libc::SYS_getppid) };
+            }
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is valid output storage.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        (
+            libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+            libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+        )
+    }
+
+    #[test]
+    fn test_syscall_outside_the_allowlist_kills_the_process_with_sigsys() {
+        assert!(!ALLOWED_SYSCALLS.contains(&libc::SYS_getppid));
+        let program = filter(ALLOWED_SYSCALLS).expect("build the filter");
+        assert_eq!(child_status(&program, true), (Some(libc::SIGSYS), None));
+    }
+
+    #[test]
+    fn test_process_making_only_allowed_syscalls_exits_normally_under_the_filter() {
+        let program = filter(ALLOWED_SYSCALLS).expect("build the filter");
+        assert_eq!(child_status(&program, false), (None, Some(0)));
+    }
+
+    #[test]
+    fn test_confinement_of_this_process_reads_its_uid() {
+        let me = confinement(std::process::id()).expect("read /proc/self/status");
+        // SAFETY: getuid cannot fail.
+        assert_eq!(me.uid, unsafe { libc::getuid() });
+    }
+}

@@ -1,0 +1,139 @@
+//! Cells on the real /dev/kvm: the protocol end to end, cross-process sharing of template frames,
+//! and the sandbox as `/proc/<pid>/status` shows it.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::*;
+use cowvm_cell::inspect::ProcessPageMap;
+use cowvm_cell::protocol::RemoteErrorKind;
+use cowvm_cell::PoolError;
+use cowvm_vmm::kpage::KPages;
+use cowvm_vmm::memory::PAGE_SIZE;
+use cowvm_vmm::pagemap::PageMap;
+use cowvm_vmm::GuestCommand;
+use vm_memory::GuestAddress;
+
+#[test]
+fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
+    let template = template();
+    let pool = pool(4, 2, &template);
+    let batch = pool.spawn(1, 3).expect("spawn");
+    assert!(batch.failed.is_empty(), "{:?}", batch.failed);
+    assert_eq!(batch.clones.len(), 3);
+    let cells: BTreeSet<_> = batch.clones.iter().map(|c| c.at.cell).collect();
+    assert_eq!(cells.len(), 1, "3 clones fit one cell of 4");
+    let clone = batch.clones[0];
+    assert_eq!(clone.spawned.memory_size, template.size());
+
+    let identity = pool.run(clone.at, GuestCommand::Identity, DEADLINE).expect("identity");
+    assert_eq!((identity.result, identity.extra), (clone.spawned.generation, clone.spawned.seed));
+    let read = GuestCommand::Checksum {
+        start: GuestAddress(MARKED),
+        count: 1,
+        stride: 8,
+    };
+    assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, MARK);
+    let write = GuestCommand::Write {
+        start: GuestAddress(MARKED),
+        count: 1,
+        stride: 8,
+        value: 7,
+    };
+    pool.run(clone.at, write, DEADLINE).expect("write");
+    assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, 7);
+
+    let reset = pool.reset(clone.at).expect("reset");
+    assert_eq!(reset.pages_dropped, 1);
+    assert_ne!(reset.generation, clone.spawned.generation);
+    assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, MARK);
+
+    let cell = pool.cell(clone.at.cell).expect("cell");
+    assert_eq!(cell.stats().expect("stats").vms, 3);
+    pool.destroy(clone.at).expect("destroy");
+    assert_eq!(cell.stats().expect("stats").vms, 2);
+    match pool.run(clone.at, read, DEADLINE) {
+        Err(PoolError::UnknownVm(at)) => assert_eq!(at, clone.at),
+        other => panic!("a destroyed VM answered {other:?}"),
+    }
+    let refused = cell.run(clone.at.vm, read, DEADLINE).expect_err("the cell no longer has it");
+    assert_eq!(refused.remote_kind(), Some(RemoteErrorKind::UnknownVm));
+}
+
+#[test]
+fn test_clones_of_one_call_are_spread_over_cells_of_the_configured_size() {
+    let template = template();
+    let pool = pool(3, 4, &template);
+    let batch = pool.spawn(1, 8).expect("spawn");
+    assert!(batch.failed.is_empty(), "{:?}", batch.failed);
+    let cells = pool.cells();
+    assert_eq!(cells.len(), 3, "8 clones at 3 per cell need 3 cells");
+    let mut per_cell: Vec<u32> = cells.iter().map(|c| c.vms).collect();
+    per_cell.sort();
+    assert_eq!(per_cell, vec![2, 3, 3]);
+    let pids: BTreeSet<u32> = batch.clones.iter().map(|c| c.pid).collect();
+    assert_eq!(pids.len(), 3);
+    match pool.spawn(1, 5) {
+        Err(PoolError::Full { max_cells: 4, .. }) => {}
+        other => panic!("5 more clones in a pool of 4 x 3 with 8 live must not fit: {other:?}"),
+    }
+}
+
+#[test]
+fn test_two_cells_map_the_same_template_frame() {
+    if !is_root() {
+        eprintln!("skipped: PFNs in pagemap and /proc/kpagecount need root");
+        return;
+    }
+    let template = template();
+    let view = template.memory().base().map_read_only().expect("read-only view");
+    assert_eq!(view.read_u64(MARKED), Some(MARK), "the supervisor's view maps the template page");
+    let own = PageMap::open().expect("pagemap");
+    let page = MARKED / PAGE_SIZE * PAGE_SIZE;
+    let frame = own.read(view.host_address() + page, 1).expect("read pagemap")[0]
+        .pfn()
+        .filter(|&pfn| pfn != 0)
+        .expect("the template page is present with a PFN");
+    let kpages = KPages::open().expect("kpagecount");
+    let before = kpages.counts(&[frame]).expect("kpagecount")[0];
+
+    let pool = pool(1, 2, &template);
+    let batch = pool.spawn(1, 2).expect("spawn");
+    assert_eq!(batch.clones.len(), 2);
+    let read = GuestCommand::Checksum {
+        start: GuestAddress(MARKED),
+        count: 1,
+        stride: 8,
+    };
+    let mut pids = BTreeSet::new();
+    for clone in &batch.clones {
+        assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, MARK);
+        let entry = ProcessPageMap::open(clone.pid)
+            .expect("the cell's pagemap")
+            .read(clone.spawned.host_address + page, 1)
+            .expect("read")[0];
+        assert!(entry.present() && entry.file_or_shared(), "the clone maps the template's page");
+        assert_eq!(entry.pfn(), Some(frame), "cell {} maps the template's frame", clone.pid);
+        pids.insert(clone.pid);
+    }
+    assert_eq!(pids.len(), 2, "two cells");
+    let after = kpages.counts(&[frame]).expect("kpagecount")[0];
+    assert_eq!(after, before + 2, "each cell adds one mapping of the same frame");
+}
+
+#[test]
+fn test_cells_run_under_seccomp_with_no_new_privs_as_an_unprivileged_user() {
+    let template = template();
+    let pool = pool(2, 1, &template);
+    pool.spawn(1, 1).expect("spawn");
+    let cells = pool.cells();
+    assert_eq!(cells.len(), 1);
+    let confinement = cells[0].confinement.expect("/proc/<pid>/status");
+    assert_eq!(confinement.seccomp, 2, "seccomp filter mode");
+    assert!(confinement.no_new_privs);
+    if is_root() {
+        assert_eq!((confinement.uid, confinement.gid), cowvm_cell::sandbox::NOBODY);
+        assert_eq!(cells[0].uid, cowvm_cell::sandbox::NOBODY.0);
+    }
+}
