@@ -338,6 +338,14 @@ impl Cell {
         }
     }
 
+    /// Stops the cell gracefully (it tears its VMs down and exits) and returns how it ended;
+    /// `None` if it did not end within `timeout` (then it is killed when the handle drops).
+    pub fn close(&self, timeout: Duration) -> Option<ExitStatus> {
+        // SAFETY: shutdown on a socket we own; the cell sees end-of-file and leaves its loop.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        self.wait_dead(timeout)
+    }
+
     /// Sends `signal` to the cell (through its pidfd, so never to a recycled pid).
     pub fn signal(&self, signal: i32) -> std::io::Result<()> {
         // SAFETY: pidfd_send_signal with a pidfd we own, no siginfo, no flags.
@@ -562,9 +570,7 @@ fn read_answers(shared: &Shared, socket: &OwnedFd) {
 impl Drop for Cell {
     fn drop(&mut self) {
         // Closing our end ends the cell's loop; SIGKILL covers a cell stuck in a guest.
-        // SAFETY: shutdown on a socket we own.
-        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
-        if self.wait_dead(Duration::from_secs(2)).is_none() {
+        if self.close(Duration::from_secs(2)).is_none() {
             let _ = self.signal(libc::SIGKILL);
         }
         if let Some(reader) = self.reader.take() {

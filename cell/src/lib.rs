@@ -13,6 +13,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod allowlist;
 pub mod cell;
 pub mod inspect;
 pub mod pool;

@@ -5,60 +5,14 @@
 use std::collections::BTreeMap;
 use std::io;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
+
+use crate::allowlist;
 
 /// The unprivileged user cells switch to when the supervisor runs as root (`nobody`).
 pub const NOBODY: (u32, u32) = (65534, 65534);
-
-/// The system calls a cell makes after it has entered the sandbox, found by running a cell
-/// workload (spawn, run, reset, destroy, warm shells, stats) under `strace -f`.
-pub const ALLOWED_SYSCALLS: &[i64] = &[
-    // The socket to the supervisor.
-    libc::SYS_recvmsg,
-    libc::SYS_sendmsg,
-    // KVM and the memory of VMs.
-    libc::SYS_ioctl,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mprotect,
-    libc::SYS_madvise,
-    libc::SYS_mremap,
-    libc::SYS_brk,
-    // Template memfds arriving: seals and size.
-    libc::SYS_fcntl,
-    libc::SYS_fstat,
-    libc::SYS_statx,
-    libc::SYS_newfstatat,
-    libc::SYS_lseek,
-    libc::SYS_pread64,
-    libc::SYS_read,
-    libc::SYS_write,
-    libc::SYS_close,
-    // Threads of the engine (shell builder, reaper) and their queues.
-    libc::SYS_futex,
-    libc::SYS_sched_yield,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_rseq,
-    libc::SYS_set_robust_list,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
-    // Deadlines of KVM_RUN (a per-thread POSIX timer and a real-time signal).
-    libc::SYS_timer_create,
-    libc::SYS_timer_settime,
-    libc::SYS_timer_delete,
-    libc::SYS_rt_sigaction,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_sigaltstack,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_tgkill,
-    // Clocks, sleeps, seeds.
-    libc::SYS_clock_gettime,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_nanosleep,
-    libc::SYS_getrandom,
-];
 
 /// Errors entering the sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -121,9 +75,35 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<u32, SandboxError> {
     Ok(unsafe { libc::getuid() })
 }
 
-/// The allowlist filter for `syscalls`: any other call kills the whole process (`SIGSYS`).
+/// The cell's filter: [`allowlist::SYSCALLS`], and `ioctl` only with a request number in
+/// [`allowlist::IOCTLS`]; anything else kills the whole process (`SIGSYS`).
+pub fn cell_filter() -> Result<BpfProgram, SandboxError> {
+    let ioctl = allowlist::IOCTLS
+        .iter()
+        .map(|&(_, request)| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                request,
+            )?])
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rules = unconditional(allowlist::SYSCALLS);
+    rules.insert(libc::SYS_ioctl, ioctl);
+    compile(rules)
+}
+
+/// A filter allowing exactly `syscalls`; any other call kills the whole process (`SIGSYS`).
 pub fn filter(syscalls: &[i64]) -> Result<BpfProgram, SandboxError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = syscalls.iter().map(|&nr| (nr, Vec::new())).collect();
+    compile(unconditional(syscalls))
+}
+
+fn unconditional(syscalls: &[i64]) -> BTreeMap<i64, Vec<SeccompRule>> {
+    syscalls.iter().map(|&nr| (nr, Vec::new())).collect()
+}
+
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SandboxError> {
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -211,15 +191,21 @@ mod tests {
 
     #[test]
     fn test_syscall_outside_the_allowlist_kills_the_process_with_sigsys() {
-        assert!(!ALLOWED_SYSCALLS.contains(&libc::SYS_getppid));
-        let program = filter(ALLOWED_SYSCALLS).expect("build the filter");
+        assert!(!allowlist::SYSCALLS.contains(&libc::SYS_getppid));
+        let program = filter(allowlist::SYSCALLS).expect("build the filter");
         assert_eq!(child_status(&program, true), (Some(libc::SIGSYS), None));
     }
 
     #[test]
     fn test_process_making_only_allowed_syscalls_exits_normally_under_the_filter() {
-        let program = filter(ALLOWED_SYSCALLS).expect("build the filter");
+        let program = cell_filter().expect("build the filter");
         assert_eq!(child_status(&program, false), (None, Some(0)));
+    }
+
+    #[test]
+    fn test_cell_filter_kills_a_syscall_outside_its_list() {
+        let program = cell_filter().expect("build the filter");
+        assert_eq!(child_status(&program, true), (Some(libc::SIGSYS), None));
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl Worker {
             // The engine and its shell builder each open /proc/self/pagemap; the builder does it
             // on its own thread, which must happen before `open` is forbidden.
             wait_for_open_files("pagemap", 2, THREADS_READY).map_err(|e| RemoteError::new(Kind::Sandbox, e))?;
-            let program = sandbox::filter(sandbox::ALLOWED_SYSCALLS).map_err(sandbox_error)?;
+            let program = sandbox::cell_filter().map_err(sandbox_error)?;
             sandbox::install(&program).map_err(sandbox_error)?;
         } else {
             sandbox::set_no_new_privs().map_err(sandbox_error)?;

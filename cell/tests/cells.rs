@@ -15,6 +15,13 @@ use cowvm_vmm::pagemap::PageMap;
 use cowvm_vmm::GuestCommand;
 use vm_memory::GuestAddress;
 
+fn spin_kind(e: &PoolError) -> Option<RemoteErrorKind> {
+    match e {
+        PoolError::Cell(e) => e.remote_kind(),
+        _ => None,
+    }
+}
+
 #[test]
 fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
     let template = template();
@@ -49,8 +56,18 @@ fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
     assert_ne!(reset.generation, clone.spawned.generation);
     assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, MARK);
 
+    // A guest past its deadline: the timer signal and its return happen under the filter.
+    let spin = pool
+        .run(clone.at, GuestCommand::Spin, std::time::Duration::from_millis(50))
+        .expect_err("a spinning guest misses its deadline");
+    assert_eq!(spin_kind(&spin), Some(RemoteErrorKind::Guest), "{spin}");
+    pool.reset(clone.at).expect("reset after the deadline");
+    assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, MARK);
+
     let cell = pool.cell(clone.at.cell).expect("cell");
+    assert_eq!(cell.keep_warm(1, 1, std::time::Duration::from_secs(10)).expect("warm"), 1);
     assert_eq!(cell.stats().expect("stats").vms, 3);
+    assert_eq!(cell.stats().expect("stats").warm_shells, 1);
     pool.destroy(clone.at).expect("destroy");
     assert_eq!(cell.stats().expect("stats").vms, 2);
     match pool.run(clone.at, read, DEADLINE) {
@@ -59,6 +76,15 @@ fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
     }
     let refused = cell.run(clone.at.vm, read, DEADLINE).expect_err("the cell no longer has it");
     assert_eq!(refused.remote_kind(), Some(RemoteErrorKind::UnknownVm));
+    // Tearing its VMs down and leaving happen under the seccomp filter too.
+    assert_eq!(
+        cell.close(std::time::Duration::from_secs(10)),
+        Some(cowvm_cell::ExitStatus::Exited(0))
+    );
+    match pool.run(batch.clones[1].at, read, DEADLINE) {
+        Err(PoolError::Lost { .. }) => {}
+        other => panic!("a VM of a closed cell answered {other:?}"),
+    }
 }
 
 #[test]
