@@ -33,6 +33,13 @@ pub const SYSCALLS: &[i64] = &[
     libc::SYS_sched_yield,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // A thread created before the filter may first run after it (TSYNC covers it): glibc's and
+    // std's thread start-up (found when a loaded host delayed the reaper thread: SIGSYS on rseq).
+    libc::SYS_rseq,
+    libc::SYS_set_robust_list,
+    // The shell builder sleeps before retrying a failed build.
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
     // Deadlines of KVM_RUN: a per-thread POSIX timer and a real-time signal.
     libc::SYS_timer_create,
     libc::SYS_timer_settime,
@@ -68,6 +75,9 @@ const fn iow(nr: u64, size: usize) -> u64 {
 const fn iowr(nr: u64, size: usize) -> u64 {
     ioc(IOC_READ | IOC_WRITE, nr, size)
 }
+
+/// `prctl` options allowed: naming a thread (std does it as a thread starts).
+pub const PRCTLS: &[u64] = &[libc::PR_SET_NAME as u64];
 
 /// `PAGEMAP_SCAN` on `/proc/self/pagemap` (finding the pages a reset drops).
 pub const PAGEMAP_SCAN: u64 = 0xc060_6610;

@@ -33,6 +33,8 @@ pub enum ExitStatus {
     Exited(i32),
     /// A signal killed it.
     Killed(i32),
+    /// Its socket closed and it is still exiting (tearing its VMs down); not reaped yet.
+    Exiting,
     /// Its status could not be collected.
     Unknown,
 }
@@ -43,6 +45,7 @@ impl std::fmt::Display for ExitStatus {
             ExitStatus::Exited(code) => write!(f, "exited with status {code}"),
             ExitStatus::Killed(libc::SIGSYS) => write!(f, "killed by SIGSYS (a system call outside its seccomp allowlist)"),
             ExitStatus::Killed(signal) => write!(f, "killed by signal {signal}"),
+            ExitStatus::Exiting => write!(f, "closed its socket and is exiting"),
             ExitStatus::Unknown => write!(f, "ended (status unknown)"),
         }
     }
@@ -245,9 +248,13 @@ impl Cell {
         let mut command = Command::new(&config.program);
         command.args(&config.args).stdin(Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and only calls
-        // async-signal-safe functions (dup2, fcntl) on descriptors that exist in the child.
+        // async-signal-safe functions (prctl, dup2, fcntl) on descriptors that exist in the child.
         unsafe {
             command.pre_exec(move || {
+                // A cell never outlives its supervisor.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if child_fd == CELL_FD {
                     let flags = libc::fcntl(CELL_FD, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(CELL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
@@ -324,13 +331,25 @@ impl Cell {
         self.shared.liveness()
     }
 
-    /// Waits up to `timeout` for the cell to die; its status if it did.
+    /// Waits up to `timeout` for the cell to die (its socket closes at once on death); how it
+    /// ended if it did ([`ExitStatus::Exiting`] until the process is reaped).
     pub fn wait_dead(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.wait_while(timeout, |s| *s == Liveness::Alive)
+    }
+
+    /// Waits up to `timeout` for the cell's process to be reaped; its exit status if it was.
+    /// (A cell killed with many VMs takes a while: the kernel tears every VM down first.)
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.wait_while(timeout, |s| matches!(s, Liveness::Alive | Liveness::Dead(ExitStatus::Exiting)))
+            .filter(|status| *status != ExitStatus::Exiting)
+    }
+
+    fn wait_while(&self, timeout: Duration, waiting: impl FnMut(&mut Liveness) -> bool) -> Option<ExitStatus> {
         let state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         let (state, _) = self
             .shared
             .died
-            .wait_timeout_while(state, timeout, |s| *s == Liveness::Alive)
+            .wait_timeout_while(state, timeout, waiting)
             .unwrap_or_else(|e| e.into_inner());
         match *state {
             Liveness::Dead(status) => Some(status),
@@ -488,6 +507,11 @@ impl Cell {
 
     fn died(&self, op: &'static str) -> CellError {
         let status = self.wait_dead(Duration::from_secs(5)).unwrap_or(ExitStatus::Unknown);
+        let status = match status {
+            // Give a cell that is being killed a moment to be reaped, for a precise report.
+            ExitStatus::Exiting => self.wait_exit(Duration::from_millis(100)).unwrap_or(status),
+            other => other,
+        };
         CellError::Died {
             pid: self.pid(),
             status,
@@ -560,16 +584,21 @@ fn read_answers(shared: &Shared, socket: &OwnedFd) {
             Err(_) => break,
         }
     }
-    let status = reap(shared.pidfd.as_fd());
-    *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = Liveness::Dead(status);
+    // The socket closes as soon as the cell dies, well before the kernel has torn its VMs
+    // down and made it a zombie: report the death now, the exit status once reaped.
+    *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = Liveness::Dead(ExitStatus::Exiting);
     // Dropping the senders wakes every waiting request with `Disconnected`.
     shared.lock_pending().clear();
+    shared.died.notify_all();
+    let status = reap(shared.pidfd.as_fd());
+    *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = Liveness::Dead(status);
     shared.died.notify_all();
 }
 
 impl Drop for Cell {
     fn drop(&mut self) {
-        // Closing our end ends the cell's loop; SIGKILL covers a cell stuck in a guest.
+        // Closing our end ends the cell's loop; SIGKILL covers a cell stuck in a guest. The
+        // reader thread returns once the process is reaped (after the kernel's VM teardown).
         if self.close(Duration::from_secs(2)).is_none() {
             let _ = self.signal(libc::SIGKILL);
         }

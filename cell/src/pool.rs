@@ -406,7 +406,15 @@ impl CellPool {
     }
 
     /// Removes every dead cell from the pool and reports each with the VMs it took with it.
+    /// Returns once their processes are reaped (the kernel tears a dead cell's VMs down first).
     pub fn reap_dead(&self) -> Vec<LostCell> {
+        let mut removed = Vec::new();
+        let lost = self.take_dead(&mut removed);
+        drop(removed);
+        lost
+    }
+
+    fn take_dead(&self, removed: &mut Vec<Slot>) -> Vec<LostCell> {
         let mut state = self.lock();
         let dead: Vec<CellId> = state
             .cells
@@ -422,12 +430,14 @@ impl CellPool {
                     Liveness::Dead(status) => status,
                     Liveness::Alive => ExitStatus::Unknown,
                 };
-                Some(LostCell {
+                let lost = LostCell {
                     cell: id,
                     pid: slot.cell.pid(),
                     status,
                     vms: slot.vms.iter().map(|&vm| VmRef { cell: id, vm }).collect(),
-                })
+                };
+                removed.push(slot);
+                Some(lost)
             })
             .collect();
         lost.sort_by_key(|l| l.cell);

@@ -75,8 +75,8 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<u32, SandboxError> {
     Ok(unsafe { libc::getuid() })
 }
 
-/// The cell's filter: [`allowlist::SYSCALLS`], and `ioctl` only with a request number in
-/// [`allowlist::IOCTLS`]; anything else kills the whole process (`SIGSYS`).
+/// The cell's filter: [`allowlist::SYSCALLS`], `ioctl` only with a request number in
+/// [`allowlist::IOCTLS`] and `prctl` only with an option in [`allowlist::PRCTLS`]; anything else kills the whole process (`SIGSYS`).
 pub fn cell_filter() -> Result<BpfProgram, SandboxError> {
     let ioctl = allowlist::IOCTLS
         .iter()
@@ -89,8 +89,20 @@ pub fn cell_filter() -> Result<BpfProgram, SandboxError> {
             )?])
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let prctl = allowlist::PRCTLS
+        .iter()
+        .map(|&option| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                option,
+            )?])
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut rules = unconditional(allowlist::SYSCALLS);
     rules.insert(libc::SYS_ioctl, ioctl);
+    rules.insert(libc::SYS_prctl, prctl);
     compile(rules)
 }
 

@@ -73,3 +73,13 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Mappings of memfds (guest RAM, templates) in this process. (Other mappings come and go with
+/// glibc's cached thread stacks and arenas.)
+pub fn memfd_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .expect("read /proc/self/maps")
+        .lines()
+        .filter(|l| l.contains("/memfd:"))
+        .count()
+}
