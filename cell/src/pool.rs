@@ -222,7 +222,9 @@ impl CellPool {
                 if left == 0 || slot.cell.liveness() != Liveness::Alive {
                     continue;
                 }
-                let room = per_cell.saturating_sub(slot.vms.len() as u32 + slot.warm) as usize;
+                // Warm shells turn into the clones a spawn makes, so only live VMs take room
+                // (a cell refuses to keep more shells than fit beside its live VMs).
+                let room = per_cell.saturating_sub(slot.vms.len() as u32) as usize;
                 let take = room.min(left);
                 if take > 0 {
                     plan.push((*id, Arc::clone(&slot.cell), take as u32));
