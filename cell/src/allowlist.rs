@@ -40,6 +40,9 @@ pub const SYSCALLS: &[i64] = &[
     // The shell builder sleeps before retrying a failed build.
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
+    // A wait interrupted by SIGSTOP/SIGCONT resumes through restart_syscall (found by the
+    // stopped-cell test: SIGSYS on the first request after SIGCONT).
+    libc::SYS_restart_syscall,
     // Deadlines of KVM_RUN: a per-thread POSIX timer and a real-time signal.
     libc::SYS_timer_create,
     libc::SYS_timer_settime,

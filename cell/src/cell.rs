@@ -43,7 +43,9 @@ impl std::fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExitStatus::Exited(code) => write!(f, "exited with status {code}"),
-            ExitStatus::Killed(libc::SIGSYS) => write!(f, "killed by SIGSYS (a system call outside its seccomp allowlist)"),
+            ExitStatus::Killed(libc::SIGSYS) => {
+                write!(f, "killed by SIGSYS (a system call outside its seccomp allowlist)")
+            }
             ExitStatus::Killed(signal) => write!(f, "killed by signal {signal}"),
             ExitStatus::Exiting => write!(f, "closed its socket and is exiting"),
             ExitStatus::Unknown => write!(f, "ended (status unknown)"),
@@ -143,7 +145,7 @@ pub struct CellConfig {
 }
 
 impl CellConfig {
-    /// Cells started as `<this executable> cell`, sandboxed (nobody when root), 50 VMs each.
+    /// Cells started as `<this executable> cell`, sandboxed (nobody when root), [`crate::DEFAULT_VMS_PER_CELL`] VMs each.
     pub fn current_exe() -> std::io::Result<Self> {
         Ok(CellConfig {
             program: std::env::current_exe()?,
@@ -212,14 +214,7 @@ fn reap(pidfd: BorrowedFd<'_>) -> ExitStatus {
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     loop {
         // SAFETY: waitid writes into `info`; P_PIDFD with a pidfd we own.
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED,
-            )
-        };
+        let rc = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
         if rc == 0 {
             break;
         }
@@ -340,8 +335,10 @@ impl Cell {
     /// Waits up to `timeout` for the cell's process to be reaped; its exit status if it was.
     /// (A cell killed with many VMs takes a while: the kernel tears every VM down first.)
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        self.wait_while(timeout, |s| matches!(s, Liveness::Alive | Liveness::Dead(ExitStatus::Exiting)))
-            .filter(|status| *status != ExitStatus::Exiting)
+        self.wait_while(timeout, |s| {
+            matches!(s, Liveness::Alive | Liveness::Dead(ExitStatus::Exiting))
+        })
+        .filter(|status| *status != ExitStatus::Exiting)
     }
 
     fn wait_while(&self, timeout: Duration, waiting: impl FnMut(&mut Liveness) -> bool) -> Option<ExitStatus> {
@@ -362,7 +359,7 @@ impl Cell {
     pub fn close(&self, timeout: Duration) -> Option<ExitStatus> {
         // SAFETY: shutdown on a socket we own; the cell sees end-of-file and leaves its loop.
         unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
-        self.wait_dead(timeout)
+        self.wait_exit(timeout)
     }
 
     /// Sends `signal` to the cell (through its pidfd, so never to a recycled pid).
@@ -544,7 +541,10 @@ impl Cell {
             }
             Err(source) => {
                 self.shared.lock_pending().remove(&id);
-                return Err(CellError::Wire { pid: self.pid(), source });
+                return Err(CellError::Wire {
+                    pid: self.pid(),
+                    source,
+                });
             }
         }
         match rx.recv_timeout(timeout) {

@@ -27,4 +27,4 @@ pub use pool::{CellId, CellInfo, CellPool, LostCell, PlacedVm, PoolBatch, PoolEr
 
 /// VMs per cell unless configured otherwise (see docs/architecture.md, "Cells", for the
 /// measurement behind it).
-pub const DEFAULT_VMS_PER_CELL: u32 = 50;
+pub const DEFAULT_VMS_PER_CELL: u32 = 10;

@@ -250,7 +250,10 @@ impl CellPool {
             let handles: Vec<_> = (0..new_cells).map(|_| scope.spawn(|| self.start_cell())).collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(CellError::Local("a cell start panicked".into()).into())))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CellError::Local("a cell start panicked".into()).into()))
+                })
                 .collect()
         });
         for id in started {
@@ -307,7 +310,10 @@ impl CellPool {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(CellError::Local("a warm-up panicked".into()).into())))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CellError::Local("a warm-up panicked".into()).into()))
+                })
                 .collect()
         });
         results.into_iter().sum()
@@ -342,7 +348,10 @@ impl CellPool {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(CellError::Local("a spawn panicked".into()).into())))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CellError::Local("a spawn panicked".into()).into()))
+                })
                 .collect()
         });
         let mut batch = PoolBatch::default();
@@ -354,7 +363,10 @@ impl CellPool {
                         slot.vms.extend(clones.iter().map(|c| c.vm));
                     }
                     batch.clones.extend(clones.into_iter().map(|spawned| PlacedVm {
-                        at: VmRef { cell: *id, vm: spawned.vm },
+                        at: VmRef {
+                            cell: *id,
+                            vm: spawned.vm,
+                        },
                         pid: cell.pid(),
                         spawned,
                     }));

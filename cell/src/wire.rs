@@ -67,7 +67,11 @@ pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Encodes `message` and sends it with `fds` as one packet.
-pub fn send<T: Serialize>(socket: BorrowedFd<'_>, message: &Envelope<T>, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+pub fn send<T: Serialize>(
+    socket: BorrowedFd<'_>,
+    message: &Envelope<T>,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), WireError> {
     let bytes = postcard::to_allocvec(message)?;
     if bytes.len() > MAX_MESSAGE || fds.len() > MAX_FDS {
         return Err(WireError::Truncated);
@@ -110,7 +114,10 @@ pub fn send<T: Serialize>(socket: BorrowedFd<'_>, message: &Envelope<T>, fds: &[
 }
 
 /// Receives one packet: the decoded message and the descriptors that came with it.
-pub fn recv<T: DeserializeOwned>(socket: BorrowedFd<'_>, buf: &mut Vec<u8>) -> Result<(Envelope<T>, Vec<OwnedFd>), WireError> {
+pub fn recv<T: DeserializeOwned>(
+    socket: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+) -> Result<(Envelope<T>, Vec<OwnedFd>), WireError> {
     buf.resize(MAX_MESSAGE, 0);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),

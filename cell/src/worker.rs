@@ -47,9 +47,12 @@ impl Worker {
     }
 
     fn template(&self, id: TemplateId) -> Result<&Arc<Template>, RemoteError> {
-        self.templates
-            .get(&id)
-            .ok_or_else(|| RemoteError::new(Kind::UnknownTemplate, format!("template {id} is not loaded in this cell")))
+        self.templates.get(&id).ok_or_else(|| {
+            RemoteError::new(
+                Kind::UnknownTemplate,
+                format!("template {id} is not loaded in this cell"),
+            )
+        })
     }
 
     fn vm(&mut self, id: CellVmId) -> Result<&mut Clone, RemoteError> {
@@ -77,7 +80,10 @@ impl Worker {
                 if live.saturating_add(shells) > self.max_vms {
                     return Err(RemoteError::new(
                         Kind::Full,
-                        format!("{shells} warm shells and {live} live VMs exceed the cell's limit of {}", self.max_vms),
+                        format!(
+                            "{shells} warm shells and {live} live VMs exceed the cell's limit of {}",
+                            self.max_vms
+                        ),
                     ));
                 }
                 let template = Arc::clone(self.template(template)?);
@@ -133,7 +139,11 @@ impl Worker {
                 Ok(Response::Done)
             }
             Request::DropTemplate { template } => {
-                if self.vms.values().any(|c| c.template().id() == self.template(template).map_or(0, |t| t.id())) {
+                if self
+                    .vms
+                    .values()
+                    .any(|c| c.template().id() == self.template(template).map_or(0, |t| t.id()))
+                {
                     return Err(RemoteError::new(
                         Kind::Protocol,
                         format!("template {template} still has clones in this cell"),
@@ -196,7 +206,11 @@ impl Worker {
         if fds.len() != 1 + load.overlay_runs.len() {
             return Err(RemoteError::new(
                 Kind::Protocol,
-                format!("{} fds for a template of {} layers", fds.len(), 1 + load.overlay_runs.len()),
+                format!(
+                    "{} fds for a template of {} layers",
+                    fds.len(),
+                    1 + load.overlay_runs.len()
+                ),
             ));
         }
         let mut frozen = fds.into_iter().map(|fd| FrozenMemory::from_sealed(File::from(fd)));
@@ -213,10 +227,15 @@ impl Worker {
         if memory.size() != load.state.memory_size {
             return Err(RemoteError::new(
                 Kind::Protocol,
-                format!("memfd of {} bytes for a state of {} bytes", memory.size(), load.state.memory_size),
+                format!(
+                    "memfd of {} bytes for a state of {} bytes",
+                    memory.size(),
+                    load.state.memory_size
+                ),
             ));
         }
-        self.templates.insert(load.template, Arc::new(Template::new(memory, load.state)));
+        self.templates
+            .insert(load.template, Arc::new(Template::new(memory, load.state)));
         Ok(Response::Loaded)
     }
 
@@ -225,7 +244,10 @@ impl Worker {
         if live.saturating_add(count) > self.max_vms {
             return Err(RemoteError::new(
                 Kind::Full,
-                format!("{count} more VMs and {live} live exceed the cell's limit of {}", self.max_vms),
+                format!(
+                    "{count} more VMs and {live} live exceed the cell's limit of {}",
+                    self.max_vms
+                ),
             ));
         }
         let template = Arc::clone(self.template(template)?);

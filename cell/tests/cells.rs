@@ -35,7 +35,10 @@ fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
     assert_eq!(clone.spawned.memory_size, template.size());
 
     let identity = pool.run(clone.at, GuestCommand::Identity, DEADLINE).expect("identity");
-    assert_eq!((identity.result, identity.extra), (clone.spawned.generation, clone.spawned.seed));
+    assert_eq!(
+        (identity.result, identity.extra),
+        (clone.spawned.generation, clone.spawned.seed)
+    );
     let read = GuestCommand::Checksum {
         start: GuestAddress(MARKED),
         count: 1,
@@ -65,7 +68,10 @@ fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
     assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, MARK);
 
     let cell = pool.cell(clone.at.cell).expect("cell");
-    assert_eq!(cell.keep_warm(1, 1, std::time::Duration::from_secs(10)).expect("warm"), 1);
+    assert_eq!(
+        cell.keep_warm(1, 1, std::time::Duration::from_secs(10)).expect("warm"),
+        1
+    );
     assert_eq!(cell.stats().expect("stats").vms, 3);
     assert_eq!(cell.stats().expect("stats").warm_shells, 1);
     pool.destroy(clone.at).expect("destroy");
@@ -74,7 +80,9 @@ fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
         Err(PoolError::UnknownVm(at)) => assert_eq!(at, clone.at),
         other => panic!("a destroyed VM answered {other:?}"),
     }
-    let refused = cell.run(clone.at.vm, read, DEADLINE).expect_err("the cell no longer has it");
+    let refused = cell
+        .run(clone.at.vm, read, DEADLINE)
+        .expect_err("the cell no longer has it");
     assert_eq!(refused.remote_kind(), Some(RemoteErrorKind::UnknownVm));
     // Tearing its VMs down and leaving happen under the seccomp filter too.
     assert_eq!(
@@ -114,7 +122,11 @@ fn test_two_cells_map_the_same_template_frame() {
     }
     let template = template();
     let view = template.memory().base().map_read_only().expect("read-only view");
-    assert_eq!(view.read_u64(MARKED), Some(MARK), "the supervisor's view maps the template page");
+    assert_eq!(
+        view.read_u64(MARKED),
+        Some(MARK),
+        "the supervisor's view maps the template page"
+    );
     let own = PageMap::open().expect("pagemap");
     let page = MARKED / PAGE_SIZE * PAGE_SIZE;
     let frame = own.read(view.host_address() + page, 1).expect("read pagemap")[0]
@@ -139,7 +151,10 @@ fn test_two_cells_map_the_same_template_frame() {
             .expect("the cell's pagemap")
             .read(clone.spawned.host_address + page, 1)
             .expect("read")[0];
-        assert!(entry.present() && entry.file_or_shared(), "the clone maps the template's page");
+        assert!(
+            entry.present() && entry.file_or_shared(),
+            "the clone maps the template's page"
+        );
         assert_eq!(entry.pfn(), Some(frame), "cell {} maps the template's frame", clone.pid);
         pids.insert(clone.pid);
     }
@@ -162,4 +177,42 @@ fn test_cells_run_under_seccomp_with_no_new_privs_as_an_unprivileged_user() {
         assert_eq!((confinement.uid, confinement.gid), cowvm_cell::sandbox::NOBODY);
         assert_eq!(cells[0].uid, cowvm_cell::sandbox::NOBODY.0);
     }
+}
+
+#[test]
+fn test_a_stopped_cell_times_out_and_answers_again_once_continued() {
+    let template = template();
+    let mut config = config(2);
+    config.request_timeout = std::time::Duration::from_millis(300);
+    let kvm = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .expect("/dev/kvm");
+    let cell = cowvm_cell::Cell::start(&config, &kvm).expect("start a cell");
+    cell.load_template(1, &template).expect("load");
+    cell.signal(libc::SIGSTOP).expect("SIGSTOP");
+    match cell.stats() {
+        Err(cowvm_cell::CellError::Timeout { op: "stats", .. }) => {}
+        other => panic!("a stopped cell answered {other:?}"),
+    }
+    cell.signal(libc::SIGCONT).expect("SIGCONT");
+    // The late answer to the timed-out request is dropped; the next request gets its own.
+    let counts = cell.stats().expect("stats after SIGCONT");
+    assert_eq!((counts.templates, counts.vms), (1, 0));
+    assert_eq!(cell.liveness(), cowvm_cell::Liveness::Alive);
+}
+
+#[test]
+fn test_idle_cells_beyond_the_pool_are_stopped() {
+    let template = template();
+    let pool = pool(1, 3, &template);
+    let batch = pool.spawn(1, 3).expect("spawn");
+    assert_eq!(pool.cells().len(), 3);
+    pool.destroy(batch.clones[0].at).expect("destroy");
+    pool.destroy(batch.clones[1].at).expect("destroy");
+    assert_eq!(pool.reap_idle(1), 1, "two idle cells, one kept");
+    let left: BTreeSet<_> = pool.cells().iter().map(|c| c.id).collect();
+    assert!(left.contains(&batch.clones[2].at.cell), "the busy cell stays");
+    assert_eq!(left.len(), 2);
 }

@@ -34,8 +34,18 @@ fn test_kill_9_of_a_cell_loses_only_its_vms_and_a_replacement_starts_without_lea
     assert_eq!(cells.len(), 4, "200 clones at 50 per cell");
     let victim = cells[1].id;
     let victim_cell = pool.cell(victim).expect("victim");
-    let victim_vms: Vec<VmRef> = batch.clones.iter().map(|c| c.at).filter(|at| at.cell == victim).collect();
-    let survivors: Vec<VmRef> = batch.clones.iter().map(|c| c.at).filter(|at| at.cell != victim).collect();
+    let victim_vms: Vec<VmRef> = batch
+        .clones
+        .iter()
+        .map(|c| c.at)
+        .filter(|at| at.cell == victim)
+        .collect();
+    let survivors: Vec<VmRef> = batch
+        .clones
+        .iter()
+        .map(|c| c.at)
+        .filter(|at| at.cell != victim)
+        .collect();
     assert_eq!(victim_vms.len(), 50);
     let fds_with_cells = open_fds();
 
@@ -47,7 +57,12 @@ fn test_kill_9_of_a_cell_loses_only_its_vms_and_a_replacement_starts_without_lea
             .iter()
             .map(|cell| {
                 let (pool, stop, answered) = (&pool, &stop, &answered);
-                let vms: Vec<VmRef> = batch.clones.iter().map(|c| c.at).filter(|at| at.cell == cell.id).collect();
+                let vms: Vec<VmRef> = batch
+                    .clones
+                    .iter()
+                    .map(|c| c.at)
+                    .filter(|at| at.cell == cell.id)
+                    .collect();
                 scope.spawn(move || {
                     let mut errors = Vec::new();
                     'outer: while !stop.load(Ordering::Relaxed) {
@@ -84,11 +99,17 @@ fn test_kill_9_of_a_cell_loses_only_its_vms_and_a_replacement_starts_without_lea
         victim_cell.signal(libc::SIGKILL).expect("kill -9");
         let noticed = victim_cell.wait_dead(Duration::from_secs(60));
         eprintln!("death noticed after {:?}: {noticed:?}", killed.elapsed());
-        assert!(noticed.is_some(), "the supervisor notices the death (the socket closes)");
+        assert!(
+            noticed.is_some(),
+            "the supervisor notices the death (the socket closes)"
+        );
         let at_death = answered.load(Ordering::Relaxed);
         let waited = std::time::Instant::now();
         while answered.load(Ordering::Relaxed) < at_death + 400 {
-            assert!(waited.elapsed() < Duration::from_secs(120), "the other cells stopped answering");
+            assert!(
+                waited.elapsed() < Duration::from_secs(120),
+                "the other cells stopped answering"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         stop.store(true, Ordering::Relaxed);
@@ -118,7 +139,10 @@ fn test_kill_9_of_a_cell_loses_only_its_vms_and_a_replacement_starts_without_lea
         ),
         other => panic!("expected a Died or Lost error, got {other}"),
     }
-    assert_eq!(victim_cell.liveness(), Liveness::Dead(ExitStatus::Killed(libc::SIGKILL)));
+    assert_eq!(
+        victim_cell.liveness(),
+        Liveness::Dead(ExitStatus::Killed(libc::SIGKILL))
+    );
     match pool.run(victim_vms[0], CHECK, DEADLINE) {
         Err(PoolError::Lost { at, .. }) => assert_eq!(at, victim_vms[0]),
         other => panic!("a VM of the dead cell answered {other:?}"),

@@ -184,7 +184,10 @@ fn over_cells(template: &Arc<Template>, live: usize, vms_per_cell: u32, pages: u
     let batch = pool.spawn(TEMPLATE, live).map_err(err)?;
     let spawn_ms = started.elapsed().as_secs_f64() * 1e3;
     if let Some(failure) = batch.failed.first() {
-        return Err(BenchError::Setup(format!("clone {} failed: {}", failure.index, failure.reason)));
+        return Err(BenchError::Setup(format!(
+            "clone {} failed: {}",
+            failure.index, failure.reason
+        )));
     }
     let cells = pool.cells();
     let cells_private: i64 = cells.iter().map(|c| private_kib(c.pid)).sum::<Result<i64, _>>()?;
@@ -229,7 +232,10 @@ fn sweep_point(template: &Arc<Template>, vms: u32, pages: u64) -> Result<Value, 
     let batch = pool.spawn(TEMPLATE, vms as usize).map_err(err)?;
     pool.keep_warm(TEMPLATE, 0, Duration::ZERO).map_err(err)?;
     if let Some(failure) = batch.failed.first() {
-        return Err(BenchError::Setup(format!("clone {} failed: {}", failure.index, failure.reason)));
+        return Err(BenchError::Setup(format!(
+            "clone {} failed: {}",
+            failure.index, failure.reason
+        )));
     }
     let costs = cell_costs(&pool, batch.clones[0].at, pages)?;
     let pooled: Vec<f64> = batch
@@ -335,7 +341,10 @@ fn plot(out: &Path, rows: &[Value]) -> Result<(), BenchError> {
         true,
         true,
         &[
-            Series::new("guest write after a read (COW fault)", pick("guest_read_then_write_us_p50")),
+            Series::new(
+                "guest write after a read (COW fault)",
+                pick("guest_read_then_write_us_p50"),
+            ),
             Series::new("guest write, untouched page", pick("guest_cow_us_p50")),
             Series::new("spawn from a warm shell", spawn),
         ],
