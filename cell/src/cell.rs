@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
 use cowvm_vmm::{GuestCommand, Template};
 
 use crate::protocol::{
@@ -25,6 +26,22 @@ use crate::protocol::{
 use crate::sandbox::{self, Confinement};
 use crate::wire::{self, WireError};
 use crate::worker::CELL_FD;
+
+/// KVM's statistics files of one VM in a cell, readable by the supervisor.
+pub struct VmStatsFiles {
+    vm: StatsFile,
+    vcpu: StatsFile,
+}
+
+impl VmStatsFiles {
+    /// Reads every statistic now.
+    pub fn read(&self) -> std::io::Result<KvmStats> {
+        Ok(KvmStats {
+            vm: self.vm.read()?,
+            vcpus: vec![self.vcpu.read()?],
+        })
+    }
+}
 
 /// How a cell ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,16 +187,19 @@ pub enum Liveness {
     Dead(ExitStatus),
 }
 
+/// An answer and the descriptors that came with it.
+type Answer = (Response, Vec<OwnedFd>);
+
 struct Shared {
     pid: u32,
     pidfd: OwnedFd,
-    pending: Mutex<HashMap<u64, Sender<Response>>>,
+    pending: Mutex<HashMap<u64, Sender<Answer>>>,
     state: Mutex<Liveness>,
     died: Condvar,
 }
 
 impl Shared {
-    fn lock_pending(&self) -> MutexGuard<'_, HashMap<u64, Sender<Response>>> {
+    fn lock_pending(&self) -> MutexGuard<'_, HashMap<u64, Sender<Answer>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn liveness(&self) -> Liveness {
@@ -477,6 +497,23 @@ impl Cell {
         }
     }
 
+    /// KVM's binary statistics of VM `vm`, as files the supervisor reads whenever it likes
+    /// (the cell hands over `KVM_GET_STATS_FD` fds of the VM and its vCPU).
+    pub fn kvm_stats_files(&self, vm: CellVmId) -> Result<VmStatsFiles, CellError> {
+        let (response, fds) = self.exchange(Request::StatsFds { vm }, &[], self.config.request_timeout)?;
+        if !matches!(response, Response::StatsFds) {
+            return Err(self.unexpected("stats_fds", &response));
+        }
+        let mut files = fds.into_iter().map(|fd| StatsFile::from_file(File::from(fd)));
+        match (files.next(), files.next(), files.next()) {
+            (Some(vm), Some(vcpu), None) => Ok(VmStatsFiles {
+                vm: vm.map_err(|e| CellError::Local(format!("VM stats fd: {e}")))?,
+                vcpu: vcpu.map_err(|e| CellError::Local(format!("vCPU stats fd: {e}")))?,
+            }),
+            _ => Err(CellError::Local("stats_fds: the cell did not send two fds".into())),
+        }
+    }
+
     fn unexpected(&self, op: &'static str, got: &Response) -> CellError {
         if let Response::Error(error) = got {
             return CellError::Remote {
@@ -497,6 +534,7 @@ impl Cell {
                 Response::Reset(_) => "Reset",
                 Response::Done => "Done",
                 Response::Stats(_) => "Stats",
+                Response::StatsFds => "StatsFds",
                 Response::Error(_) => "Error",
             },
         }
@@ -518,6 +556,11 @@ impl Cell {
 
     /// Sends `request` and waits up to `timeout` for its answer.
     fn call(&self, request: Request, fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<Response, CellError> {
+        self.exchange(request, fds, timeout).map(|(response, _)| response)
+    }
+
+    /// Like [`Cell::call`], also returning the descriptors that came with the answer.
+    fn exchange(&self, request: Request, fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<Answer, CellError> {
         let op = request.name();
         if let Liveness::Dead(status) = self.liveness() {
             return Err(CellError::Died {
@@ -548,12 +591,12 @@ impl Cell {
             }
         }
         match rx.recv_timeout(timeout) {
-            Ok(Response::Error(error)) => Err(CellError::Remote {
+            Ok((Response::Error(error), _)) => Err(CellError::Remote {
                 pid: self.pid(),
                 op,
                 error,
             }),
-            Ok(response) => Ok(response),
+            Ok(answer) => Ok(answer),
             Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.died(op)),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 self.shared.lock_pending().remove(&id);
@@ -573,9 +616,9 @@ fn read_answers(shared: &Shared, socket: &OwnedFd) {
     let mut buf = Vec::new();
     loop {
         match wire::recv::<Response>(socket.as_fd(), &mut buf) {
-            Ok((Envelope { id, body }, _fds)) => {
+            Ok((Envelope { id, body }, fds)) => {
                 if let Some(tx) = shared.lock_pending().remove(&id) {
-                    let _ = tx.send(body);
+                    let _ = tx.send((body, fds));
                 }
             }
             Err(WireError::Codec(e)) => {

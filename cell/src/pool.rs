@@ -410,6 +410,11 @@ impl CellPool {
         Ok(self.cell_of(at)?.reset(at.vm)?)
     }
 
+    /// KVM's statistics files of VM `at` (see [`Cell::kvm_stats_files`]).
+    pub fn kvm_stats_files(&self, at: VmRef) -> Result<crate::cell::VmStatsFiles, PoolError> {
+        Ok(self.cell_of(at)?.kvm_stats_files(at.vm)?)
+    }
+
     /// Destroys VM `at`.
     pub fn destroy(&self, at: VmRef) -> Result<(), PoolError> {
         self.cell_of(at)?.destroy(at.vm)?;

@@ -201,6 +201,12 @@ pub enum Request {
     },
     /// Counts.
     Stats,
+    /// Binary-stats fds of a VM and its vCPU (`KVM_GET_STATS_FD`), so that the supervisor reads
+    /// KVM's statistics itself.
+    StatsFds {
+        /// The VM.
+        vm: CellVmId,
+    },
 }
 
 impl Request {
@@ -216,6 +222,7 @@ impl Request {
             Request::Destroy { .. } => "destroy",
             Request::DropTemplate { .. } => "drop_template",
             Request::Stats => "stats",
+            Request::StatsFds { .. } => "stats_fds",
         }
     }
 }
@@ -366,6 +373,8 @@ pub enum Response {
     Done,
     /// Counts.
     Stats(CellCounts),
+    /// Sent with two fds: the VM's and its vCPU's binary statistics.
+    StatsFds,
     /// The request failed.
     Error(RemoteError),
 }

@@ -33,6 +33,8 @@ struct Worker {
     max_vms: u32,
     templates: HashMap<TemplateId, Arc<Template>>,
     vms: HashMap<CellVmId, Clone>,
+    /// Descriptors to send with the current answer.
+    outgoing: Vec<OwnedFd>,
 }
 
 fn vmm_error(e: impl std::fmt::Display) -> RemoteError {
@@ -153,6 +155,11 @@ impl Worker {
                     self.engine()?.retire(&t);
                 }
                 Ok(Response::Done)
+            }
+            Request::StatsFds { vm } => {
+                let (vm_stats, vcpu_stats) = self.vm(vm)?.vm().stats_fds().map_err(vmm_error)?;
+                self.outgoing = vec![OwnedFd::from(vm_stats), OwnedFd::from(vcpu_stats)];
+                Ok(Response::StatsFds)
             }
             Request::Stats => Ok(Response::Stats(CellCounts {
                 vms: self.vms.len() as u32,
@@ -323,7 +330,9 @@ pub fn serve(socket: OwnedFd) -> Result<(), WorkerError> {
         };
         let Envelope { id, body } = request;
         let body = worker.handle(body, fds).unwrap_or_else(Response::Error);
-        match wire::send(socket.as_fd(), &Envelope { id, body }, &[]) {
+        let outgoing = std::mem::take(&mut worker.outgoing);
+        let borrowed: Vec<_> = outgoing.iter().map(|fd| fd.as_fd()).collect();
+        match wire::send(socket.as_fd(), &Envelope { id, body }, &borrowed) {
             Ok(()) => {}
             Err(WireError::Closed) => break,
             Err(e) => return Err(e.into()),

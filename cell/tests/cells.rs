@@ -216,3 +216,19 @@ fn test_idle_cells_beyond_the_pool_are_stopped() {
     assert!(left.contains(&batch.clones[2].at.cell), "the busy cell stays");
     assert_eq!(left.len(), 2);
 }
+
+#[test]
+fn test_supervisor_reads_kvm_statistics_of_a_vm_in_a_cell_through_passed_fds() {
+    let template = template();
+    let pool = pool(2, 1, &template);
+    let clone = pool.spawn(1, 1).expect("spawn").clones[0];
+    let files = pool.kvm_stats_files(clone.at).expect("stats fds");
+    let before = files.read().expect("read stats");
+    for _ in 0..5 {
+        pool.run(clone.at, GuestCommand::Exit, DEADLINE).expect("run");
+    }
+    let after = files.read().expect("read stats");
+    let exits = after.delta(&before, "exits", true).expect("KVM publishes vCPU exits");
+    assert!(exits >= 5, "5 guest commands, {exits} exits counted");
+    assert!(after.vm.contains_key("pages_4k") || after.vm.contains_key("mmu_shadow_zapped"));
+}
