@@ -232,3 +232,36 @@ fn test_supervisor_reads_kvm_statistics_of_a_vm_in_a_cell_through_passed_fds() {
     assert!(exits >= 5, "5 guest commands, {exits} exits counted");
     assert!(after.vm.contains_key("pages_4k") || after.vm.contains_key("mmu_shadow_zapped"));
 }
+
+#[test]
+fn test_a_layered_template_reaches_a_cell_with_all_its_memfds() {
+    let kvm = kvm();
+    let base = template();
+    let mut vm = cowvm_vmm::Vm::restore(&kvm, base.memory(), base.state()).expect("restore");
+    let written = MARKED + (8 << 20);
+    vm.execute(
+        GuestCommand::Write {
+            start: GuestAddress(written),
+            count: 1,
+            stride: 8,
+            value: 0xab,
+        },
+        Some(DEADLINE),
+    )
+    .expect("write");
+    let layered = std::sync::Arc::new(cowvm_vmm::Template::freeze(&kvm, &mut vm).expect("freeze"));
+    assert_eq!(layered.memory().depth(), 2, "frozen from a clone: base + one overlay");
+
+    let pool = pool(2, 1, &layered);
+    let clone = pool.spawn(1, 1).expect("spawn").clones[0];
+    let read = |gpa: u64| {
+        let command = GuestCommand::Checksum {
+            start: GuestAddress(gpa),
+            count: 1,
+            stride: 8,
+        };
+        pool.run(clone.at, command, DEADLINE).expect("read").result
+    };
+    assert_eq!(read(MARKED), MARK, "the base layer");
+    assert_eq!(read(written), 0xab, "the overlay");
+}
