@@ -78,6 +78,8 @@ pub struct CellInfo {
 struct Slot {
     cell: Arc<Cell>,
     vms: BTreeSet<CellVmId>,
+    /// Room promised to spawns in flight (so that concurrent calls do not over-fill a cell).
+    reserved: u32,
     templates: BTreeSet<TemplateId>,
     warm: u32,
 }
@@ -167,6 +169,11 @@ impl CellPool {
 
     /// Starts a new cell now (e.g. to replace one that died); returns its id.
     pub fn start_cell(&self) -> Result<CellId, PoolError> {
+        self.start_reserved(0)
+    }
+
+    /// Starts a cell with `reserved` of its room promised to the caller.
+    fn start_reserved(&self, reserved: u32) -> Result<CellId, PoolError> {
         let cell = Arc::new(Cell::start(&self.config, &self.kvm)?);
         let mut state = self.lock();
         let id = state.next_cell;
@@ -176,6 +183,7 @@ impl CellPool {
             Slot {
                 cell,
                 vms: BTreeSet::new(),
+                reserved,
                 templates: BTreeSet::new(),
                 warm: 0,
             },
@@ -208,35 +216,25 @@ impl CellPool {
     }
 
     /// Plans where `count` clones go: (cell, how many), filling cells with room first, then new
-    /// cells. Starts the new cells.
+    /// cells, which it starts. The room is reserved until [`CellPool::release`].
     fn place(&self, count: usize) -> Result<Vec<(CellId, Arc<Cell>, u32)>, PoolError> {
-        let per_cell = self.config.vms_per_cell;
+        let per_cell = self.config.vms_per_cell.max(1);
         let mut plan = Vec::new();
         let mut left = count;
         let new_cells = {
-            let state = self.lock();
-            let mut ids: Vec<&CellId> = state.cells.keys().collect();
-            ids.sort();
-            for id in ids {
-                let slot = &state.cells[id];
-                if left == 0 || slot.cell.liveness() != Liveness::Alive {
-                    continue;
-                }
-                // Warm shells turn into the clones a spawn makes, so only live VMs take room
-                // (a cell refuses to keep more shells than fit beside its live VMs).
-                let room = per_cell.saturating_sub(slot.vms.len() as u32) as usize;
-                let take = room.min(left);
-                if take > 0 {
-                    plan.push((*id, Arc::clone(&slot.cell), take as u32));
-                    left -= take;
-                }
-            }
+            let mut state = self.lock();
             let alive = state
                 .cells
                 .values()
                 .filter(|s| s.cell.liveness() == Liveness::Alive)
                 .count();
-            let needed = left.div_ceil(per_cell.max(1) as usize);
+            let free: usize = state
+                .cells
+                .values()
+                .filter(|s| s.cell.liveness() == Liveness::Alive)
+                .map(|s| per_cell.saturating_sub(s.vms.len() as u32 + s.reserved) as usize)
+                .sum();
+            let needed = count.saturating_sub(free).div_ceil(per_cell as usize);
             if alive + needed > self.max_cells {
                 return Err(PoolError::Full {
                     wanted: count,
@@ -244,10 +242,33 @@ impl CellPool {
                     vms_per_cell: per_cell,
                 });
             }
+            let mut ids: Vec<CellId> = state.cells.keys().copied().collect();
+            ids.sort();
+            for id in ids {
+                let Some(slot) = state.cells.get_mut(&id) else { continue };
+                if left == 0 || slot.cell.liveness() != Liveness::Alive {
+                    continue;
+                }
+                // Warm shells turn into the clones a spawn makes, so only live VMs (and spawns
+                // in flight) take room; a cell refuses to keep more shells than fit.
+                let room = per_cell.saturating_sub(slot.vms.len() as u32 + slot.reserved) as usize;
+                let take = room.min(left);
+                if take > 0 {
+                    slot.reserved += take as u32;
+                    plan.push((id, Arc::clone(&slot.cell), take as u32));
+                    left -= take;
+                }
+            }
             needed
         };
+        let shares: Vec<u32> = (0..new_cells)
+            .map(|i| (left - i * per_cell as usize).min(per_cell as usize) as u32)
+            .collect();
         let started: Vec<Result<CellId, PoolError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..new_cells).map(|_| scope.spawn(|| self.start_cell())).collect();
+            let handles: Vec<_> = shares
+                .iter()
+                .map(|&n| scope.spawn(move || self.start_reserved(n)))
+                .collect();
             handles
                 .into_iter()
                 .map(|h| {
@@ -256,15 +277,34 @@ impl CellPool {
                 })
                 .collect()
         });
-        for id in started {
-            let id = id?;
-            let take = left.min(per_cell as usize);
-            if let Some(cell) = self.cell(id) {
-                plan.push((id, cell, take as u32));
+        let mut first_error = None;
+        for (id, n) in started.into_iter().zip(shares) {
+            match id {
+                Ok(id) => {
+                    if let Some(cell) = self.cell(id) {
+                        plan.push((id, cell, n));
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
-            left -= take;
+        }
+        if let Some(e) = first_error {
+            // A cell did not start: give back what was reserved.
+            for (id, _, n) in &plan {
+                self.release(*id, *n);
+            }
+            return Err(e);
         }
         Ok(plan)
+    }
+
+    /// Gives back `n` reserved places in cell `id`.
+    fn release(&self, id: CellId, n: u32) {
+        if let Some(slot) = self.lock().cells.get_mut(&id) {
+            slot.reserved = slot.reserved.saturating_sub(n);
+        }
     }
 
     /// Gives cell `id` the template if it lacks it.
@@ -357,6 +397,9 @@ impl CellPool {
         let mut batch = PoolBatch::default();
         let mut state = self.lock();
         for ((id, cell, n, first), result) in shares.iter().zip(results) {
+            if let Some(slot) = state.cells.get_mut(id) {
+                slot.reserved = slot.reserved.saturating_sub(*n);
+            }
             match result {
                 Ok((clones, failed)) => {
                     if let Some(slot) = state.cells.get_mut(id) {

@@ -265,3 +265,22 @@ fn test_a_layered_template_reaches_a_cell_with_all_its_memfds() {
     assert_eq!(read(MARKED), MARK, "the base layer");
     assert_eq!(read(written), 0xab, "the overlay");
 }
+
+#[test]
+fn test_concurrent_spawns_never_overfill_a_cell() {
+    let template = template();
+    let pool = pool(5, 2, &template);
+    pool.start_cell().expect("a cell with room for 5");
+    let batches: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2).map(|_| scope.spawn(|| pool.spawn(1, 5))).collect();
+        handles.into_iter().map(|h| h.join().expect("spawner")).collect()
+    });
+    for batch in batches {
+        let batch = batch.expect("both calls fit: the second one gets a new cell");
+        assert!(batch.failed.is_empty(), "{:?}", batch.failed);
+        assert_eq!(batch.clones.len(), 5);
+    }
+    let mut per_cell: Vec<u32> = pool.cells().iter().map(|c| c.vms).collect();
+    per_cell.sort();
+    assert_eq!(per_cell, vec![5, 5]);
+}
