@@ -263,7 +263,7 @@ impl Cell {
         let mut command = Command::new(&config.program);
         command.args(&config.args).stdin(Stdio::null());
         // SAFETY: the closure runs in the child between fork and exec and only calls
-        // async-signal-safe functions (prctl, dup2, fcntl) on descriptors that exist in the child.
+        // async-signal-safe functions (prctl, dup2, fcntl, close_range) on descriptors that exist in the child.
         unsafe {
             command.pre_exec(move || {
                 // A cell never outlives its supervisor.
@@ -276,6 +276,10 @@ impl Cell {
                         return Err(std::io::Error::last_os_error());
                     }
                 } else if libc::dup2(child_fd, CELL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Nothing else of the supervisor's reaches the cell, whatever its fd flags.
+                if libc::syscall(libc::SYS_close_range, CELL_FD as u32 + 1, u32::MAX, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

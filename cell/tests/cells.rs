@@ -284,3 +284,39 @@ fn test_concurrent_spawns_never_overfill_a_cell() {
     per_cell.sort();
     assert_eq!(per_cell, vec![5, 5]);
 }
+
+#[test]
+fn test_a_cell_holds_only_its_socket_kvm_and_pagemap_until_given_a_template() {
+    let template = template();
+    // An fd without close-on-exec: only the cell's close_range keeps it out of the cell.
+    // SAFETY: opening a path with a NUL-terminated literal; the fd is closed below.
+    let opened = unsafe { libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) };
+    // Above the cell's socket (fd 3), which a low number would be overwritten by.
+    // SAFETY: F_DUPFD (no close-on-exec) on the fd just opened; both are closed below.
+    let inheritable = unsafe { libc::fcntl(opened, libc::F_DUPFD, 100) };
+    assert!(opened >= 0 && inheritable >= 100);
+    let pool = pool(1, 1, &template);
+    let id = pool.start_cell().expect("cell");
+    let pid = pool.cell(id).expect("cell").pid();
+    let targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the cell's fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    for target in &targets {
+        assert!(
+            !target.contains("memfd:") && !target.contains("/status") && !target.contains("kvm-vm"),
+            "the cell holds {target} (all: {targets:?})"
+        );
+    }
+    assert!(targets.iter().any(|t| t == "/dev/kvm"), "{targets:?}");
+    assert_eq!(
+        targets.iter().filter(|t| t.ends_with("/pagemap")).count(),
+        2,
+        "{targets:?}"
+    );
+    // SAFETY: closes the fd opened above, owned by nothing else.
+    unsafe { libc::close(inheritable) };
+    // SAFETY: as above.
+    unsafe { libc::close(opened) };
+}
