@@ -8,13 +8,14 @@
 //!
 //! Module map: [`protocol`] (requests and answers), [`wire`] (`SOCK_SEQPACKET` + `SCM_RIGHTS`,
 //! postcard), [`worker`] (the cell process), [`sandbox`] (no_new_privs, uid drop, seccomp),
-//! [`cell`] (the supervisor's handle on one cell), [`pool`] (placement over cells).
+//! [`cell`] (the supervisor's handle on one cell), [`error`] (its errors), [`pool`] (placement over cells).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod allowlist;
 pub mod cell;
+pub mod error;
 pub mod inspect;
 pub mod pool;
 pub mod protocol;
