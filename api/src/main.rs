@@ -79,10 +79,16 @@ enum Command {
         #[command(subcommand)]
         command: TemplateCommand,
     },
+    /// Serve as a cell on fd 3 (started by the supervisor; not for direct use).
+    #[command(hide = true)]
+    Cell,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Cell = cli.command {
+        return cowvm_cell::worker::main();
+    }
     let result: Result<ExitCode, String> = match cli.command {
         Command::Demo(args) => demo::run(&args).map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string()),
         Command::Serve(args) => cli::serve(&args).map(|()| ExitCode::SUCCESS).map_err(|e| e.to_string()),
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
         Command::Template { conn, command } => cli::template(&conn, &command)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| e.to_string()),
+        Command::Cell => Ok(cowvm_cell::worker::main()),
     };
     match result {
         Ok(code) => code,

@@ -149,6 +149,12 @@ impl Kvm {
                 path: path.to_owned(),
                 source,
             })?;
+        Self::from_file(file, path)
+    }
+
+    /// Adopts an open KVM device file (e.g. one received from another process) and checks it
+    /// like [`Kvm::open`]; `path` names it in errors.
+    pub fn from_file(file: File, path: &Path) -> Result<Self, KvmError> {
         // SAFETY: `into_raw_fd` hands over an open fd that nothing else owns; `kvm_ioctls::Kvm`
         // takes ownership and closes it. If the file is not a KVM device, the API version check
         // below fails before any other ioctl is issued on it.

@@ -106,17 +106,27 @@ fn unit_name(flags: u32) -> &'static str {
     }
 }
 
+/// A new binary-stats fd of the VM or vCPU behind `fd` (`KVM_GET_STATS_FD`).
+pub fn stats_fd(fd: &impl AsRawFd) -> io::Result<File> {
+    // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1.
+    let raw = unsafe { vmm_sys_util::ioctl::ioctl(fd, KVM_GET_STATS_FD()) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(raw) })
+}
+
 impl StatsFile {
     /// Opens the stats of the VM or vCPU behind `fd` (`KVM_GET_STATS_FD`) and reads its
     /// descriptors.
     pub fn open(fd: &impl AsRawFd) -> io::Result<Self> {
-        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1.
-        let raw = unsafe { vmm_sys_util::ioctl::ioctl(fd, KVM_GET_STATS_FD()) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh fd that nothing else owns.
-        let file = unsafe { File::from_raw_fd(raw) };
+        Self::from_file(stats_fd(fd)?)
+    }
+
+    /// Reads the descriptors of a stats fd obtained elsewhere (e.g. passed by the process that
+    /// holds the VM); the statistics can then be read without access to the VM.
+    pub fn from_file(file: File) -> io::Result<Self> {
         let mut header = [0u8; HEADER_SIZE];
         file.read_exact_at(&mut header, 0)?;
         let name_size = u32_at(&header, 4) as usize;

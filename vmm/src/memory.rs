@@ -484,6 +484,25 @@ impl TemplateMemory {
         Ok(sources)
     }
 
+    /// The overlays in the order they are mapped: each sealed memfd with the runs (byte ranges)
+    /// of it mapped over the layers below.
+    pub fn overlays(&self) -> impl Iterator<Item = (&FrozenMemory, &[Range<u64>])> {
+        self.inner.overlays.iter().map(|o| (&o.memory, o.runs.as_slice()))
+    }
+
+    /// Rebuilds a layered template from its parts (e.g. memfds received from another process),
+    /// with the same limits as freezing one.
+    pub fn layered(base: FrozenMemory, overlays: Vec<(FrozenMemory, Vec<Range<u64>>)>) -> Result<Self, MemoryError> {
+        let mut memory = TemplateMemory::single(base);
+        for (overlay, runs) in overlays {
+            if runs.iter().any(|r| r.start > r.end || r.end > memory.size()) {
+                return Err(MemoryError::InvalidSize(memory.size()));
+            }
+            memory = memory.with_overlay(Overlay { memory: overlay, runs })?;
+        }
+        Ok(memory)
+    }
+
     fn with_overlay(&self, overlay: Overlay) -> Result<Self, MemoryError> {
         let layers = self.depth() + 1;
         let runs = self.overlay_runs() + overlay.runs.len();

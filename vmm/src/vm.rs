@@ -489,6 +489,14 @@ impl Vm {
         Ok(KvmStats { vm, vcpus: vec![vcpu] })
     }
 
+    /// New binary-stats fds of the VM and of its vCPU (`KVM_GET_STATS_FD`), e.g. to hand to
+    /// another process that reads the statistics with [`StatsFile::from_file`].
+    pub fn stats_fds(&self) -> Result<(std::fs::File, std::fs::File), VmError> {
+        let vm = crate::kvm_stats::stats_fd(&self.vm_fd).map_err(VmError::Stats)?;
+        let vcpu = crate::kvm_stats::stats_fd(self.vcpu.fd()).map_err(VmError::Stats)?;
+        Ok((vm, vcpu))
+    }
+
     /// The end of low memory that guest commands may not write (VMM structures and kernel).
     pub fn protected_end(&self) -> u64 {
         self.protected_end

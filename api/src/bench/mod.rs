@@ -1,5 +1,6 @@
 //! `cowvm bench`: reproducible benchmarks that print medians and percentiles and write JSON.
 
+mod cells;
 mod load;
 mod plot;
 mod probe;
@@ -92,6 +93,9 @@ pub enum Bench {
     Sharing(SweepArgs),
     /// A CI-like clone → test → stats → destroy loop with 1 and 2 workers.
     CiLoop(SweepArgs),
+    /// Guest write cost at 1 and 1000 live clones in-process vs placed over cells, memory per
+    /// clone with the cells' own, and the write cost against VMs per cell.
+    Cells(cells::CellsArgs),
 }
 
 /// Arguments of the sweeps run on their own.
@@ -106,7 +110,7 @@ pub struct SweepArgs {
 }
 
 /// Creates the output directory and raises the fd limit (every VM holds two fds); returns the limit.
-fn prepare(out: &Path) -> Result<u64, BenchError> {
+pub(crate) fn prepare(out: &Path) -> Result<u64, BenchError> {
     std::fs::create_dir_all(out).map_err(|source| BenchError::Io {
         what: "create the output directory",
         source,
@@ -175,6 +179,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         (Some(Bench::LiveClones(a)), _) => sweep(Sweep::LiveClones, a),
         (Some(Bench::Sharing(a)), _) => sweep(Sweep::Sharing, a),
         (Some(Bench::CiLoop(a)), _) => sweep(Sweep::CiLoop, a),
+        (Some(Bench::Cells(a)), _) => cells::run(a),
         (None, Some(out)) => suite(out, args.quick),
         (None, None) => Err(BenchError::Setup(
             "name a benchmark (spawn, probe, load, soak, sizes, live-clones, sharing, ci-loop) or give --out DIR to run them all"

@@ -1,0 +1,556 @@
+//! The supervisor's handle on one cell: starts the process with its end of a socketpair on
+//! [`crate::worker::CELL_FD`], sends typed requests and waits for their answers with a timeout,
+//! and notices the cell's death at once (a reader thread sees the socket close, then reaps the
+//! process through its pidfd and fails every pending request with [`CellError::Died`]).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
+use cowvm_vmm::{GuestCommand, Template};
+
+pub use crate::error::{CellError, ExitStatus};
+use crate::protocol::{
+    CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
+    SpawnFailure, SpawnedVm, TemplateId, WireCommand,
+};
+use crate::sandbox::{self, Confinement};
+use crate::wire::{self, WireError};
+use crate::worker::CELL_FD;
+
+/// KVM's statistics files of one VM in a cell, readable by the supervisor.
+pub struct VmStatsFiles {
+    vm: StatsFile,
+    vcpu: StatsFile,
+}
+
+impl VmStatsFiles {
+    /// Reads every statistic now.
+    pub fn read(&self) -> std::io::Result<KvmStats> {
+        Ok(KvmStats {
+            vm: self.vm.read()?,
+            vcpus: vec![self.vcpu.read()?],
+        })
+    }
+}
+
+/// How to start cells and talk to them.
+#[derive(Debug, Clone)]
+pub struct CellConfig {
+    /// The program (e.g. the `cowvm` binary).
+    pub program: PathBuf,
+    /// Its arguments (e.g. `["cell"]`).
+    pub args: Vec<OsString>,
+    /// The sandbox each cell enters.
+    pub sandbox: SandboxConfig,
+    /// Most VMs (clones plus warm shells) one cell holds.
+    pub vms_per_cell: u32,
+    /// Timeout of requests that do not scale with a count.
+    pub request_timeout: Duration,
+    /// Extra time a spawn or warm-up may take per VM.
+    pub per_vm_timeout: Duration,
+}
+
+impl CellConfig {
+    /// Cells started as `<this executable> cell`, sandboxed (nobody when root), [`crate::DEFAULT_VMS_PER_CELL`] VMs each.
+    pub fn current_exe() -> std::io::Result<Self> {
+        Ok(CellConfig {
+            program: std::env::current_exe()?,
+            args: vec!["cell".into()],
+            sandbox: SandboxConfig {
+                drop_to: Some(sandbox::NOBODY),
+                seccomp: true,
+            },
+            vms_per_cell: crate::DEFAULT_VMS_PER_CELL,
+            request_timeout: Duration::from_secs(30),
+            per_vm_timeout: Duration::from_millis(50),
+        })
+    }
+}
+
+/// Whether a cell is serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Serving.
+    Alive,
+    /// Gone.
+    Dead(ExitStatus),
+}
+
+/// An answer and the descriptors that came with it.
+type Answer = (Response, Vec<OwnedFd>);
+
+struct Shared {
+    pid: u32,
+    pidfd: OwnedFd,
+    pending: Mutex<HashMap<u64, Sender<Answer>>>,
+    state: Mutex<Liveness>,
+    died: Condvar,
+}
+
+impl Shared {
+    fn lock_pending(&self) -> MutexGuard<'_, HashMap<u64, Sender<Answer>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn liveness(&self) -> Liveness {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running cell.
+pub struct Cell {
+    shared: Arc<Shared>,
+    socket: Arc<OwnedFd>,
+    send_lock: Mutex<()>,
+    next_id: AtomicU64,
+    config: CellConfig,
+    uid: u32,
+    reader: Option<JoinHandle<()>>,
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits for the process behind `pidfd` to end and collects its status (reaps it).
+fn reap(pidfd: BorrowedFd<'_>) -> ExitStatus {
+    // SAFETY: an all-zero siginfo_t is valid output storage for waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waitid writes into `info`; P_PIDFD with a pidfd we own.
+        let rc = unsafe { libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED) };
+        if rc == 0 {
+            break;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return ExitStatus::Unknown;
+        }
+    }
+    // SAFETY: waitid succeeded, so `si_status` of the child's siginfo is filled.
+    let status = unsafe { info.si_status() };
+    match info.si_code {
+        libc::CLD_EXITED => ExitStatus::Exited(status),
+        libc::CLD_KILLED | libc::CLD_DUMPED => ExitStatus::Killed(status),
+        _ => ExitStatus::Unknown,
+    }
+}
+
+impl Cell {
+    /// Starts a cell, hands it `kvm` (an open `/dev/kvm`) and waits until it has entered its
+    /// sandbox.
+    pub fn start(config: &CellConfig, kvm: &File) -> Result<Cell, CellError> {
+        let (ours, theirs) = wire::socketpair().map_err(|source| CellError::Start {
+            program: config.program.display().to_string(),
+            source,
+        })?;
+        let child_fd = theirs.as_raw_fd();
+        let mut command = Command::new(&config.program);
+        command.args(&config.args).stdin(Stdio::null());
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // async-signal-safe functions (prctl, dup2, fcntl, close_range) on descriptors that exist in the child.
+        unsafe {
+            command.pre_exec(move || {
+                // A cell never outlives its supervisor.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if child_fd == CELL_FD {
+                    let flags = libc::fcntl(CELL_FD, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(CELL_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(child_fd, CELL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Nothing else of the supervisor's reaches the cell, whatever its fd flags.
+                if libc::syscall(libc::SYS_close_range, CELL_FD as u32 + 1, u32::MAX, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|source| CellError::Start {
+            program: config.program.display().to_string(),
+            source,
+        })?;
+        drop(theirs);
+        let pid = child.id();
+        // The child is reaped only through its pidfd, by the reader thread.
+        drop(child);
+        let pidfd = pidfd_open(pid).map_err(|source| CellError::Start {
+            program: config.program.display().to_string(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            pid,
+            pidfd,
+            pending: Mutex::new(HashMap::new()),
+            state: Mutex::new(Liveness::Alive),
+            died: Condvar::new(),
+        });
+        let socket = Arc::new(ours);
+        let reader = {
+            let (shared, socket) = (Arc::clone(&shared), Arc::clone(&socket));
+            std::thread::Builder::new()
+                .name(format!("cowvm-cell-{pid}"))
+                .spawn(move || read_answers(&shared, &socket))
+                .map_err(|source| CellError::Start {
+                    program: config.program.display().to_string(),
+                    source,
+                })?
+        };
+        let mut cell = Cell {
+            shared,
+            socket,
+            send_lock: Mutex::new(()),
+            next_id: AtomicU64::new(1),
+            config: config.clone(),
+            uid: 0,
+            reader: Some(reader),
+        };
+        let init = Request::Init(Init {
+            sandbox: config.sandbox,
+            max_vms: config.vms_per_cell,
+        });
+        match cell.call(init, &[kvm.as_fd()], config.request_timeout)? {
+            Response::Ready { uid, .. } => cell.uid = uid,
+            other => return Err(cell.unexpected("init", &other)),
+        }
+        Ok(cell)
+    }
+
+    /// The cell's process id.
+    pub fn pid(&self) -> u32 {
+        self.shared.pid
+    }
+
+    /// The uid the cell runs as (it said so after entering the sandbox).
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// Whether the cell is serving.
+    pub fn liveness(&self) -> Liveness {
+        self.shared.liveness()
+    }
+
+    /// Waits up to `timeout` for the cell to die (its socket closes at once on death); how it
+    /// ended if it did ([`ExitStatus::Exiting`] until the process is reaped).
+    pub fn wait_dead(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.wait_while(timeout, |s| *s == Liveness::Alive)
+    }
+
+    /// Waits up to `timeout` for the cell's process to be reaped; its exit status if it was.
+    /// (A cell killed with many VMs takes a while: the kernel tears every VM down first.)
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        self.wait_while(timeout, |s| {
+            matches!(s, Liveness::Alive | Liveness::Dead(ExitStatus::Exiting))
+        })
+        .filter(|status| *status != ExitStatus::Exiting)
+    }
+
+    fn wait_while(&self, timeout: Duration, waiting: impl FnMut(&mut Liveness) -> bool) -> Option<ExitStatus> {
+        let state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (state, _) = self
+            .shared
+            .died
+            .wait_timeout_while(state, timeout, waiting)
+            .unwrap_or_else(|e| e.into_inner());
+        match *state {
+            Liveness::Dead(status) => Some(status),
+            Liveness::Alive => None,
+        }
+    }
+
+    /// Stops the cell gracefully (it tears its VMs down and exits) and returns how it ended;
+    /// `None` if it did not end within `timeout` (then it is killed when the handle drops).
+    pub fn close(&self, timeout: Duration) -> Option<ExitStatus> {
+        // SAFETY: shutdown on a socket we own; the cell sees end-of-file and leaves its loop.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        self.wait_exit(timeout)
+    }
+
+    /// Sends `signal` to the cell (through its pidfd, so never to a recycled pid).
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        // SAFETY: pidfd_send_signal with a pidfd we own, no siginfo, no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.shared.pidfd.as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// What `/proc/<pid>/status` says about the cell's sandbox.
+    pub fn confinement(&self) -> Result<Confinement, CellError> {
+        sandbox::confinement(self.pid()).map_err(|e| CellError::Local(format!("/proc/{}/status: {e}", self.pid())))
+    }
+
+    /// Hands the cell `template` (its sealed memfds and state) under the supervisor's id `id`.
+    pub fn load_template(&self, id: TemplateId, template: &Template) -> Result<(), CellError> {
+        let memory = template.memory();
+        let mut fds: Vec<BorrowedFd<'_>> = vec![memory.base().as_fd()];
+        let mut overlay_runs = Vec::new();
+        for (overlay, runs) in memory.overlays() {
+            fds.push(overlay.as_fd());
+            overlay_runs.push(runs.to_vec());
+        }
+        let state = postcard::to_allocvec(template.state())
+            .and_then(|bytes| postcard::from_bytes(&bytes))
+            .map_err(|e| CellError::Local(format!("cannot encode the template's state: {e}")))?;
+        let request = Request::LoadTemplate(Box::new(LoadTemplate {
+            template: id,
+            overlay_runs,
+            state,
+        }));
+        match self.call(request, &fds, self.config.request_timeout)? {
+            Response::Loaded => Ok(()),
+            other => Err(self.unexpected("load_template", &other)),
+        }
+    }
+
+    /// Keeps `shells` warm shells of template `id`, waiting up to `wait` for them; returns the
+    /// number ready.
+    pub fn keep_warm(&self, id: TemplateId, shells: u32, wait: Duration) -> Result<u32, CellError> {
+        let request = Request::KeepWarm {
+            template: id,
+            shells,
+            wait_ms: wait.as_millis() as u64,
+        };
+        match self.call(request, &[], self.config.request_timeout + wait)? {
+            Response::Warm { shells } => Ok(shells),
+            other => Err(self.unexpected("keep_warm", &other)),
+        }
+    }
+
+    /// Makes `count` clones of template `id` in this cell.
+    pub fn spawn(&self, id: TemplateId, count: u32) -> Result<(Vec<SpawnedVm>, Vec<SpawnFailure>), CellError> {
+        let timeout = self.config.request_timeout + self.config.per_vm_timeout * count;
+        match self.call(Request::Spawn { template: id, count }, &[], timeout)? {
+            Response::Spawned { clones, failed } => Ok((clones, failed)),
+            other => Err(self.unexpected("spawn", &other)),
+        }
+    }
+
+    /// Runs `command` in VM `vm` with a guest deadline.
+    pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<RunOutput, CellError> {
+        let request = Request::Run {
+            vm,
+            command: WireCommand::from(command),
+            deadline_ms: deadline.as_millis() as u64,
+        };
+        match self.call(request, &[], self.config.request_timeout + deadline)? {
+            Response::Ran(out) => Ok(out),
+            other => Err(self.unexpected("run", &other)),
+        }
+    }
+
+    /// Resets VM `vm` to its template's state.
+    pub fn reset(&self, vm: CellVmId) -> Result<ResetDone, CellError> {
+        match self.call(Request::Reset { vm }, &[], self.config.request_timeout)? {
+            Response::Reset(done) => Ok(done),
+            other => Err(self.unexpected("reset", &other)),
+        }
+    }
+
+    /// Destroys VM `vm`.
+    pub fn destroy(&self, vm: CellVmId) -> Result<(), CellError> {
+        match self.call(Request::Destroy { vm }, &[], self.config.request_timeout)? {
+            Response::Done => Ok(()),
+            other => Err(self.unexpected("destroy", &other)),
+        }
+    }
+
+    /// Drops template `id` and its warm shells from the cell.
+    pub fn drop_template(&self, id: TemplateId) -> Result<(), CellError> {
+        match self.call(Request::DropTemplate { template: id }, &[], self.config.request_timeout)? {
+            Response::Done => Ok(()),
+            other => Err(self.unexpected("drop_template", &other)),
+        }
+    }
+
+    /// The cell's counts.
+    pub fn stats(&self) -> Result<CellCounts, CellError> {
+        match self.call(Request::Stats, &[], self.config.request_timeout)? {
+            Response::Stats(counts) => Ok(counts),
+            other => Err(self.unexpected("stats", &other)),
+        }
+    }
+
+    /// KVM's binary statistics of VM `vm`, as files the supervisor reads whenever it likes
+    /// (the cell hands over `KVM_GET_STATS_FD` fds of the VM and its vCPU).
+    pub fn kvm_stats_files(&self, vm: CellVmId) -> Result<VmStatsFiles, CellError> {
+        let (response, fds) = self.exchange(Request::StatsFds { vm }, &[], self.config.request_timeout)?;
+        if !matches!(response, Response::StatsFds) {
+            return Err(self.unexpected("stats_fds", &response));
+        }
+        let mut files = fds.into_iter().map(|fd| StatsFile::from_file(File::from(fd)));
+        match (files.next(), files.next(), files.next()) {
+            (Some(vm), Some(vcpu), None) => Ok(VmStatsFiles {
+                vm: vm.map_err(|e| CellError::Local(format!("VM stats fd: {e}")))?,
+                vcpu: vcpu.map_err(|e| CellError::Local(format!("vCPU stats fd: {e}")))?,
+            }),
+            _ => Err(CellError::Local("stats_fds: the cell did not send two fds".into())),
+        }
+    }
+
+    fn unexpected(&self, op: &'static str, got: &Response) -> CellError {
+        if let Response::Error(error) = got {
+            return CellError::Remote {
+                pid: self.pid(),
+                op,
+                error: error.clone(),
+            };
+        }
+        CellError::Unexpected {
+            pid: self.pid(),
+            op,
+            got: match got {
+                Response::Ready { .. } => "Ready",
+                Response::Loaded => "Loaded",
+                Response::Warm { .. } => "Warm",
+                Response::Spawned { .. } => "Spawned",
+                Response::Ran(_) => "Ran",
+                Response::Reset(_) => "Reset",
+                Response::Done => "Done",
+                Response::Stats(_) => "Stats",
+                Response::StatsFds => "StatsFds",
+                Response::Error(_) => "Error",
+            },
+        }
+    }
+
+    fn died(&self, op: &'static str) -> CellError {
+        let status = self.wait_dead(Duration::from_secs(5)).unwrap_or(ExitStatus::Unknown);
+        let status = match status {
+            // Give a cell that is being killed a moment to be reaped, for a precise report.
+            ExitStatus::Exiting => self.wait_exit(Duration::from_millis(100)).unwrap_or(status),
+            other => other,
+        };
+        CellError::Died {
+            pid: self.pid(),
+            status,
+            op,
+        }
+    }
+
+    /// Sends `request` and waits up to `timeout` for its answer.
+    fn call(&self, request: Request, fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<Response, CellError> {
+        self.exchange(request, fds, timeout).map(|(response, _)| response)
+    }
+
+    /// Like [`Cell::call`], also returning the descriptors that came with the answer.
+    fn exchange(&self, request: Request, fds: &[BorrowedFd<'_>], timeout: Duration) -> Result<Answer, CellError> {
+        let op = request.name();
+        if let Liveness::Dead(status) = self.liveness() {
+            return Err(CellError::Died {
+                pid: self.pid(),
+                status,
+                op,
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.shared.lock_pending().insert(id, tx);
+        let sent = {
+            let _order = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
+            wire::send(self.socket.as_fd(), &Envelope { id, body: request }, fds)
+        };
+        match sent {
+            Ok(()) => {}
+            Err(WireError::Closed) => {
+                self.shared.lock_pending().remove(&id);
+                return Err(self.died(op));
+            }
+            Err(source) => {
+                self.shared.lock_pending().remove(&id);
+                return Err(CellError::Wire {
+                    pid: self.pid(),
+                    source,
+                });
+            }
+        }
+        match rx.recv_timeout(timeout) {
+            Ok((Response::Error(error), _)) => Err(CellError::Remote {
+                pid: self.pid(),
+                op,
+                error,
+            }),
+            Ok(answer) => Ok(answer),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(self.died(op)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.shared.lock_pending().remove(&id);
+                Err(CellError::Timeout {
+                    pid: self.pid(),
+                    op,
+                    timeout,
+                })
+            }
+        }
+    }
+}
+
+/// The reader thread: hands each answer to its waiting request; when the socket closes (the
+/// cell died or exited), reaps the cell, records how it ended and fails every pending request.
+fn read_answers(shared: &Shared, socket: &OwnedFd) {
+    let mut buf = Vec::new();
+    loop {
+        match wire::recv::<Response>(socket.as_fd(), &mut buf) {
+            Ok((Envelope { id, body }, fds)) => {
+                if let Some(tx) = shared.lock_pending().remove(&id) {
+                    let _ = tx.send((body, fds));
+                }
+            }
+            Err(WireError::Codec(e)) => {
+                eprintln!("cowvm: cell {} sent a malformed answer: {e}", shared.pid);
+            }
+            Err(_) => break,
+        }
+    }
+    // The socket closes as soon as the cell dies, well before the kernel has torn its VMs
+    // down and made it a zombie: report the death now, the exit status once reaped.
+    *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = Liveness::Dead(ExitStatus::Exiting);
+    // Dropping the senders wakes every waiting request with `Disconnected`.
+    shared.lock_pending().clear();
+    shared.died.notify_all();
+    let status = reap(shared.pidfd.as_fd());
+    *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = Liveness::Dead(status);
+    shared.died.notify_all();
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        // Closing our end ends the cell's loop; SIGKILL covers a cell stuck in a guest. The
+        // reader thread returns once the process is reaped (after the kernel's VM teardown).
+        if self.close(Duration::from_secs(2)).is_none() {
+            let _ = self.signal(libc::SIGKILL);
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The cell's sandbox: `no_new_privs`, an unprivileged uid/gid when started as root, and a
+//! seccomp-bpf allowlist (built with `seccompiler`, as Firecracker does) that kills the process
+//! on any other system call. Entered once the cell holds the KVM device and before it runs a guest.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
+
+use crate::allowlist;
+
+/// The unprivileged user cells switch to when the supervisor runs as root (`nobody`).
+pub const NOBODY: (u32, u32) = (65534, 65534);
+
+/// Errors entering the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A privilege call failed.
+    #[error("{op} failed: {source}")]
+    Privileges {
+        /// The call.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// The filter could not be built or installed.
+    #[error("seccomp filter: {0}")]
+    Seccomp(#[from] seccompiler::Error),
+    /// The filter could not be compiled.
+    #[error("seccomp filter: {0}")]
+    Backend(#[from] seccompiler::BackendError),
+}
+
+fn check(op: &'static str, rc: libc::c_int) -> Result<(), SandboxError> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(SandboxError::Privileges {
+            op,
+            source: io::Error::last_os_error(),
+        })
+    }
+}
+
+/// Sets `no_new_privs`: no exec can gain privileges again, and seccomp may be installed unprivileged.
+pub fn set_no_new_privs() -> Result<(), SandboxError> {
+    // SAFETY: prctl with integer arguments; no memory is passed.
+    check("prctl(PR_SET_NO_NEW_PRIVS)", unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    })
+}
+
+/// When running as root: drops supplementary groups and switches real, effective and saved
+/// ids to `uid`/`gid` (glibc applies it to every thread). Keeps the process dumpable so that it
+/// can still open its own `/proc/self` files. Returns the uid the process runs as afterwards.
+pub fn drop_privileges(uid: u32, gid: u32) -> Result<u32, SandboxError> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        // SAFETY: as above.
+        return Ok(unsafe { libc::getuid() });
+    }
+    // SAFETY: an empty group list (null pointer with length 0) is valid.
+    check("setgroups", unsafe { libc::setgroups(0, std::ptr::null()) })?;
+    // SAFETY: integer arguments only.
+    check("setresgid", unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: integer arguments only.
+    check("setresuid", unsafe { libc::setresuid(uid, uid, uid) })?;
+    // SAFETY: integer arguments only.
+    check("prctl(PR_SET_DUMPABLE)", unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0)
+    })?;
+    // SAFETY: getuid has no arguments and cannot fail.
+    Ok(unsafe { libc::getuid() })
+}
+
+/// The cell's filter: [`allowlist::SYSCALLS`], `ioctl` only with a request number in
+/// [`allowlist::IOCTLS`] and `prctl` only with an option in [`allowlist::PRCTLS`]; anything else kills the whole process (`SIGSYS`).
+pub fn cell_filter() -> Result<BpfProgram, SandboxError> {
+    let ioctl = allowlist::IOCTLS
+        .iter()
+        .map(|&(_, request)| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                request,
+            )?])
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let prctl = allowlist::PRCTLS
+        .iter()
+        .map(|&option| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                option,
+            )?])
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rules = unconditional(allowlist::SYSCALLS);
+    rules.insert(libc::SYS_ioctl, ioctl);
+    rules.insert(libc::SYS_prctl, prctl);
+    compile(rules)
+}
+
+/// A filter allowing exactly `syscalls`; any other call kills the whole process (`SIGSYS`).
+pub fn filter(syscalls: &[i64]) -> Result<BpfProgram, SandboxError> {
+    compile(unconditional(syscalls))
+}
+
+fn unconditional(syscalls: &[i64]) -> BTreeMap<i64, Vec<SeccompRule>> {
+    syscalls.iter().map(|&nr| (nr, Vec::new())).collect()
+}
+
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SandboxError> {
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
+}
+
+/// Installs `program` on every thread of the process (`SECCOMP_FILTER_FLAG_TSYNC`); sets
+/// `no_new_privs` first.
+pub fn install(program: &BpfProgram) -> Result<(), SandboxError> {
+    set_no_new_privs()?;
+    seccompiler::apply_filter_all_threads(program)?;
+    Ok(())
+}
+
+/// What `/proc/<pid>/status` says about a process's confinement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Confinement {
+    /// `Seccomp:` 0 none, 1 strict, 2 filter.
+    pub seccomp: u32,
+    /// `NoNewPrivs:`.
+    pub no_new_privs: bool,
+    /// Real uid (first field of `Uid:`).
+    pub uid: u32,
+    /// Real gid (first field of `Gid:`).
+    pub gid: u32,
+}
+
+/// Reads the confinement of process `pid` from `/proc/<pid>/status`.
+pub fn confinement(pid: u32) -> io::Result<Confinement> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}/status lacks {name}")))
+    };
+    Ok(Confinement {
+        seccomp: field("Seccomp:")?,
+        no_new_privs: field("NoNewPrivs:")? == 1,
+        uid: field("Uid:")?,
+        gid: field("Gid:")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forks a child that installs `program` and then makes `getppid` (or not); returns how it
+    /// ended as (signal, exit code).
+    fn child_status(program: &BpfProgram, call_getppid: bool) -> (Option<i32>, Option<i32>) {
+        // SAFETY: the child only makes raw system calls (no allocation, no locks) and leaves with
+        // _exit, so forking a multi-threaded test process is sound.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed: {}", io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: prctl with integer arguments.
+            if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                // SAFETY: _exit never returns.
+                unsafe { libc::_exit(90) };
+            }
+            if seccompiler::apply_filter(program).is_err() {
+                // SAFETY: _exit never returns.
+                unsafe { libc::_exit(91) };
+            }
+            if call_getppid {
+                // SAFETY: getppid has no arguments.
+                unsafe { libc::syscall(libc::SYS_getppid) };
+            }
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; `status` is valid output storage.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        (
+            libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+            libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+        )
+    }
+
+    #[test]
+    fn test_syscall_outside_the_allowlist_kills_the_process_with_sigsys() {
+        assert!(!allowlist::SYSCALLS.contains(&libc::SYS_getppid));
+        let program = filter(allowlist::SYSCALLS).expect("build the filter");
+        assert_eq!(child_status(&program, true), (Some(libc::SIGSYS), None));
+    }
+
+    #[test]
+    fn test_process_making_only_allowed_syscalls_exits_normally_under_the_filter() {
+        let program = cell_filter().expect("build the filter");
+        assert_eq!(child_status(&program, false), (None, Some(0)));
+    }
+
+    #[test]
+    fn test_cell_filter_kills_a_syscall_outside_its_list() {
+        let program = cell_filter().expect("build the filter");
+        assert_eq!(child_status(&program, true), (Some(libc::SIGSYS), None));
+    }
+
+    #[test]
+    fn test_confinement_of_this_process_reads_its_uid() {
+        let me = confinement(std::process::id()).expect("read /proc/self/status");
+        // SAFETY: getuid cannot fail.
+        assert_eq!(me.uid, unsafe { libc::getuid() });
+    }
+}

@@ -1,0 +1,176 @@
+//! Messages over a `SOCK_SEQPACKET` unix socket: one postcard-encoded [`Envelope`] per packet,
+//! file descriptors beside it with `SCM_RIGHTS`. Packet boundaries are kept by the kernel, so
+//! there is no framing; a zero-length read means the peer has gone.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::protocol::Envelope;
+
+/// Largest message either side sends (below the default unix socket send buffer, 208 KiB; a spawn answer is ~50 bytes per clone).
+pub const MAX_MESSAGE: usize = 192 << 10;
+/// Most descriptors one message carries (the KVM device, or a template's layers).
+pub const MAX_FDS: usize = 32;
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The peer closed its end (or died).
+    #[error("the peer closed the socket")]
+    Closed,
+    /// A socket call failed.
+    #[error("{op} failed: {source}")]
+    Io {
+        /// The call.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// A message did not decode or encode.
+    #[error("malformed message: {0}")]
+    Codec(#[from] postcard::Error),
+    /// A message or its descriptors were cut short by the kernel.
+    #[error("message truncated (larger than {MAX_MESSAGE} bytes or more than {MAX_FDS} fds)")]
+    Truncated,
+}
+
+impl WireError {
+    fn io(op: &'static str) -> WireError {
+        let source = io::Error::last_os_error();
+        match source.raw_os_error() {
+            Some(libc::ECONNRESET) | Some(libc::EPIPE) => WireError::Closed,
+            _ => WireError::Io { op, source },
+        }
+    }
+}
+
+/// A connected pair of `SOCK_SEQPACKET` sockets, both close-on-exec.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two descriptors the kernel writes on success.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Encodes `message` and sends it with `fds` as one packet.
+pub fn send<T: Serialize>(
+    socket: BorrowedFd<'_>,
+    message: &Envelope<T>,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), WireError> {
+    let bytes = postcard::to_allocvec(message)?;
+    if bytes.len() > MAX_MESSAGE || fds.len() > MAX_FDS {
+        return Err(WireError::Truncated);
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(raw.as_slice()) as u32) } as usize;
+    let mut control = vec![0u8; if raw.is_empty() { 0 } else { space }];
+    // SAFETY: an all-zero msghdr is valid; the fields used are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = control.len() as _;
+        // SAFETY: the control buffer is CMSG_SPACE(len) bytes, so the first header and its data
+        // (`raw.len()` descriptors) fit; the pointers stay inside `control`.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&msg);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(raw.as_slice()) as u32) as _;
+            std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(header).cast::<RawFd>(), raw.len());
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at `iov` (the encoded bytes) and `control`, all alive for the call.
+        let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if sent >= 0 {
+            return Ok(());
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return Err(WireError::io("sendmsg"));
+        }
+    }
+}
+
+/// Receives one packet: the decoded message and the descriptors that came with it.
+pub fn recv<T: DeserializeOwned>(
+    socket: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+) -> Result<(Envelope<T>, Vec<OwnedFd>), WireError> {
+    buf.resize(MAX_MESSAGE, 0);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: an all-zero msghdr is valid; the fields used are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    let len = loop {
+        // SAFETY: `msg` points at `buf` and `control`, both alive and of the lengths given.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return Err(WireError::io("recvmsg"));
+        }
+    };
+    let fds = take_fds(&msg);
+    if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(WireError::Truncated);
+    }
+    if len == 0 {
+        return Err(WireError::Closed);
+    }
+    let message = postcard::from_bytes(&buf[..len])?;
+    Ok((message, fds))
+}
+
+/// Takes ownership of every descriptor in the control messages of `msg`.
+fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    // SAFETY: `msg` was filled by recvmsg; the CMSG macros walk its control buffer within
+    // `msg_controllen`, and each SCM_RIGHTS payload holds whole descriptors that the kernel
+    // installed in this process for us (owned by nothing else yet).
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(msg);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(header).cast::<RawFd>();
+                let bytes = (*header).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            header = libc::CMSG_NXTHDR(msg, header);
+        }
+    }
+    fds
+}

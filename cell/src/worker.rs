@@ -1,0 +1,358 @@
+//! The cell process: receives the KVM device, enters the sandbox, and serves requests one at a
+//! time with a clone engine of its own until the supervisor closes the socket.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cowvm_vmm::{Clone, CloneEngine, EngineConfig, FrozenMemory, GuestCommand, Kvm, Template, TemplateMemory};
+
+use crate::protocol::{
+    CellCounts, CellVmId, Envelope, Init, LoadTemplate, RemoteError, RemoteErrorKind, Request, ResetDone, Response,
+    RunOutput, SpawnFailure, SpawnedVm, TemplateId,
+};
+use crate::sandbox;
+use crate::wire::{self, WireError};
+
+/// The descriptor a cell finds its socket on (the supervisor puts it there before `exec`).
+pub const CELL_FD: RawFd = 3;
+
+/// How long `Init` waits for the engine's threads to open what they need before the filter
+/// closes `open` for good.
+const THREADS_READY: Duration = Duration::from_secs(10);
+
+use RemoteErrorKind as Kind;
+
+/// The state of a serving cell.
+#[derive(Default)]
+struct Worker {
+    engine: Option<CloneEngine>,
+    max_vms: u32,
+    templates: HashMap<TemplateId, Arc<Template>>,
+    vms: HashMap<CellVmId, Clone>,
+    /// Descriptors to send with the current answer.
+    outgoing: Vec<OwnedFd>,
+}
+
+fn vmm_error(e: impl std::fmt::Display) -> RemoteError {
+    RemoteError::new(Kind::Vmm, e.to_string())
+}
+
+impl Worker {
+    fn engine(&self) -> Result<&CloneEngine, RemoteError> {
+        self.engine
+            .as_ref()
+            .ok_or_else(|| RemoteError::new(Kind::Protocol, "the cell has no KVM device yet (Init first)"))
+    }
+
+    fn template(&self, id: TemplateId) -> Result<&Arc<Template>, RemoteError> {
+        self.templates.get(&id).ok_or_else(|| {
+            RemoteError::new(
+                Kind::UnknownTemplate,
+                format!("template {id} is not loaded in this cell"),
+            )
+        })
+    }
+
+    fn vm(&mut self, id: CellVmId) -> Result<&mut Clone, RemoteError> {
+        self.vms
+            .get_mut(&id)
+            .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {id} in this cell")))
+    }
+
+    fn warm_shells(&self) -> u32 {
+        self.engine.as_ref().map_or(0, |engine| {
+            self.templates.values().map(|t| engine.warm_shells(t) as u32).sum()
+        })
+    }
+
+    fn handle(&mut self, request: Request, fds: Vec<OwnedFd>) -> Result<Response, RemoteError> {
+        match request {
+            Request::Init(init) => self.init(init, fds),
+            Request::LoadTemplate(load) => self.load(*load, fds),
+            Request::KeepWarm {
+                template,
+                shells,
+                wait_ms,
+            } => {
+                let live = self.vms.len() as u32;
+                if live.saturating_add(shells) > self.max_vms {
+                    return Err(RemoteError::new(
+                        Kind::Full,
+                        format!(
+                            "{shells} warm shells and {live} live VMs exceed the cell's limit of {}",
+                            self.max_vms
+                        ),
+                    ));
+                }
+                let template = Arc::clone(self.template(template)?);
+                let engine = self.engine()?;
+                engine.keep_warm(&template, shells as usize);
+                if wait_ms > 0 && !engine.wait_for_shells(&template, shells as usize, Duration::from_millis(wait_ms)) {
+                    if let Some(e) = engine.pool_error(&template) {
+                        return Err(RemoteError::new(Kind::Vmm, e));
+                    }
+                }
+                Ok(Response::Warm {
+                    shells: engine.warm_shells(&template) as u32,
+                })
+            }
+            Request::Spawn { template, count } => self.spawn(template, count),
+            Request::Run {
+                vm,
+                command,
+                deadline_ms,
+            } => {
+                let vm = self.vm(vm)?.vm_mut();
+                let (out, took) = vm
+                    .execute_timed(GuestCommand::from(command), Some(Duration::from_millis(deadline_ms)))
+                    .map_err(|e| RemoteError::new(Kind::Guest, e.to_string()))?;
+                Ok(Response::Ran(RunOutput {
+                    status: out.status,
+                    result: out.result,
+                    extra: out.extra,
+                    run_ns: took.as_nanos() as u64,
+                }))
+            }
+            Request::Reset { vm } => {
+                let mut clone = self
+                    .vms
+                    .remove(&vm)
+                    .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
+                let report = self.engine()?.reset(&mut clone);
+                self.vms.insert(vm, clone);
+                let report = report.map_err(vmm_error)?;
+                Ok(Response::Reset(ResetDone {
+                    reset_us: report.reset_us,
+                    pages_dropped: report.pages_dropped,
+                    generation: report.generation,
+                    seed: report.seed,
+                }))
+            }
+            Request::Destroy { vm } => {
+                let clone = self
+                    .vms
+                    .remove(&vm)
+                    .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
+                self.engine()?.destroy(clone);
+                Ok(Response::Done)
+            }
+            Request::DropTemplate { template } => {
+                if self
+                    .vms
+                    .values()
+                    .any(|c| c.template().id() == self.template(template).map_or(0, |t| t.id()))
+                {
+                    return Err(RemoteError::new(
+                        Kind::Protocol,
+                        format!("template {template} still has clones in this cell"),
+                    ));
+                }
+                if let Some(t) = self.templates.remove(&template) {
+                    self.engine()?.retire(&t);
+                }
+                Ok(Response::Done)
+            }
+            Request::StatsFds { vm } => {
+                let (vm_stats, vcpu_stats) = self.vm(vm)?.vm().stats_fds().map_err(vmm_error)?;
+                self.outgoing = vec![OwnedFd::from(vm_stats), OwnedFd::from(vcpu_stats)];
+                Ok(Response::StatsFds)
+            }
+            Request::Stats => Ok(Response::Stats(CellCounts {
+                vms: self.vms.len() as u32,
+                warm_shells: self.warm_shells(),
+                templates: self.templates.len() as u32,
+            })),
+        }
+    }
+
+    fn init(&mut self, init: Init, mut fds: Vec<OwnedFd>) -> Result<Response, RemoteError> {
+        if self.engine.is_some() {
+            return Err(RemoteError::new(Kind::Protocol, "Init was already done"));
+        }
+        let kvm_fd = fds
+            .pop()
+            .filter(|_| fds.is_empty())
+            .ok_or_else(|| RemoteError::new(Kind::Protocol, "Init carries exactly one fd: /dev/kvm"))?;
+        let sandbox_error = |e: sandbox::SandboxError| RemoteError::new(Kind::Sandbox, e.to_string());
+        let uid = match init.sandbox.drop_to {
+            Some((uid, gid)) => sandbox::drop_privileges(uid, gid).map_err(sandbox_error)?,
+            // SAFETY: getuid has no arguments and cannot fail.
+            None => unsafe { libc::getuid() },
+        };
+        let kvm = Kvm::from_file(File::from(kvm_fd), Path::new("/dev/kvm (from the supervisor)")).map_err(vmm_error)?;
+        // Probe the saveable MSRs now (a throw-away VM), not on the first request.
+        kvm.saveable_msrs().map_err(vmm_error)?;
+        let config = EngineConfig {
+            max_clones_per_call: init.max_vms as usize,
+            ..Default::default()
+        };
+        let engine = CloneEngine::new(Arc::new(kvm), config).map_err(vmm_error)?;
+        if init.sandbox.seccomp {
+            // The engine and its shell builder each open /proc/self/pagemap; the builder does it
+            // on its own thread, which must happen before `open` is forbidden.
+            wait_for_open_files("pagemap", 2, THREADS_READY).map_err(|e| RemoteError::new(Kind::Sandbox, e))?;
+            let program = sandbox::cell_filter().map_err(sandbox_error)?;
+            sandbox::install(&program).map_err(sandbox_error)?;
+        } else {
+            sandbox::set_no_new_privs().map_err(sandbox_error)?;
+        }
+        self.engine = Some(engine);
+        self.max_vms = init.max_vms;
+        Ok(Response::Ready {
+            pid: std::process::id(),
+            uid,
+        })
+    }
+
+    fn load(&mut self, load: LoadTemplate, fds: Vec<OwnedFd>) -> Result<Response, RemoteError> {
+        self.engine()?;
+        if fds.len() != 1 + load.overlay_runs.len() {
+            return Err(RemoteError::new(
+                Kind::Protocol,
+                format!(
+                    "{} fds for a template of {} layers",
+                    fds.len(),
+                    1 + load.overlay_runs.len()
+                ),
+            ));
+        }
+        let mut frozen = fds.into_iter().map(|fd| FrozenMemory::from_sealed(File::from(fd)));
+        let base = frozen
+            .next()
+            .ok_or_else(|| RemoteError::new(Kind::Protocol, "no base memfd"))?
+            .map_err(vmm_error)?;
+        let overlays = frozen
+            .zip(load.overlay_runs)
+            .map(|(memory, runs)| memory.map(|m| (m, runs)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(vmm_error)?;
+        let memory = TemplateMemory::layered(base, overlays).map_err(vmm_error)?;
+        if memory.size() != load.state.memory_size {
+            return Err(RemoteError::new(
+                Kind::Protocol,
+                format!(
+                    "memfd of {} bytes for a state of {} bytes",
+                    memory.size(),
+                    load.state.memory_size
+                ),
+            ));
+        }
+        self.templates
+            .insert(load.template, Arc::new(Template::new(memory, load.state)));
+        Ok(Response::Loaded)
+    }
+
+    fn spawn(&mut self, template: TemplateId, count: u32) -> Result<Response, RemoteError> {
+        let live = self.vms.len() as u32;
+        if live.saturating_add(count) > self.max_vms {
+            return Err(RemoteError::new(
+                Kind::Full,
+                format!(
+                    "{count} more VMs and {live} live exceed the cell's limit of {}",
+                    self.max_vms
+                ),
+            ));
+        }
+        let template = Arc::clone(self.template(template)?);
+        let batch = self.engine()?.spawn(&template, count as usize).map_err(vmm_error)?;
+        let clones = batch
+            .clones
+            .into_iter()
+            .map(|clone| {
+                let made = SpawnedVm {
+                    vm: clone.id(),
+                    generation: clone.generation(),
+                    seed: clone.seed(),
+                    spawn_us: clone.spawn_us(),
+                    pooled: clone.pooled(),
+                    host_address: clone.vm().ram().host_address(),
+                    memory_size: clone.vm().ram().size(),
+                };
+                self.vms.insert(made.vm, clone);
+                made
+            })
+            .collect();
+        let failed = batch
+            .failed
+            .into_iter()
+            .map(|f| SpawnFailure {
+                index: f.index as u32,
+                reason: f.reason,
+            })
+            .collect();
+        Ok(Response::Spawned { clones, failed })
+    }
+}
+
+/// Waits until at least `count` open descriptors of this process point at a file whose path
+/// ends in `suffix`.
+fn wait_for_open_files(suffix: &str, count: usize, timeout: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    loop {
+        let open = std::fs::read_dir("/proc/self/fd")
+            .map_err(|e| format!("cannot list /proc/self/fd: {e}"))?
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().ends_with(suffix))
+            .count();
+        if open >= count {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "the engine's threads did not open {suffix} within {timeout:?} ({open} of {count} open)"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Errors that end a cell.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The socket failed (other than the supervisor closing it).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Serves requests on `socket` until the supervisor closes it.
+pub fn serve(socket: OwnedFd) -> Result<(), WorkerError> {
+    let mut worker = Worker::default();
+    let mut buf = Vec::new();
+    loop {
+        let (request, fds) = match wire::recv::<Request>(socket.as_fd(), &mut buf) {
+            Ok(received) => received,
+            Err(WireError::Closed) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let Envelope { id, body } = request;
+        let body = worker.handle(body, fds).unwrap_or_else(Response::Error);
+        let outgoing = std::mem::take(&mut worker.outgoing);
+        let borrowed: Vec<_> = outgoing.iter().map(|fd| fd.as_fd()).collect();
+        match wire::send(socket.as_fd(), &Envelope { id, body }, &borrowed) {
+            Ok(()) => {}
+            Err(WireError::Closed) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Tear every VM down before leaving (the engine's drop joins its threads).
+    worker.vms.clear();
+    Ok(())
+}
+
+/// Entry point of the cell process: serves on [`CELL_FD`], which the supervisor set up.
+pub fn main() -> std::process::ExitCode {
+    // SAFETY: the supervisor starts cells with their socket on CELL_FD and nothing else in this
+    // process owns that descriptor.
+    let socket = unsafe { OwnedFd::from_raw_fd(CELL_FD) };
+    match serve(socket) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cowvm cell: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
