@@ -126,7 +126,11 @@ fn made_or_exhausted(answer: &cowvm::client::Answer, what: &str) -> bool {
     match answer.status {
         201 => true,
         503 => {
-            assert_eq!(answer.body["error"]["code"], "resources_exhausted", "{what}: {}", answer.body);
+            assert_eq!(
+                answer.body["error"]["code"], "resources_exhausted",
+                "{what}: {}",
+                answer.body
+            );
             false
         }
         other => panic!("{what} answered {other}: {}", answer.body),
@@ -163,7 +167,10 @@ fn test_warm_shells_keep_the_fd_reserve_so_snapshots_and_creates_never_fail_with
             booted.push(answer.body["id"].as_str().expect("id").to_owned());
         }
     }
-    assert!(!templates.is_empty() && !booted.is_empty(), "shells gave way to requests");
+    assert!(
+        !templates.is_empty() && !booted.is_empty(),
+        "shells gave way to requests"
+    );
     assert_eq!(
         Client::new(&url, None)
             .request("GET", "/healthz", None)
@@ -173,7 +180,8 @@ fn test_warm_shells_keep_the_fd_reserve_so_snapshots_and_creates_never_fail_with
     );
     // Freeing fds (templates and their shells) makes room again.
     for tpl in &templates {
-        c.call("DELETE", &format!("/v1/templates/{tpl}"), None).expect("delete template");
+        c.call("DELETE", &format!("/v1/templates/{tpl}"), None)
+            .expect("delete template");
     }
     for id in &booted {
         c.call("DELETE", &format!("/v1/vms/{id}"), None).expect("delete vm");
@@ -200,7 +208,12 @@ fn test_a_fragmented_template_is_kept_warm_only_within_the_mapping_budget() {
     let c = Client::new(&url, None);
     let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
         let answer = c.request(method, path, body.as_ref()).expect("request");
-        assert!(answer.status < 300, "{method} {path}: {} {}", answer.status, answer.body);
+        assert!(
+            answer.status < 300,
+            "{method} {path}: {} {}",
+            answer.status,
+            answer.body
+        );
         answer.body
     };
     let vm = call("POST", "/v1/vms", Some(json!({"memory_mib": 256})))["id"]
@@ -211,7 +224,11 @@ fn test_a_fragmented_template_is_kept_warm_only_within_the_mapping_budget() {
         .as_str()
         .expect("tpl")
         .to_owned();
-    let clone = call("POST", &format!("/v1/templates/{base}/clones"), Some(json!({"count": 1})))["clones"][0]["id"]
+    let clone = call(
+        "POST",
+        &format!("/v1/templates/{base}/clones"),
+        Some(json!({"count": 1})),
+    )["clones"][0]["id"]
         .as_str()
         .expect("clone")
         .to_owned();
@@ -246,14 +263,24 @@ fn test_a_fragmented_template_is_kept_warm_only_within_the_mapping_budget() {
         "{used} mappings of {max_map_count}: shells ate the room the process needs"
     );
     // One clone fits (it takes the shell); a second does not: a clear 503, and booting VMs works.
-    call("POST", &format!("/v1/templates/{fragmented}/clones"), Some(json!({"count": 1})));
+    call(
+        "POST",
+        &format!("/v1/templates/{fragmented}/clones"),
+        Some(json!({"count": 1})),
+    );
     let refused = c
-        .request("POST", &format!("/v1/templates/{fragmented}/clones"), Some(&json!({"count": 1})))
+        .request(
+            "POST",
+            &format!("/v1/templates/{fragmented}/clones"),
+            Some(&json!({"count": 1})),
+        )
         .expect("clone");
     assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(refused.body["error"]["code"], "resources_exhausted", "{}", refused.body);
     assert!(
-        refused.body["error"]["message"].as_str().is_some_and(|m| m.contains("mappings")),
+        refused.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("mappings")),
         "{}",
         refused.body
     );

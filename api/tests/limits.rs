@@ -27,19 +27,24 @@ fn start(limits: Limits) -> (RunningServer, Client) {
 }
 
 fn id(value: &Value, key: &str) -> String {
-    value[key].as_str().unwrap_or_else(|| panic!("{key} in {value}")).to_owned()
+    value[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} in {value}"))
+        .to_owned()
 }
 
 fn boot(c: &Client) -> String {
     id(
-        &c.call("POST", "/v1/vms", Some(&json!({"memory_mib": 16}))).expect("boot"),
+        &c.call("POST", "/v1/vms", Some(&json!({"memory_mib": 16})))
+            .expect("boot"),
         "id",
     )
 }
 
 fn snapshot(c: &Client, vm: &str) -> String {
     id(
-        &c.call("POST", &format!("/v1/vms/{vm}/snapshot"), None).expect("snapshot"),
+        &c.call("POST", &format!("/v1/vms/{vm}/snapshot"), None)
+            .expect("snapshot"),
         "template_id",
     )
 }
@@ -107,7 +112,11 @@ fn test_warm_shells_count_against_max_vms_and_give_way_first() {
     let _ = watch(Duration::from_secs(1), || within(&c), || false);
     // Asking for more shells cannot build past the limit either.
     let warm = c
-        .call("POST", &format!("/v1/templates/{tpl}/warm"), Some(&json!({"shells": max})))
+        .call(
+            "POST",
+            &format!("/v1/templates/{tpl}/warm"),
+            Some(&json!({"shells": max})),
+        )
         .expect("warm");
     assert_eq!(warm["target"], max as u64);
     let _ = watch(Duration::from_secs(1), || within(&c), || false);
@@ -118,7 +127,11 @@ fn test_warm_shells_count_against_max_vms_and_give_way_first() {
     // Clones take the remaining shells (and a shell of another template gives way).
     let other = snapshot(&c, &second);
     let clones = c
-        .request("POST", &format!("/v1/templates/{other}/clones"), Some(&json!({"count": 2})))
+        .request(
+            "POST",
+            &format!("/v1/templates/{other}/clones"),
+            Some(&json!({"count": 2})),
+        )
         .expect("clone");
     assert_eq!(clones.status, 201, "{}", clones.body);
     assert_eq!(clones.body["clones"].as_array().map(Vec::len), Some(2));
@@ -126,7 +139,8 @@ fn test_warm_shells_count_against_max_vms_and_give_way_first() {
     assert_eq!(live_vms(&c).len(), max);
     // Now the limit is held by VMs, not shells: the next VM is refused.
     expect(
-        &c.request("POST", "/v1/vms", Some(&json!({"memory_mib": 16}))).expect("boot"),
+        &c.request("POST", "/v1/vms", Some(&json!({"memory_mib": 16})))
+            .expect("boot"),
         429,
         "too_many_vms",
     );
@@ -176,7 +190,8 @@ fn test_concurrent_creates_and_clones_never_exceed_max_vms() {
     assert_eq!(live_vms(&c).len(), max);
 
     for vm in live_vms(&c).iter().skip(1) {
-        c.call("DELETE", &format!("/v1/vms/{}", id(vm, "id")), None).expect("delete");
+        c.call("DELETE", &format!("/v1/vms/{}", id(vm, "id")), None)
+            .expect("delete");
     }
     let source = id(&live_vms(&c)[0], "id");
     let tpl = snapshot(&c, &source);
@@ -192,7 +207,10 @@ fn test_concurrent_creates_and_clones_never_exceed_max_vms() {
     }
     // Deleted VMs give their room back once torn down (in the background), so fewer may fit.
     let cloned = count_status(&answers, 201);
-    assert!((1..max).contains(&cloned), "{cloned} clone calls admitted beside 1 VM, limit {max}");
+    assert!(
+        (1..max).contains(&cloned),
+        "{cloned} clone calls admitted beside 1 VM, limit {max}"
+    );
     assert!(live_vms(&c).len() <= max);
     server.stop().expect("stop");
 }
@@ -225,17 +243,25 @@ fn test_deleting_a_template_while_it_is_cloned_leaves_no_orphans() {
             .collect();
         match deleted.status {
             204 => {
-                assert!(orphans.is_empty(), "template deleted, yet {} clones of it live", orphans.len());
+                assert!(
+                    orphans.is_empty(),
+                    "template deleted, yet {} clones of it live",
+                    orphans.len()
+                );
                 assert_ne!(cloned.status, 201, "a clone call succeeded on a deleted template");
             }
             409 => expect(&deleted, 409, "template_in_use"),
             other => panic!("delete answered {other}: {}", deleted.body),
         }
         if cloned.status == 201 {
-            assert_eq!(deleted.status, 409, "clones were made, so the delete must have been refused");
+            assert_eq!(
+                deleted.status, 409,
+                "clones were made, so the delete must have been refused"
+            );
         }
         for clone in &orphans {
-            c.call("DELETE", &format!("/v1/vms/{clone}"), None).expect("delete clone");
+            c.call("DELETE", &format!("/v1/vms/{clone}"), None)
+                .expect("delete clone");
         }
         if deleted.status == 409 {
             c.call("DELETE", &format!("/v1/templates/{tpl}"), None)
@@ -269,7 +295,9 @@ fn test_a_request_that_times_out_has_created_nothing() {
     let vm = vm.expect("one boot of 16 MiB fits in 20 ms");
     let mut tpl = None;
     for _ in 0..50 {
-        let answer = c.request("POST", &format!("/v1/vms/{vm}/snapshot"), None).expect("snapshot");
+        let answer = c
+            .request("POST", &format!("/v1/vms/{vm}/snapshot"), None)
+            .expect("snapshot");
         match answer.status {
             201 => {
                 tpl = Some(id(&answer.body, "template_id"));
@@ -287,7 +315,11 @@ fn test_a_request_that_times_out_has_created_nothing() {
     );
 
     let answer = c
-        .request("POST", &format!("/v1/templates/{tpl}/clones"), Some(&json!({"count": 500})))
+        .request(
+            "POST",
+            &format!("/v1/templates/{tpl}/clones"),
+            Some(&json!({"count": 500})),
+        )
         .expect("clone");
     expect(&answer, 503, "timeout");
     // The abandoned call goes on in the background for a while; none of it may ever appear.
@@ -315,13 +347,20 @@ fn test_the_guest_deadline_holds_for_custom_kernels() {
     );
     let started = Instant::now();
     let answer = c
-        .request("POST", "/v1/vms", Some(&json!({"memory_mib": 16, "kernel": "spin.elf"})))
+        .request(
+            "POST",
+            "/v1/vms",
+            Some(&json!({"memory_mib": 16, "kernel": "spin.elf"})),
+        )
         .expect("boot");
     let took = started.elapsed();
     assert_eq!(answer.status, 422, "{}", answer.body);
     assert_eq!(answer.body["error"]["code"], "boot_failed", "{}", answer.body);
     // The old fixed boot deadline was 10 s; the guest deadline here is 0.5 s.
-    assert!(took < Duration::from_secs(5), "a spinning kernel held the request for {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "a spinning kernel held the request for {took:?}"
+    );
     assert!(live_vms(&c).is_empty(), "nothing half-built remains");
     server.stop().expect("stop");
     std::fs::remove_dir_all(&dir).ok();

@@ -19,13 +19,17 @@ fn test_warming_a_template_races_its_deletion_without_leaking_a_pool() {
     let server = server::start(config).expect("server starts");
     let base = format!("http://{}", server.addr);
     let c = Client::new(&base, None);
-    let vm = c.call("POST", "/v1/vms", Some(&json!({"memory_mib": 16}))).expect("boot")["id"]
+    let vm = c
+        .call("POST", "/v1/vms", Some(&json!({"memory_mib": 16})))
+        .expect("boot")["id"]
         .as_str()
         .expect("id")
         .to_owned();
     let fds_before = cowvm_vmm::host::open_fds().expect("fds");
     for _ in 0..20 {
-        let tpl = c.call("POST", &format!("/v1/vms/{vm}/snapshot"), None).expect("snapshot")["template_id"]
+        let tpl = c
+            .call("POST", &format!("/v1/vms/{vm}/snapshot"), None)
+            .expect("snapshot")["template_id"]
             .as_str()
             .expect("template id")
             .to_owned();

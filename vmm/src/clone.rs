@@ -228,7 +228,8 @@ impl CloneEngine {
     /// Makes `reservation` hold room for clones of `template` (e.g. one just frozen by a live
     /// fork): re-checks the mapping budget for what one clone of it costs.
     pub fn retarget(&self, reservation: &mut Reservation, template: &Template) -> Result<(), AdmitError> {
-        self.pools.retarget(reservation, template, crate::pool::mappings_per_clone(template))
+        self.pools
+            .retarget(reservation, template, crate::pool::mappings_per_clone(template))
     }
 
     /// Tears down up to `count` warm shells to free the fds and mappings they hold (waits until

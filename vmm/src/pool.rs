@@ -567,10 +567,7 @@ impl Pools {
     fn finish_build(&self, template: &Template, instance: u64, built: Result<Vm, VmError>) {
         let mut state = self.lock();
         let mut unwanted = None;
-        let own = state
-            .pools
-            .get_mut(&template.id())
-            .filter(|p| p.instance == instance);
+        let own = state.pools.get_mut(&template.id()).filter(|p| p.instance == instance);
         match (own, built) {
             (Some(pool), Ok(vm)) => {
                 pool.building -= 1;
@@ -676,7 +673,10 @@ mod tests {
             Err(AdmitError::TooFragmented { each: 11, budget: 10 })
         ));
         pools.set_target(&t, 4);
-        assert!(!pools.lock().shell_fits(MAPPINGS_PER_VM), "no shell is built past the budget");
+        assert!(
+            !pools.lock().shell_fits(MAPPINGS_PER_VM),
+            "no shell is built past the budget"
+        );
         drop(held);
         assert!(pools.lock().shell_fits(MAPPINGS_PER_VM));
     }

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use cowvm_vmm::stats::HostView;
 use axum::http::StatusCode;
+use cowvm_vmm::stats::HostView;
 use cowvm_vmm::{AdmitError, Clone, CloneEngine, Reservation, Template, Vm};
 
 use super::error::ApiError;

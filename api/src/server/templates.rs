@@ -123,7 +123,13 @@ pub fn register_clones(
                 spawn_us: Some(made.spawn_us),
             };
             let slot = room.split_one();
-            let entry = app.add_vm(memory_mib, Some(template.id.clone()), Machine::Clone(clone), status, slot);
+            let entry = app.add_vm(
+                memory_mib,
+                Some(template.id.clone()),
+                Machine::Clone(clone),
+                status,
+                slot,
+            );
             CloneMade {
                 id: entry.id.clone(),
                 ..made

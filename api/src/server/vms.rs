@@ -230,7 +230,9 @@ pub async fn live_fork(
         let started = Instant::now();
         let template = Arc::new(Template::freeze(app.engine.kvm(), machine.vm_mut())?);
         let pause_us = started.elapsed().as_secs_f64() * 1e6;
-        app.engine.retarget(&mut room, &template).map_err(|e| app.admit_error(e))?;
+        app.engine
+            .retarget(&mut room, &template)
+            .map_err(|e| app.admit_error(e))?;
         let batch = {
             let stop = || commit.abandoned();
             app.engine.spawn_reserved(&template, &mut room, &stop)?
@@ -241,7 +243,11 @@ pub async fn live_fork(
             }
             return Err(timeout_error(app));
         }
-        let fork = cowvm_vmm::LiveFork { template, pause_us, batch };
+        let fork = cowvm_vmm::LiveFork {
+            template,
+            pause_us,
+            batch,
+        };
         let template_id = app.new_template_id();
         let persisted = save_template(app, &template_id, &fork.template)?;
         let template = app.add_template(TemplateEntry {
