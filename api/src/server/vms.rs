@@ -311,13 +311,18 @@ pub async fn probe_write(
     };
     let report = on_vm(&app, &id, move |app, _, machine, _| {
         let host = app.host_view()?;
+        // The scratch clone is a VM too: it holds room under --max-vms while it lives.
         let scratch = match &*machine {
-            Machine::Clone(clone) => app.engine.spawn(clone.template(), 1)?.clones.pop(),
+            Machine::Clone(clone) => {
+                let mut room = app.admit(1, Some(clone.template()))?;
+                let made = app.engine.spawn_reserved(clone.template(), &mut room, &|| false)?;
+                made.clones.into_iter().next().map(|scratch| (scratch, room))
+            }
             Machine::Booted(_) => None,
         };
-        let report = write_probe(machine.vm_mut(), &targets, host, scratch.as_ref().map(|c| c.vm()));
+        let report = write_probe(machine.vm_mut(), &targets, host, scratch.as_ref().map(|(c, _)| c.vm()));
         if let Some(scratch) = scratch {
-            app.engine.destroy(scratch);
+            app.engine.drop_later(scratch);
         }
         Ok(serde_json::to_value(report?).unwrap_or_default())
     })
