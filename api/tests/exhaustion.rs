@@ -97,8 +97,26 @@ fn test_fd_exhaustion_gives_partial_results_then_503_and_the_server_recovers() {
     assert!(child.wait().expect("wait").success());
 }
 
+/// A `cowvm serve` child, killed if the test fails before stopping it.
+struct ChildServer(Option<std::process::Child>);
+
+impl ChildServer {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A `cowvm serve` child with `ulimit -n fds` (if given) and extra arguments; its URL.
-fn serve_child(fds: Option<u64>, args: &str) -> (std::process::Child, String) {
+fn serve_child(fds: Option<u64>, args: &str) -> (ChildServer, String) {
     let exe = env!("CARGO_BIN_EXE_cowvm");
     let limit = fds.map(|n| format!("ulimit -n {n} && ")).unwrap_or_default();
     let mut child = Command::new("bash")
@@ -112,10 +130,11 @@ fn serve_child(fds: Option<u64>, args: &str) -> (std::process::Child, String) {
         .expect("line")
         .expect("read");
     let url = line.rsplit(' ').next().expect("url").to_owned();
-    (child, url)
+    (ChildServer(Some(child)), url)
 }
 
-fn stop_child(mut child: std::process::Child) {
+fn stop_child(mut server: ChildServer) {
+    let Some(mut child) = server.0.take() else { return };
     // SAFETY: SIGTERM to our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     assert!(child.wait().expect("wait").success());
