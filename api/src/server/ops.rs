@@ -135,9 +135,14 @@ pub async fn on_vm<T: Send + 'static>(
     .await
 }
 
-/// Tears a VM's machine down in the background, then gives back the room it held.
+/// Tears a VM's machine down in the background and gives back the room it held at once (a
+/// client that deleted a VM may create another straight away).
 pub fn destroy(app: &App, entry: &VmEntry) {
-    if let Some(taken) = entry.take_machine() {
-        app.engine.drop_later(taken);
+    if let Some((machine, room)) = entry.take_machine() {
+        match machine {
+            Machine::Booted(vm) => app.engine.destroy_vm(vm),
+            Machine::Clone(clone) => app.engine.destroy(clone),
+        }
+        drop(room);
     }
 }
