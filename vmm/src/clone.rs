@@ -12,10 +12,14 @@ use serde::Serialize;
 use crate::kvm::Kvm;
 use crate::memory::MemoryError;
 use crate::pagemap::PageMap;
-use crate::pool::Pools;
+use crate::pool::{AdmitError, Pools, Reservation};
 use crate::reaper::Reaper;
 use crate::template::Template;
 use crate::vm::{ResetSteps, Vm, VmError};
+
+/// File descriptors the shell builder leaves free by default (twice what the API keeps for
+/// requests, so that requests can still make VMs when shells have taken what they may).
+pub const DEFAULT_SHELL_FD_RESERVE: u64 = 128;
 
 /// Generation ids are unique in the process: every clone start and every reset takes a new one.
 static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -177,13 +181,13 @@ impl CloneEngine {
     pub fn new(kvm: Arc<Kvm>, config: EngineConfig) -> Result<Self, CloneError> {
         let pagemap = PageMap::open().map_err(|e| CloneError::Vm(MemoryError::PageMap(e).into()))?;
         let reaper = Arc::new(Reaper::start().map_err(CloneError::Thread)?);
-        let pools = Arc::new(Pools::new());
+        let pools = Arc::new(Pools::new(Arc::clone(&reaper), DEFAULT_SHELL_FD_RESERVE));
         let builder = {
-            let (kvm, pools, reaper) = (Arc::clone(&kvm), Arc::clone(&pools), Arc::clone(&reaper));
+            let (kvm, pools) = (Arc::clone(&kvm), Arc::clone(&pools));
             std::thread::Builder::new()
                 .name("cowvm-shell-builder".into())
                 .spawn(move || match PageMap::open() {
-                    Ok(pagemap) => pools.build_forever(&kvm, &reaper, &pagemap),
+                    Ok(pagemap) => pools.build_forever(&kvm, &pagemap),
                     Err(e) => eprintln!("cowvm: shell builder cannot open /proc/self/pagemap: {e}"),
                 })
                 .map_err(CloneError::Thread)?
@@ -207,6 +211,46 @@ impl CloneEngine {
     /// The engine's limits.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Sets the limits shells and reservations share: at most `max_vms` VMs (reserved, live and
+    /// warm shells together), at most `mapping_budget` memory mappings for them, and the builder
+    /// builds only while more than `shell_fd_reserve` file descriptors are free. Shells beyond the
+    /// new limits are torn down.
+    pub fn set_limits(&self, max_vms: usize, mapping_budget: usize, shell_fd_reserve: u64) {
+        self.pools.set_limits(max_vms, mapping_budget, shell_fd_reserve);
+    }
+
+    /// Admits `count` VMs of `template` (booted VMs when `None`) before they are made: the room
+    /// is taken under one lock with the warm pools, so concurrent callers can never exceed the
+    /// limits together. Warm shells give way first: up to `count` shells of `template` are claimed
+    /// for the reservation, other shells are torn down as needed. Refuses when VMs that are not
+    /// shells already fill the VM limit or the mapping budget.
+    pub fn reserve(&self, count: usize, template: Option<&Template>) -> Result<Reservation, AdmitError> {
+        let each = template.map_or(crate::pool::MAPPINGS_PER_VM, crate::pool::mappings_per_clone);
+        self.pools.reserve(count, template, each)
+    }
+
+    /// Makes `reservation` hold room for clones of `template` (e.g. one just frozen by a live
+    /// fork): re-checks the mapping budget for what one clone of it costs.
+    pub fn retarget(&self, reservation: &mut Reservation, template: &Template) -> Result<(), AdmitError> {
+        self.pools
+            .retarget(reservation, template, crate::pool::mappings_per_clone(template))
+    }
+
+    /// Tears down up to `count` warm shells to free the fds and mappings they hold (waits until
+    /// they are gone); returns how many went.
+    pub fn shed_shells(&self, count: usize) -> usize {
+        let shed = self.pools.shed(count);
+        if shed > 0 {
+            self.reaper.flush();
+        }
+        shed
+    }
+
+    /// Warm shells of every template, plus the one being built (they count as VMs).
+    pub fn pooled_vms(&self) -> usize {
+        self.pools.pooled_vms()
     }
 
     /// Keeps `shells` warm shells of `template` ready (built in the background).
@@ -276,9 +320,62 @@ impl CloneEngine {
         })
     }
 
-    fn spawn_one(&self, template: &Arc<Template>) -> Result<Clone, VmError> {
+    /// Makes up to `reservation.vms()` clones of `template` within the room `reservation` holds
+    /// (see [`CloneEngine::reserve`]), taking the shells it claimed first. Stops early, reporting
+    /// the rest as not attempted, once `stop` answers true (the caller gave up).
+    pub fn spawn_reserved(
+        &self,
+        template: &Arc<Template>,
+        reservation: &mut Reservation,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<CloneBatch, CloneError> {
+        let count = reservation.vms();
+        if count > self.config.max_clones_per_call {
+            return Err(CloneError::TooMany {
+                requested: count,
+                limit: self.config.max_clones_per_call,
+            });
+        }
         let started = Instant::now();
-        let (mut vm, pooled) = match self.pools.take(template.id()) {
+        let _busy = self.pools.busy();
+        let mut clones = Vec::with_capacity(count);
+        let mut failed = Vec::new();
+        for index in 0..count {
+            let made = if stop() {
+                Err("not attempted: the request was abandoned".to_owned())
+            } else {
+                let shell = reservation.take_shell();
+                self.spawn_one_from(template, shell).map_err(|e| e.to_string())
+            };
+            match made {
+                Ok(clone) => clones.push(clone),
+                Err(reason) => {
+                    failed.extend((index..count).map(|i| CloneFailure {
+                        index: i,
+                        reason: if i == index {
+                            reason.clone()
+                        } else {
+                            format!("not attempted after clone {index} failed: {reason}")
+                        },
+                    }));
+                    break;
+                }
+            }
+        }
+        Ok(CloneBatch {
+            clones,
+            failed,
+            total_us: micros(started),
+        })
+    }
+
+    fn spawn_one(&self, template: &Arc<Template>) -> Result<Clone, VmError> {
+        self.spawn_one_from(template, None)
+    }
+
+    fn spawn_one_from(&self, template: &Arc<Template>, shell: Option<Vm>) -> Result<Clone, VmError> {
+        let started = Instant::now();
+        let (mut vm, pooled) = match shell.or_else(|| self.pools.take(template.id())) {
             Some(shell) => (shell, true),
             None => (Vm::restore(&self.kvm, template.memory(), template.state())?, false),
         };
@@ -359,6 +456,12 @@ impl CloneEngine {
     /// Tears `vm` down on the background thread.
     pub fn destroy_vm(&self, vm: Vm) {
         self.reaper.drop_later(vm);
+    }
+
+    /// Drops `item` on the background thread, after everything sent before it (e.g. a VM together
+    /// with its [`Reservation`], in that order, so the room is given back once the VM is gone).
+    pub fn drop_later<T: Send + 'static>(&self, item: T) {
+        self.reaper.drop_later(item);
     }
 
     /// Returns once every teardown requested so far has finished.

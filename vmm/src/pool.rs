@@ -12,9 +12,14 @@
 //! The builder pauses while a spawn or reset is in progress, so that its `KVM_CREATE_VM` (which
 //! takes the process's mm locks to register an MMU notifier) does not stall the guests' page
 //! faults on the request path.
+//!
+//! Admission: shells are KVM VMs too, so they share one budget with the VMs callers hold. Under
+//! the same lock as the pools, [`Pools::reserve`] admits VMs against the VM limit and the
+//! process-wide mapping budget, evicting shells first when the room is needed; the builder builds
+//! only into room nobody has reserved, and only while enough file descriptors stay free.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -22,27 +27,140 @@ use crate::kvm::Kvm;
 use crate::pagemap::PageMap;
 use crate::reaper::Reaper;
 use crate::template::Template;
-use crate::vm::Vm;
+use crate::vm::{Vm, VmError};
 
-/// How long the builder waits before retrying after a failed build (e.g. out of fds).
+/// How long the builder waits before retrying after a failed build (doubling per failure).
 const RETRY_AFTER: Duration = Duration::from_millis(100);
+/// Longest wait between retries of a pool whose builds keep failing.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often an idle builder looks again (it is also woken explicitly).
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// Mappings a VM costs besides its overlay runs (guest RAM, the vCPU's run area, slack).
+pub const MAPPINGS_PER_VM: usize = 4;
+/// Mappings kept out of the VM budget for the rest of the process (heap, stacks, libraries).
+pub const MAPPINGS_KEPT_FREE: usize = 16 * 1024;
+
+/// Mappings (VMAs) one VM of `template` costs: each overlay run splits the private mapping into
+/// up to two more pieces.
+pub fn mappings_per_clone(template: &Template) -> usize {
+    MAPPINGS_PER_VM + 2 * template.memory().overlay_runs()
+}
+
+/// The process-wide mapping budget: `vm.max_map_count` less [`MAPPINGS_KEPT_FREE`].
+pub fn default_mapping_budget() -> usize {
+    let max = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .unwrap_or(65_530);
+    max.saturating_sub(MAPPINGS_KEPT_FREE)
+}
+
+/// Why VMs could not be admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    /// The VM limit is reached by VMs that are not warm shells.
+    #[error("{requested} more VMs would exceed the limit of {limit} VMs ({held} live or being made)")]
+    TooManyVms {
+        /// VMs asked for.
+        requested: usize,
+        /// VMs held now (live and reserved).
+        held: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The mapping budget is used up by VMs that are not warm shells.
+    #[error("{requested} more VMs need {needed} memory mappings; {free} of the process budget of {budget} are free (delete VMs, or flatten fragmented templates)")]
+    MappingsExhausted {
+        /// VMs asked for.
+        requested: usize,
+        /// Mappings they need.
+        needed: usize,
+        /// Mappings free.
+        free: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// One VM of this template costs more mappings than the whole budget.
+    #[error("one VM of this template needs {each} memory mappings, more than the process budget of {budget}; the template is too fragmented to clone")]
+    TooFragmented {
+        /// Mappings one VM needs.
+        each: usize,
+        /// The budget.
+        budget: usize,
+    },
+}
 
 struct Pool {
+    /// Tells this pool apart from a later pool of the same template id.
+    instance: u64,
     template: Arc<Template>,
     shells: Vec<Vm>,
     target: usize,
     building: usize,
+    mappings_each: usize,
     last_error: Option<String>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Pool {
+    fn vms(&self) -> usize {
+        self.shells.len() + self.building
+    }
+}
+
+struct State {
+    pools: HashMap<u64, Pool>,
+    /// VMs held outside the pools: live VMs and reservations for VMs being made.
+    admitted: usize,
+    /// Mappings those VMs cost.
+    admitted_mappings: usize,
+    max_vms: usize,
+    mapping_budget: usize,
+    /// File descriptors the builder leaves free.
+    fd_reserve: u64,
+}
+
+impl State {
+    fn pooled_vms(&self) -> usize {
+        self.pools.values().map(Pool::vms).sum()
+    }
+
+    fn pooled_mappings(&self) -> usize {
+        self.pools.values().map(|p| p.vms() * p.mappings_each).sum()
+    }
+
+    fn vms(&self) -> usize {
+        self.admitted + self.pooled_vms()
+    }
+
+    fn mappings(&self) -> usize {
+        self.admitted_mappings + self.pooled_mappings()
+    }
+
+    /// Whether one more shell costing `mappings` fits beside everything else.
+    fn shell_fits(&self, mappings: usize) -> bool {
+        self.vms() < self.max_vms && self.mappings() + mappings <= self.mapping_budget
+    }
+
+    /// Pops a warm shell from the pool holding the most (shells give way first).
+    fn evict_one(&mut self) -> Option<Vm> {
+        self.pools
+            .values_mut()
+            .filter(|p| !p.shells.is_empty())
+            .max_by_key(|p| p.shells.len() * p.mappings_each)
+            .and_then(|p| p.shells.pop())
+    }
 }
 
 /// The pools of all templates, shared by the engine and its builder thread.
 pub(crate) struct Pools {
-    pools: Mutex<HashMap<u64, Pool>>,
+    state: Mutex<State>,
     changed: Condvar,
     busy: AtomicUsize,
     stop: AtomicBool,
+    next_instance: AtomicU64,
+    reaper: Arc<Reaper>,
 }
 
 /// While alive, the builder stays idle (a request is being served).
@@ -56,18 +174,121 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
-impl Pools {
-    pub(crate) fn new() -> Self {
-        Pools {
-            pools: Mutex::new(HashMap::new()),
-            changed: Condvar::new(),
-            busy: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
+/// Room for VMs admitted by [`crate::CloneEngine::reserve`]: held while they are being made and,
+/// split into one-VM reservations, for as long as each lives. Dropping it gives the room back.
+pub struct Reservation {
+    pools: Arc<Pools>,
+    vms: usize,
+    mappings_each: usize,
+    /// Warm shells of the template claimed for this reservation (already counted in `vms`).
+    shells: Vec<Vm>,
+    template_id: Option<u64>,
+}
+
+impl Reservation {
+    /// VMs this reservation holds room for.
+    pub fn vms(&self) -> usize {
+        self.vms
+    }
+
+    /// Moves room for one VM into a reservation of its own (`None` if none is left).
+    pub fn split_one(&mut self) -> Option<Reservation> {
+        if self.vms == 0 {
+            return None;
+        }
+        self.vms -= 1;
+        Some(Reservation {
+            pools: Arc::clone(&self.pools),
+            vms: 1,
+            mappings_each: self.mappings_each,
+            shells: Vec::new(),
+            template_id: self.template_id,
+        })
+    }
+
+    /// Moves room for up to `vms` VMs (and as many of the claimed shells) into a reservation of
+    /// its own.
+    pub fn split_off(&mut self, vms: usize) -> Reservation {
+        let vms = vms.min(self.vms);
+        self.vms -= vms;
+        let keep = self.shells.len().saturating_sub(vms);
+        Reservation {
+            pools: Arc::clone(&self.pools),
+            vms,
+            mappings_each: self.mappings_each,
+            shells: self.shells.split_off(keep),
+            template_id: self.template_id,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Pool>> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    /// A claimed warm shell, if one is left.
+    pub(crate) fn take_shell(&mut self) -> Option<Vm> {
+        self.shells.pop()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let shells = std::mem::take(&mut self.shells);
+        let mut state = self.pools.lock();
+        state.admitted -= self.vms;
+        state.admitted_mappings -= self.vms * self.mappings_each;
+        // Unused claimed shells go back to their pool (they were counted as admitted; as shells
+        // they count the same), or are torn down if the pool is gone.
+        let mut orphans = Vec::new();
+        match self.template_id.and_then(|id| state.pools.get_mut(&id)) {
+            Some(pool) => pool.shells.extend(shells),
+            None => orphans = shells,
+        }
+        drop(state);
+        for shell in orphans {
+            self.pools.reaper.drop_later(shell);
+        }
+        self.pools.changed.notify_all();
+    }
+}
+
+impl Pools {
+    pub(crate) fn new(reaper: Arc<Reaper>, fd_reserve: u64) -> Self {
+        Pools {
+            state: Mutex::new(State {
+                pools: HashMap::new(),
+                admitted: 0,
+                admitted_mappings: 0,
+                max_vms: usize::MAX,
+                mapping_budget: default_mapping_budget(),
+                fd_reserve,
+            }),
+            changed: Condvar::new(),
+            busy: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            next_instance: AtomicU64::new(1),
+            reaper,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the VM limit, the mapping budget and the fds the builder leaves free; shells beyond
+    /// the new limits are torn down.
+    pub(crate) fn set_limits(&self, max_vms: usize, mapping_budget: usize, fd_reserve: u64) {
+        let mut state = self.lock();
+        state.max_vms = max_vms;
+        state.mapping_budget = mapping_budget;
+        state.fd_reserve = fd_reserve;
+        let mut evicted = Vec::new();
+        while state.vms() > state.max_vms || state.mappings() > state.mapping_budget {
+            match state.evict_one() {
+                Some(shell) => evicted.push(shell),
+                None => break,
+            }
+        }
+        drop(state);
+        for shell in evicted {
+            self.reaper.drop_later(shell);
+        }
     }
 
     /// Marks a request in progress until the guard drops.
@@ -76,9 +297,140 @@ impl Pools {
         BusyGuard(self)
     }
 
+    /// Admits `vms` VMs of `template` (or booted VMs costing `mappings_each` when `None`). Claims
+    /// up to `vms` warm shells of the template for them and evicts other shells when the room is
+    /// needed; refuses when VMs that are not shells already fill the limit or the budget.
+    pub(crate) fn reserve(
+        self: &Arc<Self>,
+        vms: usize,
+        template: Option<&Template>,
+        mappings_each: usize,
+    ) -> Result<Reservation, AdmitError> {
+        let mut state = self.lock();
+        if vms > state.max_vms.saturating_sub(state.admitted) {
+            return Err(AdmitError::TooManyVms {
+                requested: vms,
+                held: state.admitted,
+                limit: state.max_vms,
+            });
+        }
+        if mappings_each > state.mapping_budget {
+            return Err(AdmitError::TooFragmented {
+                each: mappings_each,
+                budget: state.mapping_budget,
+            });
+        }
+        let needed = vms.saturating_mul(mappings_each);
+        let free = state.mapping_budget.saturating_sub(state.admitted_mappings);
+        if needed > free {
+            return Err(AdmitError::MappingsExhausted {
+                requested: vms,
+                needed,
+                free,
+                budget: state.mapping_budget,
+            });
+        }
+        let template_id = template.map(Template::id);
+        let shells = match template_id.and_then(|id| state.pools.get_mut(&id)) {
+            Some(pool) => {
+                let keep = pool.shells.len().saturating_sub(vms);
+                pool.shells.split_off(keep)
+            }
+            None => Vec::new(),
+        };
+        state.admitted += vms;
+        state.admitted_mappings += needed;
+        // Shells of other templates (and any left of this one) give way. A shell still being
+        // built cannot be stopped; the builder drops it when it finishes without room.
+        let mut evicted = Vec::new();
+        while state.vms() > state.max_vms || state.mappings() > state.mapping_budget {
+            match state.evict_one() {
+                Some(shell) => evicted.push(shell),
+                None => break,
+            }
+        }
+        drop(state);
+        for shell in evicted {
+            self.reaper.drop_later(shell);
+        }
+        Ok(Reservation {
+            pools: Arc::clone(self),
+            vms,
+            mappings_each,
+            shells,
+            template_id,
+        })
+    }
+
+    /// Points `reservation` at `template`, whose VMs cost `mappings_each`: the difference is
+    /// admitted against the mapping budget (shells give way) or refused.
+    pub(crate) fn retarget(
+        &self,
+        reservation: &mut Reservation,
+        template: &Template,
+        mappings_each: usize,
+    ) -> Result<(), AdmitError> {
+        let mut state = self.lock();
+        if mappings_each > state.mapping_budget {
+            return Err(AdmitError::TooFragmented {
+                each: mappings_each,
+                budget: state.mapping_budget,
+            });
+        }
+        let old = reservation.vms * reservation.mappings_each;
+        let new = reservation.vms.saturating_mul(mappings_each);
+        let free = state.mapping_budget.saturating_sub(state.admitted_mappings - old);
+        if new > free {
+            return Err(AdmitError::MappingsExhausted {
+                requested: reservation.vms,
+                needed: new,
+                free,
+                budget: state.mapping_budget,
+            });
+        }
+        state.admitted_mappings = state.admitted_mappings - old + new;
+        let mut evicted = Vec::new();
+        while state.mappings() > state.mapping_budget {
+            match state.evict_one() {
+                Some(shell) => evicted.push(shell),
+                None => break,
+            }
+        }
+        drop(state);
+        for shell in evicted {
+            self.reaper.drop_later(shell);
+        }
+        // Shells claimed for another template cannot serve this one.
+        for shell in reservation.shells.drain(..) {
+            self.reaper.drop_later(shell);
+        }
+        reservation.mappings_each = mappings_each;
+        reservation.template_id = Some(template.id());
+        Ok(())
+    }
+
+    /// Tears down up to `count` warm shells (of any template) to free what they hold; returns how
+    /// many went.
+    pub(crate) fn shed(&self, count: usize) -> usize {
+        let mut state = self.lock();
+        let mut evicted = Vec::new();
+        while evicted.len() < count {
+            match state.evict_one() {
+                Some(shell) => evicted.push(shell),
+                None => break,
+            }
+        }
+        drop(state);
+        let shed = evicted.len();
+        for shell in evicted {
+            self.reaper.drop_later(shell);
+        }
+        shed
+    }
+
     /// Takes a warm shell for `template_id`, if one is ready.
     pub(crate) fn take(&self, template_id: u64) -> Option<Vm> {
-        let shell = self.lock().get_mut(&template_id).and_then(|p| p.shells.pop());
+        let shell = self.lock().pools.get_mut(&template_id).and_then(|p| p.shells.pop());
         if shell.is_some() {
             self.changed.notify_all();
         }
@@ -87,51 +439,68 @@ impl Pools {
 
     /// Keeps `target` shells of `template` warm (0 stops building; shells beyond it are kept).
     pub(crate) fn set_target(&self, template: &Arc<Template>, target: usize) {
-        let mut pools = self.lock();
-        let pool = pools.entry(template.id()).or_insert_with(|| Pool {
+        let mut state = self.lock();
+        let instance = self.next_instance.fetch_add(1, Ordering::Relaxed);
+        let pool = state.pools.entry(template.id()).or_insert_with(|| Pool {
+            instance,
             template: Arc::clone(template),
             shells: Vec::new(),
             target: 0,
             building: 0,
+            mappings_each: mappings_per_clone(template),
             last_error: None,
+            failures: 0,
+            retry_at: None,
         });
         pool.target = target;
-        drop(pools);
+        pool.failures = 0;
+        pool.retry_at = None;
+        drop(state);
         self.changed.notify_all();
     }
 
     /// Forgets `template_id`'s pool and returns its shells.
     pub(crate) fn remove(&self, template_id: u64) -> Vec<Vm> {
-        let shells = self.lock().remove(&template_id).map(|p| p.shells).unwrap_or_default();
+        let shells = self
+            .lock()
+            .pools
+            .remove(&template_id)
+            .map(|p| p.shells)
+            .unwrap_or_default();
         self.changed.notify_all();
         shells
     }
 
     /// Warm shells of `template_id`.
     pub(crate) fn len(&self, template_id: u64) -> usize {
-        self.lock().get(&template_id).map_or(0, |p| p.shells.len())
+        self.lock().pools.get(&template_id).map_or(0, |p| p.shells.len())
+    }
+
+    /// Warm shells of all templates, plus shells being built.
+    pub(crate) fn pooled_vms(&self) -> usize {
+        self.lock().pooled_vms()
     }
 
     /// The builder's last error for `template_id`, if its last build failed.
     pub(crate) fn last_error(&self, template_id: u64) -> Option<String> {
-        self.lock().get(&template_id).and_then(|p| p.last_error.clone())
+        self.lock().pools.get(&template_id).and_then(|p| p.last_error.clone())
     }
 
     /// Waits until `template_id` has `shells` warm shells or `timeout` passes.
     pub(crate) fn wait_for(&self, template_id: u64, shells: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut pools = self.lock();
+        let mut state = self.lock();
         loop {
-            if pools.get(&template_id).is_some_and(|p| p.shells.len() >= shells) {
+            if state.pools.get(&template_id).is_some_and(|p| p.shells.len() >= shells) {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
-            pools = self
+            state = self
                 .changed
-                .wait_timeout(pools, left.min(IDLE_POLL))
+                .wait_timeout(state, left.min(IDLE_POLL))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -141,26 +510,38 @@ impl Pools {
     pub(crate) fn shut_down(&self) -> Vec<Vm> {
         self.stop.store(true, Ordering::Release);
         self.changed.notify_all();
-        self.lock().drain().flat_map(|(_, p)| p.shells).collect()
+        self.lock().pools.drain().flat_map(|(_, p)| p.shells).collect()
     }
 
-    /// The next template that wants a shell, once no request is in progress.
-    fn next_job(&self) -> Option<Arc<Template>> {
-        let mut pools = self.lock();
+    /// Whether the builder may open another VM's fds and keep `fd_reserve` free.
+    fn fds_allow_a_shell(fd_reserve: u64) -> bool {
+        crate::host::fd_headroom().is_ok_and(|free| free >= fd_reserve + 2)
+    }
+
+    /// The next template that wants a shell (and the pool instance it is for), once no request is
+    /// in progress and the limits leave room for one more VM.
+    fn next_job(&self) -> Option<(Arc<Template>, u64)> {
+        let mut state = self.lock();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return None;
             }
-            if self.busy.load(Ordering::Acquire) == 0 {
-                let wanted = pools.values_mut().find(|p| p.shells.len() + p.building < p.target);
-                if let Some(pool) = wanted {
+            if self.busy.load(Ordering::Acquire) == 0 && Self::fds_allow_a_shell(state.fd_reserve) {
+                let now = Instant::now();
+                let wanted = state
+                    .pools
+                    .values()
+                    .filter(|p| p.vms() < p.target && p.retry_at.is_none_or(|at| at <= now))
+                    .map(|p| (p.template.id(), p.mappings_each))
+                    .find(|&(_, mappings)| state.shell_fits(mappings));
+                if let Some(pool) = wanted.and_then(|(id, _)| state.pools.get_mut(&id)) {
                     pool.building += 1;
-                    return Some(Arc::clone(&pool.template));
+                    return Some((Arc::clone(&pool.template), pool.instance));
                 }
             }
-            pools = self
+            state = self
                 .changed
-                .wait_timeout(pools, IDLE_POLL)
+                .wait_timeout(state, IDLE_POLL)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -168,33 +549,135 @@ impl Pools {
 
     /// The builder thread's body: builds shells until [`Pools::shut_down`]. Each shell is
     /// restored from the template and has rehearsed its first run (see
-    /// [`Vm::rehearse_first_run`]).
-    pub(crate) fn build_forever(&self, kvm: &Kvm, reaper: &Reaper, pagemap: &PageMap) {
-        while let Some(template) = self.next_job() {
+    /// [`Vm::rehearse_first_run`]). A build counts against the pool instance it was started for;
+    /// a shell whose pool is gone, or for which there is no room any more, is torn down.
+    pub(crate) fn build_forever(&self, kvm: &Kvm, pagemap: &PageMap) {
+        while let Some((template, instance)) = self.next_job() {
             let built = Vm::restore(kvm, template.memory(), template.state()).and_then(|mut vm| {
                 vm.rehearse_first_run(template.state(), pagemap)?;
                 Ok(vm)
             });
-            let mut pools = self.lock();
-            let failed = built.is_err();
-            match (pools.get_mut(&template.id()), built) {
-                (Some(pool), Ok(vm)) => {
-                    pool.building -= 1;
-                    pool.last_error = None;
-                    pool.shells.push(vm);
-                }
-                (Some(pool), Err(e)) => {
-                    pool.building -= 1;
-                    pool.last_error = Some(e.to_string());
-                }
-                (None, Ok(vm)) => reaper.drop_later(vm),
-                (None, Err(_)) => {}
-            }
-            drop(pools);
-            self.changed.notify_all();
-            if failed {
-                std::thread::sleep(RETRY_AFTER);
-            }
+            self.finish_build(&template, instance, built);
         }
+    }
+
+    /// Accounts a finished build to the pool instance it was started for: a shell joins that
+    /// pool if it still exists and there is room; otherwise it is torn down. A failure backs the
+    /// pool off (doubling up to [`RETRY_MAX`]) instead of retrying at once.
+    fn finish_build(&self, template: &Template, instance: u64, built: Result<Vm, VmError>) {
+        let mut state = self.lock();
+        let mut unwanted = None;
+        let own = state.pools.get_mut(&template.id()).filter(|p| p.instance == instance);
+        match (own, built) {
+            (Some(pool), Ok(vm)) => {
+                pool.building -= 1;
+                pool.last_error = None;
+                pool.failures = 0;
+                let mappings = pool.mappings_each;
+                if state.shell_fits(mappings) {
+                    if let Some(pool) = state.pools.get_mut(&template.id()) {
+                        pool.shells.push(vm);
+                    }
+                } else {
+                    unwanted = Some(vm);
+                }
+            }
+            (Some(pool), Err(e)) => {
+                pool.building -= 1;
+                pool.last_error = Some(e.to_string());
+                pool.failures = pool.failures.saturating_add(1);
+                let backoff = RETRY_AFTER.saturating_mul(1 << pool.failures.min(6)).min(RETRY_MAX);
+                pool.retry_at = Some(Instant::now() + backoff);
+            }
+            (None, Ok(vm)) => unwanted = Some(vm),
+            (None, Err(_)) => {}
+        }
+        drop(state);
+        if let Some(vm) = unwanted {
+            self.reaper.drop_later(vm);
+        }
+        self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{FrozenMemory, TemplateMemory};
+    use crate::vm::VmState;
+
+    /// A template that is never restored: only its id and memory size matter here.
+    fn template() -> Arc<Template> {
+        let memory = FrozenMemory::new_sealed_with(1 << 20, |_| Ok(())).expect("memfd");
+        let state = VmState {
+            memory_size: 1 << 20,
+            protected_end: 0,
+            clock: Default::default(),
+            vcpus: Vec::new(),
+        };
+        Arc::new(Template::new(TemplateMemory::single(memory), state))
+    }
+
+    fn pools() -> Arc<Pools> {
+        Arc::new(Pools::new(Arc::new(Reaper::start().expect("reaper")), 0))
+    }
+
+    #[test]
+    fn test_a_build_for_a_removed_pool_never_touches_its_successor() {
+        let pools = pools();
+        let t = template();
+        pools.set_target(&t, 1);
+        let (job, first) = pools.next_job().expect("the pool wants a shell");
+        // The template is retired and warmed again while the build runs: a new pool instance.
+        drop(pools.remove(t.id()));
+        pools.set_target(&t, 1);
+        pools.finish_build(&job, first, Err(VmError::NotAClone));
+        let state = pools.lock();
+        let pool = state.pools.get(&t.id()).expect("new pool");
+        assert_eq!(pool.building, 0, "the old build is not counted against the new pool");
+        assert!(pool.last_error.is_none(), "nor is its failure");
+        drop(state);
+        let (_, second) = pools.next_job().expect("the new pool builds its own shell");
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn test_reservations_never_exceed_the_vm_limit_and_give_room_back() {
+        let pools = pools();
+        pools.set_limits(5, usize::MAX, 0);
+        let mut first = pools.reserve(3, None, MAPPINGS_PER_VM).expect("3 of 5");
+        assert!(matches!(
+            pools.reserve(3, None, MAPPINGS_PER_VM),
+            Err(AdmitError::TooManyVms { held: 3, limit: 5, .. })
+        ));
+        let one = first.split_one().expect("one VM's room");
+        drop(first);
+        let two_more = pools.reserve(4, None, MAPPINGS_PER_VM).expect("1 held, 4 free");
+        assert!(pools.reserve(1, None, MAPPINGS_PER_VM).is_err());
+        drop((one, two_more));
+        pools.reserve(5, None, MAPPINGS_PER_VM).expect("all room is back");
+    }
+
+    #[test]
+    fn test_a_full_budget_stops_the_builder_and_refuses_clones() {
+        let pools = pools();
+        let t = template();
+        pools.set_limits(100, 10, 0);
+        let held = pools.reserve(2, None, MAPPINGS_PER_VM).expect("8 of 10 mappings");
+        assert!(matches!(
+            pools.reserve(1, Some(&t), MAPPINGS_PER_VM),
+            Err(AdmitError::MappingsExhausted { .. })
+        ));
+        assert!(matches!(
+            pools.reserve(1, Some(&t), 11),
+            Err(AdmitError::TooFragmented { each: 11, budget: 10 })
+        ));
+        pools.set_target(&t, 4);
+        assert!(
+            !pools.lock().shell_fits(MAPPINGS_PER_VM),
+            "no shell is built past the budget"
+        );
+        drop(held);
+        assert!(pools.lock().shell_fits(MAPPINGS_PER_VM));
     }
 }

@@ -222,6 +222,12 @@ impl Vm {
     /// Creates a VM, loads the kernel, writes the boot structures, enters long mode and runs the
     /// guest to its first exit. The built-in guest's first exit is `done` with status 0.
     pub fn boot(kvm: &Kvm, config: &VmConfig) -> Result<(Vm, BootReport), VmError> {
+        Self::boot_with_deadline(kvm, config, FIRST_EXIT_DEADLINE)
+    }
+
+    /// [`Vm::boot`], stopping the guest if it has not reached its first exit within `deadline`
+    /// (a kernel that spins then fails with the deadline, instead of holding the caller).
+    pub fn boot_with_deadline(kvm: &Kvm, config: &VmConfig, deadline: Duration) -> Result<(Vm, BootReport), VmError> {
         let memory_size = config.memory_mib.saturating_mul(1 << 20);
         if boot::check_memory_size(memory_size).is_err() {
             return Err(VmError::MemorySize {
@@ -274,7 +280,7 @@ impl Vm {
             clocks_started: Instant::now(),
         };
         let step = Instant::now();
-        let first_exit = vm.vcpu.run(Some(FIRST_EXIT_DEADLINE))?;
+        let first_exit = vm.vcpu.run(Some(deadline))?;
         let first_run_us = micros(step);
         let first_exit_us = micros(start);
         let first_exit = vm.describe(first_exit)?;

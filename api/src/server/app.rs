@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use cowvm_vmm::stats::HostView;
-use cowvm_vmm::{Clone, CloneEngine, Template, Vm};
+use cowvm_vmm::{AdmitError, Clone, CloneEngine, Reservation, Template, Vm};
 
 use super::error::ApiError;
 use super::model::{TemplateInfo, VmInfo};
@@ -17,7 +18,7 @@ use super::model::{TemplateInfo, VmInfo};
 pub struct Limits {
     /// Largest guest RAM per VM, MiB.
     pub max_memory_mib: u64,
-    /// Most live VMs (booted and clones) at once.
+    /// Most VMs at once: booted VMs, clones and warm shells together (shells give way first).
     pub max_vms: usize,
     /// Most clones one call may make.
     pub max_clones_per_call: usize,
@@ -94,6 +95,9 @@ pub struct VmEntry {
     pub status: Mutex<VmStatus>,
     /// The machine; locked only on blocking threads, for as long as an operation runs.
     pub machine: Mutex<Option<Machine>>,
+    /// The room this VM holds under the VM limit and mapping budget, given back once the machine
+    /// has been torn down.
+    slot: Mutex<Option<Reservation>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -134,6 +138,12 @@ impl VmEntry {
     /// Locks the machine (blocking threads only).
     pub fn lock_machine(&self) -> MutexGuard<'_, Option<Machine>> {
         lock(&self.machine)
+    }
+
+    /// Takes the machine and the room it holds, for teardown (blocking threads only).
+    pub fn take_machine(&self) -> Option<(Machine, Option<Reservation>)> {
+        let machine = self.lock_machine().take()?;
+        Some((machine, lock(&self.slot).take()))
     }
 }
 
@@ -180,6 +190,8 @@ pub struct App {
     pub metrics: Metrics,
     vms: RwLock<HashMap<String, Arc<VmEntry>>>,
     templates: RwLock<HashMap<String, Arc<TemplateEntry>>>,
+    /// Clone calls in progress per template id (a template being cloned cannot be deleted).
+    cloning: Mutex<HashMap<String, usize>>,
     next_vm: AtomicU64,
     next_template: AtomicU64,
 }
@@ -187,6 +199,11 @@ pub struct App {
 impl App {
     /// A service over `engine`.
     pub fn new(engine: CloneEngine, limits: Limits, state_dir: Option<PathBuf>, kernel_dir: Option<PathBuf>) -> Self {
+        engine.set_limits(
+            limits.max_vms,
+            cowvm_vmm::pool::default_mapping_budget(),
+            super::templates::SHELL_FD_RESERVE,
+        );
         App {
             engine,
             host: HostView::open().map_err(|e| e.to_string()),
@@ -196,6 +213,7 @@ impl App {
             metrics: Metrics::default(),
             vms: RwLock::new(HashMap::new()),
             templates: RwLock::new(HashMap::new()),
+            cloning: Mutex::new(HashMap::new()),
             next_vm: AtomicU64::new(1),
             next_template: AtomicU64::new(1),
         }
@@ -240,13 +258,31 @@ impl App {
         self.vms.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Adds a VM under a new id.
+    /// Admits `count` VMs (clones of `template`, or booted VMs) before they are made: 429 when
+    /// the VM limit is held by VMs that are not warm shells, 503 when the mapping budget is, 422
+    /// when one clone of the template alone would not fit the budget. Warm shells give way.
+    pub fn admit(&self, count: usize, template: Option<&Template>) -> Result<Reservation, ApiError> {
+        self.engine.reserve(count, template).map_err(|e| self.admit_error(e))
+    }
+
+    /// The answer for VMs that could not be admitted.
+    pub fn admit_error(&self, e: AdmitError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            AdmitError::TooManyVms { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_vms", message),
+            AdmitError::MappingsExhausted { .. } => ApiError::exhausted(message),
+            AdmitError::TooFragmented { .. } => ApiError::out_of_range("template_too_fragmented", message),
+        }
+    }
+
+    /// Adds a VM under a new id; it holds `slot` (room for one VM) until it is torn down.
     pub fn add_vm(
         &self,
         memory_mib: u64,
         template_id: Option<String>,
         machine: Machine,
         status: VmStatus,
+        slot: Option<Reservation>,
     ) -> Arc<VmEntry> {
         let id = format!("vm-{}", self.next_vm.fetch_add(1, Ordering::Relaxed));
         let entry = Arc::new(VmEntry {
@@ -255,6 +291,7 @@ impl App {
             template_id,
             status: Mutex::new(status),
             machine: Mutex::new(Some(machine)),
+            slot: Mutex::new(slot),
         });
         self.vms
             .write()
@@ -318,8 +355,21 @@ impl App {
         entry
     }
 
-    /// Removes template `id` unless clones of it are alive (409).
+    /// Removes template `id` unless clones of it are alive or being made (409). Checked and done
+    /// under the templates lock, which clone calls and warm-ups take to start (see
+    /// [`App::begin_cloning`], [`App::warm`]), so neither can slip in between.
     pub fn remove_template(&self, id: &str) -> Result<Arc<TemplateEntry>, ApiError> {
+        let mut templates = self.templates.write().unwrap_or_else(|e| e.into_inner());
+        if !templates.contains_key(id) {
+            return Err(ApiError::not_found("template", id));
+        }
+        let in_flight = lock(&self.cloning).get(id).copied().unwrap_or(0);
+        if in_flight > 0 {
+            return Err(ApiError::conflict(
+                "template_in_use",
+                format!("template {id} is being cloned ({in_flight} calls in progress); try again when they finish"),
+            ));
+        }
         let clones = self.clones_of(id).len();
         if clones > 0 {
             return Err(ApiError::conflict(
@@ -327,13 +377,40 @@ impl App {
                 format!("template {id} has {clones} live clones; delete them first"),
             ));
         }
-        let entry = self
-            .templates
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        let entry = templates
             .remove(id)
             .ok_or_else(|| ApiError::not_found("template", id))?;
         self.engine.retire(&entry.template);
+        Ok(entry)
+    }
+
+    /// Template `id` for a clone call: while the guard lives, the template cannot be deleted.
+    pub fn begin_cloning(self: &Arc<Self>, id: &str) -> Result<(Arc<TemplateEntry>, CloningGuard), ApiError> {
+        let templates = self.templates.read().unwrap_or_else(|e| e.into_inner());
+        let entry = templates
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("template", id))?;
+        *lock(&self.cloning).entry(id.to_owned()).or_insert(0) += 1;
+        drop(templates);
+        Ok((
+            entry,
+            CloningGuard {
+                app: Arc::clone(self),
+                id: id.to_owned(),
+            },
+        ))
+    }
+
+    /// Sets template `id`'s warm-shell target, atomically with its existence (a template being
+    /// deleted never gets a new pool).
+    pub fn warm(&self, id: &str, shells: usize) -> Result<Arc<TemplateEntry>, ApiError> {
+        let templates = self.templates.read().unwrap_or_else(|e| e.into_inner());
+        let entry = templates
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("template", id))?;
+        self.engine.keep_warm(&entry.template, shells);
         Ok(entry)
     }
 
@@ -368,11 +445,8 @@ impl App {
             .map(|(_, v)| v)
             .collect();
         for vm in vms {
-            if let Some(machine) = vm.lock_machine().take() {
-                match machine {
-                    Machine::Booted(vm) => self.engine.destroy_vm(vm),
-                    Machine::Clone(clone) => self.engine.destroy(clone),
-                }
+            if let Some(taken) = vm.take_machine() {
+                self.engine.drop_later(taken);
             }
         }
         for template in self
@@ -385,6 +459,24 @@ impl App {
             self.engine.retire(&template.template);
         }
         self.engine.flush();
+    }
+}
+
+/// A clone call in progress on a template (see [`App::begin_cloning`]).
+pub struct CloningGuard {
+    app: Arc<App>,
+    id: String,
+}
+
+impl Drop for CloningGuard {
+    fn drop(&mut self) {
+        let mut cloning = lock(&self.app.cloning);
+        if let Some(n) = cloning.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                cloning.remove(&self.id);
+            }
+        }
     }
 }
 

@@ -1,29 +1,108 @@
 //! Running service operations off the async workers: every VM operation takes the VM's machine
 //! lock on a blocking thread, under the request timeout, and a guest that stops for a reason
 //! other than finishing (fault, deadline) marks the VM failed.
+//!
+//! An operation that creates something commits through a [`Commit`]: once the client has been
+//! answered 503 `timeout`, the commit is refused and the operation tears down what it made, so a
+//! timed-out request leaves nothing behind; once committed, the answer waits for the result.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
 
 use super::app::{App, Machine, VmEntry};
 use super::error::ApiError;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Committed,
+    Abandoned,
+}
+
+/// Whether an operation's result may still be kept, shared by the operation and its request.
+#[derive(Clone)]
+pub struct Commit {
+    phase: Arc<Mutex<Phase>>,
+    abandoned: Arc<AtomicBool>,
+}
+
+impl Commit {
+    fn new() -> Self {
+        Commit {
+            phase: Arc::new(Mutex::new(Phase::Running)),
+            abandoned: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Keeps the result: true unless the request already answered 503 `timeout` (then the
+    /// caller must tear down whatever it made).
+    pub fn commit(&self) -> bool {
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        if *phase == Phase::Running {
+            *phase = Phase::Committed;
+        }
+        *phase == Phase::Committed
+    }
+
+    /// Whether the request has given up (work not yet done can be skipped).
+    pub fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
+    /// Gives up unless the operation has committed; true if it gave up.
+    fn abandon(&self) -> bool {
+        let mut phase = self.phase.lock().unwrap_or_else(|e| e.into_inner());
+        if *phase == Phase::Running {
+            *phase = Phase::Abandoned;
+            self.abandoned.store(true, Ordering::Release);
+        }
+        *phase == Phase::Abandoned
+    }
+}
+
+/// The 503 a timed-out request answers.
+pub fn timeout_error(app: &App) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "timeout",
+        format!(
+            "the request did not finish within {} ms; nothing was created",
+            app.limits.request_timeout.as_millis()
+        ),
+    )
+}
+
 /// Runs `f` on a blocking thread; past the request timeout the caller gets a 503 (the operation
-/// itself is bounded by the guest deadline and finishes on its own).
+/// itself is bounded by the guest deadline and finishes on its own). For operations that create
+/// nothing; see [`transaction`] for those that do.
 pub async fn blocking<T: Send + 'static>(
     app: &Arc<App>,
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    transaction(app, move |_| f()).await
+}
+
+/// Runs `f` on a blocking thread with a [`Commit`]. Past the request timeout, an operation that
+/// has not committed is abandoned and the caller gets a 503 `timeout` (the operation sees the
+/// refused commit and undoes its work); one that has committed is waited for.
+pub async fn transaction<T: Send + 'static>(
+    app: &Arc<App>,
+    f: impl FnOnce(&Commit) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     let limit = app.limits.request_timeout;
-    match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            format!("the request did not finish within {} ms", limit.as_millis()),
-        )),
-        Ok(Err(join)) => Err(ApiError::internal(format!("the operation panicked: {join}"))),
-        Ok(Ok(result)) => result,
+    let commit = Commit::new();
+    let theirs = commit.clone();
+    let mut task = tokio::task::spawn_blocking(move || f(&theirs));
+    let joined = match tokio::time::timeout(limit, &mut task).await {
+        Ok(joined) => joined,
+        Err(_) if commit.abandon() => return Err(timeout_error(app)),
+        Err(_) => task.await,
+    };
+    match joined {
+        Err(join) => Err(ApiError::internal(format!("the operation panicked: {join}"))),
+        Ok(result) => result,
     }
 }
 
@@ -31,17 +110,17 @@ pub async fn blocking<T: Send + 'static>(
 pub async fn on_vm<T: Send + 'static>(
     app: &Arc<App>,
     id: &str,
-    op: impl FnOnce(&App, &VmEntry, &mut Machine) -> Result<T, ApiError> + Send + 'static,
+    op: impl FnOnce(&App, &VmEntry, &mut Machine, &Commit) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let entry = app.vm(id)?;
     if let Some(reason) = entry.failure() {
         return Err(ApiError::conflict("vm_failed", format!("VM {id} has failed: {reason}")));
     }
     let service = Arc::clone(app);
-    blocking(app, move || {
+    transaction(app, move |commit| {
         let mut guard = entry.lock_machine();
         let machine = guard.as_mut().ok_or_else(|| ApiError::not_found("VM", &entry.id))?;
-        let result = op(&service, &entry, machine);
+        let result = op(&service, &entry, machine, commit);
         if let Err(e) = &result {
             if e.code == "vm_failed" {
                 entry.fail(e.message.clone());
@@ -56,10 +135,14 @@ pub async fn on_vm<T: Send + 'static>(
     .await
 }
 
-/// Tears a machine down in the background.
-pub fn destroy(app: &App, machine: Machine) {
-    match machine {
-        Machine::Booted(vm) => app.engine.destroy_vm(vm),
-        Machine::Clone(clone) => app.engine.destroy(clone),
+/// Tears a VM's machine down in the background and gives back the room it held at once (a
+/// client that deleted a VM may create another straight away).
+pub fn destroy(app: &App, entry: &VmEntry) {
+    if let Some((machine, room)) = entry.take_machine() {
+        match machine {
+            Machine::Booted(vm) => app.engine.destroy_vm(vm),
+            Machine::Clone(clone) => app.engine.destroy(clone),
+        }
+        drop(room);
     }
 }

@@ -8,23 +8,36 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use cowvm_vmm::stats::template_sharing;
-use cowvm_vmm::{CloneBatch, Template};
+use cowvm_vmm::{CloneBatch, Reservation, Template};
 
 use super::app::{App, Machine, TemplateEntry, VmStatus};
 use super::error::{ApiError, ErrorBody};
 use super::model::*;
-use super::ops::blocking;
+use super::ops::{blocking, timeout_error, transaction};
 
 /// File descriptors kept free for accepting connections, state files and stats reads.
 pub const FD_RESERVE: u64 = 64;
+/// File descriptors the warm-shell builder leaves free: more than requests keep, so that a
+/// request can still make VMs (and shells give way to it) when the builder has stopped.
+pub const SHELL_FD_RESERVE: u64 = 2 * FD_RESERVE;
 /// File descriptors one VM holds (its VM fd and its vCPU fd).
 pub const FDS_PER_VM: u64 = 2;
 
+fn fd_headroom() -> Result<u64, ApiError> {
+    // Failing to count (the read of /proc/self/fd needs a descriptor itself) means none are left.
+    cowvm_vmm::host::fd_headroom()
+        .map_err(|e| ApiError::exhausted(format!("no file descriptor left to count open files: {e}")))
+}
+
 /// How many of `count` new VMs the remaining file descriptors allow (keeping [`FD_RESERVE`] free),
-/// or a 503 when not even one fits.
-pub fn fd_budget(count: usize) -> Result<usize, ApiError> {
-    let headroom =
-        cowvm_vmm::host::fd_headroom().map_err(|e| ApiError::internal(format!("counting open files: {e}")))?;
+/// or a 503 when not even one fits. Warm shells give way first: as many are torn down as the
+/// request is short of.
+pub fn fd_budget(app: &App, count: usize) -> Result<usize, ApiError> {
+    let mut headroom = fd_headroom()?;
+    let short = (count as u64 * FDS_PER_VM + FD_RESERVE).saturating_sub(headroom);
+    if short > 0 && app.engine.shed_shells(short.div_ceil(FDS_PER_VM) as usize) > 0 {
+        headroom = fd_headroom()?;
+    }
     let fits = (headroom.saturating_sub(FD_RESERVE) / FDS_PER_VM) as usize;
     if fits == 0 {
         return Err(ApiError::exhausted(format!(
@@ -44,7 +57,7 @@ pub fn fd_shortfall(made_or_tried: usize, count: usize) -> Vec<CloneFailed> {
         .collect()
 }
 
-/// Checks a clone count against the per-call and total limits.
+/// Checks a clone count against the per-call limit (the total is admitted by [`App::admit`]).
 pub fn check_count(app: &App, count: u64) -> Result<usize, ApiError> {
     let limit = app.limits.max_clones_per_call;
     if count == 0 || count > limit as u64 {
@@ -53,19 +66,7 @@ pub fn check_count(app: &App, count: u64) -> Result<usize, ApiError> {
             format!("count must be 1..={limit} (got {count})"),
         ));
     }
-    let count = count as usize;
-    let live = app.vm_count();
-    if live + count > app.limits.max_vms {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_vms",
-            format!(
-                "{count} more clones would exceed the limit of {} VMs ({live} live)",
-                app.limits.max_vms
-            ),
-        ));
-    }
-    Ok(count)
+    Ok(count as usize)
 }
 
 /// Saves a template under the state directory, if there is one.
@@ -73,8 +74,14 @@ pub fn save_template(app: &App, id: &str, template: &Template) -> Result<bool, A
     super::state_dir::save(app, id, template)
 }
 
-/// Adds the clones of `batch` as VMs and describes the result.
-pub fn register_clones(app: &App, template: &TemplateEntry, batch: CloneBatch) -> Result<ClonesCreated, ApiError> {
+/// Adds the clones of `batch` as VMs, each holding room for one VM from `room`, and describes
+/// the result.
+pub fn register_clones(
+    app: &App,
+    template: &TemplateEntry,
+    batch: CloneBatch,
+    room: &mut Reservation,
+) -> Result<ClonesCreated, ApiError> {
     let metrics = &app.metrics;
     metrics
         .clone_failures
@@ -111,7 +118,14 @@ pub fn register_clones(app: &App, template: &TemplateEntry, batch: CloneBatch) -
                 generation: Some(made.generation),
                 spawn_us: Some(made.spawn_us),
             };
-            let entry = app.add_vm(memory_mib, Some(template.id.clone()), Machine::Clone(clone), status);
+            let slot = room.split_one();
+            let entry = app.add_vm(
+                memory_mib,
+                Some(template.id.clone()),
+                Machine::Clone(clone),
+                status,
+                slot,
+            );
             CloneMade {
                 id: entry.id.clone(),
                 ..made
@@ -145,13 +159,27 @@ pub async fn clone_template(
 ) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
     let Path(id) = id?;
     let Json(req) = body?;
-    let template = app.template(&id)?;
     let count = check_count(&app, req.count)?;
+    let (template, cloning) = app.begin_cloning(&id)?;
+    let admitted = app.admit(count, Some(&template.template))?;
     let service = Arc::clone(&app);
-    let created = blocking(&app, move || {
-        let fits = fd_budget(count)?;
-        let batch = service.engine.spawn(&template.template, fits)?;
-        let mut created = register_clones(&service, &template, batch)?;
+    let created = transaction(&app, move |commit| {
+        let _cloning = cloning;
+        let mut admitted = admitted;
+        let fits = fd_budget(&service, count)?;
+        let mut room = admitted.split_off(fits);
+        drop(admitted);
+        let batch = {
+            let stop = || commit.abandoned();
+            service.engine.spawn_reserved(&template.template, &mut room, &stop)?
+        };
+        if !commit.commit() {
+            for clone in batch.clones {
+                service.engine.destroy(clone);
+            }
+            return Err(timeout_error(&service));
+        }
+        let mut created = register_clones(&service, &template, batch, &mut room)?;
         created.failed.extend(fd_shortfall(fits, count));
         Ok(created)
     })
@@ -230,7 +258,6 @@ pub async fn warm_template(
 ) -> Result<Json<WarmStatus>, ApiError> {
     let Path(id) = id?;
     let Json(req) = body?;
-    let entry = app.template(&id)?;
     let limit = app.limits.max_vms as u64;
     if req.shells > limit {
         return Err(ApiError::out_of_range(
@@ -238,7 +265,8 @@ pub async fn warm_template(
             format!("shells must be 0..={limit} (got {})", req.shells),
         ));
     }
-    app.engine.keep_warm(&entry.template, req.shells as usize);
+    // The target is kept; the builder builds only into room under --max-vms and the budgets.
+    let entry = app.warm(&id, req.shells as usize)?;
     Ok(Json(WarmStatus {
         template_id: entry.id.clone(),
         target: req.shells,

@@ -16,7 +16,7 @@ use vm_memory::GuestAddress;
 use super::app::{App, Machine, TemplateEntry, VmStatus};
 use super::error::{ApiError, ErrorBody};
 use super::model::*;
-use super::ops::{blocking, destroy, on_vm};
+use super::ops::{blocking, destroy, on_vm, timeout_error, transaction};
 use super::templates::{fd_budget, fd_shortfall, register_clones, save_template};
 
 type Body<T> = Result<Json<T>, JsonRejection>;
@@ -99,22 +99,17 @@ pub async fn create_vm(
         }
         Some(name) => Kernel::Elf(resolve_kernel(&app, name)?),
     };
-    if app.vm_count() >= limits.max_vms {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_vms",
-            format!("the server holds its limit of {} VMs", limits.max_vms),
-        ));
-    }
+    let slot = app.admit(1, None)?;
     let service = Arc::clone(&app);
-    let info = blocking(&app, move || {
-        fd_budget(1)?;
+    let info = transaction(&app, move |commit| {
+        fd_budget(&service, 1)?;
         let config = VmConfig {
             memory_mib: req.memory_mib,
             kernel,
             page_size: None,
         };
-        let (mut vm, report) = Vm::boot(service.engine.kvm(), &config)?;
+        let deadline = service.limits.guest_deadline;
+        let (mut vm, report) = Vm::boot_with_deadline(service.engine.kvm(), &config, deadline)?;
         if report.first_exit.is_fault() {
             service.engine.destroy_vm(vm);
             return Err(ApiError::out_of_range(
@@ -135,12 +130,18 @@ pub async fn create_vm(
                 return Err(e.into());
             }
         }
+        if !commit.commit() {
+            service.engine.destroy_vm(vm);
+            return Err(timeout_error(&service));
+        }
         let status = VmStatus {
             failure: None,
             generation: None,
             spawn_us: None,
         };
-        Ok(service.add_vm(req.memory_mib, None, Machine::Booted(vm), status).info())
+        Ok(service
+            .add_vm(req.memory_mib, None, Machine::Booted(vm), status, Some(slot))
+            .info())
     })
     .await?;
     Ok((StatusCode::CREATED, Json(info)))
@@ -168,9 +169,7 @@ pub async fn delete_vm(State(app): State<Arc<App>>, id: Id) -> Result<StatusCode
     let entry = app.remove_vm(&id)?;
     let service = Arc::clone(&app);
     blocking(&app, move || {
-        if let Some(machine) = entry.lock_machine().take() {
-            destroy(&service, machine);
-        }
+        destroy(&service, &entry);
         Ok(())
     })
     .await?;
@@ -182,10 +181,14 @@ pub async fn delete_vm(State(app): State<Arc<App>>, id: Id) -> Result<StatusCode
     responses((status = 201, body = SnapshotCreated), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn snapshot_vm(State(app): State<Arc<App>>, id: Id) -> Result<(StatusCode, Json<SnapshotCreated>), ApiError> {
     let Path(id) = id?;
-    let created = on_vm(&app, &id, move |app, entry, machine| {
+    let created = on_vm(&app, &id, move |app, entry, machine, commit| {
+        fd_budget(app, 1)?;
         let started = Instant::now();
         let template = Template::freeze(app.engine.kvm(), machine.vm_mut())?;
         let pause_us = started.elapsed().as_secs_f64() * 1e6;
+        if !commit.commit() {
+            return Err(timeout_error(app));
+        }
         let template_id = app.new_template_id();
         let persisted = save_template(app, &template_id, &template)?;
         let entry = app.add_template(TemplateEntry {
@@ -218,9 +221,33 @@ pub async fn live_fork(
     let Path(id) = id?;
     let Json(req) = body?;
     let count = super::templates::check_count(&app, req.count)?;
-    let created = on_vm(&app, &id, move |app, entry, machine| {
-        let fits = fd_budget(count)?;
-        let fork = app.engine.live_fork(machine.vm_mut(), fits)?;
+    let admitted = app.admit(count, None)?;
+    let created = on_vm(&app, &id, move |app, entry, machine, commit| {
+        let mut admitted = admitted;
+        let fits = fd_budget(app, count)?;
+        let mut room = admitted.split_off(fits);
+        drop(admitted);
+        let started = Instant::now();
+        let template = Arc::new(Template::freeze(app.engine.kvm(), machine.vm_mut())?);
+        let pause_us = started.elapsed().as_secs_f64() * 1e6;
+        app.engine
+            .retarget(&mut room, &template)
+            .map_err(|e| app.admit_error(e))?;
+        let batch = {
+            let stop = || commit.abandoned();
+            app.engine.spawn_reserved(&template, &mut room, &stop)?
+        };
+        if !commit.commit() {
+            for clone in batch.clones {
+                app.engine.destroy(clone);
+            }
+            return Err(timeout_error(app));
+        }
+        let fork = cowvm_vmm::LiveFork {
+            template,
+            pause_us,
+            batch,
+        };
         let template_id = app.new_template_id();
         let persisted = save_template(app, &template_id, &fork.template)?;
         let template = app.add_template(TemplateEntry {
@@ -229,7 +256,7 @@ pub async fn live_fork(
             source_vm: Some(entry.id.clone()),
             persisted,
         });
-        let mut created = register_clones(app, &template, fork.batch)?;
+        let mut created = register_clones(app, &template, fork.batch, &mut room)?;
         created.failed.extend(fd_shortfall(fits, count));
         created.pause_us = Some(fork.pause_us);
         Ok(created)
@@ -243,7 +270,7 @@ pub async fn live_fork(
     responses((status = 200, body = ResetDone), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn reset_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<ResetDone>, ApiError> {
     let Path(id) = id?;
-    let done = on_vm(&app, &id, |app, entry, machine| match machine {
+    let done = on_vm(&app, &id, |app, entry, machine, _| match machine {
         Machine::Booted(_) => Err(ApiError::conflict(
             "not_a_clone",
             format!("{} was booted, not cloned; only clones can be reset", entry.id),
@@ -282,15 +309,20 @@ pub async fn probe_write(
             stride: r.stride,
         },
     };
-    let report = on_vm(&app, &id, move |app, _, machine| {
+    let report = on_vm(&app, &id, move |app, _, machine, _| {
         let host = app.host_view()?;
+        // The scratch clone is a VM too: it holds room under --max-vms while it lives.
         let scratch = match &*machine {
-            Machine::Clone(clone) => app.engine.spawn(clone.template(), 1)?.clones.pop(),
+            Machine::Clone(clone) => {
+                let mut room = app.admit(1, Some(clone.template()))?;
+                let made = app.engine.spawn_reserved(clone.template(), &mut room, &|| false)?;
+                made.clones.into_iter().next().map(|scratch| (scratch, room))
+            }
             Machine::Booted(_) => None,
         };
-        let report = write_probe(machine.vm_mut(), &targets, host, scratch.as_ref().map(|c| c.vm()));
+        let report = write_probe(machine.vm_mut(), &targets, host, scratch.as_ref().map(|(c, _)| c.vm()));
         if let Some(scratch) = scratch {
-            app.engine.destroy(scratch);
+            app.engine.drop_later(scratch);
         }
         Ok(serde_json::to_value(report?).unwrap_or_default())
     })
@@ -303,7 +335,7 @@ pub async fn probe_write(
     responses((status = 200, description = "pages (template_backed, shared, private, zero, untouched, total), kpagecount histogram, smaps, KVM stats", body = VmStats), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn vm_stats(State(app): State<Arc<App>>, id: Id) -> Result<Json<VmStats>, ApiError> {
     let Path(id) = id?;
-    let stats = on_vm(&app, &id, |app, entry, machine| {
+    let stats = on_vm(&app, &id, |app, entry, machine, _| {
         let host = app.host_view()?;
         Ok(VmStats::new(entry.id.clone(), vm_sharing(machine.vm(), host)?))
     })
@@ -348,7 +380,7 @@ pub async fn run_command(
             ));
         }
     };
-    let result = on_vm(&app, &id, move |app, _, machine| {
+    let result = on_vm(&app, &id, move |app, _, machine, _| {
         let (out, took) = machine
             .vm_mut()
             .execute_timed(command, Some(app.limits.guest_deadline))?;
