@@ -362,6 +362,9 @@ pub fn measure_soak(args: &SoakArgs) -> Result<Value, BenchError> {
             }
         }
         cycles += 1;
+        // Sample at a quiescent point: DELETE answers before the reaper has torn the clone down,
+        // and on a busy machine the reaper lags, which would read as growth.
+        server.wait_for_teardowns();
         samples.push((started.elapsed().as_secs_f64(), resources()?));
     }
     call(&client, "DELETE", &format!("/v1/templates/{template}"), None)?;

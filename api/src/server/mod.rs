@@ -97,9 +97,18 @@ pub struct RunningServer {
     thread: Option<JoinHandle<Result<(), ServeError>>>,
     /// Templates in the state directory that were refused at start, with the reason.
     pub refused_templates: Vec<String>,
+    app: std::sync::Weak<App>,
 }
 
 impl RunningServer {
+    /// Returns once every VM teardown requested so far has finished (DELETE answers before its VM
+    /// is torn down in the background); for measurements that must see a quiescent server.
+    pub fn wait_for_teardowns(&self) {
+        if let Some(app) = self.app.upgrade() {
+            app.engine.flush();
+        }
+    }
+
     /// Stops the server gracefully (every VM is torn down) and waits for it.
     pub fn stop(mut self) -> Result<(), ServeError> {
         self.stop_inner()
@@ -201,6 +210,7 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let addr = listener.local_addr().map_err(io("read the listening address"))?;
     let router = routes::router(Arc::clone(&app), config.token.clone());
     let (tx, rx) = oneshot::channel();
+    let weak_app = Arc::downgrade(&app);
     let handle_signals = config.handle_signals;
     let header_timeout = config.header_timeout;
     let thread = std::thread::Builder::new()
@@ -222,5 +232,6 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         shutdown: Some(tx),
         thread: Some(thread),
         refused_templates: refused,
+        app: weak_app,
     })
 }

@@ -11,8 +11,6 @@ use super::routes::ApiDoc;
 
 /// Guest RAM below this is the VMM's own (page tables, kernel); warm-up data starts here.
 const WARMUP_START_MIB: u64 = 8;
-/// Most qwords one guest command may touch (`cowvm_vmm::command::MAX_ELEMENTS`).
-const MAX_COMMAND_ELEMENTS: u64 = cowvm_vmm::command::MAX_ELEMENTS;
 /// Most pages one write probe may touch.
 const MAX_PROBE_PAGES: u64 = cowvm_vmm::probe::MAX_PROBE_PAGES;
 /// The commands of the built-in guest (`POST /v1/vms/{id}/run`).
@@ -192,7 +190,6 @@ fn bound_requests(schemas: &mut Map<String, Value>, options: &SpecOptions) {
     );
     bound(schemas, "WarmRequest", "shells", 0, max_vms);
     bound(schemas, "ProbeRange", "pages", 1, MAX_PROBE_PAGES);
-    bound(schemas, "RunCommand", "count", 0, MAX_COMMAND_ELEMENTS);
     if let Some(gpas) = schemas
         .get_mut("ProbeList")
         .and_then(|s| s.pointer_mut("/properties/gpas"))
