@@ -121,7 +121,12 @@ impl AsyncWrite for JsonErrors {
 /// If `written` is exactly one bodiless error head of the kind hyper writes for a request it could
 /// not parse, the same answer with a JSON error body.
 fn json_error_answer(written: &[u8]) -> Option<Vec<u8>> {
-    let head = std::str::from_utf8(written.strip_prefix(b"HTTP/1.1 ")?).ok()?;
+    // Cheap tests first: this runs on every write of every answer.
+    let status = written.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
+    if !matches!(status, b"400" | b"414" | b"431") || written.len() > 4096 || !written.ends_with(b"\r\n\r\n") {
+        return None;
+    }
+    let head = std::str::from_utf8(&written[9..]).ok()?;
     let head = head.strip_suffix("\r\n\r\n")?;
     if head.contains("\r\n\r\n") {
         return None;
