@@ -30,7 +30,8 @@ cleanup() {
     fi
     rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap "exit 130" INT TERM
 
 chmod 700 "$work"
 token=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
