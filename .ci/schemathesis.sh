@@ -23,7 +23,12 @@ st=$(realpath "$VENV/bin/st")
 
 work=$(mktemp -d)
 server_pid=
+st_pid=
 cleanup() {
+    if [ -n "$st_pid" ]; then
+        kill "$st_pid" 2>/dev/null || true
+        wait "$st_pid" 2>/dev/null || true
+    fi
     if [ -n "$server_pid" ]; then
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
@@ -53,7 +58,9 @@ done
 status=0
 # Answers may be slow on a loaded machine; the server itself bounds every request by its request
 # timeout (60 s), so that is the response-time limit too.
-(cd "$work" && "$st" --config-file "$OLDPWD/.ci/schemathesis.toml" run "http://127.0.0.1:$port/openapi.json" \
+config=$(realpath .ci/schemathesis.toml)
+cd "$work" # schemathesis writes its report directory here
+"$st" --config-file "$config" run "http://127.0.0.1:$port/openapi.json" \
     --header "Authorization: Bearer $token" \
     --checks all \
     --max-examples "$EXAMPLES" \
@@ -61,7 +68,11 @@ status=0
     --workers 2 \
     --max-response-time 61 \
     --request-timeout 90 \
-    --no-color) || status=$?
+    --no-color &
+# In the background and waited for, so that a signal to this script ends the run at once.
+st_pid=$!
+wait "$st_pid" || status=$?
+st_pid=
 if [ "$status" -ne 0 ]; then
     echo "schemathesis: failures (exit $status); server log:" >&2
     tail -n 50 "$work/server.log" >&2
