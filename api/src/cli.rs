@@ -40,13 +40,39 @@ pub enum CliError {
     Usage(String),
 }
 
+/// Reads a bearer token file. It must be a regular file (a FIFO or device would block or never
+/// end) readable by its owner only (mode 0600 or stricter): a token others can read is no secret.
 fn read_token(path: &Option<PathBuf>) -> Result<Option<String>, CliError> {
+    use std::io::Read;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let Some(path) = path else { return Ok(None) };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::Usage(format!("cannot read token file {}: {e}", path.display())))?;
+    let shown = path.display();
+    let refuse = |why: String| CliError::Usage(format!("token file {shown}: {why}"));
+    // O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| refuse(format!("cannot open it: {e}")))?;
+    let meta = file.metadata().map_err(|e| refuse(format!("cannot stat it: {e}")))?;
+    if !meta.is_file() {
+        return Err(refuse(
+            "not a regular file (a FIFO, socket, device or directory); give a file holding the token".into(),
+        ));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(refuse(format!(
+            "mode {mode:04o} lets group or others read or change it; run chmod 600 on it"
+        )));
+    }
+    let mut text = String::new();
+    file.take(64 * 1024)
+        .read_to_string(&mut text)
+        .map_err(|e| refuse(format!("cannot read it: {e}")))?;
     let token = text.trim().to_owned();
     if token.is_empty() {
-        return Err(CliError::Usage(format!("token file {} is empty", path.display())));
+        return Err(refuse("it is empty".into()));
     }
     Ok(Some(token))
 }
@@ -138,6 +164,10 @@ pub struct ServeArgs {
     /// Warm shells kept per template.
     #[arg(long, default_value_t = Limits::default().warm_shells)]
     warm_shells: usize,
+    /// Longest a client may take to send a request's head (line and headers), ms; slower
+    /// connections are closed.
+    #[arg(long, default_value_t = server::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
+    header_timeout_ms: u64,
 }
 
 /// Runs `cowvm serve` until SIGINT or SIGTERM.
@@ -157,6 +187,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
             warm_shells: args.warm_shells,
         },
         handle_signals: true,
+        header_timeout: Duration::from_millis(args.header_timeout_ms.max(1)),
     };
     let running = server::start(config)?;
     for refused in &running.refused_templates {

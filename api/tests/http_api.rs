@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use cowvm::client::{Answer, Client};
-use cowvm::server::{self, ApiDoc, Limits, RunningServer, ServerConfig};
+use cowvm::server::{self, ApiDoc, Limits, RunningServer, ServerConfig, SpecOptions};
 use serde_json::{json, Value};
 
 fn start(limits: Limits) -> (RunningServer, Client) {
@@ -386,8 +386,145 @@ fn test_openapi_document_lists_every_endpoint() {
         expected.len(),
         "no undocumented extras and no missing endpoint"
     );
-    use utoipa::OpenApi;
-    assert_eq!(serde_json::to_value(ApiDoc::openapi()).expect("doc"), doc);
+    let described = server::openapi_document(&SpecOptions {
+        limits: small(),
+        token: false,
+        kernels: false,
+    });
+    assert_eq!(described, doc, "the served document describes this server");
+    server.stop().expect("stop");
+}
+
+/// The statuses each operation documents, as `/openapi.json` lists them.
+fn documented_statuses(doc: &Value, path: &str, method: &str) -> Vec<u16> {
+    let responses = doc["paths"][path][method]["responses"].as_object();
+    let mut statuses: Vec<u16> = responses
+        .map(|r| r.keys().filter_map(|k| k.parse().ok()).collect())
+        .unwrap_or_default();
+    statuses.sort_unstable();
+    statuses
+}
+
+#[test]
+fn test_openapi_tells_the_truth_statuses_bounds_security_and_unsigned_integers() {
+    let limits = Limits::default();
+    let doc = server::openapi_document(&SpecOptions {
+        limits: limits.clone(),
+        token: true,
+        kernels: false,
+    });
+    let expected: &[(&str, &str, &[u16])] = &[
+        ("/v1/vms", "post", &[201, 400, 401, 413, 415, 422, 429, 503]),
+        ("/v1/vms", "get", &[200, 401]),
+        ("/v1/vms/{id}", "get", &[200, 400, 401, 404]),
+        ("/v1/vms/{id}", "delete", &[204, 400, 401, 404, 503]),
+        ("/v1/vms/{id}/snapshot", "post", &[201, 400, 401, 404, 409, 503]),
+        (
+            "/v1/vms/{id}/clones",
+            "post",
+            &[201, 400, 401, 404, 409, 413, 415, 422, 429, 503],
+        ),
+        ("/v1/vms/{id}/reset", "post", &[200, 400, 401, 404, 409, 503]),
+        (
+            "/v1/vms/{id}/probes/write",
+            "post",
+            &[200, 400, 401, 404, 409, 413, 415, 422, 503],
+        ),
+        ("/v1/vms/{id}/stats", "get", &[200, 400, 401, 404, 409, 503]),
+        (
+            "/v1/vms/{id}/run",
+            "post",
+            &[200, 400, 401, 404, 409, 413, 415, 422, 503],
+        ),
+        ("/v1/templates", "get", &[200, 401]),
+        ("/v1/templates/{id}", "get", &[200, 400, 401, 404]),
+        ("/v1/templates/{id}", "delete", &[204, 400, 401, 404, 409, 503]),
+        (
+            "/v1/templates/{id}/clones",
+            "post",
+            &[201, 400, 401, 404, 409, 413, 415, 422, 429, 503],
+        ),
+        ("/v1/templates/{id}/stats", "get", &[200, 400, 401, 404, 503]),
+        ("/v1/templates/{id}/warm", "post", &[200, 400, 401, 404, 413, 415, 422]),
+    ];
+    for (path, method, statuses) in expected {
+        assert_eq!(&documented_statuses(&doc, path, method), statuses, "{method} {path}");
+        for status in statuses.iter().filter(|s| **s >= 400) {
+            let body = &doc["paths"][path][method]["responses"][status.to_string()]["content"]["application/json"]
+                ["schema"]["$ref"];
+            assert_eq!(body, "#/components/schemas/ErrorBody", "{method} {path} {status}");
+        }
+    }
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["type"], "http");
+    assert_eq!(doc["security"], json!([{"bearer": []}]));
+    let www = &doc["paths"]["/v1/vms"]["get"]["responses"]["401"]["headers"]["WWW-Authenticate"];
+    assert!(www.is_object(), "401 documents WWW-Authenticate");
+
+    let schemas = &doc["components"]["schemas"];
+    let field = |schema: &str, name: &str| schemas[schema]["properties"][name].clone();
+    let bounds = |schema: &str, name: &str| {
+        (
+            field(schema, name)["minimum"].clone(),
+            field(schema, name)["maximum"].clone(),
+        )
+    };
+    assert_eq!(
+        bounds("CreateVm", "memory_mib"),
+        (json!(4), json!(limits.max_memory_mib))
+    );
+    assert_eq!(bounds("CreateVm", "vcpus"), (json!(1), json!(1)));
+    assert_eq!(
+        bounds("CloneRequest", "count"),
+        (json!(1), json!(limits.max_clones_per_call))
+    );
+    assert_eq!(bounds("WarmRequest", "shells"), (json!(0), json!(limits.max_vms)));
+    assert_eq!(field("ProbeList", "gpas")["minItems"], 1);
+    assert_eq!(
+        field("RunCommand", "command")["enum"],
+        json!(["exit", "write", "checksum", "identity", "triple_fault", "spin", "halt"])
+    );
+    assert_eq!(
+        field("CreateVm", "kernel")["type"],
+        "null",
+        "no --kernel-dir: only the built-in guest"
+    );
+    for name in [
+        "CreateVm",
+        "CloneRequest",
+        "WarmRequest",
+        "ProbeList",
+        "ProbeRange",
+        "RunCommand",
+    ] {
+        assert_eq!(schemas[name]["additionalProperties"], false, "{name} is closed");
+    }
+    for (schema, name) in [
+        ("CloneMade", "seed"),
+        ("CloneMade", "generation"),
+        ("RunResult", "result"),
+        ("RunResult", "extra"),
+        ("RunCommand", "value"),
+        ("ProbeRange", "start_gpa"),
+    ] {
+        let f = field(schema, name);
+        assert_eq!(f["format"], "uint64", "{schema}.{name}: {f}");
+        assert_eq!(f["minimum"], 0, "{schema}.{name}");
+        assert_eq!(f["maximum"], json!(u64::MAX), "{schema}.{name}");
+    }
+    assert_eq!(field("ProbeList", "gpas")["items"]["format"], "uint64");
+    let text = doc.to_string();
+    assert!(!text.contains("\"int64\""), "no u64 left declared int64");
+
+    // A server started with other limits describes those, and without a token asks for none.
+    let (server, c) = start(small());
+    let served = ok(&c, "GET", "/openapi.json", None, 200);
+    assert_eq!(
+        served["components"]["schemas"]["CreateVm"]["properties"]["memory_mib"]["maximum"],
+        small().max_memory_mib
+    );
+    assert!(served.get("security").is_none(), "{}", served["security"]);
+    assert!(documented_statuses(&served, "/v1/vms", "get") == [200]);
     server.stop().expect("stop");
 }
 

@@ -6,9 +6,11 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use cowvm_vmm::boot::layout::KERNEL_START;
 use cowvm_vmm::clone::CloneError;
 use cowvm_vmm::command::CommandError;
 use cowvm_vmm::kvm::KvmError;
+use cowvm_vmm::loader::LoadError;
 use cowvm_vmm::memory::MemoryError;
 use cowvm_vmm::persist::PersistError;
 use cowvm_vmm::probe::ProbeError;
@@ -85,12 +87,31 @@ impl ApiError {
     }
 }
 
+/// A message as a client should see it: one line (no `Debug` layouts with embedded newlines) and
+/// no absolute server paths (a path of several components is cut to its file name, which is what
+/// the client named).
+pub fn client_text(message: &str) -> String {
+    let words: Vec<String> = message
+        .split_whitespace()
+        .map(|word| {
+            let start = word.find('/').unwrap_or(word.len());
+            let path = &word[start..];
+            if path.matches('/').count() < 2 {
+                return word.to_owned();
+            }
+            let name = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+            format!("{}{name}", &word[..start])
+        })
+        .collect();
+    words.join(" ")
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.to_owned(),
-                message: self.message,
+                message: client_text(&self.message),
             },
         };
         (self.status, Json(body)).into_response()
@@ -117,6 +138,23 @@ impl From<JsonRejection> for ApiError {
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
         Self::bad_request("invalid_path", rejection.body_text())
+    }
+}
+
+/// Why a kernel did not load, naming the kernel by the file name the client gave.
+fn kernel_message(e: &LoadError) -> String {
+    let file_name = |p: &std::path::Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    match e {
+        LoadError::Open { path, source } => format!("cannot open kernel {:?}: {}", file_name(path), source.kind()),
+        LoadError::Elf { name, source } => format!(
+            "kernel {:?} is not a 64-bit ELF whose segments load at or above {:#x} inside the guest's RAM ({source})",
+            file_name(std::path::Path::new(name)),
+            KERNEL_START.0
+        ),
     }
 }
 
@@ -157,7 +195,7 @@ impl From<VmError> for ApiError {
             VmError::Command(CommandError::Misaligned { .. }) => Self::out_of_range("misaligned", message),
             VmError::Command(_) => Self::out_of_range("address_out_of_range", message),
             VmError::Translate(_) => Self::out_of_range("address_out_of_range", message),
-            VmError::Load(_) => Self::out_of_range("bad_kernel", message),
+            VmError::Load(load) => Self::out_of_range("bad_kernel", kernel_message(load)),
             VmError::GuestStopped(_) => Self::conflict("vm_failed", message),
             VmError::NotAClone => Self::conflict("not_a_clone", message),
             VmError::Memory(MemoryError::TooFragmented { .. }) => Self::conflict("template_too_fragmented", message),

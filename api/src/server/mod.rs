@@ -3,9 +3,11 @@
 
 mod app;
 mod error;
+mod listen;
 pub mod model;
 mod ops;
 mod routes;
+mod spec;
 mod state_dir;
 mod templates;
 mod vms;
@@ -14,12 +16,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use cowvm_vmm::{CloneEngine, EngineConfig, Kvm};
 use tokio::sync::oneshot;
 
 pub use app::Limits;
 pub use routes::ApiDoc;
+pub use spec::{document as openapi_document, SpecOptions};
 
 use app::App;
 
@@ -38,7 +42,12 @@ pub struct ServerConfig {
     pub kernel_dir: Option<PathBuf>,
     /// Stop on SIGINT/SIGTERM as well as on [`RunningServer::stop`].
     pub handle_signals: bool,
+    /// Longest a client may take to send a request's head; slower connections are closed.
+    pub header_timeout: Duration,
 }
+
+/// Default of [`ServerConfig::header_timeout`].
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl ServerConfig {
     /// Loopback on `port` (0: any free port), no state directory, default limits.
@@ -50,6 +59,7 @@ impl ServerConfig {
             limits: Limits::default(),
             kernel_dir: None,
             handle_signals: false,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
         }
     }
 }
@@ -87,9 +97,18 @@ pub struct RunningServer {
     thread: Option<JoinHandle<Result<(), ServeError>>>,
     /// Templates in the state directory that were refused at start, with the reason.
     pub refused_templates: Vec<String>,
+    app: std::sync::Weak<App>,
 }
 
 impl RunningServer {
+    /// Returns once every VM teardown requested so far has finished (DELETE answers before its VM
+    /// is torn down in the background); for measurements that must see a quiescent server.
+    pub fn wait_for_teardowns(&self) {
+        if let Some(app) = self.app.upgrade() {
+            app.engine.flush();
+        }
+    }
+
     /// Stops the server gracefully (every VM is torn down) and waits for it.
     pub fn stop(mut self) -> Result<(), ServeError> {
         self.stop_inner()
@@ -180,21 +199,21 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let addr = listener.local_addr().map_err(io("read the listening address"))?;
     let router = routes::router(Arc::clone(&app), config.token.clone());
     let (tx, rx) = oneshot::channel();
+    let weak_app = Arc::downgrade(&app);
     let handle_signals = config.handle_signals;
+    let header_timeout = config.header_timeout;
     let thread = std::thread::Builder::new()
         .name("cowvm-server".into())
         .spawn(move || {
-            let served = runtime.block_on(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(stop_signal(rx, handle_signals))
-                    .await
-            });
+            runtime.block_on(listen::serve(
+                listener,
+                router,
+                header_timeout,
+                stop_signal(rx, handle_signals),
+            ));
             app.shut_down();
             drop(runtime);
-            served.map_err(|source| ServeError::Io {
-                what: "serve HTTP".into(),
-                source,
-            })
+            Ok(())
         })
         .map_err(io("start the server thread"))?;
     Ok(RunningServer {
@@ -202,5 +221,6 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         shutdown: Some(tx),
         thread: Some(thread),
         refused_templates: refused,
+        app: weak_app,
     })
 }

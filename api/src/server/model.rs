@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use whole::{whole_u32, whole_u64, whole_u64_list};
+
 /// `POST /v1/vms`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -10,13 +12,16 @@ pub struct CreateVm {
     /// Guest RAM in MiB (4 up to the server's limit).
     #[serde(default = "default_memory_mib")]
     #[schema(default = 256)]
+    #[serde(deserialize_with = "whole_u64")]
     pub memory_mib: u64,
     /// vCPUs; cowvm runs one per VM today, so only 1 is accepted.
     #[serde(default = "one")]
     #[schema(default = 1)]
+    #[serde(deserialize_with = "whole_u32")]
     pub vcpus: u32,
     /// MiB of RAM the guest fills with data before the call returns (a pre-warmed VM).
     #[serde(default)]
+    #[serde(deserialize_with = "whole_u64")]
     pub warmup_mib: u64,
     /// A kernel file name inside the server's `--kernel-dir`, or null for the built-in guest.
     #[serde(default)]
@@ -91,6 +96,7 @@ pub struct TemplateInfo {
 #[serde(deny_unknown_fields)]
 pub struct CloneRequest {
     /// How many clones (1 up to the server's per-call limit).
+    #[serde(deserialize_with = "whole_u64")]
     pub count: u64,
 }
 
@@ -149,6 +155,7 @@ pub enum ProbeRequest {
 #[serde(deny_unknown_fields)]
 pub struct ProbeList {
     /// Guest addresses (the built-in guest maps virtual = physical).
+    #[serde(deserialize_with = "whole_u64_list")]
     pub gpas: Vec<u64>,
 }
 
@@ -157,11 +164,14 @@ pub struct ProbeList {
 #[serde(deny_unknown_fields)]
 pub struct ProbeRange {
     /// First guest address.
+    #[serde(deserialize_with = "whole_u64")]
     pub start_gpa: u64,
     /// Pages to write.
+    #[serde(deserialize_with = "whole_u64")]
     pub pages: u64,
     /// Bytes between them (default 4096).
     #[serde(default = "page")]
+    #[serde(deserialize_with = "whole_u64")]
     pub stride: u64,
 }
 
@@ -177,15 +187,19 @@ pub struct RunCommand {
     pub command: String,
     /// First guest address (`write`, `checksum`).
     #[serde(default)]
+    #[serde(deserialize_with = "whole_u64")]
     pub start_gpa: u64,
     /// Qwords to touch (`write`, `checksum`).
     #[serde(default)]
+    #[serde(deserialize_with = "whole_u64")]
     pub count: u64,
     /// Bytes between them (default 8).
     #[serde(default = "eight")]
+    #[serde(deserialize_with = "whole_u64")]
     pub stride: u64,
     /// Value stored (`write`).
     #[serde(default)]
+    #[serde(deserialize_with = "whole_u64")]
     pub value: u64,
 }
 
@@ -236,6 +250,7 @@ pub struct Health {
 #[serde(deny_unknown_fields)]
 pub struct WarmRequest {
     /// Warm shells to keep ready for this template (0 stops building more).
+    #[serde(deserialize_with = "whole_u64")]
     pub shells: u64,
 }
 
@@ -416,6 +431,80 @@ impl TemplateStats {
                 .collect(),
             copied_pages_truncated: s.copied_pages_truncated,
             scan_us: s.scan_us,
+        }
+    }
+}
+
+/// Request integers: JSON has one number type, so `16.0` is the whole number 16 (as JSON Schema's
+/// `integer` says); fractions, negatives and values past the type's range are refused.
+mod whole {
+    use serde::de::{Deserializer, Error, Unexpected, Visitor};
+    use serde::Deserialize;
+
+    struct WholeVisitor;
+
+    impl Visitor<'_> for WholeVisitor {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number 0..=18446744073709551615")
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<u64, E> {
+            // 2^64 is the first f64 past u64::MAX.
+            if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                Ok(v as u64)
+            } else {
+                Err(E::invalid_value(Unexpected::Float(v), &self))
+            }
+        }
+    }
+
+    struct Whole(u64);
+
+    impl<'de> Deserialize<'de> for Whole {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(WholeVisitor).map(Whole)
+        }
+    }
+
+    /// A whole number as `u64`.
+    pub fn whole_u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(WholeVisitor)
+    }
+
+    /// A whole number as `u32`.
+    pub fn whole_u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let v = whole_u64(d)?;
+        u32::try_from(v).map_err(|_| D::Error::invalid_value(Unexpected::Unsigned(v), &"a whole number 0..=4294967295"))
+    }
+
+    /// A list of whole numbers as `u64`s.
+    pub fn whole_u64_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        Ok(Vec::<Whole>::deserialize(d)?.into_iter().map(|w| w.0).collect())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use crate::server::model::CreateVm;
+
+        #[test]
+        fn test_integral_floats_are_whole_numbers_and_fractions_are_refused() {
+            let vm: CreateVm = serde_json::from_str(r#"{"memory_mib": 16.0, "vcpus": 1.0}"#).expect("whole");
+            assert_eq!((vm.memory_mib, vm.vcpus), (16, 1));
+            for bad in [
+                r#"{"memory_mib": 16.5}"#,
+                r#"{"memory_mib": -1}"#,
+                r#"{"vcpus": 4294967296}"#,
+                r#"{"memory_mib": 1e20}"#,
+            ] {
+                assert!(serde_json::from_str::<CreateVm>(bad).is_err(), "{bad}");
+            }
         }
     }
 }

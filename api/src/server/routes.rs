@@ -4,18 +4,20 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use subtle::ConstantTimeEq;
 use utoipa::OpenApi;
 
 use super::app::App;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
 use super::model::*;
+use super::spec::{self, SpecOptions};
 use super::{templates, vms};
 
 /// The OpenAPI document, generated from the handlers and their types.
@@ -70,10 +72,10 @@ use super::{templates, vms};
 )]
 pub struct ApiDoc;
 
-/// The OpenAPI 3 document of this API.
+/// The OpenAPI 3 document of this API, as this server was started (limits, token).
 #[utoipa::path(get, path = "/openapi.json", tag = "system", responses((status = 200, description = "OpenAPI 3 document", body = Object)))]
-pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+pub async fn openapi(Extension(doc): Extension<Arc<serde_json::Value>>) -> Json<serde_json::Value> {
+    Json(doc.as_ref().clone())
 }
 
 /// Liveness.
@@ -176,24 +178,73 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Requires `Authorization: Bearer <token>`, compared in constant time.
+/// The token of an `Authorization` header whose scheme is `Bearer`, in any case (RFC 9110 §11.1).
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Requires `Authorization: Bearer <token>`, compared in constant time; a 401 says
+/// `WWW-Authenticate: Bearer`.
 async fn require_token(State(token): State<Arc<String>>, request: Request, next: Next) -> Response {
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let given = bearer_token(request.headers());
     let ok = given.is_some_and(|g| g.as_bytes().ct_eq(token.as_bytes()).into());
     if ok {
         next.run(request).await
     } else {
-        ApiError::new(
+        let mut response = ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "this server needs Authorization: Bearer <token>",
         )
-        .into_response()
+        .into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"cowvm\""),
+        );
+        response
     }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(kind) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = kind.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Every JSON request body must be an object: serde would otherwise read `[]` or `[16]` as a
+/// struct with its fields in order. Bodies that do not parse are left to the handler's extractor,
+/// which names the syntax error.
+async fn require_object_body(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    if !is_json(request.headers()) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the request body is larger than {limit} bytes"),
+                )
+            } else {
+                ApiError::bad_request("bad_body", "the request body could not be read")
+            }
+            .into_response();
+        }
+    };
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let valid_json = || serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
+    if first.is_some_and(|&b| b != b'{') && valid_json() {
+        return ApiError::bad_request("body_not_an_object", "the request body must be a JSON object").into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
 async fn count_responses(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
@@ -205,6 +256,12 @@ async fn count_responses(State(app): State<Arc<App>>, request: Request, next: Ne
 
 /// The whole API.
 pub fn router(app: Arc<App>, token: Option<String>) -> Router {
+    let doc = spec::document(&SpecOptions {
+        limits: app.limits.clone(),
+        token: token.is_some(),
+        kernels: app.kernel_dir.is_some(),
+    });
+    let max_body = app.limits.max_body_bytes;
     let mut router = Router::new()
         .route("/v1/vms", post(vms::create_vm).get(vms::list_vms))
         .route("/v1/vms/{id}", get(vms::get_vm).delete(vms::delete_vm))
@@ -227,7 +284,9 @@ pub fn router(app: Arc<App>, token: Option<String>) -> Router {
         .route("/healthz", get(healthz))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(app.limits.max_body_bytes));
+        .layer(middleware::from_fn_with_state(max_body, require_object_body))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(Extension(Arc::new(doc)));
     if let Some(token) = token {
         router = router.layer(middleware::from_fn_with_state(Arc::new(token), require_token));
     }
