@@ -302,6 +302,39 @@ impl CloneEngine {
         }
     }
 
+    /// Takes a warm shell of `template` (or builds a VM on the spot) and gives it a fresh
+    /// generation id and seed, like [`CloneEngine::spawn`], but does not run it: the caller
+    /// stages the clone's work first (see [`crate::call`]). `spawn_us` covers only this.
+    pub fn spawn_idle(&self, template: &Arc<Template>) -> Result<Clone, VmError> {
+        let started = Instant::now();
+        let (mut vm, pooled) = match self.pools.take(template.id()) {
+            Some(shell) => (shell, true),
+            None => (Vm::restore(&self.kvm, template.memory(), template.state())?, false),
+        };
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        let seed = match fresh_seed().and_then(|seed| vm.set_identity(generation, seed).map(|()| seed)) {
+            Ok(seed) => seed,
+            Err(e) => {
+                self.reaper.drop_later(vm);
+                return Err(e);
+            }
+        };
+        Ok(Clone {
+            id: self.next_clone.fetch_add(1, Ordering::Relaxed),
+            generation,
+            seed,
+            spawn_us: micros(started),
+            pooled,
+            template: Arc::clone(template),
+            vm,
+        })
+    }
+
+    /// Keeps the shell builder idle until the guard drops (a request is being served).
+    pub(crate) fn busy(&self) -> crate::pool::BusyGuard<'_> {
+        self.pools.busy()
+    }
+
     /// Returns `clone` to its template's state in place: drops its private pages, restores the
     /// vCPU and clock, and hands it a new generation id and seed for its next resume.
     pub fn reset(&self, clone: &mut Clone) -> Result<ResetReport, VmError> {
