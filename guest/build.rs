@@ -1,7 +1,7 @@
 //! Assembles `asm/guest.S` with the system assembler and links it with `asm/guest.ld` into a
 //! static x86-64 ELF, `$OUT_DIR/guest.elf`, which `src/lib.rs` embeds; and builds the C SDK's
-//! hello example (`sdk/examples/hello.c`, guest ABI v1) with `sdk/cowvm-cc` into
-//! `$OUT_DIR/hello.elf`, so every build checks the SDK.
+//! examples (`sdk/examples/{hello,empty}.c`, guest ABI v1) with `sdk/cowvm-cc` into
+//! `$OUT_DIR/{hello,empty}.elf`, so every build checks the SDK.
 
 use std::env;
 use std::fs;
@@ -68,11 +68,13 @@ fn main() {
         ])
         .arg(&elf)
         .arg(&object));
-    run(Command::new("sh")
-        .arg("sdk/cowvm-cc")
-        .arg("-o")
-        .arg(out.join("hello.elf"))
-        .arg("sdk/examples/hello.c"));
+    for example in ["hello", "empty"] {
+        run(Command::new("sh")
+            .arg("sdk/cowvm-cc")
+            .arg("-o")
+            .arg(out.join(format!("{example}.elf")))
+            .arg(format!("sdk/examples/{example}.c")));
+    }
     for input in ["asm/guest.S", "asm/guest.ld", "src/protocol.rs", "build.rs", "sdk"] {
         println!("cargo:rerun-if-changed={input}");
     }

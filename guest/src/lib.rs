@@ -22,3 +22,7 @@ pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.el
 /// The C SDK's hello example (`sdk/examples/hello.c`), a guest-ABI-v1 program: it answers every
 /// call with "hello, " and its input.
 pub static HELLO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
+
+/// The C SDK's empty example (`sdk/examples/empty.c`): every call returns status 0 and no
+/// output; `cowvm bench call` measures the cost of a call with it.
+pub static EMPTY_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/empty.elf"));

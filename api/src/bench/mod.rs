@@ -1,5 +1,6 @@
 //! `cowvm bench`: reproducible benchmarks that print medians and percentiles and write JSON.
 
+mod call;
 mod load;
 mod plot;
 mod probe;
@@ -86,6 +87,9 @@ pub enum Bench {
     Sharing(SweepArgs),
     /// A CI-like clone → test → stats → destroy loop with 1 and 2 workers.
     CiLoop(SweepArgs),
+    /// One call into a user guest (guest ABI v1): empty-call latency in-process, and calls per
+    /// second in-process and over HTTP with concurrent clients.
+    Call(call::CallArgs),
 }
 
 /// Arguments of the sweeps run on their own.
@@ -169,9 +173,10 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         (Some(Bench::LiveClones(a)), _) => sweep(Sweep::LiveClones, a),
         (Some(Bench::Sharing(a)), _) => sweep(Sweep::Sharing, a),
         (Some(Bench::CiLoop(a)), _) => sweep(Sweep::CiLoop, a),
+        (Some(Bench::Call(a)), _) => call::run(a),
         (None, Some(out)) => suite(out, args.quick),
         (None, None) => Err(BenchError::Setup(
-            "name a benchmark (spawn, probe, load, soak, sizes, live-clones, sharing, ci-loop) or give --out DIR to run them all"
+            "name a benchmark (spawn, probe, load, soak, sizes, live-clones, sharing, ci-loop, call) or give --out DIR to run them all"
                 .into(),
         )),
     }

@@ -2,17 +2,11 @@
    glue crt0 runs. Integer-only, like everything in the guest. */
 #include "cowvm.h"
 
+/* One `rep movsb`: KVM emulates a string instruction's iterations without fetching and decoding
+   each again, which is far cheaper than a loop when every instruction is emulated. */
 void *memcpy(void *dst, const void *src, size_t n) {
-    uint8_t *d = dst;
-    const uint8_t *s = src;
-    while (n >= 8) {
-        uint64_t w;
-        __builtin_memcpy(&w, s, 8); /* inlined as one mov: no call back into memcpy */
-        __builtin_memcpy(d, &w, 8);
-        d += 8, s += 8, n -= 8;
-    }
-    while (n--)
-        *d++ = *s++;
+    void *d = dst;
+    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
     return dst;
 }
 
@@ -27,14 +21,8 @@ void *memmove(void *dst, const void *src, size_t n) {
 }
 
 void *memset(void *dst, int c, size_t n) {
-    uint8_t *d = dst;
-    uint64_t w = (uint8_t)c * 0x0101010101010101ULL;
-    while (n >= 8) {
-        __builtin_memcpy(d, &w, 8);
-        d += 8, n -= 8;
-    }
-    while (n--)
-        *d++ = (uint8_t)c;
+    void *d = dst;
+    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
     return dst;
 }
 
@@ -97,6 +85,7 @@ uint32_t cowvm__call_once(void) {
     uint32_t status = cowvm_main((const uint8_t *)COWVM_MAILBOX_INPUT, in_len,
                                  (uint8_t *)COWVM_MAILBOX_OUTPUT, COWVM_MAILBOX_OUTPUT_SIZE, &out_len);
     box->output_len = out_len;
-    heap_next = heap_after_init;
+    if (heap_next != heap_after_init) /* a store would copy the page in every clone */
+        heap_next = heap_after_init;
     return status;
 }
