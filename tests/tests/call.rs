@@ -200,3 +200,22 @@ fn test_zlib_inflate_in_the_guest_matches_flate2_on_100_inputs() {
     let answer = call_template(&engine, &template, b"\x78\x9cnot deflate", DEADLINE).expect("call");
     assert_ne!(answer.status, 0);
 }
+
+/// An empty call in a clone copies exactly two pages: the mailbox page the VMM writes and the
+/// stack page. (The SDK once reset its heap pointer with an unconditional store, which copied
+/// the heap page in every clone too.)
+#[test]
+fn test_an_empty_call_copies_only_the_mailbox_and_stack_pages() {
+    let engine = engine();
+    let path = write_temp_kernel("empty", cowvm_guest::EMPTY_ELF);
+    let template = template_of(&engine, &path);
+    let mut clone = engine.spawn_idle(&template).expect("clone");
+    let (generation, seed) = (clone.generation(), clone.seed());
+    let answer = call_vm(clone.vm_mut(), b"", generation, seed, DEADLINE).expect("call");
+    assert_eq!((answer.status, answer.output.len()), (0, 0));
+    let pages = cowvm_tests::private_pages(clone.vm().ram());
+    let mailbox = cowvm_vmm::boot::layout::MAILBOX_START.0 / cowvm_vmm::memory::PAGE_SIZE;
+    assert_eq!(pages.len(), 2, "private pages {pages:x?}");
+    assert!(pages.contains(&mailbox), "private pages {pages:x?}");
+    engine.destroy(clone);
+}
