@@ -11,6 +11,8 @@ use cowvm::client::{Answer, Client};
 use cowvm::server::{self, Limits, RunningServer, ServerConfig};
 use serde_json::{json, Value};
 
+mod common;
+
 fn kernel_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cowvm-call-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -83,7 +85,7 @@ fn test_hello_template_answers_calls_over_http() {
 #[test]
 fn test_misbehaving_calls_get_their_error_codes_and_the_server_goes_on() {
     let dir = kernel_dir("errors");
-    let (_server, c) = start(&dir);
+    let (server, c) = start(&dir);
     let (_, tpl) = template(&c, "misbehave.elf");
     let (bystander, _) = template(&c, "misbehave.elf");
     let path = format!("/v1/templates/{tpl}/call");
@@ -117,6 +119,11 @@ fn test_misbehaving_calls_get_their_error_codes_and_the_server_goes_on() {
             (status, Some(code))
         );
     }
+    let plain = common::raw(server.addr, "POST", &path, None, br#"{"input": ""}"#);
+    assert_eq!(
+        (plain.status, plain.body["error"]["code"].as_str()),
+        (415, Some("unsupported_media_type"))
+    );
     let missing = call(&c, "/v1/templates/tpl-999/call", b"", None);
     assert_eq!(missing.status, 404);
 

@@ -129,7 +129,7 @@ pub fn run_to_ready(app: &App, vm: &mut Vm, report: &BootReport) -> Result<(), A
 /// Run one call in a fresh clone of a template (torn down afterwards).
 #[utoipa::path(post, path = "/v1/templates/{id}/call", tag = "templates", params(("id" = String, Path, description = "template id")),
     request_body = CallRequest,
-    responses((status = 200, body = CallResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 200, body = CallResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn call_template(
     State(app): State<Arc<App>>,
     id: Id,
@@ -153,7 +153,7 @@ pub async fn call_template(
 /// Run one call in an existing VM, which keeps its state (a failed call marks it failed).
 #[utoipa::path(post, path = "/v1/vms/{id}/call", tag = "vms", params(("id" = String, Path, description = "VM id")),
     request_body = CallRequest,
-    responses((status = 200, body = CallResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 200, body = CallResult), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn call_vm(
     State(app): State<Arc<App>>,
     id: Id,
