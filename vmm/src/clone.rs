@@ -272,31 +272,18 @@ impl CloneEngine {
 
     fn spawn_one(&self, template: &Arc<Template>) -> Result<Clone, VmError> {
         let started = Instant::now();
-        let (mut vm, pooled) = match self.pools.take(template.id()) {
-            Some(shell) => (shell, true),
-            None => (Vm::restore(&self.kvm, template.memory(), template.state())?, false),
-        };
-        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
-        let first_exit = fresh_seed().and_then(|seed| {
-            vm.set_identity(generation, seed)?;
-            Ok((seed, vm.run(Some(self.config.first_run_deadline))?))
-        });
-        match first_exit {
-            Ok((seed, exit)) if !exit.is_fault() => Ok(Clone {
-                id: self.next_clone.fetch_add(1, Ordering::Relaxed),
-                generation,
-                seed,
-                spawn_us: micros(started),
-                pooled,
-                template: Arc::clone(template),
-                vm,
-            }),
-            Ok((_, exit)) => {
-                self.reaper.drop_later(vm);
+        let mut clone = self.spawn_idle(template)?;
+        match clone.vm.run(Some(self.config.first_run_deadline)) {
+            Ok(exit) if !exit.is_fault() => {
+                clone.spawn_us = micros(started);
+                Ok(clone)
+            }
+            Ok(exit) => {
+                self.reaper.drop_later(clone.vm);
                 Err(VmError::GuestStopped(exit))
             }
             Err(e) => {
-                self.reaper.drop_later(vm);
+                self.reaper.drop_later(clone.vm);
                 Err(e)
             }
         }
