@@ -1,5 +1,7 @@
 //! Assembles `asm/guest.S` with the system assembler and links it with `asm/guest.ld` into a
-//! static x86-64 ELF, `$OUT_DIR/guest.elf`, which `src/lib.rs` embeds.
+//! static x86-64 ELF, `$OUT_DIR/guest.elf`, which `src/lib.rs` embeds; and builds the C SDK's
+//! examples (`sdk/examples/{hello,empty}.c`, guest ABI v1) with `sdk/cowvm-cc` into
+//! `$OUT_DIR/{hello,empty}.elf`, so every build checks the SDK.
 
 use std::env;
 use std::fs;
@@ -66,9 +68,18 @@ fn main() {
         ])
         .arg(&elf)
         .arg(&object));
-    for input in ["asm/guest.S", "asm/guest.ld", "src/protocol.rs", "build.rs"] {
+    for example in ["hello", "empty"] {
+        run(Command::new("sh")
+            .arg("sdk/cowvm-cc")
+            .arg("-o")
+            .arg(out.join(format!("{example}.elf")))
+            .arg(format!("sdk/examples/{example}.c")));
+    }
+    for input in ["asm/guest.S", "asm/guest.ld", "src/protocol.rs", "build.rs", "sdk"] {
         println!("cargo:rerun-if-changed={input}");
     }
     println!("cargo:rerun-if-env-changed=AS");
     println!("cargo:rerun-if-env-changed=LD");
+    println!("cargo:rerun-if-env-changed=COWVM_CC");
+    println!("cargo:rerun-if-env-changed=CC");
 }

@@ -78,7 +78,8 @@ fn read_token(path: &Option<PathBuf>) -> Result<Option<String>, CliError> {
 }
 
 impl Connection {
-    fn client(&self) -> Result<Client, CliError> {
+    /// A client of the server, with the token read from `--token-file`.
+    pub fn client(&self) -> Result<Client, CliError> {
         Ok(Client::new(&self.url, read_token(&self.token_file)?))
     }
 }

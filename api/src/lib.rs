@@ -2,6 +2,7 @@
 //! benchmarks. The VMM itself is the `cowvm-vmm` crate.
 
 pub mod bench;
+pub mod call_cli;
 pub mod cli;
 pub mod client;
 pub mod demo;

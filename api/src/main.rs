@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cowvm::cli::{self, Connection, ProbeTargetsArgs, ServeArgs, TemplateCommand, VmCommand};
-use cowvm::{bench, demo, run};
+use cowvm::{bench, call_cli, demo, run};
 
 /// cowvm clones running KVM guests copy-on-write and shows exactly which memory they share.
 #[derive(Parser)]
@@ -72,6 +72,8 @@ enum Command {
         #[arg(long)]
         template: Option<String>,
     },
+    /// Run one call into a user's guest (guest ABI v1) in a fresh clone of a template.
+    Call(call_cli::CallArgs),
     /// Manage templates on a server.
     Template {
         #[command(flatten)]
@@ -116,6 +118,7 @@ fn main() -> ExitCode {
         Command::Stats { conn, vm, template } => cli::stats(&conn, vm.as_deref(), template.as_deref())
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| e.to_string()),
+        Command::Call(args) => call_cli::call(&args).map_err(|e| e.to_string()),
         Command::Template { conn, command } => cli::template(&conn, &command)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| e.to_string()),

@@ -540,6 +540,8 @@ fn arbitrary_json() -> impl Strategy<Value = Value> {
             Just("pages".to_owned()),
             Just("stride".to_owned()),
             Just("command".to_owned()),
+            Just("input".to_owned()),
+            Just("timeout_ms".to_owned()),
             "[a-z_]{1,8}",
         ];
         prop_oneof![
@@ -553,7 +555,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn prop_arbitrary_json_bodies_never_get_a_5xx(body in arbitrary_json(), endpoint in 0usize..6) {
+    fn prop_arbitrary_json_bodies_never_get_a_5xx(body in arbitrary_json(), endpoint in 0usize..7) {
         let f = prop_fixture();
         let path = match endpoint {
             0 => "/v1/vms".to_owned(),
@@ -561,6 +563,7 @@ proptest! {
             2 => format!("/v1/templates/{}/warm", f.template),
             3 => format!("/v1/vms/{}/probes/write", f.clone),
             4 => format!("/v1/vms/{}/run", f.vm),
+            5 => format!("/v1/templates/{}/call", f.template),
             _ => format!("/v1/vms/{}/clones", f.vm),
         };
         let answer = send_to(f, "POST", &path, JSON, body.to_string().as_bytes());

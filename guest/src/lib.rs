@@ -2,6 +2,7 @@
 //!
 //! The guest is x86-64 assembly (`asm/guest.S`) assembled and linked by `build.rs` with the
 //! system binutils; [`GUEST_ELF`] is the resulting static ELF, loaded by the VMM at 1 MiB.
+//! [`HELLO_ELF`] is the C SDK's example guest (guest ABI v1, docs/guest-abi.md).
 
 #![no_std]
 
@@ -17,3 +18,11 @@ pub mod protocol {
 
 /// The guest kernel as a static x86-64 ELF image.
 pub static GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
+
+/// The C SDK's hello example (`sdk/examples/hello.c`), a guest-ABI-v1 program: it answers every
+/// call with "hello, " and its input.
+pub static HELLO_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
+
+/// The C SDK's empty example (`sdk/examples/empty.c`): every call returns status 0 and no
+/// output; `cowvm bench call` measures the cost of a call with it.
+pub static EMPTY_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/empty.elf"));

@@ -116,3 +116,21 @@ pub fn template_with_data(kvm: &Kvm, memory_mib: u64, data_pages: &[u64]) -> cow
     }
     cowvm_vmm::Template::freeze(kvm, &mut vm).expect("freeze")
 }
+
+/// A guest-ABI-v1 test guest built by `build.rs` with the C SDK: `misbehave.elf` or
+/// `inflate.elf`.
+pub fn abi_guest(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("OUT_DIR")).join(name)
+}
+
+/// Boots the guest-ABI-v1 ELF at `path` with `memory_mib` MiB and runs it to `ready()`.
+pub fn abi_vm(kvm: &Kvm, path: &std::path::Path, memory_mib: u64) -> (Vm, cowvm_vmm::call::ReadyReport) {
+    let config = cowvm_vmm::VmConfig {
+        kernel: cowvm_vmm::Kernel::Elf(path.to_owned()),
+        ..cowvm_vmm::VmConfig::builtin(memory_mib)
+    };
+    let (mut vm, report) = Vm::boot(kvm, &config).expect("boot the ABI guest");
+    let ready = cowvm_vmm::call::run_to_ready(&mut vm, report.first_exit, Duration::from_secs(10))
+        .expect("the ABI guest reaches ready()");
+    (vm, ready)
+}

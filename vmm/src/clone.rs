@@ -375,36 +375,64 @@ impl CloneEngine {
 
     fn spawn_one_from(&self, template: &Arc<Template>, shell: Option<Vm>) -> Result<Clone, VmError> {
         let started = Instant::now();
+        let mut clone = self.spawn_idle_from(template, shell)?;
+        match clone.vm.run(Some(self.config.first_run_deadline)) {
+            Ok(exit) if !exit.is_fault() => {
+                clone.spawn_us = micros(started);
+                Ok(clone)
+            }
+            Ok(exit) => {
+                self.reaper.drop_later(clone.vm);
+                Err(VmError::GuestStopped(exit))
+            }
+            Err(e) => {
+                self.reaper.drop_later(clone.vm);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes a warm shell of `template` (or builds a VM on the spot) and gives it a fresh
+    /// generation id, seed and clock, like [`CloneEngine::spawn`], but does not run it: the
+    /// caller stages the clone's work first (see [`crate::call`]). `spawn_us` covers only this.
+    pub fn spawn_idle(&self, template: &Arc<Template>) -> Result<Clone, VmError> {
+        self.spawn_idle_from(template, None)
+    }
+
+    fn spawn_idle_from(&self, template: &Arc<Template>, shell: Option<Vm>) -> Result<Clone, VmError> {
+        let started = Instant::now();
         let (mut vm, pooled) = match shell.or_else(|| self.pools.take(template.id())) {
             Some(shell) => (shell, true),
             None => (Vm::restore(&self.kvm, template.memory(), template.state())?, false),
         };
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
-        let first_exit = fresh_seed().and_then(|seed| {
+        let staged = fresh_seed().and_then(|seed| {
             // The clock starts when the clone is taken, not when its shell was built.
             vm.start_clocks(template.state())?;
             vm.set_identity(generation, seed)?;
-            Ok((seed, vm.run(Some(self.config.first_run_deadline))?))
+            Ok(seed)
         });
-        match first_exit {
-            Ok((seed, exit)) if !exit.is_fault() => Ok(Clone {
-                id: self.next_clone.fetch_add(1, Ordering::Relaxed),
-                generation,
-                seed,
-                spawn_us: micros(started),
-                pooled,
-                template: Arc::clone(template),
-                vm,
-            }),
-            Ok((_, exit)) => {
-                self.reaper.drop_later(vm);
-                Err(VmError::GuestStopped(exit))
-            }
+        let seed = match staged {
+            Ok(seed) => seed,
             Err(e) => {
                 self.reaper.drop_later(vm);
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        Ok(Clone {
+            id: self.next_clone.fetch_add(1, Ordering::Relaxed),
+            generation,
+            seed,
+            spawn_us: micros(started),
+            pooled,
+            template: Arc::clone(template),
+            vm,
+        })
+    }
+
+    /// Keeps the shell builder idle until the guard drops (a request is being served).
+    pub(crate) fn busy(&self) -> crate::pool::BusyGuard<'_> {
+        self.pools.busy()
     }
 
     /// Returns `clone` to its template's state in place: drops its private pages, restores the

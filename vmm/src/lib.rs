@@ -7,17 +7,20 @@
 //! registers; [`loader`] loads the guest ELF; [`vcpu`] runs a vCPU and captures its state; [`vm`]
 //! ties them into a bootable, freezable, restorable VM; [`command`] speaks the guest's register
 //! protocol; [`pagemap`] reads what the host kernel maps behind guest RAM; [`template`] freezes
-//! VMs into templates and [`clone`] makes, resets and destroys their clones.
+//! VMs into templates and [`clone`] makes, resets and destroys their clones; [`hypercall`] and
+//! [`call`] run a user's guest under guest ABI v1.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod boot;
+pub mod call;
 pub mod clone;
 pub mod command;
 pub mod exit;
 mod fixed_map;
 pub mod host;
+pub mod hypercall;
 pub mod kpage;
 pub mod kvm;
 pub mod kvm_stats;

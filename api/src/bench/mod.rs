@@ -1,6 +1,7 @@
 //! `cowvm bench`: reproducible benchmarks that print medians and percentiles and write JSON.
 
 mod cells;
+mod call;
 mod load;
 mod plot;
 mod probe;
@@ -96,6 +97,9 @@ pub enum Bench {
     /// Guest write cost at 1 and 1000 live clones in-process vs placed over cells, memory per
     /// clone with the cells' own, and the write cost against VMs per cell.
     Cells(cells::CellsArgs),
+    /// One call into a user guest (guest ABI v1): empty-call latency in-process, and calls per
+    /// second in-process and over HTTP with concurrent clients.
+    Call(call::CallArgs),
 }
 
 /// Arguments of the sweeps run on their own.
@@ -180,9 +184,10 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         (Some(Bench::Sharing(a)), _) => sweep(Sweep::Sharing, a),
         (Some(Bench::CiLoop(a)), _) => sweep(Sweep::CiLoop, a),
         (Some(Bench::Cells(a)), _) => cells::run(a),
+        (Some(Bench::Call(a)), _) => call::run(a),
         (None, Some(out)) => suite(out, args.quick),
         (None, None) => Err(BenchError::Setup(
-            "name a benchmark (spawn, probe, load, soak, sizes, live-clones, sharing, ci-loop) or give --out DIR to run them all"
+            "name a benchmark (spawn, probe, load, soak, sizes, live-clones, sharing, ci-loop, call) or give --out DIR to run them all"
                 .into(),
         )),
     }

@@ -2,6 +2,7 @@
 //! tokio's blocking pool, never on the async workers.
 
 mod app;
+mod call;
 mod error;
 mod listen;
 pub mod model;

@@ -18,7 +18,7 @@ use super::app::App;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
 use super::model::*;
 use super::spec::{self, SpecOptions};
-use super::{templates, vms};
+use super::{call, templates, vms};
 
 /// The OpenAPI document, generated from the handlers and their types.
 #[derive(OpenApi)]
@@ -44,6 +44,8 @@ use super::{templates, vms};
         templates::template_stats,
         templates::delete_template,
         templates::warm_template,
+        call::call_template,
+        call::call_vm,
         openapi,
         metrics,
         healthz
@@ -66,6 +68,8 @@ use super::{templates, vms};
         Health,
         WarmRequest,
         WarmStatus,
+        call::CallRequest,
+        call::CallResult,
         ErrorBody,
         ErrorDetail
     ))
@@ -271,6 +275,8 @@ pub fn router(app: Arc<App>, token: Option<String>) -> Router {
         .route("/v1/vms/{id}/probes/write", post(vms::probe_write))
         .route("/v1/vms/{id}/stats", get(vms::vm_stats))
         .route("/v1/vms/{id}/run", post(vms::run_command))
+        .route("/v1/vms/{id}/call", post(call::call_vm))
+        .route("/v1/templates/{id}/call", post(call::call_template))
         .route("/v1/templates", get(templates::list_templates))
         .route(
             "/v1/templates/{id}",

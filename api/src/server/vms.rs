@@ -117,6 +117,10 @@ pub async fn create_vm(
                 format!("the guest failed at boot: {}", report.first_exit),
             ));
         }
+        if let Err(e) = super::call::run_to_ready(&service, &mut vm, &report) {
+            service.engine.destroy_vm(vm);
+            return Err(e);
+        }
         if req.warmup_mib > 0 {
             let pages = (req.warmup_mib << 20) / 4096;
             let write = GuestCommand::Write {

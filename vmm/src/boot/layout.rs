@@ -33,6 +33,21 @@ pub const MAX_PAGE_DIRECTORIES: u64 = 64;
 /// Where guest kernels are loaded; ELF segments below it are refused.
 pub const KERNEL_START: GuestAddress = GuestAddress(0x10_0000);
 
+/// Guest ABI v1 mailbox (docs/guest-abi.md): a header, then the input buffer, in one 256 KiB
+/// range; the output buffer in the next. The VMM writes the header and input before each call,
+/// the guest writes the output and the header's `output_len`.
+pub const MAILBOX_START: GuestAddress = GuestAddress(0x8_0000);
+/// Size of the mailbox header (see [`crate::hypercall::header`]).
+pub const MAILBOX_HEADER_SIZE: u64 = 0x40;
+/// The call's input, right after the header.
+pub const MAILBOX_INPUT: GuestAddress = GuestAddress(MAILBOX_START.0 + MAILBOX_HEADER_SIZE);
+/// Largest input a call may pass.
+pub const MAILBOX_INPUT_SIZE: u64 = 0x4_0000 - MAILBOX_HEADER_SIZE;
+/// The call's output.
+pub const MAILBOX_OUTPUT: GuestAddress = GuestAddress(0xc_0000);
+/// Largest output a call may return.
+pub const MAILBOX_OUTPUT_SIZE: u64 = 0x4_0000;
+
 /// The xAPIC MMIO page. KVM's instruction emulator treats every access to this page as MMIO,
 /// whatever memslot covers it (`vcpu_is_mmio_gpa` in arch/x86/kvm/x86.c), and on hosts without
 /// hardware virtualisation every guest instruction is emulated: in guests larger than 4078 MiB
@@ -59,5 +74,7 @@ const _: () = {
     assert!(TSS_START.0 + TSS_SIZE <= STACK_TOP.0 - 4096);
     assert!(STACK_TOP.0 < PML4_START.0);
     assert!(PML4_START.0 + 4096 <= PDPT_START.0 && PDPT_START.0 + 4096 <= PD_START.0);
-    assert!(PD_START.0 + MAX_PAGE_DIRECTORIES * 4096 <= KERNEL_START.0);
+    assert!(PD_START.0 + MAX_PAGE_DIRECTORIES * 4096 <= MAILBOX_START.0);
+    assert!(MAILBOX_INPUT.0 + MAILBOX_INPUT_SIZE <= MAILBOX_OUTPUT.0);
+    assert!(MAILBOX_OUTPUT.0 + MAILBOX_OUTPUT_SIZE <= KERNEL_START.0);
 };

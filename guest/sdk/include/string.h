@@ -1,0 +1,10 @@
+/* cowvm SDK: the string functions guest/sdk/src/libc.c provides. */
+#ifndef COWVM_STRING_H
+#define COWVM_STRING_H
+#include <stddef.h>
+void *memcpy(void *dst, const void *src, size_t n);
+void *memmove(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+#endif
