@@ -1,7 +1,7 @@
 //! `cowvm bench`: reproducible benchmarks that print medians and percentiles and write JSON.
 
-mod cells;
 mod call;
+mod cells;
 mod load;
 mod plot;
 mod probe;

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use whole::{whole_u32, whole_u64, whole_u64_list};
 pub use super::call::{CallRequest, CallResult};
+use whole::{whole_u32, whole_u64, whole_u64_list};
 
 /// `POST /v1/vms`.
 #[derive(Debug, Deserialize, ToSchema)]
