@@ -24,6 +24,8 @@ pub const SYSCALLS: &[i64] = &[
     libc::SYS_brk,
     // Template memfds arriving: seals (fcntl F_GET_SEALS) and size (statx).
     libc::SYS_fcntl,
+    // SEEK_DATA/SEEK_HOLE: a template memfd's data runs, found when it is received.
+    libc::SYS_lseek,
     libc::SYS_statx,
     libc::SYS_close,
     // Error messages on stderr.

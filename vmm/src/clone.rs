@@ -120,6 +120,9 @@ pub struct CloneFailure {
     pub index: usize,
     /// Why.
     pub reason: String,
+    /// The template's guest stopped (faulted, halted, or ran past the deadline) on the clone's
+    /// first run: a fault of the template, which a retry would meet again.
+    pub guest_stopped: bool,
 }
 
 /// The result of a clone call: every clone that exists, and why the others do not.
@@ -301,6 +304,7 @@ impl CloneEngine {
                 Ok(clone) => clones.push(clone),
                 Err(e) => {
                     let reason = e.to_string();
+                    let guest_stopped = matches!(e, VmError::GuestStopped(_));
                     failed.extend((index..count).map(|i| CloneFailure {
                         index: i,
                         reason: if i == index {
@@ -308,6 +312,7 @@ impl CloneEngine {
                         } else {
                             format!("not attempted after clone {index} failed: {reason}")
                         },
+                        guest_stopped,
                     }));
                     break;
                 }
@@ -342,14 +347,15 @@ impl CloneEngine {
         let mut failed = Vec::new();
         for index in 0..count {
             let made = if stop() {
-                Err("not attempted: the request was abandoned".to_owned())
+                Err(("not attempted: the request was abandoned".to_owned(), false))
             } else {
                 let shell = reservation.take_shell();
-                self.spawn_one_from(template, shell).map_err(|e| e.to_string())
+                self.spawn_one_from(template, shell)
+                    .map_err(|e| (e.to_string(), matches!(e, VmError::GuestStopped(_))))
             };
             match made {
                 Ok(clone) => clones.push(clone),
-                Err(reason) => {
+                Err((reason, guest_stopped)) => {
                     failed.extend((index..count).map(|i| CloneFailure {
                         index: i,
                         reason: if i == index {
@@ -357,6 +363,7 @@ impl CloneEngine {
                         } else {
                             format!("not attempted after clone {index} failed: {reason}")
                         },
+                        guest_stopped,
                     }));
                     break;
                 }

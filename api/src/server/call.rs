@@ -25,15 +25,31 @@ use super::templates::fd_budget;
 type Body<T> = Result<Json<T>, JsonRejection>;
 type Id = Result<Path<String>, PathRejection>;
 
+/// An optional whole number (`16.0` is 16, as JSON Schema's `integer` says).
+fn whole_opt_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(f))
+                .map(|f| f as u64)
+        })
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("timeout_ms: {n} is not a whole number of milliseconds")))
+}
+
 /// `POST /v1/templates/{id}/call` and `POST /v1/vms/{id}/call`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallRequest {
     /// The call's input, base64 (standard alphabet, padded); at most 262080 bytes once decoded.
+    #[schema(format = Byte)]
     pub input: String,
     /// How long the guest may run before the call fails with `deadline_exceeded` (1 up to the
     /// server's request timeout; default: the server's guest deadline).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_opt_u64")]
     pub timeout_ms: Option<u64>,
 }
 

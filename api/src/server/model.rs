@@ -438,7 +438,7 @@ impl TemplateStats {
 
 /// Request integers: JSON has one number type, so `16.0` is the whole number 16 (as JSON Schema's
 /// `integer` says); fractions, negatives and values past the type's range are refused.
-mod whole {
+pub(super) mod whole {
     use serde::de::{Deserializer, Error, Unexpected, Visitor};
     use serde::Deserialize;
 

@@ -33,6 +33,7 @@ pub fn document(options: &SpecOptions) -> Value {
     if let Some(schemas) = doc.pointer_mut("/components/schemas").and_then(Value::as_object_mut) {
         for schema in schemas.values_mut() {
             declare_unsigned(schema);
+            string_map_keys(schema);
         }
         bound_requests(schemas, options);
     }
@@ -82,7 +83,10 @@ fn add_statuses(path: &str, method: &str, operation: &mut Value, token: bool) {
     }
     statuses.extend(match (method, path) {
         ("post", "/v1/vms") => &[429, 503][..],
-        ("post", "/v1/vms/{id}/clones") | ("post", "/v1/templates/{id}/clones") => &[409, 429, 503][..],
+        ("post", "/v1/vms/{id}/clones")
+        | ("post", "/v1/templates/{id}/clones")
+        | ("post", "/v1/templates/{id}/call") => &[409, 429, 503][..],
+        ("post", "/v1/vms/{id}/call") => &[409, 503][..],
         ("post", "/v1/vms/{id}/snapshot")
         | ("post", "/v1/vms/{id}/reset")
         | ("post", "/v1/vms/{id}/probes/write")
@@ -147,6 +151,23 @@ fn declare_unsigned(schema: &mut Value) {
             }
         }
         Value::Array(items) => items.iter_mut().for_each(declare_unsigned),
+        _ => {}
+    }
+}
+
+/// JSON object keys are strings: a map keyed by numbers (`histogram`) gets `propertyNames` of
+/// decimal digits, not utoipa's `integer`.
+fn string_map_keys(schema: &mut Value) {
+    match schema {
+        Value::Object(object) => {
+            if let Some(names) = object.get_mut("propertyNames") {
+                if is_integer(names.get("type")) {
+                    *names = json!({ "type": "string", "pattern": "^(0|[1-9][0-9]*)$" });
+                }
+            }
+            object.values_mut().for_each(string_map_keys);
+        }
+        Value::Array(items) => items.iter_mut().for_each(string_map_keys),
         _ => {}
     }
 }

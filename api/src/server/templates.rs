@@ -87,12 +87,17 @@ pub fn register_clones(
         .clone_failures
         .fetch_add(batch.failed.len() as u64, Ordering::Relaxed);
     if batch.clones.is_empty() {
-        let reason = batch
-            .failed
-            .first()
-            .map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
+        let first = batch.failed.first();
+        let reason = first.map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
+        // A template whose guest stops on a clone's first run is the template's fault (422);
+        // anything else is the host's (503).
+        let status = if first.is_some_and(|f| f.guest_stopped) {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+            status,
             "clones_failed",
             format!("no clone could be made: {reason}"),
         ));
