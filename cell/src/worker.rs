@@ -191,6 +191,9 @@ impl Worker {
             ..Default::default()
         };
         let engine = CloneEngine::new(Arc::new(kvm), config).map_err(vmm_error)?;
+        // The cell holds at most `max_vms` VMs (two fds each), far below its fd limit, and under
+        // seccomp it cannot list /proc/self/fd: no fd check in its shell builder.
+        engine.set_limits(init.max_vms as usize, cowvm_vmm::pool::default_mapping_budget(), 0);
         if init.sandbox.seccomp {
             // The engine and its shell builder each open /proc/self/pagemap; the builder does it
             // on its own thread, which must happen before `open` is forbidden.

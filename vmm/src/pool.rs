@@ -513,9 +513,11 @@ impl Pools {
         self.lock().pools.drain().flat_map(|(_, p)| p.shells).collect()
     }
 
-    /// Whether the builder may open another VM's fds and keep `fd_reserve` free.
+    /// Whether the builder may open another VM's fds and keep `fd_reserve` free. A reserve of 0
+    /// turns the check off (a sandboxed cell, bounded by its VM limit, cannot read
+    /// `/proc/self/fd`).
     fn fds_allow_a_shell(fd_reserve: u64) -> bool {
-        crate::host::fd_headroom().is_ok_and(|free| free >= fd_reserve + 2)
+        fd_reserve == 0 || crate::host::fd_headroom().is_ok_and(|free| free >= fd_reserve + 2)
     }
 
     /// The next template that wants a shell (and the pool instance it is for), once no request is
