@@ -14,6 +14,7 @@ use crate::memory::MemoryError;
 use crate::pagemap::PageMap;
 use crate::pool::Pools;
 use crate::reaper::Reaper;
+use crate::slots::SlotPolicy;
 use crate::template::Template;
 use crate::vm::{ResetSteps, Vm, VmError};
 
@@ -27,6 +28,9 @@ pub struct EngineConfig {
     pub first_run_deadline: Duration,
     /// Most clones one call may ask for.
     pub max_clones_per_call: usize,
+    /// How clones and warm shells register their RAM with KVM (lazy by default; eager for
+    /// comparison, see [`crate::slots`]).
+    pub slot_policy: SlotPolicy,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +38,7 @@ impl Default for EngineConfig {
         EngineConfig {
             first_run_deadline: Duration::from_secs(5),
             max_clones_per_call: 10_000,
+            slot_policy: SlotPolicy::default(),
         }
     }
 }
@@ -172,12 +177,13 @@ impl CloneEngine {
         let pagemap = PageMap::open().map_err(|e| CloneError::Vm(MemoryError::PageMap(e).into()))?;
         let reaper = Arc::new(Reaper::start().map_err(CloneError::Thread)?);
         let pools = Arc::new(Pools::new());
+        let slot_policy = config.slot_policy;
         let builder = {
             let (kvm, pools, reaper) = (Arc::clone(&kvm), Arc::clone(&pools), Arc::clone(&reaper));
             std::thread::Builder::new()
                 .name("cowvm-shell-builder".into())
                 .spawn(move || match PageMap::open() {
-                    Ok(pagemap) => pools.build_forever(&kvm, &reaper, &pagemap),
+                    Ok(pagemap) => pools.build_forever(&kvm, &reaper, &pagemap, slot_policy),
                     Err(e) => eprintln!("cowvm: shell builder cannot open /proc/self/pagemap: {e}"),
                 })
                 .map_err(CloneError::Thread)?
@@ -274,7 +280,10 @@ impl CloneEngine {
         let started = Instant::now();
         let (mut vm, pooled) = match self.pools.take(template.id()) {
             Some(shell) => (shell, true),
-            None => (Vm::restore(&self.kvm, template.memory(), template.state())?, false),
+            None => (
+                Vm::restore_with(&self.kvm, template.memory(), template.state(), self.config.slot_policy)?,
+                false,
+            ),
         };
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         let first_exit = fresh_seed().and_then(|seed| {

@@ -29,6 +29,7 @@ pub mod persist;
 mod pool;
 pub mod probe;
 mod reaper;
+pub mod slots;
 pub mod stats;
 pub mod template;
 pub mod translate;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use crate::kvm::Kvm;
 use crate::pagemap::PageMap;
 use crate::reaper::Reaper;
+use crate::slots::SlotPolicy;
 use crate::template::Template;
 use crate::vm::Vm;
 
@@ -169,9 +170,9 @@ impl Pools {
     /// The builder thread's body: builds shells until [`Pools::shut_down`]. Each shell is
     /// restored from the template and has rehearsed its first run (see
     /// [`Vm::rehearse_first_run`]).
-    pub(crate) fn build_forever(&self, kvm: &Kvm, reaper: &Reaper, pagemap: &PageMap) {
+    pub(crate) fn build_forever(&self, kvm: &Kvm, reaper: &Reaper, pagemap: &PageMap, slots: SlotPolicy) {
         while let Some(template) = self.next_job() {
-            let built = Vm::restore(kvm, template.memory(), template.state()).and_then(|mut vm| {
+            let built = Vm::restore_with(kvm, template.memory(), template.state(), slots).and_then(|mut vm| {
                 vm.rehearse_first_run(template.state(), pagemap)?;
                 Ok(vm)
             });
