@@ -25,6 +25,7 @@ use std::ops::Range;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, VmFd};
 use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::boot::layout::APIC_PAGE;
 use crate::memory::PAGE_SIZE;
@@ -35,6 +36,13 @@ pub const DEFAULT_CHUNK: u64 = 2 << 20;
 
 /// Fewest memory slots KVM must offer for lazy slots to be worth it.
 pub const MIN_LAZY_SLOTS: u64 = 64;
+
+/// A chunk of which at least 1/`DENSE_FRACTION` holds template data gets a slot at start (the
+/// guest will most likely touch it); sparser chunks wait for the guest's first access.
+pub const DENSE_FRACTION: u64 = 8;
+
+/// Most page-table pages [`page_table_pages`] collects (a bound against looping tables).
+const MAX_TABLE_PAGES: usize = 1 << 16;
 
 /// How a VM's RAM is registered with KVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -98,8 +106,11 @@ pub struct SlotMap {
 
 impl SlotMap {
     /// Registers the slots of a VM whose RAM of `ram_size` bytes is mapped at `host_base`. With
-    /// [`SlotPolicy::Lazy`] only the chunks overlapping `populated` (guest physical ranges) get
-    /// slots; with [`SlotPolicy::Eager`], or if the host has too few slots, all of RAM does.
+    /// [`SlotPolicy::Lazy`] the chunks overlapping `needed` (guest physical ranges the vCPU
+    /// must reach without an exit: code, page tables, descriptor tables, stack) get slots, and so
+    /// do the chunks that `data` (the template's populated runs) fills densely (see
+    /// [`DENSE_FRACTION`]); with [`SlotPolicy::Eager`], or if the host has too few slots, all of
+    /// RAM does.
     ///
     /// # Safety
     /// `host_base..host_base + ram_size` must be a mapping that outlives `vm_fd`'s slots (the VM
@@ -109,7 +120,8 @@ impl SlotMap {
         host_base: u64,
         ram_size: u64,
         policy: SlotPolicy,
-        populated: &[Range<u64>],
+        needed: &[Range<u64>],
+        data: &[Range<u64>],
     ) -> Result<Self, SlotError> {
         let max_slots = u64::try_from(vm_fd.check_extension_int(Cap::NrMemslots)).unwrap_or(0);
         let (policy, fallback, chunk) = match policy {
@@ -136,7 +148,13 @@ impl SlotMap {
         };
         let wanted: Vec<u64> = match policy {
             SlotPolicy::Eager => (0..chunks).collect(),
-            SlotPolicy::Lazy => map.chunks_of(populated),
+            SlotPolicy::Lazy => {
+                let mut wanted = map.chunks_of(needed);
+                wanted.extend(map.dense_chunks(data));
+                wanted.sort_unstable();
+                wanted.dedup();
+                wanted
+            }
         };
         for run in runs_of(&wanted) {
             // SAFETY: forwarded from the caller.
@@ -206,6 +224,26 @@ impl SlotMap {
         chunks
     }
 
+    /// The chunks that at least 1/[`DENSE_FRACTION`] of `data` fills.
+    fn dense_chunks(&self, data: &[Range<u64>]) -> Vec<u64> {
+        let mut filled: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+        for run in data {
+            let (mut at, end) = (run.start, run.end.min(self.ram_size));
+            while at < end {
+                let chunk = at / self.chunk;
+                let upto = ((chunk + 1) * self.chunk).min(end);
+                *filled.entry(chunk).or_default() += upto - at;
+                at = upto;
+            }
+        }
+        let threshold = (self.chunk / DENSE_FRACTION).max(1);
+        filled
+            .into_iter()
+            .filter(|&(_, bytes)| bytes >= threshold)
+            .map(|(chunk, _)| chunk)
+            .collect()
+    }
+
     fn is_present(&self, chunk: u64) -> bool {
         self.present
             .get((chunk / 64) as usize)
@@ -250,6 +288,41 @@ impl SlotMap {
     }
 }
 
+/// The guest physical addresses of every page-table page reachable from `cr3` (4-level long-mode
+/// paging; leaves are not tables and are not listed). A guest's page-table walk must never land
+/// in a chunk without a slot, so lazy slots start with these.
+pub fn page_table_pages(mem: &GuestMemoryMmap, cr3: u64) -> Vec<u64> {
+    const PRESENT: u64 = 1;
+    const LEAF: u64 = 1 << 7;
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let mut tables = vec![cr3 & ADDR];
+    let mut level_start = 0;
+    for level in (2..=4u8).rev() {
+        let level_end = tables.len();
+        for i in level_start..level_end {
+            let table = tables[i];
+
+            let mut bytes = [0u8; 4096];
+            if mem.read_slice(&mut bytes, GuestAddress(table)).is_err() {
+                continue;
+            }
+            let entries = bytes
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+            for entry in entries {
+                let is_leaf = level < 4 && entry & LEAF != 0;
+                if entry & PRESENT != 0 && !is_leaf && tables.len() < MAX_TABLE_PAGES {
+                    tables.push(entry & ADDR);
+                }
+            }
+        }
+        level_start = level_end;
+    }
+    tables.sort_unstable();
+    tables.dedup();
+    tables
+}
+
 /// The chunk size for `ram_size` bytes of RAM when KVM offers `max_slots` slots: the default,
 /// doubled until every chunk could have a slot of its own with room to spare.
 fn chunk_size(ram_size: u64, max_slots: u64) -> u64 {
@@ -281,6 +354,35 @@ mod tests {
     fn test_consecutive_chunks_merge_into_one_run() {
         assert_eq!(runs_of(&[0, 1, 2, 5, 7, 8]), vec![0..3, 5..6, 7..9]);
         assert!(runs_of(&[]).is_empty());
+    }
+
+    #[test]
+    fn test_only_chunks_that_data_fills_to_an_eighth_count_as_dense() {
+        let map = SlotMap {
+            policy: SlotPolicy::Lazy,
+            fallback: None,
+            ram_size: 64 << 20,
+            host_base: 0,
+            chunk: DEFAULT_CHUNK,
+            present: vec![0],
+            next_slot: 0,
+            max_slots: 100,
+            slotted_bytes: 0,
+            lazy_fills: 0,
+        };
+        let eighth = DEFAULT_CHUNK / DENSE_FRACTION;
+        let data = [
+            // One page per MiB: sparse everywhere.
+            (4 << 20)..(4 << 20) + 4096,
+            (5 << 20)..(5 << 20) + 4096,
+            // Exactly an eighth of chunk 5, in two runs.
+            (10 << 20)..(10 << 20) + eighth / 2,
+            (11 << 20)..(11 << 20) + eighth / 2,
+            // Crosses from chunk 7 into chunk 8 (each gets an eighth minus a page).
+            (16 << 20) - eighth + 4096..(16 << 20) + eighth - 4096,
+        ];
+        assert_eq!(map.dense_chunks(&data), vec![5]);
+        assert_eq!(map.chunks_of(&[0..1, (2 << 20) - 1..(2 << 20) + 1]), vec![0, 1]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A VM: KVM VM fd, one vCPU and its RAM. Boots the guest in long mode, runs guest commands,
 //! captures its state and restores it into a fresh VM on a private view of frozen RAM.
 
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -212,14 +213,15 @@ struct Slotted<F, R> {
 }
 
 impl Slotted<VmFd, GuestRam> {
-    /// Registers `ram` in `vm_fd` as memory slots by `policy` (lazy: only the chunks overlapping
-    /// `populated`). If registration fails part way, the slots made so far go with the VM fd,
-    /// which is dropped before `ram` on that path too (see the drop order of the locals below).
+    /// Registers `ram` in `vm_fd` as memory slots by `policy` (see [`SlotMap::register`] for
+    /// `needed` and `data`). If registration fails part way, the slots made so far go with the
+    /// VM fd, which is dropped before `ram` on that path too.
     fn register(
         vm_fd: VmFd,
         ram: GuestRam,
         policy: SlotPolicy,
-        populated: &[std::ops::Range<u64>],
+        needed: &[Range<u64>],
+        data: &[Range<u64>],
     ) -> Result<(Self, SlotMap), VmError> {
         let slotted = Slotted { vm_fd, ram };
         // SAFETY: the slots point into `slotted.ram`'s live mapping, which outlives the VM fd:
@@ -231,7 +233,8 @@ impl Slotted<VmFd, GuestRam> {
                 slotted.ram.host_address(),
                 slotted.ram.size(),
                 policy,
-                populated,
+                needed,
+                data,
             )
         }?;
         Ok((slotted, slots))
@@ -266,7 +269,7 @@ impl Vm {
         // A booted VM owns RAM that starts empty and is written by the VMM and the guest at will:
         // it gets one eager slot (lazy slots are for clones and warm shells, where RAM size is
         // multiplied by the number of VMs).
-        let (slotted, slots) = Slotted::register(vm_fd, ram, SlotPolicy::Eager, &[])?;
+        let (slotted, slots) = Slotted::register(vm_fd, ram, SlotPolicy::Eager, &[], &[])?;
         let memslot_us = micros(step);
 
         let step = Instant::now();
@@ -328,8 +331,9 @@ impl Vm {
     }
 
     /// Like [`Vm::restore`], with the memory slots registered by `policy`. Lazy slots start with
-    /// the chunks that hold the template's data (its populated runs, which include the page
-    /// tables, descriptor tables, kernel and stack) and everything below `protected_end`.
+    /// the chunks the vCPU must reach without an exit (everything below `protected_end`, every
+    /// page table reachable from CR3, the pages at rip and rsp, the GDT, IDT and TSS) and the
+    /// chunks the template's populated runs fill densely.
     pub fn restore_with(
         kvm: &Kvm,
         template: &TemplateMemory,
@@ -342,13 +346,13 @@ impl Vm {
                 memory: template.size(),
             });
         }
-        let populated = match policy {
-            SlotPolicy::Eager => Vec::new(),
-            SlotPolicy::Lazy => populated_runs(template, state)?,
-        };
         let vm_fd = kvm.create_vm()?;
         let ram = GuestRam::new_private(template)?;
-        let (slotted, slots) = Slotted::register(vm_fd, ram, policy, &populated)?;
+        let (needed, data) = match policy {
+            SlotPolicy::Eager => (Vec::new(), Vec::new()),
+            SlotPolicy::Lazy => (needed_at_start(&ram, state), data_runs(template)?),
+        };
+        let (slotted, slots) = Slotted::register(vm_fd, ram, policy, &needed, &data)?;
         let mut vcpu = Vcpu::new(kvm, &slotted.vm_fd, 0)?;
         if let Some(vcpu_state) = state.vcpus.first() {
             vcpu.restore(vcpu_state)?;
@@ -696,17 +700,44 @@ fn set_clock(vm_fd: &VmFd, state: &VmState) -> Result<(), VmError> {
     vm_fd.set_clock(&clock).map_err(vm_ioctl("KVM_SET_CLOCK"))
 }
 
-/// What lazy slots start with for a clone of `template`: the template's populated runs (every
-/// layer) and all low memory up to the end of the kernel image.
-fn populated_runs(template: &TemplateMemory, state: &VmState) -> Result<Vec<std::ops::Range<u64>>, VmError> {
-    let mut runs: Vec<_> = template
+/// The template's populated runs, over all layers.
+fn data_runs(template: &TemplateMemory) -> Result<Vec<Range<u64>>, VmError> {
+    Ok(template
         .data_sources()
         .map_err(VmError::PopulatedRuns)?
         .into_iter()
         .map(|(run, _)| run)
-        .collect();
-    runs.push(0..state.protected_end.max(KERNEL_START.0));
-    Ok(runs)
+        .collect())
+}
+
+/// What the vCPU of a VM restored from `state` must reach without an exit: instruction fetches,
+/// page-table walks, descriptor-table reads and exception frames do not go through the VMM's
+/// completion of MMIO exits. All low memory up to the end of the kernel image, every page table
+/// reachable from CR3, and the pages at rip, rsp, the GDT, the IDT and the TSS.
+fn needed_at_start(ram: &GuestRam, state: &VmState) -> Vec<Range<u64>> {
+    let mem = ram.guest_memory();
+    let mut needed = vec![0..state.protected_end.max(KERNEL_START.0)];
+    for vcpu in &state.vcpus {
+        let sregs = &vcpu.sregs;
+        let pages = crate::slots::page_table_pages(mem, sregs.cr3);
+        needed.extend(pages.into_iter().map(|page| page..page + PAGE_SIZE));
+        let regions = [
+            (vcpu.regs.rip, PAGE_SIZE),
+            (vcpu.regs.rsp.saturating_sub(PAGE_SIZE), 2 * PAGE_SIZE),
+            (sregs.gdt.base, u64::from(sregs.gdt.limit) + 1),
+            (sregs.idt.base, u64::from(sregs.idt.limit) + 1),
+            (sregs.tr.base, u64::from(sregs.tr.limit) + 1),
+        ];
+        for (gva, len) in regions {
+            for at in [gva, gva.saturating_add(len.saturating_sub(1))] {
+                if let Ok(t) = translate::walk(mem, sregs.cr0, sregs.cr3, sregs.efer, at) {
+                    let page = t.gpa & !(PAGE_SIZE - 1);
+                    needed.push(page..page + PAGE_SIZE);
+                }
+            }
+        }
+    }
+    needed
 }
 
 fn protected_end(kernel: &LoadedKernel) -> u64 {
