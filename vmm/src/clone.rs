@@ -28,8 +28,8 @@ pub struct EngineConfig {
     pub first_run_deadline: Duration,
     /// Most clones one call may ask for.
     pub max_clones_per_call: usize,
-    /// How clones and warm shells register their RAM with KVM (lazy by default; eager for
-    /// comparison, see [`crate::slots`]).
+    /// How clones and warm shells register their RAM with KVM (by default lazy where KVM
+    /// allocates reverse maps up front, see [`SlotPolicy::for_host`]; eager for comparison).
     pub slot_policy: SlotPolicy,
 }
 
@@ -38,7 +38,7 @@ impl Default for EngineConfig {
         EngineConfig {
             first_run_deadline: Duration::from_secs(5),
             max_clones_per_call: 10_000,
-            slot_policy: SlotPolicy::default(),
+            slot_policy: SlotPolicy::for_host(),
         }
     }
 }

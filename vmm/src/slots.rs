@@ -55,6 +55,34 @@ pub enum SlotPolicy {
     Eager,
 }
 
+impl SlotPolicy {
+    /// The policy for this host: lazy where KVM allocates a memory slot's reverse map when the
+    /// slot is registered (shadow paging, as on kvm_pvm, or the legacy MMU), eager where it
+    /// does not. With the TDP MMU on hardware two-dimensional paging (`kvm.tdp_mmu=Y` and
+    /// `kvm_intel.ept=Y` or `kvm_amd.npt=1`), KVM allocates rmaps only once a shadow root is
+    /// needed (`kvm_memslots_have_rmaps`), so a slot costs little up front and lazy slots would
+    /// only add first-touch exits.
+    pub fn for_host() -> Self {
+        if rmaps_allocated_lazily_by_kvm() {
+            SlotPolicy::Eager
+        } else {
+            SlotPolicy::Lazy
+        }
+    }
+}
+
+/// Whether this host's KVM defers reverse-map allocation (TDP MMU on EPT or NPT), from the module
+/// parameters in sysfs. Missing files mean no: kvm_pvm has neither EPT nor NPT.
+pub fn rmaps_allocated_lazily_by_kvm() -> bool {
+    let param = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|v| matches!(v.trim(), "Y" | "y" | "1"))
+            .unwrap_or(false)
+    };
+    param("/sys/module/kvm/parameters/tdp_mmu")
+        && (param("/sys/module/kvm_intel/parameters/ept") || param("/sys/module/kvm_amd/parameters/npt"))
+}
+
 /// Errors from registering slots.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {

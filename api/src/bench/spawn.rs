@@ -35,7 +35,8 @@ pub struct SpawnArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Register all of each clone's RAM as one memory slot up front (the old behaviour), instead
-    /// of lazy slots, for comparison.
+    /// of the host's default (lazy slots where KVM allocates reverse maps up front), for
+    /// comparison.
     #[arg(long)]
     pub eager_slots: bool,
 }
@@ -227,7 +228,7 @@ fn slot_policy(eager: bool) -> SlotPolicy {
     if eager {
         SlotPolicy::Eager
     } else {
-        SlotPolicy::Lazy
+        SlotPolicy::for_host()
     }
 }
 
