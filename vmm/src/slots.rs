@@ -254,21 +254,21 @@ impl SlotMap {
 
     /// The chunks that at least 1/[`DENSE_FRACTION`] of `data` fills.
     fn dense_chunks(&self, data: &[Range<u64>]) -> Vec<u64> {
-        let mut filled: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
+        let mut filled = vec![0u64; self.ram_size.div_ceil(self.chunk) as usize];
         for run in data {
             let (mut at, end) = (run.start, run.end.min(self.ram_size));
             while at < end {
                 let chunk = at / self.chunk;
                 let upto = ((chunk + 1) * self.chunk).min(end);
-                *filled.entry(chunk).or_default() += upto - at;
+                if let Some(bytes) = filled.get_mut(chunk as usize) {
+                    *bytes += upto - at;
+                }
                 at = upto;
             }
         }
         let threshold = (self.chunk / DENSE_FRACTION).max(1);
-        filled
-            .into_iter()
-            .filter(|&(_, bytes)| bytes >= threshold)
-            .map(|(chunk, _)| chunk)
+        (0..filled.len() as u64)
+            .filter(|&chunk| filled[chunk as usize] >= threshold)
             .collect()
     }
 

@@ -349,8 +349,11 @@ impl Vm {
         let vm_fd = kvm.create_vm()?;
         let ram = GuestRam::new_private(template)?;
         let (needed, data) = match policy {
-            SlotPolicy::Eager => (Vec::new(), Vec::new()),
-            SlotPolicy::Lazy => (needed_at_start(&ram, state), data_runs(template)?),
+            SlotPolicy::Eager => (Vec::new(), Default::default()),
+            SlotPolicy::Lazy => (
+                needed_at_start(&ram, state),
+                template.data_runs().map_err(VmError::PopulatedRuns)?,
+            ),
         };
         let (slotted, slots) = Slotted::register(vm_fd, ram, policy, &needed, &data)?;
         let mut vcpu = Vcpu::new(kvm, &slotted.vm_fd, 0)?;
@@ -698,16 +701,6 @@ fn set_clock(vm_fd: &VmFd, state: &VmState) -> Result<(), VmError> {
     let mut clock = state.clock;
     clock.flags = 0;
     vm_fd.set_clock(&clock).map_err(vm_ioctl("KVM_SET_CLOCK"))
-}
-
-/// The template's populated runs, over all layers.
-fn data_runs(template: &TemplateMemory) -> Result<Vec<Range<u64>>, VmError> {
-    Ok(template
-        .data_sources()
-        .map_err(VmError::PopulatedRuns)?
-        .into_iter()
-        .map(|(run, _)| run)
-        .collect())
 }
 
 /// What the vCPU of a VM restored from `state` must reach without an exit: instruction fetches,

@@ -118,10 +118,16 @@ pub fn sizes(engine: &CloneEngine, sizes_mib: &[u64], samples: usize, out: &Path
         progress(&format!("spawn at {mib} MiB"));
         let template = make_template(engine.kvm(), mib)?;
         engine.flush();
-        let before = MemorySnapshot::take().map_err(|source| BenchError::Io { what: "read memory figures", source })?;
+        let before = MemorySnapshot::take().map_err(|source| BenchError::Io {
+            what: "read memory figures",
+            source,
+        })?;
         let fill = fill_pool(engine, &template, samples)?;
         let clones = spawn_all(engine, &template, samples)?;
-        let after = MemorySnapshot::take().map_err(|source| BenchError::Io { what: "read memory figures", source })?;
+        let after = MemorySnapshot::take().map_err(|source| BenchError::Io {
+            what: "read memory figures",
+            source,
+        })?;
         let p = Percentiles::of(&clones.iter().map(Clone::spawn_us).collect::<Vec<_>>());
         destroy_all(engine, clones);
         let delta = after.since(&before);
