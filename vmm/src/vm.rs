@@ -581,7 +581,12 @@ impl Vm {
         loop {
             let left = deadline.map(|limit| limit.saturating_sub(started.elapsed()));
             let exit = self.vcpu.run(left)?;
-            if !matches!(exit, GuestExit::Mmio { .. }) || !self.complete_ram_access()? {
+            let handled = match exit {
+                GuestExit::Mmio { .. } => self.complete_ram_access()?,
+                GuestExit::InternalError { .. } => self.slot_for_code()?,
+                _ => false,
+            };
+            if !handled {
                 return Ok(exit);
             }
             if deadline.is_some_and(|limit| started.elapsed() >= limit) {
@@ -616,6 +621,28 @@ impl Vm {
         // alive until after the VM fd (and with it every slot) is gone.
         unsafe { self.slots.fill(&self.vm_fd, gpa, len as u64) }?;
         Ok(true)
+    }
+
+    /// After an emulation failure: if the instruction lies in a chunk of RAM without a slot (a
+    /// fetch KVM cannot send to the VMM as MMIO), gives that chunk a slot so the guest can retry
+    /// the instruction. Returns false if there was nothing to add.
+    fn slot_for_code(&mut self) -> Result<bool, VmError> {
+        let regs = self.vcpu.regs()?;
+        let sregs = self.vcpu.sregs()?;
+        let mem = self.ram.guest_memory();
+        let Ok(t) = translate::walk(mem, sregs.cr0, sregs.cr3, sregs.efer, regs.rip) else {
+            return Ok(false);
+        };
+        // An instruction is at most 15 bytes and may run into the next chunk.
+        let mut added = false;
+        for gpa in [t.gpa, t.gpa.saturating_add(14)] {
+            if self.slots.serves(gpa, 1) && !self.slots.has_slot(gpa) {
+                // SAFETY: as in `complete_ram_access`.
+                unsafe { self.slots.fill(&self.vm_fd, gpa, 1) }?;
+                added = true;
+            }
+        }
+        Ok(added)
     }
 
     /// The vCPU.
@@ -709,7 +736,8 @@ fn set_clock(vm_fd: &VmFd, state: &VmState) -> Result<(), VmError> {
 /// reachable from CR3, and the pages at rip, rsp, the GDT, the IDT and the TSS.
 fn needed_at_start(ram: &GuestRam, state: &VmState) -> Vec<Range<u64>> {
     let mem = ram.guest_memory();
-    let mut needed = vec![0..state.protected_end.max(KERNEL_START.0)];
+    let low_memory = 0..state.protected_end.max(KERNEL_START.0);
+    let mut needed = Vec::from([low_memory]);
     for vcpu in &state.vcpus {
         let sregs = &vcpu.sregs;
         let pages = crate::slots::page_table_pages(mem, sregs.cr3);
