@@ -232,6 +232,7 @@ fn test_a_clone_of_a_4_gib_template_that_touches_1_mib_holds_at_most_1_mib_of_ke
         engine.destroy(clone);
     }
     engine.flush();
+    eprintln!("kernel memory per clone: median {median:.0} KiB of rounds {rounds:?}; slots {slots:?}");
     assert!(
         median <= 1024.0,
         "kernel memory per clone {median:.0} KiB (rounds {rounds:?}), slots {slots:?}"
