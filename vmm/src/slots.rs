@@ -414,6 +414,34 @@ mod tests {
     }
 
     #[test]
+    fn test_only_lazy_maps_serve_mmio_and_only_inside_ram_off_the_apic_page() {
+        let lazy = |ram_size| SlotMap {
+            policy: SlotPolicy::Lazy,
+            fallback: None,
+            ram_size,
+            host_base: 0,
+            chunk: DEFAULT_CHUNK,
+            present: vec![0; 64],
+            next_slot: 0,
+            max_slots: 100,
+            slotted_bytes: 0,
+            lazy_fills: 0,
+        };
+        let map = lazy(32 << 20);
+        assert!(map.serves(0, 8) && map.serves((32 << 20) - 8, 8));
+        assert!(!map.serves((32 << 20) - 4, 8), "crosses the end of RAM");
+        assert!(!map.serves(32 << 20, 1) && !map.serves(u64::MAX - 2, 8) && !map.serves(0, 0));
+        let big = lazy(8 << 30);
+        assert!(!big.serves(APIC_PAGE.0, 4) && !big.serves(APIC_PAGE.0 + 4092, 4));
+        assert!(big.serves(APIC_PAGE.0 - 8, 8) && big.serves(APIC_PAGE.0 + PAGE_SIZE, 8));
+        let eager = SlotMap {
+            policy: SlotPolicy::Eager,
+            ..lazy(32 << 20)
+        };
+        assert!(!eager.serves(0, 8));
+    }
+
+    #[test]
     fn test_chunk_grows_until_every_chunk_fits_in_the_slots_kvm_offers() {
         assert_eq!(chunk_size(4 << 30, 32764), DEFAULT_CHUNK);
         assert_eq!(chunk_size(64 << 30, 32764), 2 * DEFAULT_CHUNK);
