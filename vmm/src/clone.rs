@@ -14,6 +14,7 @@ use crate::memory::MemoryError;
 use crate::pagemap::PageMap;
 use crate::pool::{AdmitError, Pools, Reservation};
 use crate::reaper::Reaper;
+use crate::slots::SlotPolicy;
 use crate::template::Template;
 use crate::vm::{ResetSteps, Vm, VmError};
 
@@ -37,6 +38,9 @@ pub struct EngineConfig {
     pub first_run_deadline: Duration,
     /// Most clones one call may ask for.
     pub max_clones_per_call: usize,
+    /// How clones and warm shells register their RAM with KVM (by default lazy where KVM
+    /// allocates reverse maps up front, see [`SlotPolicy::for_host`]; eager for comparison).
+    pub slot_policy: SlotPolicy,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +48,7 @@ impl Default for EngineConfig {
         EngineConfig {
             first_run_deadline: Duration::from_secs(5),
             max_clones_per_call: 10_000,
+            slot_policy: SlotPolicy::for_host(),
         }
     }
 }
@@ -185,12 +190,13 @@ impl CloneEngine {
         let pagemap = PageMap::open().map_err(|e| CloneError::Vm(MemoryError::PageMap(e).into()))?;
         let reaper = Arc::new(Reaper::start().map_err(CloneError::Thread)?);
         let pools = Arc::new(Pools::new(Arc::clone(&reaper), DEFAULT_SHELL_FD_RESERVE));
+        let slot_policy = config.slot_policy;
         let builder = {
             let (kvm, pools) = (Arc::clone(&kvm), Arc::clone(&pools));
             std::thread::Builder::new()
                 .name("cowvm-shell-builder".into())
                 .spawn(move || match PageMap::open() {
-                    Ok(pagemap) => pools.build_forever(&kvm, &pagemap),
+                    Ok(pagemap) => pools.build_forever(&kvm, &pagemap, slot_policy),
                     Err(e) => eprintln!("cowvm: shell builder cannot open /proc/self/pagemap: {e}"),
                 })
                 .map_err(CloneError::Thread)?
@@ -410,7 +416,10 @@ impl CloneEngine {
         let started = Instant::now();
         let (mut vm, pooled) = match shell.or_else(|| self.pools.take(template.id())) {
             Some(shell) => (shell, true),
-            None => (Vm::restore(&self.kvm, template.memory(), template.state())?, false),
+            None => (
+                Vm::restore_with(&self.kvm, template.memory(), template.state(), self.config.slot_policy)?,
+                false,
+            ),
         };
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         let staged = fresh_seed().and_then(|seed| {

@@ -32,6 +32,7 @@ pub mod persist;
 pub mod pool;
 pub mod probe;
 mod reaper;
+pub mod slots;
 pub mod stats;
 pub mod template;
 pub mod translate;

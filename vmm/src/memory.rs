@@ -25,7 +25,7 @@ use std::ops::Range;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -410,6 +410,8 @@ struct Layers {
     overlays: Vec<Overlay>,
     /// Where each run of data comes from, sorted and disjoint; the rest is holes (anonymous).
     pieces: Vec<Piece>,
+    /// [`TemplateMemory::data_runs`], found once (the layers never change).
+    data_runs: OnceLock<Arc<Vec<Range<u64>>>>,
 }
 
 /// The memory of a template: a sealed base memfd plus, for templates frozen from clones, sealed
@@ -436,6 +438,7 @@ impl TemplateMemory {
                 base,
                 overlays: Vec::new(),
                 pieces,
+                data_runs: OnceLock::new(),
             }),
         }
     }
@@ -503,6 +506,17 @@ impl TemplateMemory {
         Ok(memory)
     }
 
+    /// The ranges of [`TemplateMemory::data_sources`] without their sources, listed on the first
+    /// call and kept: `SEEK_DATA`/`SEEK_HOLE` costs about 0.7 µs per run, too much to repeat for
+    /// every clone of a template with thousands of runs.
+    pub fn data_runs(&self) -> io::Result<Arc<Vec<Range<u64>>>> {
+        if let Some(runs) = self.inner.data_runs.get() {
+            return Ok(Arc::clone(runs));
+        }
+        let runs = Arc::new(self.data_sources()?.into_iter().map(|(run, _)| run).collect());
+        Ok(Arc::clone(self.inner.data_runs.get_or_init(|| runs)))
+    }
+
     fn with_overlay(&self, overlay: Overlay) -> Result<Self, MemoryError> {
         let layers = self.depth() + 1;
         let runs = self.overlay_runs() + overlay.runs.len();
@@ -527,6 +541,7 @@ impl TemplateMemory {
                 base: self.inner.base.clone(),
                 overlays,
                 pieces,
+                data_runs: OnceLock::new(),
             }),
         })
     }
@@ -985,6 +1000,7 @@ mod freeze_and_remap_tests {
                 base,
                 overlays,
                 pieces: Vec::new(),
+                data_runs: OnceLock::new(),
             }),
         }
     }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::kvm::Kvm;
 use crate::pagemap::PageMap;
 use crate::reaper::Reaper;
+use crate::slots::SlotPolicy;
 use crate::template::Template;
 use crate::vm::{Vm, VmError};
 
@@ -553,9 +554,9 @@ impl Pools {
     /// restored from the template and has rehearsed its first run (see
     /// [`Vm::rehearse_first_run`]). A build counts against the pool instance it was started for;
     /// a shell whose pool is gone, or for which there is no room any more, is torn down.
-    pub(crate) fn build_forever(&self, kvm: &Kvm, pagemap: &PageMap) {
+    pub(crate) fn build_forever(&self, kvm: &Kvm, pagemap: &PageMap, slots: SlotPolicy) {
         while let Some((template, instance)) = self.next_job() {
-            let built = Vm::restore(kvm, template.memory(), template.state()).and_then(|mut vm| {
+            let built = Vm::restore_with(kvm, template.memory(), template.state(), slots).and_then(|mut vm| {
                 vm.rehearse_first_run(template.state(), pagemap)?;
                 Ok(vm)
             });

@@ -312,6 +312,20 @@ impl Vcpu {
         })
     }
 
+    /// The access of the `KVM_EXIT_MMIO` the vCPU just made: guest physical address, whether it
+    /// is a write, and its data (the bytes written, or the buffer KVM hands the guest as the
+    /// value read when the vCPU next enters). Call only right after [`Vcpu::run`] returned
+    /// [`GuestExit::Mmio`], before the next entry.
+    pub(crate) fn mmio_access(&mut self) -> (u64, bool, &mut [u8]) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only right after KVM_RUN returned KVM_EXIT_MMIO (the caller's contract:
+        // the last exit was converted to `GuestExit::Mmio`), for which KVM fills the `mmio`
+        // member of the exit union.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let len = (mmio.len as usize).min(mmio.data.len());
+        (mmio.phys_addr, mmio.is_write != 0, &mut mmio.data[..len])
+    }
+
     fn internal_suberror(&mut self) -> u32 {
         let run = self.fd.get_kvm_run();
         // SAFETY: called only right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, for which KVM

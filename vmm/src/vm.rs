@@ -1,11 +1,12 @@
 //! A VM: KVM VM fd, one vCPU and its RAM. Boots the guest in long mode, runs guest commands,
 //! captures its state and restores it into a fresh VM on a private view of frozen RAM.
 
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_clock_data, kvm_userspace_memory_region};
+use kvm_bindings::kvm_clock_data;
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
@@ -19,11 +20,9 @@ use crate::kvm_stats::{KvmStats, StatsFile};
 use crate::loader::{self, LoadError, LoadedKernel};
 use crate::memory::{GuestRam, MemoryError, TemplateMemory, PAGE_SIZE};
 use crate::pagemap::PageMap;
+use crate::slots::{SlotError, SlotMap, SlotPolicy, SlotStats};
 use crate::translate::{self, GuestTranslation, TranslateError};
 use crate::vcpu::{Vcpu, VcpuError, VcpuState};
-
-/// Memory slot that holds all of guest RAM.
-const RAM_SLOT: u32 = 0;
 
 /// Errors from building, running, capturing or restoring a VM.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +77,22 @@ pub enum VmError {
     /// A failed remap lost the VM's RAM (see [`GuestRam::is_lost`]); it can only be destroyed.
     #[error("this VM's RAM was lost when remapping it failed; the VM can only be destroyed")]
     RamLost,
+    /// A memory slot could not be registered.
+    #[error(transparent)]
+    Slots(#[from] SlotError),
+    /// The template's populated runs could not be listed (`SEEK_DATA`/`SEEK_HOLE`).
+    #[error("listing the template's populated runs (SEEK_DATA/SEEK_HOLE) failed: {0}")]
+    PopulatedRuns(std::io::Error),
+    /// The VMM could not complete a guest access to RAM that had no memory slot yet.
+    #[error("completing the guest's {len}-byte access at {gpa:#x} from the host mapping failed: {reason}")]
+    LazyAccess {
+        /// Guest physical address.
+        gpa: u64,
+        /// Bytes.
+        len: usize,
+        /// What vm-memory said.
+        reason: String,
+    },
     /// A state does not fit the memory it is restored onto.
     #[error("state is for {state} bytes of RAM, the frozen memory has {memory}")]
     StateMismatch {
@@ -174,6 +189,7 @@ pub struct Vm {
     vcpu: Vcpu,
     vm_fd: VmFd,
     ram: GuestRam,
+    slots: SlotMap,
     protected_end: u64,
     /// When the guest clocks were last set from a state (restore, reset, rehearsal, take).
     clocks_started: Instant,
@@ -197,25 +213,32 @@ struct Slotted<F, R> {
 }
 
 impl Slotted<VmFd, GuestRam> {
-    /// Registers `ram` as the RAM memslot of `vm_fd`. On failure no slot exists, so the order in
-    /// which the two are dropped does not matter.
-    fn register(vm_fd: VmFd, ram: GuestRam) -> Result<Self, VmError> {
-        register_ram(&vm_fd, &ram)?;
-        Ok(Slotted { vm_fd, ram })
+    /// Registers `ram` in `vm_fd` as memory slots by `policy` (see [`SlotMap::register`] for
+    /// `needed` and `data`). If registration fails part way, the slots made so far go with the
+    /// VM fd, which is dropped before `ram` on that path too.
+    fn register(
+        vm_fd: VmFd,
+        ram: GuestRam,
+        policy: SlotPolicy,
+        needed: &[Range<u64>],
+        data: &[Range<u64>],
+    ) -> Result<(Self, SlotMap), VmError> {
+        let slotted = Slotted { vm_fd, ram };
+        // SAFETY: the slots point into `slotted.ram`'s live mapping, which outlives the VM fd:
+        // `Slotted` and then `Vm` drop the fd first, and so does this function's error path
+        // (`slotted` drops as one value, fields in declaration order).
+        let slots = unsafe {
+            SlotMap::register(
+                &slotted.vm_fd,
+                slotted.ram.host_address(),
+                slotted.ram.size(),
+                policy,
+                needed,
+                data,
+            )
+        }?;
+        Ok((slotted, slots))
     }
-}
-
-fn register_ram(vm_fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
-    let region = kvm_userspace_memory_region {
-        slot: RAM_SLOT,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_address(),
-    };
-    // SAFETY: the region describes `ram`'s live mapping, which outlives the VM fd (field order in
-    // `Slotted` and then `Vm` drops the fd first), and the slot is not registered yet.
-    unsafe { vm_fd.set_user_memory_region(region) }.map_err(vm_ioctl("KVM_SET_USER_MEMORY_REGION"))
 }
 
 impl Vm {
@@ -249,7 +272,10 @@ impl Vm {
         let memory_us = micros(step);
 
         let step = Instant::now();
-        let slotted = Slotted::register(vm_fd, ram)?;
+        // A booted VM owns RAM that starts empty and is written by the VMM and the guest at will:
+        // it gets one eager slot (lazy slots are for clones and warm shells, where RAM size is
+        // multiplied by the number of VMs).
+        let (slotted, slots) = Slotted::register(vm_fd, ram, SlotPolicy::Eager, &[], &[])?;
         let memslot_us = micros(step);
 
         let step = Instant::now();
@@ -276,11 +302,12 @@ impl Vm {
             vcpu,
             vm_fd: slotted.vm_fd,
             ram: slotted.ram,
+            slots,
             protected_end: protected_end(&kernel),
             clocks_started: Instant::now(),
         };
         let step = Instant::now();
-        let first_exit = vm.vcpu.run(Some(deadline))?;
+        let first_exit = vm.run_guest(Some(deadline))?;
         let first_run_us = micros(step);
         let first_exit_us = micros(start);
         let first_exit = vm.describe(first_exit)?;
@@ -303,8 +330,22 @@ impl Vm {
     }
 
     /// Builds a new VM on a private (copy-on-write) mapping of `template` and restores `state`
-    /// into it. The VM has not run yet; its next run continues where the captured VM stopped.
+    /// into it, with lazy memory slots. The VM has not run yet; its next run continues where the
+    /// captured VM stopped.
     pub fn restore(kvm: &Kvm, template: &TemplateMemory, state: &VmState) -> Result<Vm, VmError> {
+        Self::restore_with(kvm, template, state, SlotPolicy::Lazy)
+    }
+
+    /// Like [`Vm::restore`], with the memory slots registered by `policy`. Lazy slots start with
+    /// the chunks the vCPU must reach without an exit (everything below `protected_end`, every
+    /// page table reachable from CR3, the pages at rip and rsp, the GDT, IDT and TSS) and the
+    /// chunks the template's populated runs fill densely.
+    pub fn restore_with(
+        kvm: &Kvm,
+        template: &TemplateMemory,
+        state: &VmState,
+        policy: SlotPolicy,
+    ) -> Result<Vm, VmError> {
         if state.memory_size != template.size() {
             return Err(VmError::StateMismatch {
                 state: state.memory_size,
@@ -313,7 +354,14 @@ impl Vm {
         }
         let vm_fd = kvm.create_vm()?;
         let ram = GuestRam::new_private(template)?;
-        let slotted = Slotted::register(vm_fd, ram)?;
+        let (needed, data) = match policy {
+            SlotPolicy::Eager => (Vec::new(), Default::default()),
+            SlotPolicy::Lazy => (
+                needed_at_start(&ram, state),
+                template.data_runs().map_err(VmError::PopulatedRuns)?,
+            ),
+        };
+        let (slotted, slots) = Slotted::register(vm_fd, ram, policy, &needed, &data)?;
         let mut vcpu = Vcpu::new(kvm, &slotted.vm_fd, 0)?;
         if let Some(vcpu_state) = state.vcpus.first() {
             vcpu.restore(vcpu_state)?;
@@ -323,6 +371,7 @@ impl Vm {
             vcpu,
             vm_fd: slotted.vm_fd,
             ram: slotted.ram,
+            slots,
             protected_end: state.protected_end,
             clocks_started: Instant::now(),
         })
@@ -369,7 +418,7 @@ impl Vm {
     /// warm shells pay it in the background so that a clone's first run does not.
     pub fn rehearse_first_run(&mut self, state: &VmState, pagemap: &PageMap) -> Result<(), VmError> {
         self.check_ram()?;
-        self.vcpu.run(Some(REHEARSAL_DEADLINE))?;
+        self.run_guest(Some(REHEARSAL_DEADLINE))?;
         self.vcpu.complete_pending_io()?;
         let runs = self.ram.private_runs(pagemap)?;
         self.ram.discard(&runs)?;
@@ -447,7 +496,7 @@ impl Vm {
         command.load(&mut regs);
         self.vcpu.set_regs(&regs)?;
         let started = Instant::now();
-        let exit = self.vcpu.run(deadline)?;
+        let exit = self.run_guest(deadline)?;
         let took = started.elapsed();
         match self.describe(exit)? {
             GuestExit::Done { status } => {
@@ -511,7 +560,7 @@ impl Vm {
     /// Resumes the guest until its next exit (or `deadline`).
     pub fn run(&mut self, deadline: Option<Duration>) -> Result<GuestExit, VmError> {
         self.check_ram()?;
-        let exit = self.vcpu.run(deadline)?;
+        let exit = self.run_guest(deadline)?;
         self.describe(exit)
     }
 
@@ -526,6 +575,88 @@ impl Vm {
     /// The VM's RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The VM's memory slots now: how many, what they cover, how many accesses the VMM completed.
+    pub fn slot_stats(&self) -> SlotStats {
+        self.slots.stats()
+    }
+
+    /// Why this VM's lazy slots fell back to one eager slot, if they did.
+    pub fn slot_fallback(&self) -> Option<&'static str> {
+        self.slots.fallback()
+    }
+
+    /// Runs the vCPU until an exit the VMM does not handle itself, or `deadline`. A guest access
+    /// to RAM that has no memory slot yet (lazy slots) exits as MMIO: it is completed here from
+    /// the host mapping, the chunk gets a slot, and the guest goes on.
+    fn run_guest(&mut self, deadline: Option<Duration>) -> Result<GuestExit, VmError> {
+        let started = Instant::now();
+        loop {
+            let left = deadline.map(|limit| limit.saturating_sub(started.elapsed()));
+            let exit = self.vcpu.run(left)?;
+            let handled = match exit {
+                GuestExit::Mmio { .. } => self.complete_ram_access()?,
+                GuestExit::InternalError { .. } => self.slot_for_code()?,
+                _ => false,
+            };
+            if !handled {
+                return Ok(exit);
+            }
+            if deadline.is_some_and(|limit| started.elapsed() >= limit) {
+                // The access is completed (KVM finishes the instruction at the next entry).
+                return Ok(GuestExit::deadline_exceeded(started.elapsed()));
+            }
+        }
+    }
+
+    /// Completes the MMIO exit the vCPU just made if it is an access to RAM without a slot:
+    /// a read gets the bytes from the host mapping, a write stores them there (so the host
+    /// copies the page on write, as it would for a write through a slot), and the chunk gets a
+    /// slot. Returns false (leaving the exit to the caller) for addresses that are not RAM.
+    fn complete_ram_access(&mut self) -> Result<bool, VmError> {
+        let (gpa, write, data) = self.vcpu.mmio_access();
+        let len = data.len();
+        if !self.slots.serves(gpa, len as u64) {
+            return Ok(false);
+        }
+        let memory = self.ram.guest_memory();
+        let done = if write {
+            memory.write_slice(data, GuestAddress(gpa))
+        } else {
+            memory.read_slice(data, GuestAddress(gpa))
+        };
+        done.map_err(|e| VmError::LazyAccess {
+            gpa,
+            len,
+            reason: e.to_string(),
+        })?;
+        // SAFETY: the slot points into `self.ram`'s live mapping, which `Vm`'s field order keeps
+        // alive until after the VM fd (and with it every slot) is gone.
+        unsafe { self.slots.fill(&self.vm_fd, gpa, len as u64) }?;
+        Ok(true)
+    }
+
+    /// After an emulation failure: if the instruction lies in a chunk of RAM without a slot (a
+    /// fetch KVM cannot send to the VMM as MMIO), gives that chunk a slot so the guest can retry
+    /// the instruction. Returns false if there was nothing to add.
+    fn slot_for_code(&mut self) -> Result<bool, VmError> {
+        let regs = self.vcpu.regs()?;
+        let sregs = self.vcpu.sregs()?;
+        let mem = self.ram.guest_memory();
+        let Ok(t) = translate::walk(mem, sregs.cr0, sregs.cr3, sregs.efer, regs.rip) else {
+            return Ok(false);
+        };
+        // An instruction is at most 15 bytes and may run into the next chunk.
+        let mut added = false;
+        for gpa in [t.gpa, t.gpa.saturating_add(14)] {
+            if self.slots.serves(gpa, 1) && !self.slots.has_slot(gpa) {
+                // SAFETY: as in `complete_ram_access`.
+                unsafe { self.slots.fill(&self.vm_fd, gpa, 1) }?;
+                added = true;
+            }
+        }
+        Ok(added)
     }
 
     /// The vCPU.
@@ -611,6 +742,37 @@ fn set_clock(vm_fd: &VmFd, state: &VmState) -> Result<(), VmError> {
     let mut clock = state.clock;
     clock.flags = 0;
     vm_fd.set_clock(&clock).map_err(vm_ioctl("KVM_SET_CLOCK"))
+}
+
+/// What the vCPU of a VM restored from `state` must reach without an exit: instruction fetches,
+/// page-table walks, descriptor-table reads and exception frames do not go through the VMM's
+/// completion of MMIO exits. All low memory up to the end of the kernel image, every page table
+/// reachable from CR3, and the pages at rip, rsp, the GDT, the IDT and the TSS.
+fn needed_at_start(ram: &GuestRam, state: &VmState) -> Vec<Range<u64>> {
+    let mem = ram.guest_memory();
+    let low_memory = 0..state.protected_end.max(KERNEL_START.0);
+    let mut needed = Vec::from([low_memory]);
+    for vcpu in &state.vcpus {
+        let sregs = &vcpu.sregs;
+        let pages = crate::slots::page_table_pages(mem, sregs.cr3);
+        needed.extend(pages.into_iter().map(|page| page..page + PAGE_SIZE));
+        let regions = [
+            (vcpu.regs.rip, PAGE_SIZE),
+            (vcpu.regs.rsp.saturating_sub(PAGE_SIZE), 2 * PAGE_SIZE),
+            (sregs.gdt.base, u64::from(sregs.gdt.limit) + 1),
+            (sregs.idt.base, u64::from(sregs.idt.limit) + 1),
+            (sregs.tr.base, u64::from(sregs.tr.limit) + 1),
+        ];
+        for (gva, len) in regions {
+            for at in [gva, gva.saturating_add(len.saturating_sub(1))] {
+                if let Ok(t) = translate::walk(mem, sregs.cr0, sregs.cr3, sregs.efer, at) {
+                    let page = t.gpa & !(PAGE_SIZE - 1);
+                    needed.push(page..page + PAGE_SIZE);
+                }
+            }
+        }
+    }
+    needed
 }
 
 fn protected_end(kernel: &LoadedKernel) -> u64 {

@@ -216,6 +216,7 @@ fn suite(out: &Path, quick: bool) -> Result<(), BenchError> {
         clones: pick!(1000, 50),
         samples: pick!(100, 5),
         json: None,
+        eager_slots: false,
     };
     let (spawn_results, samples) = spawn::measure(&spawn_args)?;
     spawn::print_summary(&spawn_results);

@@ -117,12 +117,41 @@ pub fn sizes(engine: &CloneEngine, sizes_mib: &[u64], samples: usize, out: &Path
     for &mib in sizes_mib {
         progress(&format!("spawn at {mib} MiB"));
         let template = make_template(engine.kvm(), mib)?;
-        fill_pool(engine, &template, samples)?;
+        engine.flush();
+        let before = MemorySnapshot::take().map_err(|source| BenchError::Io {
+            what: "read memory figures",
+            source,
+        })?;
+        let fill = fill_pool(engine, &template, samples)?;
         let clones = spawn_all(engine, &template, samples)?;
+        let after = MemorySnapshot::take().map_err(|source| BenchError::Io {
+            what: "read memory figures",
+            source,
+        })?;
         let p = Percentiles::of(&clones.iter().map(Clone::spawn_us).collect::<Vec<_>>());
         destroy_all(engine, clones);
+        let delta = after.since(&before);
+        let per = |kib: i64| kib as f64 / samples.max(1) as f64;
+        let restore = |policy| -> Result<f64, BenchError> {
+            let mut times = Vec::new();
+            for _ in 0..samples.clamp(1, 20) {
+                let started = Instant::now();
+                let vm = Vm::restore_with(engine.kvm(), template.memory(), template.state(), policy)?;
+                times.push(started.elapsed().as_secs_f64() * 1e6);
+                drop(vm);
+            }
+            Ok(Percentiles::of(&times).p50)
+        };
+        let restore_lazy = restore(cowvm_vmm::slots::SlotPolicy::Lazy)?;
+        let restore_eager = restore(cowvm_vmm::slots::SlotPolicy::Eager)?;
         engine.retire(&template);
-        rows.push(json!({"memory_mib": mib, "spawn_us": p}));
+        rows.push(json!({
+            "memory_mib": mib,
+            "spawn_us": p,
+            "shell_build_us_mean": fill.as_secs_f64() * 1e6 / samples.max(1) as f64,
+            "restore_us_p50": {"lazy": restore_lazy, "eager": restore_eager},
+            "memory_per_clone_kib": {"user": per(delta.private_kib), "kernel": per(delta.kernel_kib), "total": per(delta.private_kib + delta.kernel_kib)},
+        }));
     }
     let series = |key: &str| {
         Series::new(

@@ -178,6 +178,7 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let engine_config = EngineConfig {
         first_run_deadline: config.limits.guest_deadline,
         max_clones_per_call: config.limits.max_clones_per_call,
+        ..EngineConfig::default()
     };
     let engine = CloneEngine::new(kvm, engine_config)?;
     let app = Arc::new(App::new(
