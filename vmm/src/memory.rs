@@ -470,6 +470,12 @@ impl TemplateMemory {
         self.inner.overlays.iter().map(|o| o.runs.len()).sum()
     }
 
+    /// Data pieces a clone maps from the memfds (`MAP_FIXED` over its anonymous range): its RAM
+    /// is at most 2 × this + 1 mappings (each piece, and the anonymous holes between them).
+    pub fn mapped_pieces(&self) -> usize {
+        self.inner.pieces.len()
+    }
+
     /// The base layer.
     pub fn base(&self) -> &FrozenMemory {
         &self.inner.base

@@ -41,10 +41,10 @@ pub const MAPPINGS_PER_VM: usize = 4;
 /// Mappings kept out of the VM budget for the rest of the process (heap, stacks, libraries).
 pub const MAPPINGS_KEPT_FREE: usize = 16 * 1024;
 
-/// Mappings (VMAs) one VM of `template` costs: each overlay run splits the private mapping into
-/// up to two more pieces.
+/// Mappings (VMAs) one VM of `template` costs: each data piece mapped from a memfd (base data
+/// runs and overlay runs alike) splits the anonymous private range into up to two more pieces.
 pub fn mappings_per_clone(template: &Template) -> usize {
-    MAPPINGS_PER_VM + 2 * template.memory().overlay_runs()
+    MAPPINGS_PER_VM + 2 * template.memory().mapped_pieces()
 }
 
 /// The process-wide mapping budget: `vm.max_map_count` less [`MAPPINGS_KEPT_FREE`].
