@@ -1,6 +1,7 @@
 //! cowvm's service: the HTTP API server, its client, the CLI commands, the demo and the
 //! benchmarks. The VMM itself is the `cowvm-vmm` crate.
 
+pub mod archive;
 pub mod bench;
 pub mod call_cli;
 pub mod cli;
