@@ -588,6 +588,24 @@ pub enum TemplateCommand {
         /// The archive.
         file: PathBuf,
     },
+    /// Export a template and copy it to an OCI registry (runs `skopeo copy`).
+    Push {
+        /// Template id.
+        id: String,
+        /// Registry reference, e.g. `registry.example:5000/cowvm/base:1`.
+        reference: String,
+        /// Talk to the registry over plain HTTP / without verifying TLS.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Copy a template from an OCI registry (runs `skopeo copy`) and import it.
+    Pull {
+        /// Registry reference, e.g. `registry.example:5000/cowvm/base:1`.
+        reference: String,
+        /// Talk to the registry over plain HTTP / without verifying TLS.
+        #[arg(long)]
+        insecure: bool,
+    },
 }
 
 /// Runs `cowvm template …`.
@@ -641,6 +659,14 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
             } else {
                 println!("{id}: {ready} of {shells} warm shells ready");
             }
+        }
+        TemplateCommand::Push {
+            id,
+            reference,
+            insecure,
+        } => crate::portable_cli::push(conn, &client, id, reference, *insecure)?,
+        TemplateCommand::Pull { reference, insecure } => {
+            crate::portable_cli::pull(conn, &client, reference, *insecure)?
         }
         TemplateCommand::Export { id, output } => export_template(conn, &client, id, output)?,
         TemplateCommand::Import { file } => {

@@ -7,5 +7,6 @@ pub mod call_cli;
 pub mod cli;
 pub mod client;
 pub mod demo;
+pub mod portable_cli;
 pub mod run;
 pub mod server;
