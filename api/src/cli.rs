@@ -709,7 +709,7 @@ fn export_template(conn: &Connection, client: &Client, id: &str, output: &std::p
     let mut file = std::fs::File::create(&partial).map_err(|e| fail("cannot create", e))?;
     let started = std::time::Instant::now();
     let written = client.download(&format!("/v1/templates/{id}/export"), &mut file);
-    let written = match written.and_then(|n| Ok((n, file.sync_all()))) {
+    let written = match written.map(|n| (n, file.sync_all())) {
         Ok((n, Ok(()))) => n,
         Ok((_, Err(e))) => {
             std::fs::remove_file(&partial).ok();
