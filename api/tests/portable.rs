@@ -243,10 +243,10 @@ fn test_corrupt_truncated_and_oversized_archives_are_refused_and_leave_nothing_b
         flipped[(offset + size / 2) as usize] ^= 0x40;
         refused(import(&c, &flipped), 422, "digest_mismatch");
     }
-    refused(import(&c, &archive[..archive.len() / 2]), 400, "bad_archive");
-    refused(import(&c, &archive[..found[0].1 as usize + 10]), 400, "bad_archive");
-    refused(import(&c, b"not a tar archive at all"), 400, "bad_archive");
-    refused(import(&c, &[]), 400, "bad_archive");
+    refused(import(&c, &archive[..archive.len() / 2]), 422, "bad_archive");
+    refused(import(&c, &archive[..found[0].1 as usize + 10]), 422, "bad_archive");
+    refused(import(&c, b"not a tar archive at all"), 422, "bad_archive");
+    refused(import(&c, &[]), 422, "bad_archive");
 
     assert_eq!(ids(&c), templates, "no template added");
     assert_eq!(listing(&dir.0), before, "no file added to the state directory");

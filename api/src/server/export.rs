@@ -120,7 +120,8 @@ pub async fn export_template(
 /// The HTTP answer to an archive that cannot be imported.
 fn refused(error: ArchiveError) -> ApiError {
     let (status, code) = match &error {
-        ArchiveError::Malformed(_) => (StatusCode::BAD_REQUEST, "bad_archive"),
+        // 422, not 400: the request is well formed; what it carries cannot be read as an archive.
+        ArchiveError::Malformed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_archive"),
         ArchiveError::Digest { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "digest_mismatch"),
         ArchiveError::Unsupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_archive"),
         ArchiveError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_template"),
@@ -203,9 +204,9 @@ async fn spool(app: &App, body: Body, limit: u64) -> Result<(File, u64), ApiErro
 /// the state's format version are verified before anything is kept.
 #[utoipa::path(post, path = "/v1/templates/import", tag = "templates",
     request_body(content = String, content_type = "application/x-tar", description = "an OCI image layout tar as GET /v1/templates/{id}/export writes it"),
-    responses((status = 201, body = TemplateImported), (status = 400, description = "not a readable OCI layout tar (e.g. truncated)", body = ErrorBody),
+    responses((status = 201, body = TemplateImported),
         (status = 413, description = "larger than --max-import-bytes", body = ErrorBody),
-        (status = 422, description = "a digest does not match, or not a cowvm template of a supported version", body = ErrorBody),
+        (status = 422, description = "not a readable OCI layout tar (e.g. truncated), a digest does not match, or not a cowvm template of a supported version", body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 pub async fn import_template(
     State(app): State<Arc<App>>,
