@@ -81,6 +81,14 @@ pub enum ArchiveError {
     /// The template it holds is not valid (state or ranges).
     #[error("invalid template: {0}")]
     Invalid(String),
+    /// The template has more RAM than this server allows.
+    #[error("the template has {size} bytes of RAM; this server allows at most {max_memory}")]
+    TooLarge {
+        /// Its RAM size.
+        size: u64,
+        /// The limit.
+        max_memory: u64,
+    },
     /// Building the template memory failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -573,8 +581,9 @@ fn manifest(archive: &Archive) -> Result<ImageManifest, ArchiveError> {
 }
 
 /// Reads and verifies the template in the archive `file` (an OCI layout tar as [`export`]
-/// writes it) and builds it as a new template with sealed memory.
-pub fn import(file: &File) -> Result<Template, ArchiveError> {
+/// writes it) and builds it as a new template with sealed memory; a template with more than
+/// `max_memory` bytes of RAM is refused before any memory is built.
+pub fn import(file: &File, max_memory: u64) -> Result<Template, ArchiveError> {
     let archive = Archive::open(file)?;
     let manifest = manifest(&archive)?;
     let config = manifest.config();
@@ -589,6 +598,9 @@ pub fn import(file: &File) -> Result<Template, ArchiveError> {
         serde_json::from_slice(&state).map_err(|e| ArchiveError::Invalid(format!("state blob: {e}")))?;
     check_state(&state)?;
     let size = state.memory_size;
+    if size > max_memory {
+        return Err(ArchiveError::TooLarge { size, max_memory });
+    }
     let mut after = 0;
     let mut chunks = Vec::with_capacity(manifest.layers().len());
     for layer in manifest.layers() {

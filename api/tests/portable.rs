@@ -261,6 +261,22 @@ fn test_corrupt_truncated_and_oversized_archives_are_refused_and_leave_nothing_b
     assert_eq!(listing(&dir.0), before, "no file added to the state directory");
     server.stop().expect("stop");
 
+    // A template with more RAM than --max-memory-mib is refused.
+    let config = ServerConfig {
+        state_dir: Some(dir.0.clone()),
+        limits: Limits {
+            max_memory_mib: 32,
+            ..Limits::default()
+        },
+        ..ServerConfig::local(0)
+    };
+    let small = server::start(config).expect("server starts");
+    let c = Client::new(&format!("http://{}", small.addr), None);
+    refused(import(&c, &archive), 422, "memory_out_of_range");
+    assert_eq!(ids(&c), templates, "no template added");
+    assert_eq!(listing(&dir.0), before, "no file added to the state directory");
+    small.stop().expect("stop");
+
     // Exactly at the limit is taken.
     let (server, c) = start(&dir.0, archive.len() as u64);
     import(&c, &archive).expect("an archive of exactly --max-import-bytes is taken");

@@ -125,6 +125,7 @@ fn refused(error: ArchiveError) -> ApiError {
         ArchiveError::Digest { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "digest_mismatch"),
         ArchiveError::Unsupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_archive"),
         ArchiveError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_template"),
+        ArchiveError::TooLarge { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "memory_out_of_range"),
         ArchiveError::Io { .. } | ArchiveError::Memory(_) => (StatusCode::SERVICE_UNAVAILABLE, "import_failed"),
     };
     ApiError::new(status, code, error.to_string())
@@ -225,7 +226,8 @@ pub async fn import_template(
     let service = Arc::clone(&app);
     let imported = transaction(&app, move |commit| {
         let started = Instant::now();
-        let template = archive::import(&file).map_err(refused)?;
+        let max_memory = service.limits.max_memory_mib << 20;
+        let template = archive::import(&file, max_memory).map_err(refused)?;
         drop(file);
         let import_us = started.elapsed().as_secs_f64() * 1e6;
         let populated_bytes = template
