@@ -4,6 +4,7 @@
 mod app;
 mod call;
 mod error;
+mod export;
 mod listen;
 pub mod model;
 mod ops;

@@ -18,7 +18,7 @@ use super::app::App;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
 use super::model::*;
 use super::spec::{self, SpecOptions};
-use super::{call, templates, vms};
+use super::{call, export, templates, vms};
 
 /// The OpenAPI document, generated from the handlers and their types.
 #[derive(OpenApi)]
@@ -44,6 +44,8 @@ use super::{call, templates, vms};
         templates::template_stats,
         templates::delete_template,
         templates::warm_template,
+        export::export_template,
+        export::import_template,
         call::call_template,
         call::call_vm,
         openapi,
@@ -68,6 +70,7 @@ use super::{call, templates, vms};
         Health,
         WarmRequest,
         WarmStatus,
+        export::TemplateImported,
         call::CallRequest,
         call::CallResult,
         ErrorBody,
@@ -285,6 +288,8 @@ pub fn router(app: Arc<App>, token: Option<String>) -> Router {
         .route("/v1/templates/{id}/clones", post(templates::clone_template))
         .route("/v1/templates/{id}/stats", get(templates::template_stats))
         .route("/v1/templates/{id}/warm", post(templates::warm_template))
+        .route("/v1/templates/{id}/export", get(export::export_template))
+        .route("/v1/templates/import", post(export::import_template))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
