@@ -265,17 +265,13 @@ pub fn host_cow_times(vm: &Vm, gpas: &[u64]) -> Result<Vec<f64>, ProbeError> {
     Ok(times)
 }
 
-/// Runs a write probe on `vm` (which must run cowvm's built-in guest). For each target, in turn:
-/// translate it through the guest's page tables, read the page's state from the kernel, have the
-/// guest write it twice (timing each `KVM_RUN`), and read the state again. `baseline`, another
-/// clone of the same template, gets the host-only COW comparison.
-pub fn write_probe(
+/// The probe's addresses and their translations, each checked to land on writable guest RAM:
+/// the checks [`write_probe`] makes before the guest runs, for callers that want to refuse bad
+/// targets before they spend anything (a scratch clone) on the probe.
+pub fn check_targets(
     vm: &mut Vm,
     targets: &ProbeTargets,
-    host: &HostView,
-    baseline: Option<&Vm>,
-) -> Result<ProbeReport, ProbeError> {
-    let started = Instant::now();
+) -> Result<(Vec<u64>, Vec<crate::translate::GuestTranslation>), ProbeError> {
     let addresses = targets.addresses()?;
     let mut translations = Vec::with_capacity(addresses.len());
     for &gva in &addresses {
@@ -292,6 +288,21 @@ pub fn write_probe(
         .map_err(VmError::from)?;
         translations.push(translation);
     }
+    Ok((addresses, translations))
+}
+
+/// Runs a write probe on `vm` (which must run cowvm's built-in guest). For each target, in turn:
+/// translate it through the guest's page tables, read the page's state from the kernel, have the
+/// guest write it twice (timing each `KVM_RUN`), and read the state again. `baseline`, another
+/// clone of the same template, gets the host-only COW comparison.
+pub fn write_probe(
+    vm: &mut Vm,
+    targets: &ProbeTargets,
+    host: &HostView,
+    baseline: Option<&Vm>,
+) -> Result<ProbeReport, ProbeError> {
+    let started = Instant::now();
+    let (addresses, translations) = check_targets(vm, targets)?;
     let gpas: Vec<u64> = translations.iter().map(|t| t.gpa).collect();
     let before = states(vm, host, &gpas)?;
     let stats_before = vm.kvm_stats()?;

@@ -315,6 +315,8 @@ pub async fn probe_write(
     };
     let report = on_vm(&app, &id, move |app, _, machine, _| {
         let host = app.host_view()?;
+        // Bad targets are refused before the scratch clone takes any room.
+        cowvm_vmm::probe::check_targets(machine.vm_mut(), &targets)?;
         // The scratch clone is a VM too: it holds room under --max-vms while it lives.
         let scratch = match &*machine {
             Machine::Clone(clone) => {
