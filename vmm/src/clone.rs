@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::kvm::Kvm;
 use crate::memory::MemoryError;
 use crate::pagemap::PageMap;
-use crate::pool::{AdmitError, Pools, Reservation};
+use crate::pool::{AdmitError, Pools, RecycleStats, Reservation};
 use crate::reaper::Reaper;
 use crate::slots::SlotPolicy;
 use crate::template::Template;
@@ -153,6 +153,10 @@ pub struct ResetReport {
     pub generation: u64,
     /// The clone's new seed.
     pub seed: u64,
+    /// Whether the clone was given a warm shell of its template (its used VM is recycled in the
+    /// background; `pages_dropped` is then 0 and `steps` covers only the swap) rather than
+    /// reset in place.
+    pub swapped: bool,
 }
 
 /// The result of a live fork.
@@ -468,7 +472,103 @@ impl CloneEngine {
             steps,
             generation,
             seed,
+            swapped: false,
         })
+    }
+
+    /// Whether `clone`'s VM can go back to its template's pool: its RAM still maps exactly the
+    /// template's memory (a snapshot of a clone remaps it onto the new layer).
+    fn recyclable(clone: &Clone) -> bool {
+        clone
+            .vm
+            .ram()
+            .template()
+            .is_some_and(|memory| memory.same_as(clone.template.memory()))
+    }
+
+    /// Returns `clone` to its template's state by swap: it gets a warm shell of its template
+    /// (same id, new generation id, seed and clock) and its used VM is reset into a shell in the
+    /// background. Resets in place (see [`CloneEngine::reset`]) when no shell is ready.
+    pub fn reset_by_swap(&self, clone: &mut Clone) -> Result<ResetReport, VmError> {
+        if !Self::recyclable(clone) {
+            return self.reset(clone);
+        }
+        let started = Instant::now();
+        let template = Arc::clone(&clone.template);
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        let seed = fresh_seed()?;
+        let mut shell = match self.pools.take(template.id()) {
+            Some(shell) => shell,
+            None => return self.reset(clone),
+        };
+        let staged = shell
+            .start_clocks(template.state())
+            .and_then(|()| shell.set_identity(generation, seed));
+        if let Err(e) = staged {
+            self.reaper.drop_later(shell);
+            return Err(e);
+        }
+        let used = std::mem::replace(&mut clone.vm, shell);
+        // The shell left the pool; the used VM takes its place there while it is reset.
+        if let Err(used) = self.pools.swap_in(&template, used) {
+            self.pools.note_not_recycled();
+            self.reaper.drop_later(used);
+        }
+        clone.generation = generation;
+        clone.seed = seed;
+        let reset_us = micros(started);
+        Ok(ResetReport {
+            reset_us,
+            pages_dropped: 0,
+            steps: ResetSteps {
+                pages_dropped: 0,
+                runs: 0,
+                scan_us: 0.0,
+                discard_us: 0.0,
+                restore_us: reset_us,
+            },
+            generation,
+            seed,
+            swapped: true,
+        })
+    }
+
+    /// Hands a clone that is done with back to the engine: its VM is reset in the background
+    /// and returns to its template's warm pool as a shell when the pool wants it (up to its
+    /// target, or the recent clone rate if higher); otherwise it is torn down. `room` is the
+    /// reservation the clone held; the room moves to the pool with the VM (or is given back).
+    /// Returns whether the VM is being recycled.
+    pub fn recycle(&self, clone: Clone, room: Option<Reservation>) -> bool {
+        match room {
+            Some(mut room) if Self::recyclable(&clone) => {
+                let Clone { template, vm, .. } = clone;
+                match self.pools.recycle(&template, vm, &mut room) {
+                    Ok(()) => true,
+                    Err(vm) => {
+                        self.pools.note_not_recycled();
+                        self.reaper.drop_later(vm);
+                        false
+                    }
+                }
+            }
+            room => {
+                self.pools.note_not_recycled();
+                self.reaper.drop_later(clone);
+                drop(room);
+                false
+            }
+        }
+    }
+
+    /// What became of used VMs handed back ([`CloneEngine::recycle`], reset by swap).
+    pub fn recycle_stats(&self) -> RecycleStats {
+        self.pools.recycle_stats()
+    }
+
+    /// Waits until every used VM handed back so far has been recycled or torn down; false on
+    /// timeout.
+    pub fn wait_recycled(&self, timeout: Duration) -> bool {
+        self.pools.wait_recycled(timeout)
     }
 
     /// Clones a running VM: pauses it just long enough to capture its state and freeze its RAM

@@ -18,7 +18,7 @@
 //! process-wide mapping budget, evicting shells first when the room is needed; the builder builds
 //! only into room nobody has reserved, and only while enough file descriptors stay free.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -36,6 +36,10 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often an idle builder looks again (it is also woken explicitly).
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// Recycle timings kept for [`Pools::recycle_stats`].
+const RECYCLE_SAMPLES: usize = 1024;
+/// The window over which a pool's demand (shells taken) is counted.
+const DEMAND_WINDOW: Duration = Duration::from_secs(1);
 /// Mappings a VM costs besides its overlay runs (guest RAM, the vCPU's run area, slack).
 pub const MAPPINGS_PER_VM: usize = 4;
 /// Mappings kept out of the VM budget for the rest of the process (heap, stacks, libraries).
@@ -102,12 +106,82 @@ struct Pool {
     last_error: Option<String>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// Used VMs of this pool being reset by the builder (counted as the pool's VMs).
+    recycling: usize,
+    /// Shells taken in the current demand window, and in the one before.
+    taken_now: usize,
+    taken_before: usize,
+    window_start: Instant,
 }
 
 impl Pool {
-    fn vms(&self) -> usize {
-        self.shells.len() + self.building
+    fn new(instance: u64, template: &Arc<Template>) -> Self {
+        Pool {
+            instance,
+            template: Arc::clone(template),
+            shells: Vec::new(),
+            target: 0,
+            building: 0,
+            mappings_each: mappings_per_clone(template),
+            last_error: None,
+            failures: 0,
+            retry_at: None,
+            recycling: 0,
+            taken_now: 0,
+            taken_before: 0,
+            window_start: Instant::now(),
+        }
     }
+
+    fn vms(&self) -> usize {
+        self.shells.len() + self.building + self.recycling
+    }
+
+    /// Counts `n` shells (or shell-sized demands) taken now.
+    fn note_taken(&mut self, n: usize) {
+        self.roll_window();
+        self.taken_now += n;
+    }
+
+    fn roll_window(&mut self) {
+        let age = self.window_start.elapsed();
+        if age >= DEMAND_WINDOW {
+            self.taken_before = if age >= 2 * DEMAND_WINDOW { 0 } else { self.taken_now };
+            self.taken_now = 0;
+            self.window_start = Instant::now();
+        }
+    }
+
+    /// How many VMs this pool may hold when used VMs come back: its configured target, or more
+    /// when clones were taken faster than that over the last demand window.
+    fn recycle_target(&mut self) -> usize {
+        self.roll_window();
+        if self.target == 0 {
+            return 0;
+        }
+        self.target.max(self.taken_now.max(self.taken_before))
+    }
+}
+
+/// A used VM waiting for the builder to reset it into a shell of its pool.
+struct Recycle {
+    template: Arc<Template>,
+    instance: u64,
+    vm: Vm,
+}
+
+/// What became of used VMs handed back to the pools.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RecycleStats {
+    /// Used VMs reset and returned to a warm pool as shells.
+    pub recycled: u64,
+    /// Used VMs torn down instead (pool full or gone, reset failed, no room).
+    pub destroyed: u64,
+    /// Used VMs waiting to be reset or being reset now.
+    pub pending: usize,
+    /// Microseconds of the most recent recycles (reset of a used VM off the request path),
+    /// oldest first.
+    pub recent_us: Vec<f64>,
 }
 
 struct State {
@@ -120,6 +194,11 @@ struct State {
     mapping_budget: usize,
     /// File descriptors the builder leaves free.
     fd_reserve: u64,
+    /// Used VMs waiting for the builder to reset them.
+    recycle_queue: VecDeque<Recycle>,
+    recycled: u64,
+    recycle_destroyed: u64,
+    recycle_us: VecDeque<f64>,
 }
 
 impl State {
@@ -152,6 +231,14 @@ impl State {
             .max_by_key(|p| p.shells.len() * p.mappings_each)
             .and_then(|p| p.shells.pop())
     }
+}
+
+/// Work for the builder thread.
+enum Job {
+    /// Build a shell for the template's pool instance.
+    Build(Arc<Template>, u64),
+    /// Reset a used VM into a shell.
+    Recycle(Recycle),
 }
 
 /// The pools of all templates, shared by the engine and its builder thread.
@@ -259,6 +346,10 @@ impl Pools {
                 max_vms: usize::MAX,
                 mapping_budget: default_mapping_budget(),
                 fd_reserve,
+                recycle_queue: VecDeque::new(),
+                recycled: 0,
+                recycle_destroyed: 0,
+                recycle_us: VecDeque::new(),
             }),
             changed: Condvar::new(),
             busy: AtomicUsize::new(0),
@@ -334,6 +425,7 @@ impl Pools {
         let template_id = template.map(Template::id);
         let shells = match template_id.and_then(|id| state.pools.get_mut(&id)) {
             Some(pool) => {
+                pool.note_taken(vms);
                 let keep = pool.shells.len().saturating_sub(vms);
                 pool.shells.split_off(keep)
             }
@@ -431,7 +523,10 @@ impl Pools {
 
     /// Takes a warm shell for `template_id`, if one is ready.
     pub(crate) fn take(&self, template_id: u64) -> Option<Vm> {
-        let shell = self.lock().pools.get_mut(&template_id).and_then(|p| p.shells.pop());
+        let shell = self.lock().pools.get_mut(&template_id).and_then(|p| {
+            p.note_taken(1);
+            p.shells.pop()
+        });
         if shell.is_some() {
             self.changed.notify_all();
         }
@@ -442,17 +537,10 @@ impl Pools {
     pub(crate) fn set_target(&self, template: &Arc<Template>, target: usize) {
         let mut state = self.lock();
         let instance = self.next_instance.fetch_add(1, Ordering::Relaxed);
-        let pool = state.pools.entry(template.id()).or_insert_with(|| Pool {
-            instance,
-            template: Arc::clone(template),
-            shells: Vec::new(),
-            target: 0,
-            building: 0,
-            mappings_each: mappings_per_clone(template),
-            last_error: None,
-            failures: 0,
-            retry_at: None,
-        });
+        let pool = state
+            .pools
+            .entry(template.id())
+            .or_insert_with(|| Pool::new(instance, template));
         pool.target = target;
         pool.failures = 0;
         pool.retry_at = None;
@@ -507,11 +595,99 @@ impl Pools {
         }
     }
 
-    /// Stops the builder and returns every shell.
+    /// Stops the builder and returns every shell (and every used VM not yet recycled).
     pub(crate) fn shut_down(&self) -> Vec<Vm> {
         self.stop.store(true, Ordering::Release);
         self.changed.notify_all();
-        self.lock().pools.drain().flat_map(|(_, p)| p.shells).collect()
+        let mut state = self.lock();
+        let queued: Vec<Vm> = state.recycle_queue.drain(..).map(|r| r.vm).collect();
+        state.pools.drain().flat_map(|(_, p)| p.shells).chain(queued).collect()
+    }
+
+    /// Hands a used VM of `template` back to its pool, to be reset into a shell by the builder.
+    /// The room it held moves from `room` (one VM's reservation) to the pool under one lock, so
+    /// it is counted exactly once throughout. Refused (the VM comes back) when the template has
+    /// no pool or its pool already holds as many VMs as it wants.
+    pub(crate) fn recycle(&self, template: &Arc<Template>, vm: Vm, room: &mut Reservation) -> Result<(), Vm> {
+        if room.vms == 0 || room.template_id != Some(template.id()) {
+            return Err(vm);
+        }
+        let mut state = self.lock();
+        let Some(pool) = state.pools.get_mut(&template.id()) else {
+            return Err(vm);
+        };
+        if pool.vms() >= pool.recycle_target() || room.mappings_each != pool.mappings_each {
+            return Err(vm);
+        }
+        pool.recycling += 1;
+        let instance = pool.instance;
+        room.vms -= 1;
+        state.admitted -= 1;
+        state.admitted_mappings -= room.mappings_each;
+        state.recycle_queue.push_back(Recycle {
+            template: Arc::clone(template),
+            instance,
+            vm,
+        });
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Puts a used VM of `template` in the place of the shell just taken for it (reset by
+    /// swap): the pool's count is back where it was, and the VM is reset by the builder. Refused
+    /// (the VM comes back) when the template has no pool any more.
+    pub(crate) fn swap_in(&self, template: &Arc<Template>, vm: Vm) -> Result<(), Vm> {
+        let mut state = self.lock();
+        let Some(pool) = state.pools.get_mut(&template.id()) else {
+            return Err(vm);
+        };
+        pool.recycling += 1;
+        let instance = pool.instance;
+        state.recycle_queue.push_back(Recycle {
+            template: Arc::clone(template),
+            instance,
+            vm,
+        });
+        drop(state);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// What became of used VMs handed back so far.
+    pub(crate) fn recycle_stats(&self) -> RecycleStats {
+        let state = self.lock();
+        RecycleStats {
+            recycled: state.recycled,
+            destroyed: state.recycle_destroyed,
+            pending: state.pools.values().map(|p| p.recycling).sum(),
+            recent_us: state.recycle_us.iter().copied().collect(),
+        }
+    }
+
+    /// Counts a used VM torn down instead of recycled.
+    pub(crate) fn note_not_recycled(&self) {
+        self.lock().recycle_destroyed += 1;
+    }
+
+    /// Waits until no used VM is waiting to be recycled, or `timeout` passes.
+    pub(crate) fn wait_recycled(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if state.pools.values().all(|p| p.recycling == 0) && state.recycle_queue.is_empty() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left.min(IDLE_POLL))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Whether the builder may open another VM's fds and keep `fd_reserve` free. A reserve of 0
@@ -521,13 +697,17 @@ impl Pools {
         fd_reserve == 0 || crate::host::fd_headroom().is_ok_and(|free| free >= fd_reserve + 2)
     }
 
-    /// The next template that wants a shell (and the pool instance it is for), once no request is
-    /// in progress and the limits leave room for one more VM.
-    fn next_job(&self) -> Option<(Arc<Template>, u64)> {
+    /// The next used VM to recycle (at once, even while requests are in progress: a reset takes
+    /// no mm-wide locks), else the next template that wants a shell (and the pool instance it is
+    /// for), once no request is in progress and the limits leave room for one more VM.
+    fn next_job(&self) -> Option<Job> {
         let mut state = self.lock();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return None;
+            }
+            if let Some(recycle) = state.recycle_queue.pop_front() {
+                return Some(Job::Recycle(recycle));
             }
             if self.busy.load(Ordering::Acquire) == 0 && Self::fds_allow_a_shell(state.fd_reserve) {
                 let now = Instant::now();
@@ -539,7 +719,7 @@ impl Pools {
                     .find(|&(_, mappings)| state.shell_fits(mappings));
                 if let Some(pool) = wanted.and_then(|(id, _)| state.pools.get_mut(&id)) {
                     pool.building += 1;
-                    return Some((Arc::clone(&pool.template), pool.instance));
+                    return Some(Job::Build(Arc::clone(&pool.template), pool.instance));
                 }
             }
             state = self
@@ -555,13 +735,61 @@ impl Pools {
     /// [`Vm::rehearse_first_run`]). A build counts against the pool instance it was started for;
     /// a shell whose pool is gone, or for which there is no room any more, is torn down.
     pub(crate) fn build_forever(&self, kvm: &Kvm, pagemap: &PageMap, slots: SlotPolicy) {
-        while let Some((template, instance)) = self.next_job() {
+        while let Some(job) = self.next_job() {
+            let (template, instance) = match job {
+                Job::Build(template, instance) => (template, instance),
+                Job::Recycle(recycle) => {
+                    self.finish_recycle(recycle, pagemap);
+                    continue;
+                }
+            };
             let built = Vm::restore_with(kvm, template.memory(), template.state(), slots).and_then(|mut vm| {
                 vm.rehearse_first_run(template.state(), pagemap)?;
                 Ok(vm)
             });
             self.finish_build(&template, instance, built);
         }
+    }
+
+    /// Resets a used VM (private pages found by `PAGEMAP_SCAN` dropped, vCPU and clock restored)
+    /// and returns it to its pool as a shell; torn down if the reset fails, the pool is gone or
+    /// no room is left.
+    fn finish_recycle(&self, recycle: Recycle, pagemap: &PageMap) {
+        let Recycle { template, instance, mut vm } = recycle;
+        let started = Instant::now();
+        let reset = vm.reset(template.state(), pagemap);
+        let took_us = started.elapsed().as_secs_f64() * 1e6;
+        let mut state = self.lock();
+        let mut unwanted = None;
+        let pool = state.pools.get_mut(&template.id()).filter(|p| p.instance == instance);
+        match pool {
+            Some(pool) => {
+                pool.recycling -= 1;
+                let mappings = pool.mappings_each;
+                if reset.is_ok() && state.shell_fits(mappings) {
+                    if let Some(pool) = state.pools.get_mut(&template.id()) {
+                        pool.shells.push(vm);
+                    }
+                } else {
+                    unwanted = Some(vm);
+                }
+            }
+            None => unwanted = Some(vm),
+        }
+        if unwanted.is_some() {
+            state.recycle_destroyed += 1;
+        } else {
+            state.recycled += 1;
+            if state.recycle_us.len() == RECYCLE_SAMPLES {
+                state.recycle_us.pop_front();
+            }
+            state.recycle_us.push_back(took_us);
+        }
+        drop(state);
+        if let Some(vm) = unwanted {
+            self.reaper.drop_later(vm);
+        }
+        self.changed.notify_all();
     }
 
     /// Accounts a finished build to the pool instance it was started for: a shell joins that
@@ -630,7 +858,9 @@ mod tests {
         let pools = pools();
         let t = template();
         pools.set_target(&t, 1);
-        let (job, first) = pools.next_job().expect("the pool wants a shell");
+        let Some(Job::Build(job, first)) = pools.next_job() else {
+            panic!("the pool wants a shell")
+        };
         // The template is retired and warmed again while the build runs: a new pool instance.
         drop(pools.remove(t.id()));
         pools.set_target(&t, 1);
@@ -640,7 +870,9 @@ mod tests {
         assert_eq!(pool.building, 0, "the old build is not counted against the new pool");
         assert!(pool.last_error.is_none(), "nor is its failure");
         drop(state);
-        let (_, second) = pools.next_job().expect("the new pool builds its own shell");
+        let Some(Job::Build(_, second)) = pools.next_job() else {
+            panic!("the new pool builds its own shell")
+        };
         assert_ne!(first, second);
     }
 
