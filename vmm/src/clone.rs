@@ -261,6 +261,18 @@ impl CloneEngine {
         shed
     }
 
+    /// Every VM counted against the VM limit now: reserved, live, warm shells, shells being built
+    /// and used VMs being recycled.
+    pub fn held_vms(&self) -> usize {
+        self.pools.held_vms()
+    }
+
+    /// Keeps the shell builder from building shells until the guard drops (used VMs are still
+    /// recycled): what every request does while it runs; tests use it to hold the pools still.
+    pub fn pause_building(&self) -> crate::pool::BusyGuard<'_> {
+        self.pools.busy()
+    }
+
     /// Warm shells of every template, plus the one being built (they count as VMs).
     pub fn pooled_vms(&self) -> usize {
         self.pools.pooled_vms()
@@ -494,26 +506,16 @@ impl CloneEngine {
             return self.reset(clone);
         }
         let started = Instant::now();
+        let _busy = self.pools.busy();
         let template = Arc::clone(&clone.template);
         let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
         let seed = fresh_seed()?;
-        let mut shell = match self.pools.take(template.id()) {
-            Some(shell) => shell,
-            None => return self.reset(clone),
-        };
-        let staged = shell
-            .start_clocks(template.state())
-            .and_then(|()| shell.set_identity(generation, seed));
-        if let Err(e) = staged {
-            self.reaper.drop_later(shell);
-            return Err(e);
+        if !self.pools.swap(&template, &mut clone.vm) {
+            return self.reset(clone);
         }
-        let used = std::mem::replace(&mut clone.vm, shell);
-        // The shell left the pool; the used VM takes its place there while it is reset.
-        if let Err(used) = self.pools.swap_in(&template, used) {
-            self.pools.note_not_recycled();
-            self.reaper.drop_later(used);
-        }
+        // The clock starts when the shell is taken, as for a new clone.
+        clone.vm.start_clocks(template.state())?;
+        clone.vm.set_identity(generation, seed)?;
         clone.generation = generation;
         clone.seed = seed;
         let reset_us = micros(started);

@@ -108,6 +108,10 @@ struct Pool {
     retry_at: Option<Instant>,
     /// Used VMs of this pool being reset by the builder (counted as the pool's VMs).
     recycling: usize,
+    /// Builds and recycles in flight that gave their room away (evicted while they could not be
+    /// stopped): no longer counted, torn down when they finish.
+    doomed_builds: usize,
+    doomed_recycles: usize,
     /// Shells taken in the current demand window, and in the one before.
     taken_now: usize,
     taken_before: usize,
@@ -127,6 +131,8 @@ impl Pool {
             failures: 0,
             retry_at: None,
             recycling: 0,
+            doomed_builds: 0,
+            doomed_recycles: 0,
             taken_now: 0,
             taken_before: 0,
             window_start: Instant::now(),
@@ -224,12 +230,31 @@ impl State {
     }
 
     /// Pops a warm shell from the pool holding the most (shells give way first).
-    fn evict_one(&mut self) -> Option<Vm> {
+    fn evict_shell(&mut self) -> Option<Vm> {
         self.pools
             .values_mut()
             .filter(|p| !p.shells.is_empty())
             .max_by_key(|p| p.shells.len() * p.mappings_each)
             .and_then(|p| p.shells.pop())
+    }
+
+    /// Makes room for one VM: pops a warm shell (`Some(Some(shell))`, for the caller to tear
+    /// down) or, with none left, takes the room of a shell being built or a used VM being
+    /// recycled (`Some(None)`), which is then torn down when it finishes. `None` when the pools
+    /// hold nothing.
+    fn evict_one(&mut self) -> Option<Option<Vm>> {
+        if let Some(shell) = self.evict_shell() {
+            return Some(Some(shell));
+        }
+        let pool = self.pools.values_mut().find(|p| p.recycling > 0 || p.building > 0)?;
+        if pool.recycling > 0 {
+            pool.recycling -= 1;
+            pool.doomed_recycles += 1;
+        } else {
+            pool.building -= 1;
+            pool.doomed_builds += 1;
+        }
+        Some(None)
     }
 }
 
@@ -251,8 +276,9 @@ pub(crate) struct Pools {
     reaper: Arc<Reaper>,
 }
 
-/// While alive, the builder stays idle (a request is being served).
-pub(crate) struct BusyGuard<'a>(&'a Pools);
+/// While alive, the builder builds no shell (a request is being served); it still recycles used
+/// VMs.
+pub struct BusyGuard<'a>(&'a Pools);
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
@@ -373,7 +399,7 @@ impl Pools {
         let mut evicted = Vec::new();
         while state.vms() > state.max_vms || state.mappings() > state.mapping_budget {
             match state.evict_one() {
-                Some(shell) => evicted.push(shell),
+                Some(shell) => evicted.extend(shell),
                 None => break,
             }
         }
@@ -434,11 +460,12 @@ impl Pools {
         state.admitted += vms;
         state.admitted_mappings += needed;
         // Shells of other templates (and any left of this one) give way. A shell still being
-        // built cannot be stopped; the builder drops it when it finishes without room.
+        // built or a used VM being recycled cannot be stopped; it gives its room away now and
+        // is torn down when it finishes.
         let mut evicted = Vec::new();
         while state.vms() > state.max_vms || state.mappings() > state.mapping_budget {
             match state.evict_one() {
-                Some(shell) => evicted.push(shell),
+                Some(shell) => evicted.extend(shell),
                 None => break,
             }
         }
@@ -485,7 +512,7 @@ impl Pools {
         let mut evicted = Vec::new();
         while state.mappings() > state.mapping_budget {
             match state.evict_one() {
-                Some(shell) => evicted.push(shell),
+                Some(shell) => evicted.extend(shell),
                 None => break,
             }
         }
@@ -508,7 +535,7 @@ impl Pools {
         let mut state = self.lock();
         let mut evicted = Vec::new();
         while evicted.len() < count {
-            match state.evict_one() {
+            match state.evict_shell() {
                 Some(shell) => evicted.push(shell),
                 None => break,
             }
@@ -563,6 +590,11 @@ impl Pools {
     /// Warm shells of `template_id`.
     pub(crate) fn len(&self, template_id: u64) -> usize {
         self.lock().pools.get(&template_id).map_or(0, |p| p.shells.len())
+    }
+
+    /// Every VM counted against the VM limit: admitted (live or being made) and pooled.
+    pub(crate) fn held_vms(&self) -> usize {
+        self.lock().vms()
     }
 
     /// Warm shells of all templates, plus shells being built.
@@ -634,24 +666,30 @@ impl Pools {
         Ok(())
     }
 
-    /// Puts a used VM of `template` in the place of the shell just taken for it (reset by
-    /// swap): the pool's count is back where it was, and the VM is reset by the builder. Refused
-    /// (the VM comes back) when the template has no pool any more.
-    pub(crate) fn swap_in(&self, template: &Arc<Template>, vm: Vm) -> Result<(), Vm> {
+    /// Reset by swap, under one lock: if `template` has a warm shell, it takes the place of the
+    /// used VM in `vm` and the used VM takes the shell's place in the pool, to be reset by the
+    /// builder (the pool's count never changes). False, with `vm` untouched, when no shell is
+    /// ready.
+    pub(crate) fn swap(&self, template: &Arc<Template>, vm: &mut Vm) -> bool {
         let mut state = self.lock();
         let Some(pool) = state.pools.get_mut(&template.id()) else {
-            return Err(vm);
+            return false;
         };
+        let Some(shell) = pool.shells.pop() else {
+            return false;
+        };
+        pool.note_taken(1);
         pool.recycling += 1;
         let instance = pool.instance;
+        let used = std::mem::replace(vm, shell);
         state.recycle_queue.push_back(Recycle {
             template: Arc::clone(template),
             instance,
-            vm,
+            vm: used,
         });
         drop(state);
         self.changed.notify_all();
-        Ok(())
+        true
     }
 
     /// What became of used VMs handed back so far.
@@ -660,7 +698,7 @@ impl Pools {
         RecycleStats {
             recycled: state.recycled,
             destroyed: state.recycle_destroyed,
-            pending: state.pools.values().map(|p| p.recycling).sum(),
+            pending: state.pools.values().map(|p| p.recycling + p.doomed_recycles).sum(),
             recent_us: state.recycle_us.iter().copied().collect(),
         }
     }
@@ -675,7 +713,8 @@ impl Pools {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            if state.pools.values().all(|p| p.recycling == 0) && state.recycle_queue.is_empty() {
+            let idle = state.pools.values().all(|p| p.recycling + p.doomed_recycles == 0);
+            if idle && state.recycle_queue.is_empty() {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -755,7 +794,11 @@ impl Pools {
     /// and returns it to its pool as a shell; torn down if the reset fails, the pool is gone or
     /// no room is left.
     fn finish_recycle(&self, recycle: Recycle, pagemap: &PageMap) {
-        let Recycle { template, instance, mut vm } = recycle;
+        let Recycle {
+            template,
+            instance,
+            mut vm,
+        } = recycle;
         let started = Instant::now();
         let reset = vm.reset(template.state(), pagemap);
         let took_us = started.elapsed().as_secs_f64() * 1e6;
@@ -763,6 +806,10 @@ impl Pools {
         let mut unwanted = None;
         let pool = state.pools.get_mut(&template.id()).filter(|p| p.instance == instance);
         match pool {
+            Some(pool) if pool.doomed_recycles > 0 => {
+                pool.doomed_recycles -= 1;
+                unwanted = Some(vm);
+            }
             Some(pool) => {
                 pool.recycling -= 1;
                 let mappings = pool.mappings_each;
@@ -800,6 +847,10 @@ impl Pools {
         let mut unwanted = None;
         let own = state.pools.get_mut(&template.id()).filter(|p| p.instance == instance);
         match (own, built) {
+            (Some(pool), built) if pool.doomed_builds > 0 => {
+                pool.doomed_builds -= 1;
+                unwanted = built.ok();
+            }
             (Some(pool), Ok(vm)) => {
                 pool.building -= 1;
                 pool.last_error = None;
