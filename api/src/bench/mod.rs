@@ -5,6 +5,7 @@ mod cells;
 mod load;
 mod plot;
 mod probe;
+mod recycle;
 mod spawn;
 mod stats;
 mod sweeps;
