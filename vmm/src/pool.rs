@@ -229,6 +229,16 @@ impl State {
         self.vms() < self.max_vms && self.mappings() + mappings <= self.mapping_budget
     }
 
+    /// The template of a pool that wants one more shell, with room for it.
+    fn wanted_shell(&self) -> Option<u64> {
+        let now = Instant::now();
+        self.pools
+            .values()
+            .filter(|p| p.vms() < p.target && p.retry_at.is_none_or(|at| at <= now))
+            .find(|p| self.shell_fits(p.mappings_each))
+            .map(|p| p.template.id())
+    }
+
     /// Pops a warm shell from the pool holding the most (shells give way first).
     fn evict_shell(&mut self) -> Option<Vm> {
         self.pools
@@ -687,8 +697,9 @@ impl Pools {
             instance,
             vm: used,
         });
+        // The builder is not woken here: the caller holds a busy guard, whose drop wakes it
+        // once the request is done, so the recycle never preempts the request it came from.
         drop(state);
-        self.changed.notify_all();
         true
     }
 
@@ -748,17 +759,19 @@ impl Pools {
             if let Some(recycle) = state.recycle_queue.pop_front() {
                 return Some(Job::Recycle(recycle));
             }
-            if self.busy.load(Ordering::Acquire) == 0 && Self::fds_allow_a_shell(state.fd_reserve) {
-                let now = Instant::now();
-                let wanted = state
-                    .pools
-                    .values()
-                    .filter(|p| p.vms() < p.target && p.retry_at.is_none_or(|at| at <= now))
-                    .map(|p| (p.template.id(), p.mappings_each))
-                    .find(|&(_, mappings)| state.shell_fits(mappings));
-                if let Some(pool) = wanted.and_then(|(id, _)| state.pools.get_mut(&id)) {
-                    pool.building += 1;
-                    return Some(Job::Build(Arc::clone(&pool.template), pool.instance));
+            if self.busy.load(Ordering::Acquire) == 0 && state.wanted_shell().is_some() {
+                // Listing /proc/self/fd takes long with many VMs open: never under the lock,
+                // which every clone, reset and delete takes.
+                let reserve = state.fd_reserve;
+                drop(state);
+                let fds_allow = Self::fds_allow_a_shell(reserve);
+                state = self.lock();
+                let wanted = state.wanted_shell().filter(|_| fds_allow);
+                if let Some(pool) = wanted.and_then(|id| state.pools.get_mut(&id)) {
+                    if self.busy.load(Ordering::Acquire) == 0 {
+                        pool.building += 1;
+                        return Some(Job::Build(Arc::clone(&pool.template), pool.instance));
+                    }
                 }
             }
             state = self

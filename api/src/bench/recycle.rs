@@ -106,16 +106,20 @@ pub fn swap_resets(
 }
 
 fn warm_shells(client: &Client, template: &str) -> Result<u64, BenchError> {
-    Ok(call(client, "GET", &format!("/v1/templates/{template}"), None)?["warm_shells"]
-        .as_u64()
-        .unwrap_or(0))
+    Ok(
+        call(client, "GET", &format!("/v1/templates/{template}"), None)?["warm_shells"]
+            .as_u64()
+            .unwrap_or(0),
+    )
 }
 
 fn wait_for_shells(client: &Client, template: &str, shells: u64) -> Result<(), BenchError> {
     let until = Instant::now() + WAIT;
     while warm_shells(client, template)? < shells {
         if Instant::now() > until {
-            return Err(BenchError::Setup(format!("{template} did not reach {shells} warm shells")));
+            return Err(BenchError::Setup(format!(
+                "{template} did not reach {shells} warm shells"
+            )));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -173,10 +177,16 @@ pub fn api_clones(memory_mib: u64, samples: usize, batch: usize) -> Result<Value
         .request("GET", "/metrics", None)
         .map(|a| a.body.as_str().unwrap_or_default().to_owned())
         .unwrap_or_default();
-    let recycled = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("cowvm_vms_recycled_total ").and_then(|v| v.trim().parse::<u64>().ok()));
-    call(&client, "POST", &format!("/v1/templates/{template}/warm"), Some(json!({"shells": 0})))?;
+    let recycled = metrics.lines().find_map(|l| {
+        l.strip_prefix("cowvm_vms_recycled_total ")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    call(
+        &client,
+        "POST",
+        &format!("/v1/templates/{template}/warm"),
+        Some(json!({"shells": 0})),
+    )?;
     server.stop().map_err(|e| BenchError::Setup(e.to_string()))?;
     Ok(json!({
         "api_clone_us": Percentiles::of(&single),
