@@ -545,8 +545,8 @@ impl CloneEngine {
             Some(mut room) if Self::recyclable(&clone) => {
                 let Clone { template, vm, .. } = clone;
                 match self.pools.recycle(&template, vm, &mut room) {
-                    Ok(()) => true,
-                    Err(vm) => {
+                    None => true,
+                    Some(vm) => {
                         self.pools.note_not_recycled();
                         self.reaper.drop_later(vm);
                         false

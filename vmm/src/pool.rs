@@ -273,7 +273,7 @@ enum Job {
     /// Build a shell for the template's pool instance.
     Build(Arc<Template>, u64),
     /// Reset a used VM into a shell.
-    Recycle(Recycle),
+    Recycle(Box<Recycle>),
 }
 
 /// The pools of all templates, shared by the engine and its builder thread.
@@ -648,18 +648,18 @@ impl Pools {
 
     /// Hands a used VM of `template` back to its pool, to be reset into a shell by the builder.
     /// The room it held moves from `room` (one VM's reservation) to the pool under one lock, so
-    /// it is counted exactly once throughout. Refused (the VM comes back) when the template has
-    /// no pool or its pool already holds as many VMs as it wants.
-    pub(crate) fn recycle(&self, template: &Arc<Template>, vm: Vm, room: &mut Reservation) -> Result<(), Vm> {
+    /// it is counted exactly once throughout. Refused (the VM comes back as `Some`) when the
+    /// template has no pool or its pool already holds as many VMs as it wants.
+    pub(crate) fn recycle(&self, template: &Arc<Template>, vm: Vm, room: &mut Reservation) -> Option<Vm> {
         if room.vms == 0 || room.template_id != Some(template.id()) {
-            return Err(vm);
+            return Some(vm);
         }
         let mut state = self.lock();
         let Some(pool) = state.pools.get_mut(&template.id()) else {
-            return Err(vm);
+            return Some(vm);
         };
         if pool.vms() >= pool.recycle_target() || room.mappings_each != pool.mappings_each {
-            return Err(vm);
+            return Some(vm);
         }
         pool.recycling += 1;
         let instance = pool.instance;
@@ -673,7 +673,7 @@ impl Pools {
         });
         drop(state);
         self.changed.notify_all();
-        Ok(())
+        None
     }
 
     /// Reset by swap, under one lock: if `template` has a warm shell, it takes the place of the
@@ -757,7 +757,7 @@ impl Pools {
                 return None;
             }
             if let Some(recycle) = state.recycle_queue.pop_front() {
-                return Some(Job::Recycle(recycle));
+                return Some(Job::Recycle(Box::new(recycle)));
             }
             if self.busy.load(Ordering::Acquire) == 0 && state.wanted_shell().is_some() {
                 // Listing /proc/self/fd takes long with many VMs open: never under the lock,
@@ -791,7 +791,7 @@ impl Pools {
             let (template, instance) = match job {
                 Job::Build(template, instance) => (template, instance),
                 Job::Recycle(recycle) => {
-                    self.finish_recycle(recycle, pagemap);
+                    self.finish_recycle(*recycle, pagemap);
                     continue;
                 }
             };
