@@ -466,6 +466,7 @@ pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), Be
         "api_clone_us": api["api_clone_us"],
         "api_clones_1000_ms": api["api_clones_1000_ms"],
         "api_clones_1000_recycled_ms": api["api_clones_1000_recycled_ms"],
+        "api_clones_1000_engine_ms": api["api_clones_1000_engine_ms"],
         "api_vms_recycled": api["api_vms_recycled"],
         "live_fork_pause_us": live_fork_pause,
         "live_fork_layered_pause_us": layered_fork_pause,
