@@ -340,8 +340,13 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
             if conn.json {
                 print_json(&done)
             } else {
+                let how = if done["swapped"] == true {
+                    "by swap (the used VM is recycled in the background)"
+                } else {
+                    "in place"
+                };
                 println!(
-                    "reset {id} in {:.0} µs, {} private pages dropped",
+                    "reset {id} {how} in {:.0} µs, {} private pages dropped",
                     num(&done["reset_us"]),
                     done["pages_dropped"]
                 );

@@ -50,6 +50,14 @@ fn test_bench_spawn_writes_every_promised_key() {
     assert!(number(&r["baselines"]["fork_us"]["p50"]) > 0.0);
     assert!(number(&r["reset_us"]["clean"]) > 0.0);
     assert!(number(&r["reset_us"]["dirty_1000"]) > 0.0);
+    assert_eq!(r["reset_us"]["by"], "swap");
+    assert!(number(&r["reset_us"]["in_place"]["clean"]) > 0.0);
+    assert!(number(&r["reset_us"]["in_place"]["dirty_1000"]) > 0.0);
+    assert!(number(&r["recycle_us"]["p50"]) > 0.0);
+    assert!(number(&r["api_clone_us"]["p50"]) > 0.0);
+    assert!(number(&r["api_clone_us"]["p99"]) > 0.0);
+    assert!(number(&r["api_clones_1000_ms"]) > 0.0);
+    assert!(number(&r["api_vms_recycled"]) > 0.0, "deleted API clones were recycled");
     let summary = String::from_utf8_lossy(&out.stdout);
     assert!(summary.contains("spawn (request → first guest exit)"), "{summary}");
 }

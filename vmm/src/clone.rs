@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::kvm::Kvm;
 use crate::memory::MemoryError;
 use crate::pagemap::PageMap;
-use crate::pool::{AdmitError, Pools, Reservation};
+use crate::pool::{AdmitError, Pools, RecycleStats, Reservation};
 use crate::reaper::Reaper;
 use crate::slots::SlotPolicy;
 use crate::template::Template;
@@ -153,6 +153,10 @@ pub struct ResetReport {
     pub generation: u64,
     /// The clone's new seed.
     pub seed: u64,
+    /// Whether the clone was given a warm shell of its template (its used VM is recycled in the
+    /// background; `pages_dropped` is then 0 and `steps` covers only the swap) rather than
+    /// reset in place.
+    pub swapped: bool,
 }
 
 /// The result of a live fork.
@@ -255,6 +259,18 @@ impl CloneEngine {
             self.reaper.flush();
         }
         shed
+    }
+
+    /// Every VM counted against the VM limit now: reserved, live, warm shells, shells being built
+    /// and used VMs being recycled.
+    pub fn held_vms(&self) -> usize {
+        self.pools.held_vms()
+    }
+
+    /// Keeps the shell builder from building shells until the guard drops (used VMs are still
+    /// recycled): what every request does while it runs; tests use it to hold the pools still.
+    pub fn pause_building(&self) -> crate::pool::BusyGuard<'_> {
+        self.pools.busy()
     }
 
     /// Warm shells of every template, plus the one being built (they count as VMs).
@@ -479,7 +495,93 @@ impl CloneEngine {
             steps,
             generation,
             seed,
+            swapped: false,
         })
+    }
+
+    /// Whether `clone`'s VM can go back to its template's pool: its RAM still maps exactly the
+    /// template's memory (a snapshot of a clone remaps it onto the new layer).
+    fn recyclable(clone: &Clone) -> bool {
+        clone
+            .vm
+            .ram()
+            .template()
+            .is_some_and(|memory| memory.same_as(clone.template.memory()))
+    }
+
+    /// Returns `clone` to its template's state by swap: it gets a warm shell of its template
+    /// (same id, new generation id, seed and clock) and its used VM is reset into a shell in the
+    /// background. Resets in place (see [`CloneEngine::reset`]) when no shell is ready.
+    pub fn reset_by_swap(&self, clone: &mut Clone) -> Result<ResetReport, VmError> {
+        if !Self::recyclable(clone) {
+            return self.reset(clone);
+        }
+        let started = Instant::now();
+        let _busy = self.pools.busy();
+        let template = Arc::clone(&clone.template);
+        let generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+        let seed = fresh_seed()?;
+        if !self.pools.swap(&template, &mut clone.vm) {
+            return self.reset(clone);
+        }
+        // The clock starts when the shell is taken, as for a new clone.
+        clone.vm.start_clocks(template.state())?;
+        clone.vm.set_identity(generation, seed)?;
+        clone.generation = generation;
+        clone.seed = seed;
+        let reset_us = micros(started);
+        Ok(ResetReport {
+            reset_us,
+            pages_dropped: 0,
+            steps: ResetSteps {
+                pages_dropped: 0,
+                runs: 0,
+                scan_us: 0.0,
+                discard_us: 0.0,
+                restore_us: reset_us,
+            },
+            generation,
+            seed,
+            swapped: true,
+        })
+    }
+
+    /// Hands a clone that is done with back to the engine: its VM is reset in the background
+    /// and returns to its template's warm pool as a shell when the pool wants it (up to its
+    /// target, or the recent clone rate if higher); otherwise it is torn down. `room` is the
+    /// reservation the clone held; the room moves to the pool with the VM (or is given back).
+    /// Returns whether the VM is being recycled.
+    pub fn recycle(&self, clone: Clone, room: Option<Reservation>) -> bool {
+        match room {
+            Some(mut room) if Self::recyclable(&clone) => {
+                let Clone { template, vm, .. } = clone;
+                match self.pools.recycle(&template, vm, &mut room) {
+                    None => true,
+                    Some(vm) => {
+                        self.pools.note_not_recycled();
+                        self.reaper.drop_later(vm);
+                        false
+                    }
+                }
+            }
+            room => {
+                self.pools.note_not_recycled();
+                self.reaper.drop_later(clone);
+                drop(room);
+                false
+            }
+        }
+    }
+
+    /// What became of used VMs handed back ([`CloneEngine::recycle`], reset by swap).
+    pub fn recycle_stats(&self) -> RecycleStats {
+        self.pools.recycle_stats()
+    }
+
+    /// Waits until every used VM handed back so far has been recycled or torn down; false on
+    /// timeout.
+    pub fn wait_recycled(&self, timeout: Duration) -> bool {
+        self.pools.wait_recycled(timeout)
     }
 
     /// Clones a running VM: pauses it just long enough to capture its state and freeze its RAM

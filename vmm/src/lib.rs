@@ -45,6 +45,6 @@ pub use command::{CommandError, CommandOutput, GuestCommand};
 pub use exit::GuestExit;
 pub use kvm::{Kvm, KvmError};
 pub use memory::{FrozenMemory, GuestRam, MemoryError, TemplateMemory};
-pub use pool::{AdmitError, Reservation};
+pub use pool::{AdmitError, RecycleStats, Reservation};
 pub use template::Template;
 pub use vm::{BootReport, Kernel, Vm, VmConfig, VmError, VmState};

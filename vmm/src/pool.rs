@@ -18,7 +18,7 @@
 //! process-wide mapping budget, evicting shells first when the room is needed; the builder builds
 //! only into room nobody has reserved, and only while enough file descriptors stay free.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -36,6 +36,10 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often an idle builder looks again (it is also woken explicitly).
 const IDLE_POLL: Duration = Duration::from_millis(20);
+/// Recycle timings kept for [`Pools::recycle_stats`].
+const RECYCLE_SAMPLES: usize = 1024;
+/// The window over which a pool's demand (shells taken) is counted.
+const DEMAND_WINDOW: Duration = Duration::from_secs(1);
 /// Mappings a VM costs besides its overlay runs (guest RAM, the vCPU's run area, slack).
 pub const MAPPINGS_PER_VM: usize = 4;
 /// Mappings kept out of the VM budget for the rest of the process (heap, stacks, libraries).
@@ -102,12 +106,88 @@ struct Pool {
     last_error: Option<String>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// Used VMs of this pool being reset by the builder (counted as the pool's VMs).
+    recycling: usize,
+    /// Builds and recycles in flight that gave their room away (evicted while they could not be
+    /// stopped): no longer counted, torn down when they finish.
+    doomed_builds: usize,
+    doomed_recycles: usize,
+    /// Shells taken in the current demand window, and in the one before.
+    taken_now: usize,
+    taken_before: usize,
+    window_start: Instant,
 }
 
 impl Pool {
-    fn vms(&self) -> usize {
-        self.shells.len() + self.building
+    fn new(instance: u64, template: &Arc<Template>) -> Self {
+        Pool {
+            instance,
+            template: Arc::clone(template),
+            shells: Vec::new(),
+            target: 0,
+            building: 0,
+            mappings_each: mappings_per_clone(template),
+            last_error: None,
+            failures: 0,
+            retry_at: None,
+            recycling: 0,
+            doomed_builds: 0,
+            doomed_recycles: 0,
+            taken_now: 0,
+            taken_before: 0,
+            window_start: Instant::now(),
+        }
     }
+
+    fn vms(&self) -> usize {
+        self.shells.len() + self.building + self.recycling
+    }
+
+    /// Counts `n` shells (or shell-sized demands) taken now.
+    fn note_taken(&mut self, n: usize) {
+        self.roll_window();
+        self.taken_now += n;
+    }
+
+    fn roll_window(&mut self) {
+        let age = self.window_start.elapsed();
+        if age >= DEMAND_WINDOW {
+            self.taken_before = if age >= 2 * DEMAND_WINDOW { 0 } else { self.taken_now };
+            self.taken_now = 0;
+            self.window_start = Instant::now();
+        }
+    }
+
+    /// How many VMs this pool may hold when used VMs come back: its configured target, or more
+    /// when clones were taken faster than that over the last demand window.
+    fn recycle_target(&mut self) -> usize {
+        self.roll_window();
+        if self.target == 0 {
+            return 0;
+        }
+        self.target.max(self.taken_now.max(self.taken_before))
+    }
+}
+
+/// A used VM waiting for the builder to reset it into a shell of its pool.
+struct Recycle {
+    template: Arc<Template>,
+    instance: u64,
+    vm: Vm,
+}
+
+/// What became of used VMs handed back to the pools.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RecycleStats {
+    /// Used VMs reset and returned to a warm pool as shells.
+    pub recycled: u64,
+    /// Used VMs torn down instead (pool full or gone, reset failed, no room).
+    pub destroyed: u64,
+    /// Used VMs waiting to be reset or being reset now.
+    pub pending: usize,
+    /// Microseconds of the most recent recycles (reset of a used VM off the request path),
+    /// oldest first.
+    pub recent_us: Vec<f64>,
 }
 
 struct State {
@@ -120,6 +200,11 @@ struct State {
     mapping_budget: usize,
     /// File descriptors the builder leaves free.
     fd_reserve: u64,
+    /// Used VMs waiting for the builder to reset them.
+    recycle_queue: VecDeque<Recycle>,
+    recycled: u64,
+    recycle_destroyed: u64,
+    recycle_us: VecDeque<f64>,
 }
 
 impl State {
@@ -144,14 +229,51 @@ impl State {
         self.vms() < self.max_vms && self.mappings() + mappings <= self.mapping_budget
     }
 
+    /// The template of a pool that wants one more shell, with room for it.
+    fn wanted_shell(&self) -> Option<u64> {
+        let now = Instant::now();
+        self.pools
+            .values()
+            .filter(|p| p.vms() < p.target && p.retry_at.is_none_or(|at| at <= now))
+            .find(|p| self.shell_fits(p.mappings_each))
+            .map(|p| p.template.id())
+    }
+
     /// Pops a warm shell from the pool holding the most (shells give way first).
-    fn evict_one(&mut self) -> Option<Vm> {
+    fn evict_shell(&mut self) -> Option<Vm> {
         self.pools
             .values_mut()
             .filter(|p| !p.shells.is_empty())
             .max_by_key(|p| p.shells.len() * p.mappings_each)
             .and_then(|p| p.shells.pop())
     }
+
+    /// Makes room for one VM: pops a warm shell (`Some(Some(shell))`, for the caller to tear
+    /// down) or, with none left, takes the room of a shell being built or a used VM being
+    /// recycled (`Some(None)`), which is then torn down when it finishes. `None` when the pools
+    /// hold nothing.
+    fn evict_one(&mut self) -> Option<Option<Vm>> {
+        if let Some(shell) = self.evict_shell() {
+            return Some(Some(shell));
+        }
+        let pool = self.pools.values_mut().find(|p| p.recycling > 0 || p.building > 0)?;
+        if pool.recycling > 0 {
+            pool.recycling -= 1;
+            pool.doomed_recycles += 1;
+        } else {
+            pool.building -= 1;
+            pool.doomed_builds += 1;
+        }
+        Some(None)
+    }
+}
+
+/// Work for the builder thread.
+enum Job {
+    /// Build a shell for the template's pool instance.
+    Build(Arc<Template>, u64),
+    /// Reset a used VM into a shell.
+    Recycle(Box<Recycle>),
 }
 
 /// The pools of all templates, shared by the engine and its builder thread.
@@ -164,8 +286,9 @@ pub(crate) struct Pools {
     reaper: Arc<Reaper>,
 }
 
-/// While alive, the builder stays idle (a request is being served).
-pub(crate) struct BusyGuard<'a>(&'a Pools);
+/// While alive, the builder builds no shell (a request is being served); it still recycles used
+/// VMs.
+pub struct BusyGuard<'a>(&'a Pools);
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
@@ -259,6 +382,10 @@ impl Pools {
                 max_vms: usize::MAX,
                 mapping_budget: default_mapping_budget(),
                 fd_reserve,
+                recycle_queue: VecDeque::new(),
+                recycled: 0,
+                recycle_destroyed: 0,
+                recycle_us: VecDeque::new(),
             }),
             changed: Condvar::new(),
             busy: AtomicUsize::new(0),
@@ -282,7 +409,7 @@ impl Pools {
         let mut evicted = Vec::new();
         while state.vms() > state.max_vms || state.mappings() > state.mapping_budget {
             match state.evict_one() {
-                Some(shell) => evicted.push(shell),
+                Some(shell) => evicted.extend(shell),
                 None => break,
             }
         }
@@ -334,6 +461,7 @@ impl Pools {
         let template_id = template.map(Template::id);
         let shells = match template_id.and_then(|id| state.pools.get_mut(&id)) {
             Some(pool) => {
+                pool.note_taken(vms);
                 let keep = pool.shells.len().saturating_sub(vms);
                 pool.shells.split_off(keep)
             }
@@ -342,11 +470,12 @@ impl Pools {
         state.admitted += vms;
         state.admitted_mappings += needed;
         // Shells of other templates (and any left of this one) give way. A shell still being
-        // built cannot be stopped; the builder drops it when it finishes without room.
+        // built or a used VM being recycled cannot be stopped; it gives its room away now and
+        // is torn down when it finishes.
         let mut evicted = Vec::new();
         while state.vms() > state.max_vms || state.mappings() > state.mapping_budget {
             match state.evict_one() {
-                Some(shell) => evicted.push(shell),
+                Some(shell) => evicted.extend(shell),
                 None => break,
             }
         }
@@ -393,7 +522,7 @@ impl Pools {
         let mut evicted = Vec::new();
         while state.mappings() > state.mapping_budget {
             match state.evict_one() {
-                Some(shell) => evicted.push(shell),
+                Some(shell) => evicted.extend(shell),
                 None => break,
             }
         }
@@ -416,7 +545,7 @@ impl Pools {
         let mut state = self.lock();
         let mut evicted = Vec::new();
         while evicted.len() < count {
-            match state.evict_one() {
+            match state.evict_shell() {
                 Some(shell) => evicted.push(shell),
                 None => break,
             }
@@ -431,7 +560,10 @@ impl Pools {
 
     /// Takes a warm shell for `template_id`, if one is ready.
     pub(crate) fn take(&self, template_id: u64) -> Option<Vm> {
-        let shell = self.lock().pools.get_mut(&template_id).and_then(|p| p.shells.pop());
+        let shell = self.lock().pools.get_mut(&template_id).and_then(|p| {
+            p.note_taken(1);
+            p.shells.pop()
+        });
         if shell.is_some() {
             self.changed.notify_all();
         }
@@ -442,17 +574,10 @@ impl Pools {
     pub(crate) fn set_target(&self, template: &Arc<Template>, target: usize) {
         let mut state = self.lock();
         let instance = self.next_instance.fetch_add(1, Ordering::Relaxed);
-        let pool = state.pools.entry(template.id()).or_insert_with(|| Pool {
-            instance,
-            template: Arc::clone(template),
-            shells: Vec::new(),
-            target: 0,
-            building: 0,
-            mappings_each: mappings_per_clone(template),
-            last_error: None,
-            failures: 0,
-            retry_at: None,
-        });
+        let pool = state
+            .pools
+            .entry(template.id())
+            .or_insert_with(|| Pool::new(instance, template));
         pool.target = target;
         pool.failures = 0;
         pool.retry_at = None;
@@ -475,6 +600,11 @@ impl Pools {
     /// Warm shells of `template_id`.
     pub(crate) fn len(&self, template_id: u64) -> usize {
         self.lock().pools.get(&template_id).map_or(0, |p| p.shells.len())
+    }
+
+    /// Every VM counted against the VM limit: admitted (live or being made) and pooled.
+    pub(crate) fn held_vms(&self) -> usize {
+        self.lock().vms()
     }
 
     /// Warm shells of all templates, plus shells being built.
@@ -507,11 +637,107 @@ impl Pools {
         }
     }
 
-    /// Stops the builder and returns every shell.
+    /// Stops the builder and returns every shell (and every used VM not yet recycled).
     pub(crate) fn shut_down(&self) -> Vec<Vm> {
         self.stop.store(true, Ordering::Release);
         self.changed.notify_all();
-        self.lock().pools.drain().flat_map(|(_, p)| p.shells).collect()
+        let mut state = self.lock();
+        let queued: Vec<Vm> = state.recycle_queue.drain(..).map(|r| r.vm).collect();
+        state.pools.drain().flat_map(|(_, p)| p.shells).chain(queued).collect()
+    }
+
+    /// Hands a used VM of `template` back to its pool, to be reset into a shell by the builder.
+    /// The room it held moves from `room` (one VM's reservation) to the pool under one lock, so
+    /// it is counted exactly once throughout. Refused (the VM comes back as `Some`) when the
+    /// template has no pool or its pool already holds as many VMs as it wants.
+    pub(crate) fn recycle(&self, template: &Arc<Template>, vm: Vm, room: &mut Reservation) -> Option<Vm> {
+        if room.vms == 0 || room.template_id != Some(template.id()) {
+            return Some(vm);
+        }
+        let mut state = self.lock();
+        let Some(pool) = state.pools.get_mut(&template.id()) else {
+            return Some(vm);
+        };
+        if pool.vms() >= pool.recycle_target() || room.mappings_each != pool.mappings_each {
+            return Some(vm);
+        }
+        pool.recycling += 1;
+        let instance = pool.instance;
+        room.vms -= 1;
+        state.admitted -= 1;
+        state.admitted_mappings -= room.mappings_each;
+        state.recycle_queue.push_back(Recycle {
+            template: Arc::clone(template),
+            instance,
+            vm,
+        });
+        drop(state);
+        self.changed.notify_all();
+        None
+    }
+
+    /// Reset by swap, under one lock: if `template` has a warm shell, it takes the place of the
+    /// used VM in `vm` and the used VM takes the shell's place in the pool, to be reset by the
+    /// builder (the pool's count never changes). False, with `vm` untouched, when no shell is
+    /// ready.
+    pub(crate) fn swap(&self, template: &Arc<Template>, vm: &mut Vm) -> bool {
+        let mut state = self.lock();
+        let Some(pool) = state.pools.get_mut(&template.id()) else {
+            return false;
+        };
+        let Some(shell) = pool.shells.pop() else {
+            return false;
+        };
+        pool.note_taken(1);
+        pool.recycling += 1;
+        let instance = pool.instance;
+        let used = std::mem::replace(vm, shell);
+        state.recycle_queue.push_back(Recycle {
+            template: Arc::clone(template),
+            instance,
+            vm: used,
+        });
+        // The builder is not woken here: the caller holds a busy guard, whose drop wakes it
+        // once the request is done, so the recycle never preempts the request it came from.
+        drop(state);
+        true
+    }
+
+    /// What became of used VMs handed back so far.
+    pub(crate) fn recycle_stats(&self) -> RecycleStats {
+        let state = self.lock();
+        RecycleStats {
+            recycled: state.recycled,
+            destroyed: state.recycle_destroyed,
+            pending: state.pools.values().map(|p| p.recycling + p.doomed_recycles).sum(),
+            recent_us: state.recycle_us.iter().copied().collect(),
+        }
+    }
+
+    /// Counts a used VM torn down instead of recycled.
+    pub(crate) fn note_not_recycled(&self) {
+        self.lock().recycle_destroyed += 1;
+    }
+
+    /// Waits until no used VM is waiting to be recycled, or `timeout` passes.
+    pub(crate) fn wait_recycled(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            let idle = state.pools.values().all(|p| p.recycling + p.doomed_recycles == 0);
+            if idle && state.recycle_queue.is_empty() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left.min(IDLE_POLL))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Whether the builder may open another VM's fds and keep `fd_reserve` free. A reserve of 0
@@ -521,25 +747,31 @@ impl Pools {
         fd_reserve == 0 || crate::host::fd_headroom().is_ok_and(|free| free >= fd_reserve + 2)
     }
 
-    /// The next template that wants a shell (and the pool instance it is for), once no request is
-    /// in progress and the limits leave room for one more VM.
-    fn next_job(&self) -> Option<(Arc<Template>, u64)> {
+    /// The next used VM to recycle (at once, even while requests are in progress: a reset takes
+    /// no mm-wide locks), else the next template that wants a shell (and the pool instance it is
+    /// for), once no request is in progress and the limits leave room for one more VM.
+    fn next_job(&self) -> Option<Job> {
         let mut state = self.lock();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return None;
             }
-            if self.busy.load(Ordering::Acquire) == 0 && Self::fds_allow_a_shell(state.fd_reserve) {
-                let now = Instant::now();
-                let wanted = state
-                    .pools
-                    .values()
-                    .filter(|p| p.vms() < p.target && p.retry_at.is_none_or(|at| at <= now))
-                    .map(|p| (p.template.id(), p.mappings_each))
-                    .find(|&(_, mappings)| state.shell_fits(mappings));
-                if let Some(pool) = wanted.and_then(|(id, _)| state.pools.get_mut(&id)) {
-                    pool.building += 1;
-                    return Some((Arc::clone(&pool.template), pool.instance));
+            if let Some(recycle) = state.recycle_queue.pop_front() {
+                return Some(Job::Recycle(Box::new(recycle)));
+            }
+            if self.busy.load(Ordering::Acquire) == 0 && state.wanted_shell().is_some() {
+                // Listing /proc/self/fd takes long with many VMs open: never under the lock,
+                // which every clone, reset and delete takes.
+                let reserve = state.fd_reserve;
+                drop(state);
+                let fds_allow = Self::fds_allow_a_shell(reserve);
+                state = self.lock();
+                let wanted = state.wanted_shell().filter(|_| fds_allow);
+                if let Some(pool) = wanted.and_then(|id| state.pools.get_mut(&id)) {
+                    if self.busy.load(Ordering::Acquire) == 0 {
+                        pool.building += 1;
+                        return Some(Job::Build(Arc::clone(&pool.template), pool.instance));
+                    }
                 }
             }
             state = self
@@ -555,13 +787,69 @@ impl Pools {
     /// [`Vm::rehearse_first_run`]). A build counts against the pool instance it was started for;
     /// a shell whose pool is gone, or for which there is no room any more, is torn down.
     pub(crate) fn build_forever(&self, kvm: &Kvm, pagemap: &PageMap, slots: SlotPolicy) {
-        while let Some((template, instance)) = self.next_job() {
+        while let Some(job) = self.next_job() {
+            let (template, instance) = match job {
+                Job::Build(template, instance) => (template, instance),
+                Job::Recycle(recycle) => {
+                    self.finish_recycle(*recycle, pagemap);
+                    continue;
+                }
+            };
             let built = Vm::restore_with(kvm, template.memory(), template.state(), slots).and_then(|mut vm| {
                 vm.rehearse_first_run(template.state(), pagemap)?;
                 Ok(vm)
             });
             self.finish_build(&template, instance, built);
         }
+    }
+
+    /// Resets a used VM (private pages found by `PAGEMAP_SCAN` dropped, vCPU and clock restored)
+    /// and returns it to its pool as a shell; torn down if the reset fails, the pool is gone or
+    /// no room is left.
+    fn finish_recycle(&self, recycle: Recycle, pagemap: &PageMap) {
+        let Recycle {
+            template,
+            instance,
+            mut vm,
+        } = recycle;
+        let started = Instant::now();
+        let reset = vm.reset(template.state(), pagemap);
+        let took_us = started.elapsed().as_secs_f64() * 1e6;
+        let mut state = self.lock();
+        let mut unwanted = None;
+        let pool = state.pools.get_mut(&template.id()).filter(|p| p.instance == instance);
+        match pool {
+            Some(pool) if pool.doomed_recycles > 0 => {
+                pool.doomed_recycles -= 1;
+                unwanted = Some(vm);
+            }
+            Some(pool) => {
+                pool.recycling -= 1;
+                let mappings = pool.mappings_each;
+                if reset.is_ok() && state.shell_fits(mappings) {
+                    if let Some(pool) = state.pools.get_mut(&template.id()) {
+                        pool.shells.push(vm);
+                    }
+                } else {
+                    unwanted = Some(vm);
+                }
+            }
+            None => unwanted = Some(vm),
+        }
+        if unwanted.is_some() {
+            state.recycle_destroyed += 1;
+        } else {
+            state.recycled += 1;
+            if state.recycle_us.len() == RECYCLE_SAMPLES {
+                state.recycle_us.pop_front();
+            }
+            state.recycle_us.push_back(took_us);
+        }
+        drop(state);
+        if let Some(vm) = unwanted {
+            self.reaper.drop_later(vm);
+        }
+        self.changed.notify_all();
     }
 
     /// Accounts a finished build to the pool instance it was started for: a shell joins that
@@ -572,6 +860,10 @@ impl Pools {
         let mut unwanted = None;
         let own = state.pools.get_mut(&template.id()).filter(|p| p.instance == instance);
         match (own, built) {
+            (Some(pool), built) if pool.doomed_builds > 0 => {
+                pool.doomed_builds -= 1;
+                unwanted = built.ok();
+            }
             (Some(pool), Ok(vm)) => {
                 pool.building -= 1;
                 pool.last_error = None;
@@ -630,7 +922,9 @@ mod tests {
         let pools = pools();
         let t = template();
         pools.set_target(&t, 1);
-        let (job, first) = pools.next_job().expect("the pool wants a shell");
+        let Some(Job::Build(job, first)) = pools.next_job() else {
+            panic!("the pool wants a shell")
+        };
         // The template is retired and warmed again while the build runs: a new pool instance.
         drop(pools.remove(t.id()));
         pools.set_target(&t, 1);
@@ -640,7 +934,9 @@ mod tests {
         assert_eq!(pool.building, 0, "the old build is not counted against the new pool");
         assert!(pool.last_error.is_none(), "nor is its failure");
         drop(state);
-        let (_, second) = pools.next_job().expect("the new pool builds its own shell");
+        let Some(Job::Build(_, second)) = pools.next_job() else {
+            panic!("the new pool builds its own shell")
+        };
         assert_ne!(first, second);
     }
 

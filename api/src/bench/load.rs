@@ -79,7 +79,7 @@ fn resources() -> Result<[f64; 4], BenchError> {
     ])
 }
 
-fn start_server(warm_shells: usize) -> Result<(RunningServer, Client), BenchError> {
+pub(super) fn start_server(warm_shells: usize) -> Result<(RunningServer, Client), BenchError> {
     let limits = Limits {
         max_vms: 4000,
         max_clones_per_call: 1000,
@@ -95,13 +95,13 @@ fn start_server(warm_shells: usize) -> Result<(RunningServer, Client), BenchErro
     Ok((server, client))
 }
 
-fn call(client: &Client, method: &str, path: &str, body: Option<Value>) -> Result<Value, BenchError> {
+pub(super) fn call(client: &Client, method: &str, path: &str, body: Option<Value>) -> Result<Value, BenchError> {
     client
         .call(method, path, body.as_ref())
         .map_err(|e| BenchError::Setup(format!("{method} {path}: {e}")))
 }
 
-fn make_template(client: &Client, memory_mib: u64) -> Result<String, BenchError> {
+pub(super) fn make_template(client: &Client, memory_mib: u64) -> Result<String, BenchError> {
     let vm = call(
         client,
         "POST",

@@ -6,6 +6,7 @@ mod load;
 mod plot;
 mod portable;
 mod probe;
+mod recycle;
 mod spawn;
 mod stats;
 mod sweeps;

@@ -411,8 +411,10 @@ pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), Be
     progress("first touch of a chunk without a memory slot");
     let (first_touch, slotted_touch) = first_touch_times(&engine, &template, samples)?;
 
-    progress("reset: clean and with 1000 dirty pages");
+    progress("reset in place: clean and with 1000 dirty pages");
     let (reset_clean, reset_dirty, reset_steps) = reset_times(&engine, &template, samples, 1000)?;
+    progress("reset by swap: clean and with 1000 dirty pages, and the recycles they leave");
+    let swap = super::recycle::swap_resets(&engine, &template, samples, 1000)?;
     progress("live fork pause");
     let (live_fork_pause, layered_fork_pause) = live_fork_pauses(&engine, args.memory_mib, 1000)?;
     engine.retire(&template);
@@ -422,6 +424,8 @@ pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), Be
     let at_4g = spawn_at_size(&engine, 4096, samples)?;
     progress("a workload touching 64 MiB of a 4 GiB clone, lazy and eager slots");
     let touch_64 = touch_64mib_of_4gib(&kvm, samples.min(5))?;
+    progress("clone calls through the API (loopback client, warm shells)");
+    let api = super::recycle::api_clones(args.memory_mib, samples, args.clones.clamp(1, 1000))?;
 
     let total_ms = batch.total_us / 1000.0;
     let results = json!({
@@ -450,7 +454,20 @@ pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), Be
         "spawn_p50_us_4gib": at_4g.p50,
         "spawn_us_64mib": at_64,
         "spawn_us_4gib": at_4g,
-        "reset_us": { "clean": reset_clean.p50, "dirty_1000": reset_dirty.p50, "clean_percentiles": reset_clean, "dirty_1000_percentiles": reset_dirty, "dirty_1000_steps_p50": reset_steps },
+        "reset_us": {
+            "clean": swap.clean.p50,
+            "dirty_1000": swap.dirty.p50,
+            "clean_percentiles": swap.clean,
+            "dirty_1000_percentiles": swap.dirty,
+            "by": "swap",
+            "in_place": { "clean": reset_clean.p50, "dirty_1000": reset_dirty.p50, "clean_percentiles": reset_clean, "dirty_1000_percentiles": reset_dirty, "dirty_1000_steps_p50": reset_steps },
+        },
+        "recycle_us": { "p50": swap.recycle_dirty.p50, "dirty_1000": swap.recycle_dirty, "clean": swap.recycle_clean },
+        "api_clone_us": api["api_clone_us"],
+        "api_clones_1000_ms": api["api_clones_1000_ms"],
+        "api_clones_1000_recycled_ms": api["api_clones_1000_recycled_ms"],
+        "api_clones_1000_engine_ms": api["api_clones_1000_engine_ms"],
+        "api_vms_recycled": api["api_vms_recycled"],
         "live_fork_pause_us": live_fork_pause,
         "live_fork_layered_pause_us": layered_fork_pause,
         "samples": samples,
@@ -512,14 +529,29 @@ pub fn print_summary(r: &serde_json::Value) {
         f(&r["spawn_p50_us_64mib"]),
         f(&r["spawn_p50_us_4gib"])
     );
-    let steps = &r["reset_us"]["dirty_1000_steps_p50"];
+    let in_place = &r["reset_us"]["in_place"];
+    let steps = &in_place["dirty_1000_steps_p50"];
     println!(
-        "  reset p50: clean {:.0} µs, 1000 dirty pages {:.0} µs (scan {:.0}, MADV_DONTNEED {:.0}, state {:.0})",
+        "  reset by swap p50: clean {:.1} µs, 1000 dirty pages {:.1} µs; background recycle p50 {:.0} µs (clean {:.0} µs)",
         f(&r["reset_us"]["clean"]),
         f(&r["reset_us"]["dirty_1000"]),
+        f(&r["recycle_us"]["p50"]),
+        f(&r["recycle_us"]["clean"]["p50"])
+    );
+    println!(
+        "  reset in place p50: clean {:.0} µs, 1000 dirty pages {:.0} µs (scan {:.0}, MADV_DONTNEED {:.0}, state {:.0})",
+        f(&in_place["clean"]),
+        f(&in_place["dirty_1000"]),
         f(&steps["scan_us"]),
         f(&steps["discard_us"]),
         f(&steps["restore_us"])
+    );
+    println!(
+        "  API clone (loopback, warm shell) p50 {:.0} µs p99 {:.0} µs; one call of 1000 clones {:.1} ms (pool refilled by recycling: {:.1} ms)",
+        f(&r["api_clone_us"]["p50"]),
+        f(&r["api_clone_us"]["p99"]),
+        f(&r["api_clones_1000_ms"]),
+        f(&r["api_clones_1000_recycled_ms"])
     );
     println!(
         "  live-fork pause: {:.0} µs (owned RAM), {:.0} µs (layered, 1000 private pages)",

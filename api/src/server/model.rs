@@ -233,6 +233,9 @@ pub struct ResetDone {
     /// Where the time went.
     #[schema(value_type = Object)]
     pub steps: serde_json::Value,
+    /// Whether the VM got a warm shell of its template (its used VM is recycled in the
+    /// background; `pages_dropped` is then 0) rather than being reset in place.
+    pub swapped: bool,
 }
 
 /// `GET /healthz`.

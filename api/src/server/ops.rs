@@ -136,11 +136,17 @@ pub async fn on_vm<T: Send + 'static>(
 }
 
 /// Tears a VM's machine down in the background and gives back the room it held at once (a
-/// client that deleted a VM may create another straight away).
+/// client that deleted a VM may create another straight away). A clone that has not failed is
+/// recycled instead when its template's pool wants it: reset in the background and kept as a
+/// warm shell, its room moving to the pool.
 pub fn destroy(app: &App, entry: &VmEntry) {
     if let Some((machine, room)) = entry.take_machine() {
         match machine {
             Machine::Booted(vm) => app.engine.destroy_vm(vm),
+            Machine::Clone(clone) if entry.failure().is_none() => {
+                app.engine.recycle(clone, room);
+                return;
+            }
             Machine::Clone(clone) => app.engine.destroy(clone),
         }
         drop(room);

@@ -138,6 +138,19 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         "Warm VM shells ready for clones.",
         &[("", warm as u64)],
     );
+    let recycle = app.engine.recycle_stats();
+    metric(
+        "cowvm_vms_recycled_total",
+        "counter",
+        "Used clones reset in the background and returned to a warm pool.",
+        &[("", recycle.recycled)],
+    );
+    metric(
+        "cowvm_vms_not_recycled_total",
+        "counter",
+        "Used clones torn down instead of recycled.",
+        &[("", recycle.destroyed)],
+    );
     metric(
         "cowvm_clones_spawned_total",
         "counter",

@@ -269,7 +269,9 @@ pub async fn live_fork(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
-/// Return a clone to its template's state in place.
+/// Return a clone to its template's state: by swap (the VM id gets a warm shell of its template,
+/// `swapped: true`, and its used VM is recycled in the background) or, with no shell ready, in
+/// place.
 #[utoipa::path(post, path = "/v1/vms/{id}/reset", tag = "vms", params(("id" = String, Path, description = "VM id")),
     responses((status = 200, body = ResetDone), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn reset_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<ResetDone>, ApiError> {
@@ -280,13 +282,14 @@ pub async fn reset_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<ResetD
             format!("{} was booted, not cloned; only clones can be reset", entry.id),
         )),
         Machine::Clone(clone) => {
-            let report = app.engine.reset(clone)?;
+            let report = app.engine.reset_by_swap(clone)?;
             entry.set_generation(report.generation);
             Ok(ResetDone {
                 reset_us: report.reset_us,
                 pages_dropped: report.pages_dropped,
                 generation: report.generation,
                 steps: serde_json::to_value(report.steps).unwrap_or_default(),
+                swapped: report.swapped,
             })
         }
     })
