@@ -18,7 +18,7 @@ use super::app::App;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
 use super::model::*;
 use super::spec::{self, SpecOptions};
-use super::{call, templates, vms};
+use super::{call, cells, templates, vms};
 
 /// The OpenAPI document, generated from the handlers and their types.
 #[derive(OpenApi)]
@@ -46,6 +46,7 @@ use super::{call, templates, vms};
         templates::warm_template,
         call::call_template,
         call::call_vm,
+        cells::list_cells,
         openapi,
         metrics,
         healthz
@@ -70,6 +71,7 @@ use super::{call, templates, vms};
         WarmStatus,
         call::CallRequest,
         call::CallResult,
+        cells::CellView,
         ErrorBody,
         ErrorDetail
     ))
@@ -285,11 +287,13 @@ pub fn router(app: Arc<App>, token: Option<String>) -> Router {
         .route("/v1/templates/{id}/clones", post(templates::clone_template))
         .route("/v1/templates/{id}/stats", get(templates::template_stats))
         .route("/v1/templates/{id}/warm", post(templates::warm_template))
+        .route("/v1/cells", get(cells::list_cells))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), cells::intercept))
         .layer(middleware::from_fn_with_state(max_body, require_object_body))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(Extension(Arc::new(doc)));
