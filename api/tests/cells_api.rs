@@ -2,7 +2,9 @@
 //! `cowvm cell` processes, answer like in-process clones, and a cell killed with SIGKILL loses
 //! only its own VMs (reported `lost`, 409 `vm_lost`) while the others keep answering.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cowvm::client::Client;
@@ -191,6 +193,28 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
     );
     assert_eq!(run_checksum(&client, first), reference);
 
+    // A guest that runs past its deadline fails its VM only (409 vm_failed, as in process).
+    let spinner = &clones[18];
+    let spin = json!({"command": "spin"});
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{spinner}/run"), Some(spin), 409),
+        "vm_failed"
+    );
+    let info = ok(&client, "GET", &format!("/v1/vms/{spinner}"), None, 200);
+    assert_eq!(info["state"], "failed", "{info}");
+    assert_eq!(
+        error_code(
+            &client,
+            "POST",
+            &format!("/v1/vms/{spinner}/run"),
+            Some(checksum()),
+            409
+        ),
+        "vm_failed"
+    );
+    ok(&client, "DELETE", &format!("/v1/vms/{spinner}"), None, 204);
+    assert_eq!(run_checksum(&client, &clones[17]), reference);
+
     // What in-cell VMs cannot do yet is a clear 409.
     for (method, suffix, body) in [
         ("POST", "snapshot", None),
@@ -212,7 +236,7 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
         error_code(&client, "GET", &format!("/v1/vms/{}", clones[19]), None, 404),
         "not_found"
     );
-    let clones = &clones[..19];
+    let clones = &clones[..18];
 
     // kill -9 of one cell: its VMs are lost, the others keep answering.
     let listed = ok(&client, "GET", "/v1/cells", None, 200);
@@ -278,4 +302,65 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
     let (lost_id, _) = &lost[0];
     ok(&client, "DELETE", &format!("/v1/vms/{lost_id}"), None, 204);
     ok(&client, "GET", &format!("/v1/vms/{lost_id}"), None, 404);
+}
+
+#[test]
+fn test_serve_with_cells_flag_runs_clones_in_cowvm_cell_processes_up_to_max_cells() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cells",
+            "--vms-per-cell",
+            "2",
+            "--max-cells",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start cowvm serve --cells");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().expect("a line").expect("read");
+    let url = first.rsplit(' ').next().expect("url").to_owned();
+    let client = Client::new(&url, None);
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 3);
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let pids: Vec<u64> = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["pid"].as_u64().expect("pid"))
+        .collect();
+    assert_eq!(pids.len(), 2, "3 clones at 2 per cell: {listed}");
+    for pid in &pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        assert_eq!(args.get(1).copied(), Some(&b"cell"[..]), "a cell is `cowvm cell`");
+        assert_eq!(status_field(*pid, "Seccomp:"), 2);
+    }
+    assert_eq!(run_checksum(&client, &clones[2]), run_checksum(&client, &clones[0]));
+    // 1 place left and room for 1 more cell of 2: 4 more clones do not fit.
+    let full = json!({"count": 4});
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/templates/{tpl}/clones"), Some(full), 429),
+        "too_many_vms"
+    );
+    assert_eq!(clone_ids(&client, &tpl, 3).len(), 3, "3 more fit");
+    // SAFETY: sending SIGTERM to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    // The cells end with their server.
+    let started = Instant::now();
+    let gone = |pid: &u64| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_or(true, |s| s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
+    };
+    while !pids.iter().all(gone) && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(pids.iter().all(gone), "cells outlived their server");
 }
