@@ -158,6 +158,11 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
     // The VM list holds the booted VM and every clone; a clone answers like one in-process.
     let all = ok(&client, "GET", "/v1/vms", None, 200);
     assert_eq!(all.as_array().map(Vec::len), Some(21), "{all}");
+    assert_eq!(ok(&client, "GET", "/healthz", None, 200)["vms"], 21);
+    assert_eq!(
+        ok(&client, "GET", &format!("/v1/templates/{tpl}"), None, 200)["clones"],
+        20
+    );
     let first = &clones[0];
     let info = ok(&client, "GET", &format!("/v1/vms/{first}"), None, 200);
     assert_eq!(

@@ -436,7 +436,7 @@ impl App {
         TemplateInfo {
             id: entry.id.clone(),
             memory_mib: entry.template.size() >> 20,
-            clones: self.clones_of(&entry.id).len(),
+            clones: self.clones_of(&entry.id).len() + self.cells.clones_of(&entry.id),
             warm_shells: self.engine.warm_shells(&entry.template),
             layers: entry.template.memory().depth(),
             source_vm: entry.source_vm.clone(),

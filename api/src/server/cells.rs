@@ -201,6 +201,11 @@ impl Cells {
         }
     }
 
+    /// In-cell VMs the server holds (lost ones included until deleted).
+    pub fn vm_count(&self) -> usize {
+        self.service().map_or(0, |cells| cells.read().len())
+    }
+
     /// Live in-cell clones of template `id` (a template with clones cannot be deleted).
     pub fn clones_of(&self, id: &str) -> usize {
         self.service().map_or(0, |cells| {

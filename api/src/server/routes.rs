@@ -89,7 +89,7 @@ pub async fn openapi(Extension(doc): Extension<Arc<serde_json::Value>>) -> Json<
 pub async fn healthz(State(app): State<Arc<App>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
-        vms: app.vm_count(),
+        vms: app.vm_count() + app.cells.vm_count(),
         templates: app.templates().len(),
     })
 }
@@ -99,7 +99,8 @@ pub async fn healthz(State(app): State<Arc<App>>) -> Json<Health> {
 pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let m = &app.metrics;
     let vms = app.vms();
-    let clones = vms.iter().filter(|v| v.template_id.is_some()).count();
+    let in_cells = app.cells.vm_count();
+    let clones = vms.iter().filter(|v| v.template_id.is_some()).count() + in_cells;
     let failed = vms.iter().filter(|v| v.failure().is_some()).count();
     let templates = app.templates();
     let warm: usize = templates.iter().map(|t| app.engine.warm_shells(&t.template)).sum();
@@ -115,7 +116,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         "gauge",
         "Live VMs by kind.",
         &[
-            ("{kind=\"vm\"}", (vms.len() - clones) as u64),
+            ("{kind=\"vm\"}", (vms.len() + in_cells - clones) as u64),
             ("{kind=\"clone\"}", clones as u64),
         ],
     );
