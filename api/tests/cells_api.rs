@@ -369,3 +369,41 @@ fn test_serve_with_cells_flag_runs_clones_in_cowvm_cell_processes_up_to_max_cell
     }
     assert!(pids.iter().all(gone), "cells outlived their server");
 }
+
+/// Descriptors and mappings of memfds in process `pid` (template memory).
+fn memfds_held(pid: u64) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("cell fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("memfd:"))
+        .count();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("cell maps");
+    fds + maps.lines().filter(|l| l.contains("memfd:")).count()
+}
+
+#[test]
+fn test_deleting_a_template_drops_its_memfds_from_the_cells() {
+    let (_server, client) = start(Some(cells(10, 2)));
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 2);
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let pid = listed[0]["pid"].as_u64().expect("pid");
+    assert!(memfds_held(pid) > 0, "the cell maps the template's memfd");
+    assert_eq!(
+        error_code(&client, "DELETE", &format!("/v1/templates/{tpl}"), None, 409),
+        "template_in_use"
+    );
+    for clone in &clones {
+        ok(&client, "DELETE", &format!("/v1/vms/{clone}"), None, 204);
+    }
+    ok(&client, "DELETE", &format!("/v1/templates/{tpl}"), None, 204);
+    let started = Instant::now();
+    while memfds_held(pid) > 0 && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        memfds_held(pid),
+        0,
+        "the cell still holds the deleted template's memory"
+    );
+}

@@ -390,6 +390,7 @@ impl App {
             .remove(id)
             .ok_or_else(|| ApiError::not_found("template", id))?;
         self.engine.retire(&entry.template);
+        self.cells.remove_template(id);
         Ok(entry)
     }
 

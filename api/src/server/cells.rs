@@ -201,6 +201,24 @@ impl Cells {
         }
     }
 
+    /// Drops a deleted template from the pool and its cells (on a thread of its own: the cells
+    /// answer over their sockets, and the caller may be an async worker).
+    pub fn remove_template(&self, id: &str) {
+        if let Some(cells) = self.service().cloned() {
+            let number = id_number(id);
+            let spawned = std::thread::Builder::new()
+                .name("cowvm-cell-drop".into())
+                .spawn(move || {
+                    if let Err(e) = cells.pool.remove_template(number) {
+                        eprintln!("cowvm: dropping template {number} from the cells: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                eprintln!("cowvm: cannot start a thread to drop template {number} from the cells: {e}");
+            }
+        }
+    }
+
     /// In-cell VMs the server holds (lost ones included until deleted).
     pub fn vm_count(&self) -> usize {
         self.service().map_or(0, |cells| cells.read().len())
