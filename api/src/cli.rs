@@ -165,6 +165,9 @@ pub struct ServeArgs {
     /// Warm shells kept per template.
     #[arg(long, default_value_t = Limits::default().warm_shells)]
     warm_shells: usize,
+    /// Largest template archive `POST /v1/templates/import` takes, bytes.
+    #[arg(long, default_value_t = Limits::default().max_import_bytes)]
+    max_import_bytes: u64,
     /// Longest a client may take to send a request's head (line and headers), ms; slower
     /// connections are closed.
     #[arg(long, default_value_t = server::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
@@ -213,6 +216,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
             request_timeout: Duration::from_millis(args.request_timeout_ms),
             guest_deadline: Duration::from_millis(args.guest_deadline_ms),
             warm_shells: args.warm_shells,
+            max_import_bytes: args.max_import_bytes,
         },
         handle_signals: true,
         header_timeout: Duration::from_millis(args.header_timeout_ms.max(1)),
@@ -599,6 +603,37 @@ pub enum TemplateCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Write a template to a file as an OCI image layout tar (flattened).
+    Export {
+        /// Template id.
+        id: String,
+        /// The archive to write.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+    /// Import a template from an OCI image layout tar made by `template export`.
+    Import {
+        /// The archive.
+        file: PathBuf,
+    },
+    /// Export a template and copy it to an OCI registry (runs `skopeo copy`).
+    Push {
+        /// Template id.
+        id: String,
+        /// Registry reference, e.g. `registry.example:5000/cowvm/base:1`.
+        reference: String,
+        /// Talk to the registry over plain HTTP / without verifying TLS.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Copy a template from an OCI registry (runs `skopeo copy`) and import it.
+    Pull {
+        /// Registry reference, e.g. `registry.example:5000/cowvm/base:1`.
+        reference: String,
+        /// Talk to the registry over plain HTTP / without verifying TLS.
+        #[arg(long)]
+        insecure: bool,
+    },
 }
 
 /// Runs `cowvm template …`.
@@ -653,6 +688,31 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
                 println!("{id}: {ready} of {shells} warm shells ready");
             }
         }
+        TemplateCommand::Push {
+            id,
+            reference,
+            insecure,
+        } => crate::portable_cli::push(conn, &client, id, reference, *insecure)?,
+        TemplateCommand::Pull { reference, insecure } => {
+            crate::portable_cli::pull(conn, &client, reference, *insecure)?
+        }
+        TemplateCommand::Export { id, output } => export_template(conn, &client, id, output)?,
+        TemplateCommand::Import { file } => {
+            let mut archive = std::fs::File::open(file)
+                .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", file.display())))?;
+            let imported = client.upload("/v1/templates/import", "application/x-tar", &mut archive)?;
+            if conn.json {
+                print_json(&imported);
+            } else {
+                println!(
+                    "imported {} as {} ({} MiB RAM, {:.1} MiB populated)",
+                    file.display(),
+                    text(&imported["template_id"]),
+                    imported["memory_mib"],
+                    imported["populated_bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20)
+                );
+            }
+        }
         TemplateCommand::Rm { ids } => {
             for id in ids {
                 client.call("DELETE", &format!("/v1/templates/{id}"), None)?;
@@ -661,6 +721,43 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `cowvm template export ID -o FILE`: the archive is written beside FILE and renamed into place
+/// once complete, so FILE is never a partial archive.
+fn export_template(conn: &Connection, client: &Client, id: &str, output: &std::path::Path) -> Result<(), CliError> {
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let partial = output.with_file_name(format!(".{name}.part"));
+    let fail = |what: &str, e: std::io::Error| CliError::Usage(format!("{what} {}: {e}", partial.display()));
+    let mut file = std::fs::File::create(&partial).map_err(|e| fail("cannot create", e))?;
+    let started = std::time::Instant::now();
+    let written = client.download(&format!("/v1/templates/{id}/export"), &mut file);
+    let written = match written.map(|n| (n, file.sync_all())) {
+        Ok((n, Ok(()))) => n,
+        Ok((_, Err(e))) => {
+            std::fs::remove_file(&partial).ok();
+            return Err(fail("cannot write", e));
+        }
+        Err(e) => {
+            std::fs::remove_file(&partial).ok();
+            return Err(e.into());
+        }
+    };
+    std::fs::rename(&partial, output).map_err(|e| fail("cannot rename", e))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if conn.json {
+        print_json(&json!({"template_id": id, "file": output, "bytes": written, "seconds": seconds}));
+    } else {
+        println!(
+            "exported {id} to {} ({:.1} MiB in {seconds:.2} s)",
+            output.display(),
+            written as f64 / f64::from(1 << 20)
+        );
     }
     Ok(())
 }

@@ -98,14 +98,64 @@ impl Client {
         if answer.status < 300 {
             return Ok(answer.body);
         }
-        let error = &answer.body["error"];
-        Err(ClientError::Api {
-            status: answer.status,
-            code: error["code"].as_str().unwrap_or("unknown").to_owned(),
-            message: error["message"]
-                .as_str()
-                .map_or_else(|| answer.body.to_string(), str::to_owned),
-        })
+        Err(api_error(answer))
+    }
+
+    /// `GET path` with the answer's body copied into `out` as it arrives; returns the bytes
+    /// copied. An error status becomes [`ClientError::Api`].
+    pub fn download(&self, path: &str, out: &mut impl std::io::Write) -> Result<u64, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let unreachable = |reason: String| ClientError::Unreachable {
+            url: url.clone(),
+            reason,
+        };
+        let mut response = with_auth(self.agent.get(&url), &auth)
+            .call()
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        if status >= 300 {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            return Err(api_error(Answer { status, body }));
+        }
+        let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
+        std::io::copy(&mut reader, out).map_err(|e| unreachable(format!("the answer was cut short: {e}")))
+    }
+
+    /// `POST path` with `body` streamed as the request body (chunked) of type `content_type`;
+    /// an error status becomes [`ClientError::Api`].
+    pub fn upload(&self, path: &str, content_type: &str, body: &mut impl std::io::Read) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut response = with_auth_body(self.agent.post(&url), &auth)
+            .header("Content-Type", content_type)
+            .send(ureq::SendBody::from_reader(body))
+            .map_err(|e| ClientError::Unreachable {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        let answer = Answer { status, body };
+        if status < 300 {
+            Ok(answer.body)
+        } else {
+            Err(api_error(answer))
+        }
+    }
+}
+
+/// The [`ClientError::Api`] of an error answer.
+fn api_error(answer: Answer) -> ClientError {
+    let error = &answer.body["error"];
+    ClientError::Api {
+        status: answer.status,
+        code: error["code"].as_str().unwrap_or("unknown").to_owned(),
+        message: error["message"]
+            .as_str()
+            .map_or_else(|| answer.body.to_string(), str::to_owned),
     }
 }
 

@@ -173,6 +173,30 @@ fn test_builtin_template_is_not_an_abi_guest() {
 }
 
 #[test]
+fn test_calling_a_vm_that_is_not_an_abi_guest_leaves_it_usable() {
+    let dir = kernel_dir("builtin-vm");
+    let (_server, c) = start(&dir);
+    let vm = c.call("POST", "/v1/vms", Some(&json!({"memory_mib": 16}))).expect("vm");
+    let id = vm["id"].as_str().expect("id");
+    let answer = call(&c, &format!("/v1/vms/{id}/call"), b"", None);
+    assert_eq!(
+        (answer.status, answer.body["error"]["code"].as_str()),
+        (422, Some("not_abi_guest"))
+    );
+    let info = c.call("GET", &format!("/v1/vms/{id}"), None).expect("get");
+    assert_ne!(info["state"], "failed", "{info}");
+    let run = c
+        .request(
+            "POST",
+            &format!("/v1/vms/{id}/run"),
+            Some(&json!({"command": "identity"})),
+        )
+        .expect("run");
+    assert_eq!(run.status, 200, "the VM still runs commands: {}", run.body);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn test_cli_call_writes_the_guests_output_to_a_file() {
     let dir = kernel_dir("cli");
     let (server, c) = start(&dir);

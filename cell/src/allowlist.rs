@@ -26,6 +26,10 @@ pub const SYSCALLS: &[i64] = &[
     libc::SYS_fcntl,
     // SEEK_DATA/SEEK_HOLE: a template memfd's data runs, found when it is received.
     libc::SYS_lseek,
+    // After a failed MAP_FIXED: is the range still mapped (fixed_map.rs)?
+    libc::SYS_msync,
+    // The pagemap fallback of kernels without PAGEMAP_SCAN (reset, layered freeze).
+    libc::SYS_pread64,
     libc::SYS_statx,
     libc::SYS_close,
     // Error messages on stderr.
@@ -130,6 +134,16 @@ pub const IOCTLS: &[(&str, u64)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_system_calls_the_vmm_makes_after_the_filter_are_allowed() {
+        // Each of these is made by vmm code a cell runs under the filter: SEEK_DATA on a template
+        // received (memory.rs), msync after a failed MAP_FIXED (fixed_map.rs), pread64 of the
+        // pagemap fallback (pagemap.rs). A missing one kills the cell with SIGSYS.
+        for call in [libc::SYS_lseek, libc::SYS_msync, libc::SYS_pread64] {
+            assert!(SYSCALLS.contains(&call), "system call {call} is not allowed");
+        }
+    }
 
     #[test]
     fn test_computed_kvm_request_numbers_match_the_kernel_headers() {

@@ -16,6 +16,7 @@ use crate::boot::layout::{MAILBOX_INPUT_SIZE, MAILBOX_OUTPUT, MAILBOX_OUTPUT_SIZ
 use crate::clone::CloneEngine;
 use crate::exit::GuestExit;
 use crate::hypercall::{self, header, Hypercall, HypercallError, ABI_VERSION};
+use crate::pool::Reservation;
 use crate::template::Template;
 use crate::vm::{Vm, VmError};
 
@@ -90,7 +91,12 @@ impl CallError {
     /// Whether the guest can take another call afterwards (it stopped at a hypercall boundary
     /// in a consistent state). A VM whose call failed otherwise should be marked failed.
     pub fn guest_usable(&self) -> bool {
-        matches!(self, CallError::InputTooLarge { .. } | CallError::OutputTooLarge { .. })
+        // A guest that is not an ABI guest answered with its own exit and is where it was
+        // (a built-in guest back in its command loop): the VM is not broken by the attempt.
+        matches!(
+            self,
+            CallError::InputTooLarge { .. } | CallError::OutputTooLarge { .. } | CallError::NotAbi(_)
+        )
     }
 }
 
@@ -352,10 +358,35 @@ pub fn call_template(
     input: &[u8],
     deadline: Duration,
 ) -> Result<CallReport, CallError> {
+    call_in_clone(engine, template, None, input, deadline)
+}
+
+/// Like [`call_template`], in the room `reservation` holds (see [`CloneEngine::reserve`]): the
+/// clone takes the warm shell the reservation claimed and counts against its limits.
+pub fn call_template_reserved(
+    engine: &CloneEngine,
+    template: &Arc<Template>,
+    reservation: &mut Reservation,
+    input: &[u8],
+    deadline: Duration,
+) -> Result<CallReport, CallError> {
+    call_in_clone(engine, template, Some(reservation), input, deadline)
+}
+
+fn call_in_clone(
+    engine: &CloneEngine,
+    template: &Arc<Template>,
+    reservation: Option<&mut Reservation>,
+    input: &[u8],
+    deadline: Duration,
+) -> Result<CallReport, CallError> {
     check_input(input)?;
     let started = Instant::now();
     let _busy = engine.busy();
-    let mut clone = engine.spawn_idle(template)?;
+    let mut clone = match reservation {
+        Some(room) => engine.spawn_idle_reserved(template, room)?,
+        None => engine.spawn_idle(template)?,
+    };
     let (generation, seed) = (clone.generation(), clone.seed());
     let result = write_mailbox(clone.vm(), input, generation, seed).and_then(|()| {
         let spawn_us = micros(started.elapsed());

@@ -412,6 +412,17 @@ impl CloneEngine {
         self.spawn_idle_from(template, None)
     }
 
+    /// Like [`CloneEngine::spawn_idle`], within the room `reservation` holds (see
+    /// [`CloneEngine::reserve`]): takes the shell it claimed first.
+    pub fn spawn_idle_reserved(
+        &self,
+        template: &Arc<Template>,
+        reservation: &mut Reservation,
+    ) -> Result<Clone, VmError> {
+        let shell = reservation.take_shell();
+        self.spawn_idle_from(template, shell)
+    }
+
     fn spawn_idle_from(&self, template: &Arc<Template>, shell: Option<Vm>) -> Result<Clone, VmError> {
         let started = Instant::now();
         let (mut vm, pooled) = match shell.or_else(|| self.pools.take(template.id())) {

@@ -385,6 +385,10 @@ impl Vm {
         if self.ram.template().is_none() {
             return Err(VmError::NotAClone);
         }
+        // An I/O exit left pending (an `in` above all) would be completed at the next entry,
+        // after the restore, and overwrite the restored rip and rax: complete it first, and
+        // before the scan, since completing it may write guest memory (string I/O, MMIO).
+        self.vcpu.complete_pending_io()?;
         let step = Instant::now();
         let runs = self.ram.private_runs(pagemap)?;
         let scan_us = micros(step);
@@ -392,9 +396,6 @@ impl Vm {
         self.ram.discard(&runs)?;
         let discard_us = micros(step);
         let step = Instant::now();
-        // An I/O exit left pending (an `in` above all) would be completed at the next entry,
-        // after the restore, and overwrite the restored rip and rax: complete it first.
-        self.vcpu.complete_pending_io()?;
         if let Some(vcpu_state) = state.vcpus.first() {
             self.vcpu.restore(vcpu_state)?;
         }

@@ -4,6 +4,7 @@ mod call;
 mod cells;
 mod load;
 mod plot;
+mod portable;
 mod probe;
 mod spawn;
 mod stats;
@@ -100,6 +101,9 @@ pub enum Bench {
     /// One call into a user guest (guest ABI v1): empty-call latency in-process, and calls per
     /// second in-process and over HTTP with concurrent clients.
     Call(call::CallArgs),
+    /// Portable templates: export and import time and archive size for a 256 MiB template with
+    /// 16 MiB written and a 1 GiB one with 64 MiB written (guest-written and random data).
+    Portable(SweepArgs),
 }
 
 /// Arguments of the sweeps run on their own.
@@ -185,9 +189,10 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         (Some(Bench::CiLoop(a)), _) => sweep(Sweep::CiLoop, a),
         (Some(Bench::Cells(a)), _) => cells::run(a),
         (Some(Bench::Call(a)), _) => call::run(a),
+        (Some(Bench::Portable(a)), _) => portable::run(a),
         (None, Some(out)) => suite(out, args.quick),
         (None, None) => Err(BenchError::Setup(
-            "name a benchmark (spawn, probe, load, soak, sizes, live-clones, sharing, ci-loop, call) or give --out DIR to run them all"
+            "name a benchmark (spawn, probe, load, soak, sizes, live-clones, sharing, ci-loop, call, portable) or give --out DIR to run them all"
                 .into(),
         )),
     }

@@ -30,6 +30,8 @@ pub struct Limits {
     pub guest_deadline: Duration,
     /// Warm shells kept per template.
     pub warm_shells: usize,
+    /// Largest template archive `POST /v1/templates/import` takes, bytes.
+    pub max_import_bytes: u64,
 }
 
 impl Default for Limits {
@@ -42,6 +44,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(60),
             guest_deadline: Duration::from_secs(5),
             warm_shells: 8,
+            max_import_bytes: 8 << 30,
         }
     }
 }

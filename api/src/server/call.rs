@@ -161,9 +161,10 @@ pub async fn call_template(
     let service = Arc::clone(&app);
     let report = blocking(&app, move || {
         let _cloning = cloning;
-        let _admitted = admitted;
+        let mut admitted = admitted;
         fd_budget(&service, 1)?;
-        let report = call::call_template(&service.engine, &template.template, &input, deadline)?;
+        let report =
+            call::call_template_reserved(&service.engine, &template.template, &mut admitted, &input, deadline)?;
         service.metrics.clones_spawned.fetch_add(1, Ordering::Relaxed);
         Ok(report)
     })

@@ -5,6 +5,7 @@ mod app;
 mod call;
 mod cells;
 mod error;
+mod export;
 mod listen;
 pub mod model;
 mod ops;

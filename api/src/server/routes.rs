@@ -18,7 +18,7 @@ use super::app::App;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
 use super::model::*;
 use super::spec::{self, SpecOptions};
-use super::{call, cells, templates, vms};
+use super::{call, cells, export, templates, vms};
 
 /// The OpenAPI document, generated from the handlers and their types.
 #[derive(OpenApi)]
@@ -44,6 +44,8 @@ use super::{call, cells, templates, vms};
         templates::template_stats,
         templates::delete_template,
         templates::warm_template,
+        export::export_template,
+        export::import_template,
         call::call_template,
         call::call_vm,
         cells::list_cells,
@@ -69,6 +71,7 @@ use super::{call, cells, templates, vms};
         Health,
         WarmRequest,
         WarmStatus,
+        export::TemplateImported,
         call::CallRequest,
         call::CallResult,
         cells::CellView,
@@ -288,6 +291,8 @@ pub fn router(app: Arc<App>, token: Option<String>) -> Router {
         .route("/v1/templates/{id}/clones", post(templates::clone_template))
         .route("/v1/templates/{id}/stats", get(templates::template_stats))
         .route("/v1/templates/{id}/warm", post(templates::warm_template))
+        .route("/v1/templates/{id}/export", get(export::export_template))
+        .route("/v1/templates/import", post(export::import_template))
         .route("/v1/cells", get(cells::list_cells))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))

@@ -44,6 +44,7 @@ pub fn document(options: &SpecOptions) -> Value {
             };
             for (method, operation) in operations.iter_mut() {
                 add_statuses(path, method, operation, options.token);
+                binary_tar(operation, options.limits.max_import_bytes);
             }
         }
     }
@@ -94,6 +95,7 @@ fn add_statuses(path: &str, method: &str, operation: &mut Value, token: bool) {
         | ("get", "/v1/vms/{id}/stats")
         | ("delete", "/v1/templates/{id}") => &[409, 503][..],
         ("delete", "/v1/vms/{id}") | ("get", "/v1/templates/{id}/stats") => &[503][..],
+        ("post", "/v1/templates/import") => &[503][..],
         _ => &[][..],
     });
     let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) else {
@@ -103,6 +105,26 @@ fn add_statuses(path: &str, method: &str, operation: &mut Value, token: bool) {
         responses
             .entry(status.to_string())
             .or_insert_with(|| error_response(status));
+    }
+}
+
+/// Template archives (`application/x-tar` request and response bodies) are binary strings, and an
+/// import body is bounded by `--max-import-bytes`.
+fn binary_tar(operation: &mut Value, max_import_bytes: u64) {
+    if let Some(content) = operation
+        .pointer_mut("/requestBody/content")
+        .and_then(Value::as_object_mut)
+        .filter(|c| c.contains_key("application/x-tar"))
+    {
+        // Any body type is read as the archive; `application/octet-stream` is listed too so that
+        // generic clients and fuzzers that know no tar serializer can send bytes.
+        let binary = json!({"schema": {"type": "string", "format": "binary",
+            "description": format!("an OCI image layout tar, at most {max_import_bytes} bytes (--max-import-bytes)")}});
+        content.insert("application/x-tar".into(), binary.clone());
+        content.insert("application/octet-stream".into(), binary);
+    }
+    if let Some(schema) = operation.pointer_mut("/responses/200/content/application~1x-tar/schema") {
+        *schema = json!({"type": "string", "format": "binary"});
     }
 }
 
