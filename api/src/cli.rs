@@ -172,6 +172,33 @@ pub struct ServeArgs {
     /// connections are closed.
     #[arg(long, default_value_t = server::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
     header_timeout_ms: u64,
+    /// Run clones of templates in sandboxed cell processes (`cowvm cell`) instead of this one.
+    #[arg(long)]
+    cells: bool,
+    /// With --cells: most VMs one cell holds.
+    #[arg(long, default_value_t = cowvm_cell::DEFAULT_VMS_PER_CELL, value_parser = clap::value_parser!(u32).range(1..))]
+    vms_per_cell: u32,
+    /// With --cells: most cells at once (default: enough for --max-vms).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_cells: Option<u64>,
+}
+
+/// The cells configuration of `--cells`, `--vms-per-cell`, `--max-cells`.
+fn cells_config(args: &ServeArgs) -> Result<Option<server::CellsConfig>, CliError> {
+    if !args.cells {
+        return Ok(None);
+    }
+    let max_cells = args
+        .max_cells
+        .map_or_else(|| args.max_vms.div_ceil(args.vms_per_cell as usize), |n| n as usize);
+    server::CellsConfig::current_exe(args.vms_per_cell, max_cells.max(1))
+        .map(Some)
+        .map_err(|source| {
+            CliError::Serve(server::ServeError::Io {
+                what: "find this executable to run cells".into(),
+                source,
+            })
+        })
 }
 
 /// Runs `cowvm serve` until SIGINT or SIGTERM.
@@ -193,6 +220,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         },
         handle_signals: true,
         header_timeout: Duration::from_millis(args.header_timeout_ms.max(1)),
+        cells: cells_config(args)?,
     };
     let running = server::start(config)?;
     for refused in &running.refused_templates {

@@ -374,6 +374,7 @@ fn test_openapi_document_lists_every_endpoint() {
         ("/v1/templates/{id}/call", "post"),
         ("/v1/templates/{id}/export", "get"),
         ("/v1/templates/import", "post"),
+        ("/v1/cells", "get"),
         ("/openapi.json", "get"),
         ("/metrics", "get"),
         ("/healthz", "get"),

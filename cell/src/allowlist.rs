@@ -43,6 +43,9 @@ pub const SYSCALLS: &[i64] = &[
     // std's thread start-up (found when a loaded host delayed the reaper thread: SIGSYS on rseq).
     libc::SYS_rseq,
     libc::SYS_set_robust_list,
+    // ... and sched_getaffinity, which the reaper thread calls as it starts (audit log of the
+    // cell tests under load: SIGSYS, syscall 204, comm "cowvm-reaper").
+    libc::SYS_sched_getaffinity,
     // The shell builder sleeps before retrying a failed build.
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,

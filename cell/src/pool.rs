@@ -167,6 +167,30 @@ impl CellPool {
         self.lock().templates.insert(id, template);
     }
 
+    /// Forgets template `id` and drops it from every live cell that loaded it (a cell refuses
+    /// while it still holds clones of it). The first refusal is returned; the others are tried.
+    pub fn remove_template(&self, id: TemplateId) -> Result<(), PoolError> {
+        let holders: Vec<Arc<Cell>> = {
+            let mut state = self.lock();
+            state.templates.remove(&id);
+            state
+                .cells
+                .values_mut()
+                .filter_map(|s| s.templates.remove(&id).then(|| Arc::clone(&s.cell)))
+                .collect()
+        };
+        let mut first = None;
+        for cell in holders {
+            match cell.drop_template(id) {
+                Ok(()) | Err(CellError::Died { .. }) => {}
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), |e| Err(e.into()))
+    }
+
     /// Starts a new cell now (e.g. to replace one that died); returns its id.
     pub fn start_cell(&self) -> Result<CellId, PoolError> {
         self.start_reserved(0)

@@ -313,8 +313,10 @@ pub enum RemoteErrorKind {
     UnknownVm,
     /// The cell would exceed its VM limit.
     Full,
-    /// The guest command was refused or the guest stopped.
+    /// The guest stopped (fault, deadline) or failed while running the command.
     Guest,
+    /// The command was refused before the guest ran (an address or count outside the guest).
+    Command,
     /// Anything the VMM reported.
     Vmm,
     /// The sandbox could not be entered.

@@ -109,7 +109,13 @@ impl Worker {
                 let vm = self.vm(vm)?.vm_mut();
                 let (out, took) = vm
                     .execute_timed(GuestCommand::from(command), Some(Duration::from_millis(deadline_ms)))
-                    .map_err(|e| RemoteError::new(Kind::Guest, e.to_string()))?;
+                    .map_err(|e| {
+                        let kind = match e {
+                            cowvm_vmm::VmError::Command(_) | cowvm_vmm::VmError::Translate(_) => Kind::Command,
+                            _ => Kind::Guest,
+                        };
+                        RemoteError::new(kind, e.to_string())
+                    })?;
                 Ok(Response::Ran(RunOutput {
                     status: out.status,
                     result: out.result,

@@ -197,6 +197,8 @@ pub struct App {
     cloning: Mutex<HashMap<String, usize>>,
     next_vm: AtomicU64,
     next_template: AtomicU64,
+    /// Cells (`--cells`): off unless enabled at start.
+    pub cells: super::cells::Cells,
 }
 
 impl App {
@@ -219,6 +221,7 @@ impl App {
             cloning: Mutex::new(HashMap::new()),
             next_vm: AtomicU64::new(1),
             next_template: AtomicU64::new(1),
+            cells: Default::default(),
         }
     }
 
@@ -276,6 +279,11 @@ impl App {
             AdmitError::MappingsExhausted { .. } => ApiError::exhausted(message),
             AdmitError::TooFragmented { .. } => ApiError::out_of_range("template_too_fragmented", message),
         }
+    }
+
+    /// A fresh VM id (for VMs held elsewhere, e.g. in cells).
+    pub fn new_vm_id(&self) -> String {
+        format!("vm-{}", self.next_vm.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Adds a VM under a new id; it holds `slot` (room for one VM) until it is torn down.
@@ -350,6 +358,7 @@ impl App {
         let number = id_number(&entry.id);
         self.next_template.fetch_max(number + 1, Ordering::Relaxed);
         self.engine.keep_warm(&entry.template, self.limits.warm_shells);
+        self.cells.add_template(&entry.id, &entry.template);
         let entry = Arc::new(entry);
         self.templates
             .write()
@@ -373,7 +382,7 @@ impl App {
                 format!("template {id} is being cloned ({in_flight} calls in progress); try again when they finish"),
             ));
         }
-        let clones = self.clones_of(id).len();
+        let clones = self.clones_of(id).len() + self.cells.clones_of(id);
         if clones > 0 {
             return Err(ApiError::conflict(
                 "template_in_use",
@@ -384,6 +393,7 @@ impl App {
             .remove(id)
             .ok_or_else(|| ApiError::not_found("template", id))?;
         self.engine.retire(&entry.template);
+        self.cells.remove_template(id);
         Ok(entry)
     }
 
@@ -430,7 +440,7 @@ impl App {
         TemplateInfo {
             id: entry.id.clone(),
             memory_mib: entry.template.size() >> 20,
-            clones: self.clones_of(&entry.id).len(),
+            clones: self.clones_of(&entry.id).len() + self.cells.clones_of(&entry.id),
             warm_shells: self.engine.warm_shells(&entry.template),
             layers: entry.template.memory().depth(),
             source_vm: entry.source_vm.clone(),

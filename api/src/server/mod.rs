@@ -3,6 +3,7 @@
 
 mod app;
 mod call;
+mod cells;
 mod error;
 mod export;
 mod listen;
@@ -24,6 +25,7 @@ use cowvm_vmm::{CloneEngine, EngineConfig, Kvm};
 use tokio::sync::oneshot;
 
 pub use app::Limits;
+pub use cells::CellsConfig;
 pub use routes::ApiDoc;
 pub use spec::{document as openapi_document, SpecOptions};
 
@@ -46,6 +48,8 @@ pub struct ServerConfig {
     pub handle_signals: bool,
     /// Longest a client may take to send a request's head; slower connections are closed.
     pub header_timeout: Duration,
+    /// Run clones of templates in sandboxed cell processes (`--cells`); none: in this process.
+    pub cells: Option<CellsConfig>,
 }
 
 /// Default of [`ServerConfig::header_timeout`].
@@ -62,6 +66,7 @@ impl ServerConfig {
             kernel_dir: None,
             handle_signals: false,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
+            cells: None,
         }
     }
 }
@@ -86,6 +91,9 @@ pub enum ServeError {
         /// The error.
         source: std::io::Error,
     },
+    /// The cells could not be set up.
+    #[error("cells: {0}")]
+    Cells(#[from] cowvm_cell::PoolError),
     /// The state directory could not be read.
     #[error(transparent)]
     Persist(#[from] cowvm_vmm::persist::PersistError),
@@ -188,6 +196,9 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         config.state_dir.clone(),
         config.kernel_dir.clone(),
     ));
+    if let Some(cells) = &config.cells {
+        app.cells.enable(cells)?;
+    }
     let refused = startup.as_ref().map(|s| s.refused.clone()).unwrap_or_default();
     if let Some(startup) = startup {
         state_dir::adopt(&app, startup);

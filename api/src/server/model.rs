@@ -44,13 +44,13 @@ pub struct VmInfo {
     pub id: String,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
-    /// `running` or `failed`.
+    /// `running`, `failed`, or `lost` (its cell died; `--cells` only).
     pub state: String,
     /// `vm` (booted) or `clone`.
     pub kind: String,
     /// The template a clone came from.
     pub template_id: Option<String>,
-    /// Why the VM failed.
+    /// Why the VM failed, or how it was lost.
     pub failure: Option<String>,
     /// Generation id handed to a clone at its start or last reset.
     pub generation: Option<u64>,

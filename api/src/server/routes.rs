@@ -18,7 +18,7 @@ use super::app::App;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
 use super::model::*;
 use super::spec::{self, SpecOptions};
-use super::{call, export, templates, vms};
+use super::{call, cells, export, templates, vms};
 
 /// The OpenAPI document, generated from the handlers and their types.
 #[derive(OpenApi)]
@@ -48,6 +48,7 @@ use super::{call, export, templates, vms};
         export::import_template,
         call::call_template,
         call::call_vm,
+        cells::list_cells,
         openapi,
         metrics,
         healthz
@@ -73,6 +74,7 @@ use super::{call, export, templates, vms};
         export::TemplateImported,
         call::CallRequest,
         call::CallResult,
+        cells::CellView,
         ErrorBody,
         ErrorDetail
     ))
@@ -90,7 +92,7 @@ pub async fn openapi(Extension(doc): Extension<Arc<serde_json::Value>>) -> Json<
 pub async fn healthz(State(app): State<Arc<App>>) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
-        vms: app.vm_count(),
+        vms: app.vm_count() + app.cells.vm_count(),
         templates: app.templates().len(),
     })
 }
@@ -100,7 +102,8 @@ pub async fn healthz(State(app): State<Arc<App>>) -> Json<Health> {
 pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let m = &app.metrics;
     let vms = app.vms();
-    let clones = vms.iter().filter(|v| v.template_id.is_some()).count();
+    let in_cells = app.cells.vm_count();
+    let clones = vms.iter().filter(|v| v.template_id.is_some()).count() + in_cells;
     let failed = vms.iter().filter(|v| v.failure().is_some()).count();
     let templates = app.templates();
     let warm: usize = templates.iter().map(|t| app.engine.warm_shells(&t.template)).sum();
@@ -116,7 +119,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         "gauge",
         "Live VMs by kind.",
         &[
-            ("{kind=\"vm\"}", (vms.len() - clones) as u64),
+            ("{kind=\"vm\"}", (vms.len() + in_cells - clones) as u64),
             ("{kind=\"clone\"}", clones as u64),
         ],
     );
@@ -303,11 +306,13 @@ pub fn router(app: Arc<App>, token: Option<String>) -> Router {
         .route("/v1/templates/{id}/warm", post(templates::warm_template))
         .route("/v1/templates/{id}/export", get(export::export_template))
         .route("/v1/templates/import", post(export::import_template))
+        .route("/v1/cells", get(cells::list_cells))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(route_not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), cells::intercept))
         .layer(middleware::from_fn_with_state(max_body, require_object_body))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(Extension(Arc::new(doc)));

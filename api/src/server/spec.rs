@@ -133,7 +133,7 @@ fn error_response(status: u16) -> Value {
         400 => "malformed request: unparsable JSON, a body that is not an object, a wrong type or unknown field, a bad path",
         401 => "missing or wrong bearer token",
         404 => "no such VM or template",
-        409 => "the VM or template is in a state that forbids this (failed, not a clone, has clones)",
+        409 => "the VM or template is in a state that forbids this (failed, lost with its cell, not a clone, has clones), or the VM lives in a cell and the operation is not supported there (`not_supported_in_cell`)",
         413 => "body larger than the server's limit",
         415 => "body without Content-Type: application/json",
         422 => "a well-formed value outside what is allowed",

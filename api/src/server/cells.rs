@@ -1,0 +1,598 @@
+//! `cowvm serve --cells`: clones of templates live in sandboxed cell processes
+//! ([`cowvm_cell::CellPool`]) instead of the server's own process.
+//!
+//! What it covers today: templates (snapshots, live forks, templates loaded from the state
+//! directory) are handed to the pool as they are added; `POST /v1/templates/{id}/clones` places
+//! its clones in cells; `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run` and
+//! `POST /v1/vms/{id}/reset` serve them; probes, stats, live forks, snapshots and calls of an
+//! in-cell VM answer 409 `not_supported_in_cell`. A watcher notices dead cells and marks their
+//! VMs `lost` (409 `vm_lost` on every operation but GET and DELETE); the pool starts new cells on
+//! demand. Booted VMs (`POST /v1/vms`) stay in the server's process.
+//!
+//! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
+//! in-process handlers, so that those handlers stay as they are when cells are off.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cowvm_cell::protocol::RemoteErrorKind;
+use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef};
+use cowvm_vmm::{GuestCommand, Template};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use vm_memory::GuestAddress;
+
+use super::app::App;
+use super::error::ApiError;
+use super::model::{CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand, RunResult, VmInfo};
+use super::ops::{blocking, timeout_error, transaction};
+
+/// How often the watcher looks for dead cells.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How the server runs cells (`--cells`).
+#[derive(Debug, Clone)]
+pub struct CellsConfig {
+    /// The program a cell runs (the `cowvm` binary).
+    pub program: PathBuf,
+    /// Its arguments (`["cell"]`).
+    pub args: Vec<OsString>,
+    /// Most VMs one cell holds (`--vms-per-cell`).
+    pub vms_per_cell: u32,
+    /// Most cells at once (`--max-cells`).
+    pub max_cells: usize,
+}
+
+impl CellsConfig {
+    /// Cells started as `<this executable> cell`.
+    pub fn current_exe(vms_per_cell: u32, max_cells: usize) -> std::io::Result<Self> {
+        Ok(CellsConfig {
+            program: std::env::current_exe()?,
+            args: vec!["cell".into()],
+            vms_per_cell,
+            max_cells,
+        })
+    }
+}
+
+/// A cell as `GET /v1/cells` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CellView {
+    /// The cell's id in the server (never reused).
+    pub id: u64,
+    /// Its process id.
+    pub pid: u32,
+    /// The uid it runs as (65534 when the server runs as root).
+    pub uid: u32,
+    /// Live VMs placed in it.
+    pub vms: u32,
+    /// Warm shells it keeps.
+    pub warm_shells: u32,
+    /// `Seccomp:` of `/proc/<pid>/status`: 0 none, 1 strict, 2 filter (null if unreadable).
+    pub seccomp: Option<u32>,
+}
+
+/// What the API shows of an in-cell VM beyond its identity.
+#[derive(Debug, Clone, Default)]
+struct CellVmStatus {
+    generation: u64,
+    spawn_us: f64,
+    failure: Option<String>,
+    lost: Option<String>,
+}
+
+/// A clone that lives in a cell.
+pub struct CellVm {
+    id: String,
+    at: VmRef,
+    memory_mib: u64,
+    template_id: String,
+    status: Mutex<CellVmStatus>,
+    /// Held while an operation runs on the VM (one at a time, as for in-process VMs).
+    busy: Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl CellVm {
+    fn info(&self) -> VmInfo {
+        let status = lock(&self.status).clone();
+        let state = if status.lost.is_some() {
+            "lost"
+        } else if status.failure.is_some() {
+            "failed"
+        } else {
+            "running"
+        };
+        VmInfo {
+            id: self.id.clone(),
+            memory_mib: self.memory_mib,
+            state: state.into(),
+            kind: "clone".into(),
+            template_id: Some(self.template_id.clone()),
+            failure: status.lost.or(status.failure),
+            generation: Some(status.generation),
+            spawn_us: Some(status.spawn_us),
+        }
+    }
+
+    /// 409 `vm_lost` or `vm_failed` if the VM cannot take operations.
+    fn usable(&self) -> Result<(), ApiError> {
+        let status = lock(&self.status);
+        if let Some(reason) = &status.lost {
+            return Err(ApiError::conflict(
+                "vm_lost",
+                format!("VM {} was lost: {reason}", self.id),
+            ));
+        }
+        if let Some(reason) = &status.failure {
+            return Err(ApiError::conflict(
+                "vm_failed",
+                format!("VM {} has failed: {reason}", self.id),
+            ));
+        }
+        Ok(())
+    }
+
+    fn mark_lost(&self, reason: String) {
+        lock(&self.status).lost.get_or_insert(reason);
+    }
+}
+
+/// The server's cells, when `--cells` is on.
+pub struct CellService {
+    pool: CellPool,
+    vms: RwLock<HashMap<String, Arc<CellVm>>>,
+    stop: AtomicBool,
+}
+
+/// The cells part of the service: off unless enabled at start.
+#[derive(Default)]
+pub struct Cells {
+    service: OnceLock<Arc<CellService>>,
+}
+
+/// The number in an id like `tpl-3` (for a template: the pool's template id).
+fn id_number(id: &str) -> u64 {
+    id.rsplit('-').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+impl Cells {
+    /// The cell service, if cells are on.
+    pub fn service(&self) -> Option<&Arc<CellService>> {
+        self.service.get()
+    }
+
+    /// Turns cells on: a pool of cells run as `config` says and a watcher for dead cells.
+    pub fn enable(&self, config: &CellsConfig) -> Result<(), PoolError> {
+        let mut cell_config = CellConfig::current_exe().map_err(PoolError::Kvm)?;
+        cell_config.program = config.program.clone();
+        cell_config.args = config.args.clone();
+        cell_config.vms_per_cell = config.vms_per_cell.max(1);
+        let service = Arc::new(CellService {
+            pool: CellPool::new(cell_config, config.max_cells.max(1))?,
+            vms: RwLock::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        });
+        let watched = Arc::downgrade(&service);
+        std::thread::Builder::new()
+            .name("cowvm-cell-watch".into())
+            .spawn(move || watch(&watched))
+            .map_err(|e| PoolError::Cell(CellError::Local(format!("cannot start the cell watcher: {e}"))))?;
+        let _ = self.service.set(service);
+        Ok(())
+    }
+
+    /// Hands a new template to the pool (cells load it when a clone of it is first placed there).
+    pub fn add_template(&self, id: &str, template: &Arc<Template>) {
+        if let Some(cells) = self.service() {
+            cells.pool.add_template(id_number(id), Arc::clone(template));
+        }
+    }
+
+    /// Drops a deleted template from the pool and its cells (on a thread of its own: the cells
+    /// answer over their sockets, and the caller may be an async worker).
+    pub fn remove_template(&self, id: &str) {
+        if let Some(cells) = self.service().cloned() {
+            let number = id_number(id);
+            let spawned = std::thread::Builder::new()
+                .name("cowvm-cell-drop".into())
+                .spawn(move || {
+                    if let Err(e) = cells.pool.remove_template(number) {
+                        eprintln!("cowvm: dropping template {number} from the cells: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                eprintln!("cowvm: cannot start a thread to drop template {number} from the cells: {e}");
+            }
+        }
+    }
+
+    /// In-cell VMs the server holds (lost ones included until deleted).
+    pub fn vm_count(&self) -> usize {
+        self.service().map_or(0, |cells| cells.read().len())
+    }
+
+    /// Live in-cell clones of template `id` (a template with clones cannot be deleted).
+    pub fn clones_of(&self, id: &str) -> usize {
+        self.service().map_or(0, |cells| {
+            cells
+                .read()
+                .values()
+                .filter(|v| v.template_id == id && lock(&v.status).lost.is_none())
+                .count()
+        })
+    }
+}
+
+impl Drop for Cells {
+    fn drop(&mut self) {
+        if let Some(cells) = self.service.get() {
+            cells.stop.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Marks the VMs of every dead cell lost, until the service is gone.
+fn watch(service: &Weak<CellService>) {
+    loop {
+        std::thread::sleep(WATCH_INTERVAL);
+        let Some(cells) = service.upgrade() else { return };
+        if cells.stop.load(Ordering::Acquire) {
+            return;
+        }
+        for lost in cells.pool.reap_dead() {
+            let reason = format!("its cell {} (pid {}) {}", lost.cell, lost.pid, lost.status);
+            for vm in cells.read().values().filter(|v| lost.vms.contains(&v.at)) {
+                vm.mark_lost(reason.clone());
+            }
+        }
+    }
+}
+
+impl CellService {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<CellVm>>> {
+        self.vms.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn vm(&self, id: &str) -> Option<Arc<CellVm>> {
+        self.read().get(id).cloned()
+    }
+
+    fn list(&self) -> Vec<Arc<CellVm>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// The answer for a pool error on VM `vm` (marking it lost or failed when that is what
+    /// happened).
+    fn vm_error(&self, vm: &CellVm, e: PoolError) -> ApiError {
+        match e {
+            PoolError::Lost { status, .. } => {
+                vm.mark_lost(format!("its cell {} {status}", vm.at.cell));
+                self.lost_error(vm)
+            }
+            PoolError::Cell(CellError::Died { pid, status, .. }) => {
+                vm.mark_lost(format!("its cell {} (pid {pid}) {status}", vm.at.cell));
+                self.lost_error(vm)
+            }
+            // The server knows the VM and the pool no longer does: its cell died and was reaped
+            // before the watcher got to mark it.
+            PoolError::UnknownVm(_) => {
+                vm.mark_lost(format!("its cell {} died", vm.at.cell));
+                self.lost_error(vm)
+            }
+            PoolError::Cell(CellError::Remote { error, .. }) if error.kind == RemoteErrorKind::Guest => {
+                lock(&vm.status).failure.get_or_insert(error.message.clone());
+                ApiError::conflict("vm_failed", error.message)
+            }
+            other => pool_error(other),
+        }
+    }
+
+    fn lost_error(&self, vm: &CellVm) -> ApiError {
+        vm.usable()
+            .err()
+            .unwrap_or_else(|| ApiError::conflict("vm_lost", format!("VM {} was lost", vm.id)))
+    }
+}
+
+/// The answer for a pool error that concerns no VM in particular.
+fn pool_error(e: PoolError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        PoolError::UnknownVm(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+        PoolError::UnknownTemplate(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+        PoolError::Full { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_vms", message),
+        PoolError::Lost { .. } => ApiError::conflict("vm_lost", message),
+        PoolError::Kvm(_) => ApiError::exhausted(message),
+        PoolError::Cell(cell) => match cell {
+            CellError::Start { .. } | CellError::Died { .. } => ApiError::exhausted(message),
+            CellError::Timeout { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message),
+            CellError::Remote { error, .. } => match error.kind {
+                RemoteErrorKind::Command => ApiError::out_of_range("address_out_of_range", message),
+                RemoteErrorKind::UnknownVm | RemoteErrorKind::UnknownTemplate => {
+                    ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+                }
+                RemoteErrorKind::Full => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_vms", message),
+                _ => ApiError::internal(message),
+            },
+            _ => ApiError::internal(message),
+        },
+    }
+}
+
+/// List the cells (empty unless the server runs with `--cells`).
+#[utoipa::path(get, path = "/v1/cells", tag = "cells", responses((status = 200, body = Vec<CellView>)))]
+pub async fn list_cells(State(app): State<Arc<App>>) -> Json<Vec<CellView>> {
+    let Some(cells) = app.cells.service().cloned() else {
+        return Json(Vec::new());
+    };
+    // Reading /proc/<pid>/status of every cell is file I/O: off the async workers.
+    let list = tokio::task::spawn_blocking(move || cells.pool.cells())
+        .await
+        .unwrap_or_default();
+    Json(
+        list.into_iter()
+            .map(|c| CellView {
+                id: c.id,
+                pid: c.pid,
+                uid: c.uid,
+                vms: c.vms,
+                warm_shells: c.warm_shells,
+                seccomp: c.confinement.map(|c| c.seccomp),
+            })
+            .collect(),
+    )
+}
+
+/// Answers the requests that concern in-cell VMs (and, with cells on, clone calls and the VM
+/// list); passes every other request on to the in-process handlers.
+pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let Some(cells) = app.cells.service().cloned() else {
+        return next.run(request).await;
+    };
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "vms"]) => return list_vms(&app, &cells).into_response(),
+        (&Method::POST, ["v1", "templates", id, "clones"]) => {
+            let body = Json::<CloneRequest>::from_request(request, &()).await;
+            return match body {
+                Ok(Json(req)) => clone_template(app, cells, id.to_string(), req).await.into_response(),
+                Err(rejection) => ApiError::from(rejection).into_response(),
+            };
+        }
+        _ => {}
+    }
+    let vm = match segments.as_slice() {
+        ["v1", "vms", id, ..] => cells.vm(id),
+        _ => None,
+    };
+    let Some(vm) = vm else {
+        return next.run(request).await;
+    };
+    let rest = &segments[3..];
+    let answer = match (&method, rest) {
+        (&Method::GET, []) => Ok(Json(vm.info()).into_response()),
+        (&Method::DELETE, []) => delete_vm(app, cells, vm).await.map(IntoResponse::into_response),
+        (&Method::POST, ["run"]) => match Json::<RunCommand>::from_request(request, &()).await {
+            Ok(Json(req)) => run(app, cells, vm, req).await.map(IntoResponse::into_response),
+            Err(rejection) => Err(rejection.into()),
+        },
+        (&Method::POST, ["reset"]) => reset(app, cells, vm).await.map(IntoResponse::into_response),
+        (&Method::POST, ["snapshot" | "clones" | "call"])
+        | (&Method::POST, ["probes", "write"])
+        | (&Method::GET, ["stats"]) => Err(vm.usable().err().unwrap_or_else(|| {
+            ApiError::conflict(
+                "not_supported_in_cell",
+                format!(
+                    "VM {} lives in a cell; {} is not supported for in-cell VMs yet (start the server without --cells)",
+                    vm.id,
+                    rest.join("/")
+                ),
+            )
+        })),
+        _ => return next.run(request).await,
+    };
+    answer.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn list_vms(app: &App, cells: &CellService) -> Json<Vec<VmInfo>> {
+    let mut all: Vec<VmInfo> = app.vms().iter().map(|v| v.info()).collect();
+    all.extend(cells.list().iter().map(|v| v.info()));
+    all.sort_by_key(|v| id_number(&v.id));
+    Json(all)
+}
+
+async fn clone_template(
+    app: Arc<App>,
+    cells: Arc<CellService>,
+    id: String,
+    req: CloneRequest,
+) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
+    let count = super::templates::check_count(&app, req.count)?;
+    let (template, cloning) = app.begin_cloning(&id)?;
+    let service = Arc::clone(&app);
+    let created = transaction(&app, move |commit| {
+        let _cloning = cloning;
+        let started = Instant::now();
+        let batch = cells.pool.spawn(id_number(&template.id), count).map_err(pool_error)?;
+        let total_us = started.elapsed().as_secs_f64() * 1e6;
+        if !commit.commit() {
+            for clone in &batch.clones {
+                let _ = cells.pool.destroy(clone.at);
+            }
+            return Err(timeout_error(&service));
+        }
+        let metrics = &service.metrics;
+        metrics
+            .clone_failures
+            .fetch_add(batch.failed.len() as u64, Ordering::Relaxed);
+        if batch.clones.is_empty() {
+            let reason = batch
+                .failed
+                .first()
+                .map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "clones_failed",
+                format!("no clone could be made: {reason}"),
+            ));
+        }
+        let memory_mib = template.template.size() >> 20;
+        let mut vms = cells.vms.write().unwrap_or_else(|e| e.into_inner());
+        let clones = batch
+            .clones
+            .iter()
+            .map(|placed| {
+                let spawned = placed.spawned;
+                metrics.clones_spawned.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .spawn_us_sum
+                    .fetch_add(spawned.spawn_us as u64, Ordering::Relaxed);
+                let vm = Arc::new(CellVm {
+                    id: service.new_vm_id(),
+                    at: placed.at,
+                    memory_mib,
+                    template_id: template.id.clone(),
+                    status: Mutex::new(CellVmStatus {
+                        generation: spawned.generation,
+                        spawn_us: spawned.spawn_us,
+                        ..CellVmStatus::default()
+                    }),
+                    busy: Mutex::new(()),
+                });
+                vms.insert(vm.id.clone(), Arc::clone(&vm));
+                CloneMade {
+                    id: vm.id.clone(),
+                    spawn_us: spawned.spawn_us,
+                    generation: spawned.generation,
+                    seed: spawned.seed,
+                    pooled: spawned.pooled,
+                }
+            })
+            .collect();
+        Ok(ClonesCreated {
+            template_id: template.id.clone(),
+            clones,
+            failed: batch
+                .failed
+                .into_iter()
+                .map(|f| CloneFailed {
+                    index: f.index as usize,
+                    reason: f.reason,
+                })
+                .collect(),
+            total_us,
+            pause_us: None,
+        })
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<StatusCode, ApiError> {
+    let removed = cells.vms.write().unwrap_or_else(|e| e.into_inner()).remove(&vm.id);
+    if removed.is_none() {
+        return Err(ApiError::not_found("VM", &vm.id));
+    }
+    blocking(&app, move || {
+        let _busy = lock(&vm.busy);
+        // A lost VM went with its cell; there is nothing left to destroy.
+        if lock(&vm.status).lost.is_none() {
+            match cells.pool.destroy(vm.at) {
+                Ok(()) | Err(PoolError::Lost { .. }) | Err(PoolError::Cell(CellError::Died { .. })) => {}
+                Err(e) => return Err(pool_error(e)),
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The guest command a `POST /v1/vms/{id}/run` body asks for.
+fn guest_command(req: &RunCommand) -> Result<GuestCommand, ApiError> {
+    let start = GuestAddress(req.start_gpa);
+    Ok(match req.command.as_str() {
+        "exit" => GuestCommand::Exit,
+        "write" => GuestCommand::Write {
+            start,
+            count: req.count,
+            stride: req.stride,
+            value: req.value,
+        },
+        "checksum" => GuestCommand::Checksum {
+            start,
+            count: req.count,
+            stride: req.stride,
+        },
+        "identity" => GuestCommand::Identity,
+        "triple_fault" => GuestCommand::TripleFault,
+        "spin" => GuestCommand::Spin,
+        "halt" => GuestCommand::Halt,
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                format!("unknown command {shown:?}"),
+            ));
+        }
+    })
+}
+
+async fn run(
+    app: Arc<App>,
+    cells: Arc<CellService>,
+    vm: Arc<CellVm>,
+    req: RunCommand,
+) -> Result<Json<RunResult>, ApiError> {
+    let command = guest_command(&req)?;
+    vm.usable()?;
+    let deadline = app.limits.guest_deadline;
+    let out = blocking(&app, move || {
+        let _busy = lock(&vm.busy);
+        vm.usable()?;
+        cells
+            .pool
+            .run(vm.at, command, deadline)
+            .map_err(|e| cells.vm_error(&vm, e))
+    })
+    .await?;
+    Ok(Json(RunResult {
+        status: out.status,
+        result: out.result,
+        extra: out.extra,
+        run_us: out.run_ns as f64 / 1e3,
+    }))
+}
+
+async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<ResetDone>, ApiError> {
+    vm.usable()?;
+    let done = blocking(&app, move || {
+        let _busy = lock(&vm.busy);
+        vm.usable()?;
+        let done = cells.pool.reset(vm.at).map_err(|e| cells.vm_error(&vm, e))?;
+        lock(&vm.status).generation = done.generation;
+        Ok(done)
+    })
+    .await?;
+    Ok(Json(ResetDone {
+        reset_us: done.reset_us,
+        pages_dropped: done.pages_dropped,
+        generation: done.generation,
+        steps: serde_json::json!({ "in_cell_us": done.reset_us }),
+    }))
+}

@@ -1,0 +1,409 @@
+//! `cowvm serve --cells` over real HTTP on /dev/kvm: clones of a template live in sandboxed
+//! `cowvm cell` processes, answer like in-process clones, and a cell killed with SIGKILL loses
+//! only its own VMs (reported `lost`, 409 `vm_lost`) while the others keep answering.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cowvm::client::Client;
+use cowvm::server::{self, CellsConfig, Limits, RunningServer, ServerConfig};
+use serde_json::{json, Value};
+
+fn limits() -> Limits {
+    Limits {
+        max_memory_mib: 512,
+        warm_shells: 2,
+        guest_deadline: Duration::from_millis(2000),
+        ..Limits::default()
+    }
+}
+
+fn start(cells: Option<CellsConfig>) -> (RunningServer, Client) {
+    let config = ServerConfig {
+        limits: limits(),
+        cells,
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    (server, client)
+}
+
+fn cells(vms_per_cell: u32, max_cells: usize) -> CellsConfig {
+    CellsConfig {
+        program: PathBuf::from(env!("CARGO_BIN_EXE_cowvm")),
+        args: vec!["cell".into()],
+        vms_per_cell,
+        max_cells,
+    }
+}
+
+fn ok(client: &Client, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
+    let answer = client.request(method, path, body.as_ref()).expect("request");
+    assert_eq!(answer.status, status, "{method} {path}: {}", answer.body);
+    answer.body
+}
+
+fn error_code(client: &Client, method: &str, path: &str, body: Option<Value>, status: u16) -> String {
+    let body = ok(client, method, path, body, status);
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    assert!(!message.is_empty(), "{body}");
+    body["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+/// The checksum command every test runs: 64 qwords over the warm-up data, one per page.
+fn checksum() -> Value {
+    json!({"command": "checksum", "start_gpa": 8 << 20, "count": 64, "stride": 4096})
+}
+
+fn run_checksum(client: &Client, vm: &str) -> u64 {
+    let out = ok(client, "POST", &format!("/v1/vms/{vm}/run"), Some(checksum()), 200);
+    assert_eq!(out["status"], 0, "{out}");
+    out["result"].as_u64().expect("result")
+}
+
+/// Boots the same VM (64 MiB, 8 MiB of warm-up data) and snapshots it; the template id.
+fn template(client: &Client) -> (String, String) {
+    let vm = ok(
+        client,
+        "POST",
+        "/v1/vms",
+        Some(json!({"memory_mib": 64, "vcpus": 1, "warmup_mib": 8, "kernel": null})),
+        201,
+    );
+    let vm = vm["id"].as_str().expect("vm id").to_owned();
+    let snap = ok(client, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201);
+    (vm, snap["template_id"].as_str().expect("template id").to_owned())
+}
+
+fn clone_ids(client: &Client, template: &str, count: u64) -> Vec<String> {
+    let made = ok(
+        client,
+        "POST",
+        &format!("/v1/templates/{template}/clones"),
+        Some(json!({ "count": count })),
+        201,
+    );
+    assert_eq!(made["failed"], json!([]), "{made}");
+    made["clones"]
+        .as_array()
+        .expect("clones")
+        .iter()
+        .map(|c| c["id"].as_str().expect("clone id").to_owned())
+        .collect()
+}
+
+/// A field of `/proc/<pid>/status` (its first number).
+fn status_field(pid: u64, name: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("cell status");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("/proc/{pid}/status lacks {name}"))
+}
+
+fn running_as_root() -> bool {
+    status_field(std::process::id() as u64, "Uid:") == 0
+}
+
+/// The checksum of an in-process clone of the same VM, on a server without cells.
+fn in_process_checksum() -> u64 {
+    let (_server, client) = start(None);
+    let (_, tpl) = template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let info = ok(&client, "GET", &format!("/v1/vms/{clone}"), None, 200);
+    assert_eq!(info["kind"], "clone", "{info}");
+    run_checksum(&client, &clone)
+}
+
+#[test]
+fn test_cells_list_is_empty_without_cells() {
+    let (_server, client) = start(None);
+    assert_eq!(ok(&client, "GET", "/v1/cells", None, 200), json!([]));
+    let doc = ok(&client, "GET", "/openapi.json", None, 200);
+    assert!(
+        doc["paths"]["/v1/cells"]["get"].is_object(),
+        "GET /v1/cells in the OpenAPI document"
+    );
+}
+
+#[test]
+fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() {
+    let reference = in_process_checksum();
+    let (_server, client) = start(Some(cells(10, 4)));
+    let (source, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 20);
+    assert_eq!(clones.len(), 20);
+
+    // 20 clones at 10 per cell: two sandboxed cells.
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let listed = listed.as_array().expect("cells").clone();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed.iter().map(|c| c["vms"].as_u64().unwrap_or(0)).sum::<u64>(), 20);
+    for cell in &listed {
+        let pid = cell["pid"].as_u64().expect("pid");
+        assert_ne!(pid, u64::from(std::process::id()), "a cell is a process of its own");
+        assert_eq!(cell["seccomp"], 2, "{cell}");
+        assert_eq!(status_field(pid, "Seccomp:"), 2, "seccomp filter mode");
+        assert_eq!(status_field(pid, "NoNewPrivs:"), 1);
+        if running_as_root() {
+            assert_eq!(cell["uid"], 65534, "{cell}");
+            assert_eq!(status_field(pid, "Uid:"), 65534);
+        }
+    }
+
+    // The VM list holds the booted VM and every clone; a clone answers like one in-process.
+    let all = ok(&client, "GET", "/v1/vms", None, 200);
+    assert_eq!(all.as_array().map(Vec::len), Some(21), "{all}");
+    assert_eq!(ok(&client, "GET", "/healthz", None, 200)["vms"], 21);
+    assert_eq!(
+        ok(&client, "GET", &format!("/v1/templates/{tpl}"), None, 200)["clones"],
+        20
+    );
+    let first = &clones[0];
+    let info = ok(&client, "GET", &format!("/v1/vms/{first}"), None, 200);
+    assert_eq!(
+        (info["state"].as_str(), info["kind"].as_str()),
+        (Some("running"), Some("clone"))
+    );
+    assert_eq!(info["template_id"], tpl.as_str());
+    assert_eq!(
+        run_checksum(&client, first),
+        reference,
+        "same data as an in-process clone"
+    );
+    assert_eq!(
+        run_checksum(&client, &source),
+        reference,
+        "and as the VM it was frozen from"
+    );
+
+    // A write changes the clone only; a reset takes it back to the template.
+    let write = json!({"command": "write", "start_gpa": 8 << 20, "count": 64, "stride": 4096, "value": 7});
+    ok(&client, "POST", &format!("/v1/vms/{first}/run"), Some(write), 200);
+    assert_ne!(run_checksum(&client, first), reference);
+    assert_eq!(run_checksum(&client, &clones[1]), reference);
+    let reset = ok(&client, "POST", &format!("/v1/vms/{first}/reset"), None, 200);
+    assert!(reset["generation"].is_u64(), "{reset}");
+    assert_eq!(run_checksum(&client, first), reference);
+
+    // A bad command is refused without failing the VM.
+    let outside = json!({"command": "checksum", "start_gpa": 1u64 << 40, "count": 1});
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{first}/run"), Some(outside), 422),
+        "address_out_of_range"
+    );
+    assert_eq!(run_checksum(&client, first), reference);
+
+    // A guest that runs past its deadline fails its VM only (409 vm_failed, as in process).
+    let spinner = &clones[18];
+    let spin = json!({"command": "spin"});
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{spinner}/run"), Some(spin), 409),
+        "vm_failed"
+    );
+    let info = ok(&client, "GET", &format!("/v1/vms/{spinner}"), None, 200);
+    assert_eq!(info["state"], "failed", "{info}");
+    assert_eq!(
+        error_code(
+            &client,
+            "POST",
+            &format!("/v1/vms/{spinner}/run"),
+            Some(checksum()),
+            409
+        ),
+        "vm_failed"
+    );
+    ok(&client, "DELETE", &format!("/v1/vms/{spinner}"), None, 204);
+    assert_eq!(run_checksum(&client, &clones[17]), reference);
+
+    // What in-cell VMs cannot do yet is a clear 409.
+    for (method, suffix, body) in [
+        ("POST", "snapshot", None),
+        ("POST", "clones", Some(json!({"count": 1}))),
+        ("POST", "probes/write", Some(json!({"gpas": [8 << 20]}))),
+        ("GET", "stats", None),
+    ] {
+        let code = error_code(&client, method, &format!("/v1/vms/{first}/{suffix}"), body, 409);
+        assert_eq!(code, "not_supported_in_cell", "{method} {suffix}");
+    }
+    assert_eq!(
+        error_code(&client, "DELETE", &format!("/v1/templates/{tpl}"), None, 409),
+        "template_in_use"
+    );
+
+    // Delete.
+    ok(&client, "DELETE", &format!("/v1/vms/{}", clones[19]), None, 204);
+    assert_eq!(
+        error_code(&client, "GET", &format!("/v1/vms/{}", clones[19]), None, 404),
+        "not_found"
+    );
+    let clones = &clones[..18];
+
+    // kill -9 of one cell: its VMs are lost, the others keep answering.
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let victim = listed[0]["pid"].as_u64().expect("pid");
+    let victim_id = listed[0]["id"].clone();
+    let victim_vms = listed[0]["vms"].as_u64().expect("vms") as usize;
+    assert!(victim_vms > 0 && victim_vms < clones.len(), "{listed}");
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let started = Instant::now();
+    let (lost, alive) = loop {
+        let states: Vec<(String, Value)> = clones
+            .iter()
+            .map(|id| (id.clone(), ok(&client, "GET", &format!("/v1/vms/{id}"), None, 200)))
+            .collect();
+        let (lost, alive): (Vec<_>, Vec<_>) = states.into_iter().partition(|(_, info)| info["state"] == "lost");
+        if lost.len() >= victim_vms || started.elapsed() > Duration::from_secs(60) {
+            break (lost, alive);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Every VM of the killed cell is reported, and only those.
+    assert_eq!(lost.len(), victim_vms, "lost VMs");
+    assert_eq!(alive.len(), clones.len() - victim_vms, "VMs of the other cell");
+    assert!(alive.iter().all(|(_, info)| info["state"] == "running"));
+    for (id, info) in &lost {
+        assert!(
+            info["failure"]
+                .as_str()
+                .is_some_and(|r| r.contains("killed by signal 9")),
+            "{info}"
+        );
+        assert_eq!(
+            error_code(&client, "POST", &format!("/v1/vms/{id}/run"), Some(checksum()), 409),
+            "vm_lost"
+        );
+        assert_eq!(
+            error_code(&client, "POST", &format!("/v1/vms/{id}/reset"), None, 409),
+            "vm_lost"
+        );
+    }
+    for (id, _) in &alive {
+        assert_eq!(run_checksum(&client, id), reference, "{id} keeps answering");
+    }
+    let cells_now = ok(&client, "GET", "/v1/cells", None, 200);
+    assert!(
+        cells_now
+            .as_array()
+            .expect("cells")
+            .iter()
+            .all(|c| c["id"] != victim_id),
+        "the dead cell is gone from the list: {cells_now}"
+    );
+
+    // A new clone call gets a new cell where it needs one.
+    let more = clone_ids(&client, &tpl, 5);
+    assert_eq!(run_checksum(&client, &more[0]), reference);
+
+    // Lost VMs can be deleted like any other.
+    let (lost_id, _) = &lost[0];
+    ok(&client, "DELETE", &format!("/v1/vms/{lost_id}"), None, 204);
+    ok(&client, "GET", &format!("/v1/vms/{lost_id}"), None, 404);
+}
+
+#[test]
+fn test_serve_with_cells_flag_runs_clones_in_cowvm_cell_processes_up_to_max_cells() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cells",
+            "--vms-per-cell",
+            "2",
+            "--max-cells",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start cowvm serve --cells");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().expect("a line").expect("read");
+    let url = first.rsplit(' ').next().expect("url").to_owned();
+    let client = Client::new(&url, None);
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 3);
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let pids: Vec<u64> = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["pid"].as_u64().expect("pid"))
+        .collect();
+    assert_eq!(pids.len(), 2, "3 clones at 2 per cell: {listed}");
+    for pid in &pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        assert_eq!(args.get(1).copied(), Some(&b"cell"[..]), "a cell is `cowvm cell`");
+        assert_eq!(status_field(*pid, "Seccomp:"), 2);
+    }
+    assert_eq!(run_checksum(&client, &clones[2]), run_checksum(&client, &clones[0]));
+    // 1 place left and room for 1 more cell of 2: 4 more clones do not fit.
+    let full = json!({"count": 4});
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/templates/{tpl}/clones"), Some(full), 429),
+        "too_many_vms"
+    );
+    assert_eq!(clone_ids(&client, &tpl, 3).len(), 3, "3 more fit");
+    // SAFETY: sending SIGTERM to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    // The cells end with their server.
+    let started = Instant::now();
+    let gone = |pid: &u64| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_or(true, |s| s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
+    };
+    while !pids.iter().all(gone) && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(pids.iter().all(gone), "cells outlived their server");
+}
+
+/// Descriptors and mappings of memfds in process `pid` (template memory).
+fn memfds_held(pid: u64) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("cell fds")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("memfd:"))
+        .count();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("cell maps");
+    fds + maps.lines().filter(|l| l.contains("memfd:")).count()
+}
+
+#[test]
+fn test_deleting_a_template_drops_its_memfds_from_the_cells() {
+    let (_server, client) = start(Some(cells(10, 2)));
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 2);
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let pid = listed[0]["pid"].as_u64().expect("pid");
+    assert!(memfds_held(pid) > 0, "the cell maps the template's memfd");
+    assert_eq!(
+        error_code(&client, "DELETE", &format!("/v1/templates/{tpl}"), None, 409),
+        "template_in_use"
+    );
+    for clone in &clones {
+        ok(&client, "DELETE", &format!("/v1/vms/{clone}"), None, 204);
+    }
+    ok(&client, "DELETE", &format!("/v1/templates/{tpl}"), None, 204);
+    let started = Instant::now();
+    while memfds_held(pid) > 0 && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        memfds_held(pid),
+        0,
+        "the cell still holds the deleted template's memory"
+    );
+}
