@@ -594,5 +594,7 @@ async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Resul
         pages_dropped: done.pages_dropped,
         generation: done.generation,
         steps: serde_json::json!({ "in_cell_us": done.reset_us }),
+        // A cell resets its VM in place.
+        swapped: false,
     }))
 }
