@@ -523,8 +523,8 @@ async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> R
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The guest command a `POST /v1/vms/{id}/run` body asks for.
-fn guest_command(req: &RunCommand) -> Result<GuestCommand, ApiError> {
+/// The guest command a `POST /v1/vms/{id}/run` body asks for (in-process and in-cell VMs alike).
+pub(super) fn guest_command(req: &RunCommand) -> Result<GuestCommand, ApiError> {
     let start = GuestAddress(req.start_gpa);
     Ok(match req.command.as_str() {
         "exit" => GuestCommand::Exit,

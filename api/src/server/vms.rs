@@ -363,32 +363,7 @@ pub async fn run_command(
 ) -> Result<Json<RunResult>, ApiError> {
     let Path(id) = id?;
     let Json(req) = body?;
-    let start = GuestAddress(req.start_gpa);
-    let command = match req.command.as_str() {
-        "exit" => GuestCommand::Exit,
-        "write" => GuestCommand::Write {
-            start,
-            count: req.count,
-            stride: req.stride,
-            value: req.value,
-        },
-        "checksum" => GuestCommand::Checksum {
-            start,
-            count: req.count,
-            stride: req.stride,
-        },
-        "identity" => GuestCommand::Identity,
-        "triple_fault" => GuestCommand::TripleFault,
-        "spin" => GuestCommand::Spin,
-        "halt" => GuestCommand::Halt,
-        other => {
-            let shown: String = other.chars().take(32).collect();
-            return Err(ApiError::bad_request(
-                "invalid_field",
-                format!("unknown command {shown:?}"),
-            ));
-        }
-    };
+    let command = super::cells::guest_command(&req)?;
     let result = on_vm(&app, &id, move |app, _, machine, _| {
         let (out, took) = machine
             .vm_mut()
