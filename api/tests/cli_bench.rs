@@ -106,6 +106,25 @@ fn test_bench_suite_writes_every_result_and_plot() {
     assert!(summary["ci_loop"]["rows"][1]["iterations"]
         .as_u64()
         .is_some_and(|n| n > 0));
+    let ci_rows = summary["ci_loop"]["rows"].as_array().expect("ci_loop rows");
+    for via in ["in_process", "http"] {
+        let mut workers: Vec<u64> = ci_rows
+            .iter()
+            .filter(|r| r["via"] == via)
+            .map(|r| {
+                for key in ["iterations", "iterations_per_s", "seconds"] {
+                    assert!(r[key].is_number(), "ci_loop row without {key}: {r}");
+                }
+                assert!(
+                    r["iterations"].as_u64().is_some_and(|n| n > 0),
+                    "no iteration done: {r}"
+                );
+                r["workers"].as_u64().expect("workers")
+            })
+            .collect();
+        workers.sort_unstable();
+        assert_eq!(workers, [1, 2], "ci_loop rows via {via} with 1 and 2 workers");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -121,7 +140,11 @@ fn test_a_sweep_runs_on_its_own_by_name() {
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let result: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("ci-loop.json")).expect("json")).expect("JSON");
-    assert_eq!(result["rows"].as_array().map(Vec::len), Some(2), "1 and 2 workers");
+    assert_eq!(
+        result["rows"].as_array().map(Vec::len),
+        Some(4),
+        "1 and 2 workers, in process and over HTTP"
+    );
     assert!(dir.join("ci-loop.svg").exists());
     std::fs::remove_dir_all(&dir).ok();
 }

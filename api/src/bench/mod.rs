@@ -2,6 +2,7 @@
 
 mod call;
 mod cells;
+mod ci_http;
 mod load;
 mod plot;
 mod portable;

@@ -407,7 +407,7 @@ fn sharing_template(engine: &CloneEngine) -> Result<Arc<cowvm_vmm::Template>, Be
 
 /// A CI-like loop for `seconds`: clone from warm shells, run a test command in the guest (read
 /// 64 pages, write 16), collect sharing statistics, destroy; iterations per second with 1 and 2
-/// worker threads.
+/// worker threads, in process and then over the API of an embedded server (`"via"` says which).
 pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, out: &Path) -> Result<Value, BenchError> {
     let template = make_template(engine.kvm(), 256)?;
     let mut rows = Vec::new();
@@ -478,21 +478,23 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
         engine.keep_warm(&template, 0);
         engine.flush();
         let done = iterations.load(Ordering::Relaxed);
-        rows.push(json!({"workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
+        rows.push(json!({"via": "in_process", "workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
     }
     engine.retire(&template);
+    rows.extend(super::ci_http::ci_loop_http(256, seconds)?);
     let values: Vec<(String, f64)> = rows
         .iter()
         .map(|r| {
+            let via = if r["via"] == "http" { "HTTP" } else { "in-process" };
             (
-                format!("{} worker(s)", r["workers"]),
+                format!("{via}, {} worker(s)", r["workers"]),
                 r["iterations_per_s"].as_f64().unwrap_or(0.0),
             )
         })
         .collect();
     bars(
         &out.join("ci-loop.svg"),
-        "CI loop: clone → test → stats → destroy (iterations/s)",
+        "CI loop: clone → test → stats → destroy, in process and over HTTP (iterations/s)",
         "iterations per second",
         &values,
     )?;
