@@ -438,4 +438,35 @@ fn test_in_cell_clones_count_against_max_vms_with_in_process_vms() {
     let again = clone_ids(&client, &tpl, 1);
     assert_eq!(again.len(), 1);
     assert_eq!(live(), 4);
+    // A VM lost with its killed cell gives its room back too (while it is still listed).
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let victim = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .find(|c| c["vms"].as_u64().unwrap_or(0) > 0)
+        .unwrap_or_else(|| panic!("no cell holds a VM: {listed}"));
+    let victim_vms = victim["vms"].as_u64().expect("vms") as usize;
+    let killed = Command::new("kill")
+        .args(["-9", &victim["pid"].as_u64().expect("pid").to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let started = Instant::now();
+    let lost_count = || {
+        let all = ok(&client, "GET", "/v1/vms", None, 200);
+        all.as_array()
+            .expect("vms")
+            .iter()
+            .filter(|v| v["state"] == "lost")
+            .count()
+    };
+    while lost_count() < victim_vms && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lost_count(), victim_vms);
+    let refill = clone_ids(&client, &tpl, victim_vms as u64);
+    assert_eq!(refill.len(), victim_vms);
+    let code = error_code(&client, "POST", &path, Some(json!({"count": 1})), 429);
+    assert_eq!(code, "too_many_vms");
 }
