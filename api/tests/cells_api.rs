@@ -407,3 +407,66 @@ fn test_deleting_a_template_drops_its_memfds_from_the_cells() {
         "the cell still holds the deleted template's memory"
     );
 }
+
+#[test]
+fn test_in_cell_clones_count_against_max_vms_with_in_process_vms() {
+    // --max-vms 4 with room for 8 VMs in cells: the booted VM holds one, so 3 clones fit.
+    let config = ServerConfig {
+        limits: Limits { max_vms: 4, ..limits() },
+        cells: Some(cells(2, 4)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_vm, tpl) = template(&client);
+    let path = format!("/v1/templates/{tpl}/clones");
+    let code = error_code(&client, "POST", &path, Some(json!({"count": 4})), 429);
+    assert_eq!(code, "too_many_vms");
+    let live = || ok(&client, "GET", "/v1/vms", None, 200).as_array().expect("vms").len();
+    assert_eq!(live(), 1, "a refused call places nothing");
+    let ids = clone_ids(&client, &tpl, 3);
+    assert_eq!(live(), 4);
+    let code = error_code(&client, "POST", &path, Some(json!({"count": 1})), 429);
+    assert_eq!(code, "too_many_vms");
+    // A booted VM is refused too: the in-cell clones hold the room.
+    let boot = json!({"memory_mib": 64, "vcpus": 1, "warmup_mib": 0, "kernel": null});
+    let code = error_code(&client, "POST", "/v1/vms", Some(boot), 429);
+    assert_eq!(code, "too_many_vms");
+    assert_eq!(live(), 4);
+    // Deleting an in-cell clone gives its room back.
+    ok(&client, "DELETE", &format!("/v1/vms/{}", ids[0]), None, 204);
+    let again = clone_ids(&client, &tpl, 1);
+    assert_eq!(again.len(), 1);
+    assert_eq!(live(), 4);
+    // A VM lost with its killed cell gives its room back too (while it is still listed).
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let victim = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .find(|c| c["vms"].as_u64().unwrap_or(0) > 0)
+        .unwrap_or_else(|| panic!("no cell holds a VM: {listed}"));
+    let victim_vms = victim["vms"].as_u64().expect("vms") as usize;
+    let killed = Command::new("kill")
+        .args(["-9", &victim["pid"].as_u64().expect("pid").to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let started = Instant::now();
+    let lost_count = || {
+        let all = ok(&client, "GET", "/v1/vms", None, 200);
+        all.as_array()
+            .expect("vms")
+            .iter()
+            .filter(|v| v["state"] == "lost")
+            .count()
+    };
+    while lost_count() < victim_vms && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lost_count(), victim_vms);
+    let refill = clone_ids(&client, &tpl, victim_vms as u64);
+    assert_eq!(refill.len(), victim_vms);
+    let code = error_code(&client, "POST", &path, Some(json!({"count": 1})), 429);
+    assert_eq!(code, "too_many_vms");
+}

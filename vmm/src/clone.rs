@@ -244,6 +244,12 @@ impl CloneEngine {
         self.pools.reserve(count, template, each)
     }
 
+    /// Admits `count` VMs that live outside this process (e.g. in cell processes): they count
+    /// against the VM limit like local VMs but cost no mappings here. Warm shells give way.
+    pub fn reserve_remote(&self, count: usize) -> Result<Reservation, AdmitError> {
+        self.pools.reserve(count, None, 0)
+    }
+
     /// Makes `reservation` hold room for clones of `template` (e.g. one just frozen by a live
     /// fork): re-checks the mapping budget for what one clone of it costs.
     pub fn retarget(&self, reservation: &mut Reservation, template: &Template) -> Result<(), AdmitError> {

@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cowvm_cell::protocol::RemoteErrorKind;
 use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef};
-use cowvm_vmm::{GuestCommand, Template};
+use cowvm_vmm::{GuestCommand, Reservation, Template};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use vm_memory::GuestAddress;
@@ -99,6 +99,8 @@ pub struct CellVm {
     status: Mutex<CellVmStatus>,
     /// Held while an operation runs on the VM (one at a time, as for in-process VMs).
     busy: Mutex<()>,
+    /// Its room under `--max-vms`: held until the VM is deleted or lost with its cell.
+    slot: Mutex<Option<Reservation>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -145,8 +147,10 @@ impl CellVm {
         Ok(())
     }
 
+    /// Marks the VM lost (its cell is gone) and gives its room under `--max-vms` back.
     fn mark_lost(&self, reason: String) {
         lock(&self.status).lost.get_or_insert(reason);
+        lock(&self.slot).take();
     }
 }
 
@@ -424,6 +428,9 @@ async fn clone_template(
 ) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
     let count = super::templates::check_count(&app, req.count)?;
     let (template, cloning) = app.begin_cloning(&id)?;
+    // In-cell VMs count against --max-vms with the in-process ones: admitted here, atomically
+    // with the engine's count, and each VM holds its room until it is deleted.
+    let mut admitted = app.engine.reserve_remote(count).map_err(|e| app.admit_error(e))?;
     let service = Arc::clone(&app);
     let created = transaction(&app, move |commit| {
         let _cloning = cloning;
@@ -473,6 +480,7 @@ async fn clone_template(
                         ..CellVmStatus::default()
                     }),
                     busy: Mutex::new(()),
+                    slot: Mutex::new(Some(admitted.split_off(1))),
                 });
                 vms.insert(vm.id.clone(), Arc::clone(&vm));
                 CloneMade {
