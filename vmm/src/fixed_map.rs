@@ -130,28 +130,72 @@ mod tests {
         unmap(addr, LEN);
     }
 
+    /// Runs `case` in a forked child, which has no other threads: other tests of this binary map
+    /// memory on their threads, and the kernel may place such a mapping in a hole a test made.
+    fn in_a_child_process(case: fn()) {
+        // SAFETY: the child only runs `case` (mmap, munmap, msync and assertions) and leaves
+        // with _exit; the parent waits for it.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            let passed = std::panic::catch_unwind(case).is_ok();
+            // SAFETY: ends the child without running the parent's atexit handlers.
+            unsafe { libc::_exit(if passed { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the case failed in the child (status {status:#x}; its panic message is above)"
+        );
+    }
+
     #[test]
     fn test_a_hole_left_by_a_failed_map_fixed_is_taken_back_and_reported_as_data_lost() {
-        // What a failed MAP_FIXED leaves on kernels before 6.12: the old range unmapped.
-        let addr = anonymous(LEN);
-        unmap(addr, LEN);
-        let aftermath = after_failed_fixed_map(addr, LEN);
-        assert_eq!(aftermath, Aftermath::Refilled);
-        assert!(aftermath.data_lost() && aftermath.may_unmap());
-        assert!(range_is_mapped(addr, LEN), "the hole is ours again");
-        unmap(addr, LEN);
+        in_a_child_process(hole_is_refilled);
     }
 
     #[test]
     fn test_a_hole_someone_else_mapped_into_is_lost_and_left_alone() {
-        let addr = anonymous(LEN);
-        unmap(addr, LEN);
-        // Another thread's mmap lands in part of the hole before we look.
-        let foreign = at(addr, 4096);
+        in_a_child_process(hole_taken_by_another_mapping_is_lost);
+    }
+
+    fn hole_is_refilled() {
+        // What a failed MAP_FIXED leaves on kernels before 6.12: the old range unmapped. If
+        // another thread's mapping lands in the hole first, the aftermath is rightly `Lost` or
+        // `Intact` and that mapping is not ours to unmap: try a fresh hole.
+        for _ in 0..20 {
+            let addr = anonymous(LEN);
+            unmap(addr, LEN);
+            let aftermath = after_failed_fixed_map(addr, LEN);
+            if aftermath != Aftermath::Refilled {
+                // Another thread's mapping filled the hole (`Intact`) or part of it (`Lost`).
+                continue;
+            }
+            assert!(aftermath.data_lost() && aftermath.may_unmap());
+            assert!(range_is_mapped(addr, LEN), "the hole is ours again");
+            unmap(addr, LEN);
+            return;
+        }
+        panic!("no hole was taken back as Refilled in 20 tries");
+    }
+
+    fn hole_taken_by_another_mapping_is_lost() {
+        // Another thread's mmap lands in part of the hole before we look. (Other tests of this
+        // binary map memory too and may take a fresh hole first: then try another one.)
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
-        // SAFETY: NOREPLACE into the hole this test just made.
-        let got = unsafe { libc::mmap(foreign.as_ptr(), 4096, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
-        assert_eq!(got, foreign.as_ptr());
+        let (addr, foreign) = (0..20)
+            .find_map(|_| {
+                let addr = anonymous(LEN);
+                unmap(addr, LEN);
+                let foreign = at(addr, 4096);
+                // SAFETY: NOREPLACE into the hole this test just made; it never replaces anything.
+                let got =
+                    unsafe { libc::mmap(foreign.as_ptr(), 4096, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+                (got == foreign.as_ptr()).then_some((addr, foreign))
+            })
+            .expect("a fresh hole in 20 tries");
         // SAFETY: the page was just mapped read/write by this test.
         unsafe { foreign.as_ptr().cast::<u64>().write_volatile(0xf0f0) };
 
