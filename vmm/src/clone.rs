@@ -317,40 +317,7 @@ impl CloneEngine {
     /// first exit. If a clone fails, the ones made so far are returned and the rest are reported
     /// with the reason; nothing half-built remains.
     pub fn spawn(&self, template: &Arc<Template>, count: usize) -> Result<CloneBatch, CloneError> {
-        if count > self.config.max_clones_per_call {
-            return Err(CloneError::TooMany {
-                requested: count,
-                limit: self.config.max_clones_per_call,
-            });
-        }
-        let started = Instant::now();
-        let _busy = self.pools.busy();
-        let mut clones = Vec::with_capacity(count);
-        let mut failed = Vec::new();
-        for index in 0..count {
-            match self.spawn_one(template) {
-                Ok(clone) => clones.push(clone),
-                Err(e) => {
-                    let reason = e.to_string();
-                    let guest_stopped = matches!(e, VmError::GuestStopped(_));
-                    failed.extend((index..count).map(|i| CloneFailure {
-                        index: i,
-                        reason: if i == index {
-                            reason.clone()
-                        } else {
-                            format!("not attempted after clone {index} failed: {reason}")
-                        },
-                        guest_stopped,
-                    }));
-                    break;
-                }
-            }
-        }
-        Ok(CloneBatch {
-            clones,
-            failed,
-            total_us: micros(started),
-        })
+        self.spawn_batch(template, count, &mut || None, &|| false)
     }
 
     /// Makes up to `reservation.vms()` clones of `template` within the room `reservation` holds
@@ -363,6 +330,19 @@ impl CloneEngine {
         stop: &dyn Fn() -> bool,
     ) -> Result<CloneBatch, CloneError> {
         let count = reservation.vms();
+        self.spawn_batch(template, count, &mut || reservation.take_shell(), stop)
+    }
+
+    /// The clone loop of [`CloneEngine::spawn`] and [`CloneEngine::spawn_reserved`]: each clone
+    /// starts from `take_shell()` (else a pooled or new VM); after the first failure, or once
+    /// `stop` answers true, the rest are reported as not attempted.
+    fn spawn_batch(
+        &self,
+        template: &Arc<Template>,
+        count: usize,
+        take_shell: &mut dyn FnMut() -> Option<Vm>,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<CloneBatch, CloneError> {
         if count > self.config.max_clones_per_call {
             return Err(CloneError::TooMany {
                 requested: count,
@@ -377,8 +357,7 @@ impl CloneEngine {
             let made = if stop() {
                 Err(("not attempted: the request was abandoned".to_owned(), false))
             } else {
-                let shell = reservation.take_shell();
-                self.spawn_one_from(template, shell)
+                self.spawn_one_from(template, take_shell())
                     .map_err(|e| (e.to_string(), matches!(e, VmError::GuestStopped(_))))
             };
             match made {
@@ -402,10 +381,6 @@ impl CloneEngine {
             failed,
             total_us: micros(started),
         })
-    }
-
-    fn spawn_one(&self, template: &Arc<Template>) -> Result<Clone, VmError> {
-        self.spawn_one_from(template, None)
     }
 
     fn spawn_one_from(&self, template: &Arc<Template>, shell: Option<Vm>) -> Result<Clone, VmError> {
