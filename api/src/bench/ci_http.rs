@@ -8,30 +8,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::load::{call, make_template, start_server};
+use super::load::{call, make_template, start_server, wait_for_full_pool};
 use super::BenchError;
 use crate::client::Client;
 
 /// Warm shells the server keeps for the loop's template.
 const WARM_SHELLS: usize = 64;
-
-/// Waits until the template's warm-shell pool is full again.
-fn full_pool(client: &Client, template: &str) -> Result<(), BenchError> {
-    let started = Instant::now();
-    while call(client, "GET", &format!("/v1/templates/{template}"), None)?["warm_shells"]
-        .as_u64()
-        .unwrap_or(0)
-        < WARM_SHELLS as u64
-    {
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err(BenchError::Setup(
-                "the warm-shell pool did not refill within 60 s".into(),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
 
 /// One iteration over the API: clone → checksum → write 16 pages → stats → delete.
 fn iteration(client: &Client, template: &str) -> Result<(), BenchError> {
@@ -78,7 +60,7 @@ pub fn ci_loop_http(memory_mib: u64, seconds: f64) -> Result<Vec<Value>, BenchEr
     let mut rows = Vec::new();
     for workers in [1usize, 2] {
         eprintln!("[bench] CI loop over HTTP with {workers} worker(s) for {seconds} s");
-        full_pool(&client, &template)?;
+        wait_for_full_pool(&client, &template, WARM_SHELLS)?;
         let iterations = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         let started = Instant::now();

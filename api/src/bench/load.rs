@@ -158,27 +158,30 @@ pub fn load(args: &LoadArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Waits (up to 60 s) until `template` has `shells` warm shells, as the server reports them.
+pub(crate) fn wait_for_full_pool(client: &Client, template: &str, shells: usize) -> Result<(), BenchError> {
+    let started = Instant::now();
+    while call(client, "GET", &format!("/v1/templates/{template}"), None)?["warm_shells"]
+        .as_u64()
+        .unwrap_or(0)
+        < shells as u64
+    {
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(BenchError::Setup(
+                "the warm-shell pool did not refill within 60 s".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Measures the load run.
 pub fn measure_load(args: &LoadArgs) -> Result<Value, BenchError> {
     cowvm_vmm::host::raise_fd_limit().map_err(io("raise RLIMIT_NOFILE"))?;
     let (server, client) = start_server(WARM_SHELLS)?;
     let template = make_template(&client, args.memory_mib)?;
-    let full_pool = |client: &Client| -> Result<(), BenchError> {
-        let started = Instant::now();
-        while call(client, "GET", &format!("/v1/templates/{template}"), None)?["warm_shells"]
-            .as_u64()
-            .unwrap_or(0)
-            < WARM_SHELLS as u64
-        {
-            if started.elapsed() > Duration::from_secs(60) {
-                return Err(BenchError::Setup(
-                    "the warm-shell pool did not refill within 60 s".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    };
+    let full_pool = |client: &Client| wait_for_full_pool(client, &template, WARM_SHELLS);
     full_pool(&client)?;
     let url = format!("http://{}", server.addr);
     // Warm up with the same traffic, so that thread pools and allocator arenas exist before the
