@@ -1,8 +1,7 @@
-//! cowvm's service: the HTTP API server, its client, the CLI commands, the demo and the
-//! benchmarks. The VMM itself is the `cowvm-vmm` crate.
+//! cowvm's service: the HTTP API server, its client, the CLI commands and the demo. The VMM
+//! itself is the `cowvm-vmm` crate, the benchmarks `cowvm-bench`, the binary the `cowvm` crate.
 
 pub mod archive;
-pub mod bench;
 pub mod call_cli;
 pub mod cli;
 pub mod client;

@@ -1,9 +1,8 @@
 //! Facts about this process and host that benchmarks and stats read from the kernel:
-//! `/proc/self/smaps_rollup`, `/proc/meminfo`, the fd limit, and a `fork()` baseline.
+//! `/proc/self/smaps_rollup`, `/proc/meminfo`, `/proc/self/smaps`, open fds and the fd limit.
 
 use std::collections::HashMap;
 use std::io;
-use std::time::{Duration, Instant};
 
 fn parse_kib_fields(text: &str) -> HashMap<String, u64> {
     text.lines()
@@ -98,27 +97,6 @@ pub fn raise_fd_limit() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(limit.rlim_cur)
-}
-
-/// Times `fork()` of this process until the child, which exits at once, has been reaped.
-pub fn time_fork_to_child_exit() -> io::Result<Duration> {
-    let started = Instant::now();
-    // SAFETY: the child calls only the async-signal-safe `_exit`, so forking a multi-threaded
-    // process is sound; the parent reaps it below.
-    let pid = unsafe { libc::fork() };
-    match pid {
-        -1 => Err(io::Error::last_os_error()),
-        // SAFETY: `_exit` never returns and touches no state of the (copied) parent.
-        0 => unsafe { libc::_exit(0) },
-        child => {
-            let mut status = 0;
-            // SAFETY: waits for our own child; `status` is a valid out-pointer.
-            if unsafe { libc::waitpid(child, &mut status, 0) } != child {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(started.elapsed())
-        }
-    }
 }
 
 /// smaps figures summed over the mappings inside one address range, in KiB.

@@ -1,4 +1,12 @@
-//! Nearest-rank percentiles, shared by probe reports, benchmarks and the CLI.
+//! Nearest-rank percentiles and durations in microseconds, shared by probe reports, benchmarks
+//! and the CLI.
+
+use std::time::Duration;
+
+/// `d` in microseconds, the unit every reported latency uses.
+pub fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
 
 /// The samples in ascending order, for [`nearest_rank`].
 pub fn sorted(samples: impl IntoIterator<Item = f64>) -> Vec<f64> {

@@ -3,6 +3,7 @@
 //! the `Authorization` scheme and `WWW-Authenticate`, bodies that are JSON but not objects,
 //! client-facing error messages, and the `--token-file` checks of `cowvm serve`.
 
+#[path = "../../api/tests/common/mod.rs"]
 mod common;
 
 use std::io::{Read, Write};

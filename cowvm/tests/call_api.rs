@@ -11,6 +11,7 @@ use cowvm::client::{Answer, Client};
 use cowvm::server::{self, Limits, RunningServer, ServerConfig};
 use serde_json::{json, Value};
 
+#[path = "../../api/tests/common/mod.rs"]
 mod common;
 
 fn kernel_dir(test: &str) -> PathBuf {

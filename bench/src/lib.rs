@@ -1,8 +1,11 @@
 //! `cowvm bench`: reproducible benchmarks that print medians and percentiles and write JSON.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod call;
 mod cells;
 mod ci_http;
+mod fork;
 mod load;
 mod plot;
 mod portable;

@@ -13,7 +13,7 @@ use vm_memory::GuestAddress;
 use super::load::{call, make_template, start_server};
 use super::stats::Percentiles;
 use super::{BenchError, DEADLINE};
-use crate::client::Client;
+use cowvm::client::Client;
 
 const WAIT: Duration = Duration::from_secs(600);
 /// Warm shells kept while resets by swap are measured.
@@ -174,7 +174,7 @@ pub fn api_clones(memory_mib: u64, samples: usize, batch: usize) -> Result<Value
             call(&client, "DELETE", &format!("/v1/vms/{id}"), None)?;
         }
     }
-    let metrics = crate::client::Client::new(&format!("http://{}", server.addr), None)
+    let metrics = cowvm::client::Client::new(&format!("http://{}", server.addr), None)
         .request("GET", "/metrics", None)
         .map(|a| a.body.as_str().unwrap_or_default().to_owned())
         .unwrap_or_default();

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::load::{call, make_template, start_server, wait_for_full_pool};
 use super::BenchError;
-use crate::client::Client;
+use cowvm::client::Client;
 
 /// Warm shells the server keeps for the loop's template.
 const WARM_SHELLS: usize = 64;

@@ -1,5 +1,5 @@
 //! `cowvm bench portable`: export and import time and archive size of portable templates (see
-//! [`crate::archive`]), for the demo's template (256 MiB, 16 MiB written) and a 1 GiB template
+//! [`cowvm::archive`]), for the demo's template (256 MiB, 16 MiB written) and a 1 GiB template
 //! with 64 MiB written. The guest writes one qword per page, which zstd compresses to almost
 //! nothing, so each size is also measured with its written pages filled with pseudo-random bytes
 //! host-side (incompressible: the archive is then about the populated size).
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use vm_memory::GuestAddress;
 
 use super::{prepare, write_json, BenchError, SweepArgs, DEADLINE};
-use crate::archive;
+use cowvm::archive;
 
 /// Where the written data starts (as in the other benchmarks' templates).
 const DATA_START: u64 = 4 << 20;

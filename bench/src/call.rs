@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 use super::spawn::fill_pool;
 use super::stats::Percentiles;
 use super::{write_json, BenchError};
-use crate::client::Client;
-use crate::server::{self, Limits, ServerConfig};
+use cowvm::client::Client;
+use cowvm::server::{self, Limits, ServerConfig};
 
 /// How long one benchmark call may run.
 const CALL_DEADLINE: Duration = Duration::from_secs(5);

@@ -8,14 +8,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use cowvm_vmm::host::{time_fork_to_child_exit, MemoryDelta, MemorySnapshot};
+use cowvm_vmm::host::{MemoryDelta, MemorySnapshot};
 use cowvm_vmm::memory::PAGE_SIZE;
+use cowvm_vmm::percentile::micros;
 use cowvm_vmm::slots::{SlotPolicy, DEFAULT_CHUNK};
 use cowvm_vmm::{Clone, CloneEngine, EngineConfig, GuestCommand, Kvm, Template, Vm, VmConfig};
 use serde::Serialize;
 use serde_json::json;
 use vm_memory::GuestAddress;
 
+use super::fork::time_fork_to_child_exit;
 use super::stats::Percentiles;
 use super::{make_template, write_json, BenchError, DEADLINE};
 
@@ -42,10 +44,6 @@ pub struct SpawnArgs {
 }
 
 const POOL_FILL_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
 
 pub(super) fn fill_pool(engine: &CloneEngine, template: &Arc<Template>, shells: usize) -> Result<Duration, BenchError> {
     let started = Instant::now();

@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 
 use super::stats::Percentiles;
 use super::{write_json, BenchError};
-use crate::client::Client;
-use crate::server::{self, Limits, RunningServer, ServerConfig};
+use cowvm::client::Client;
+use cowvm::server::{self, Limits, RunningServer, ServerConfig};
 
 /// Arguments of `cowvm bench load`.
 #[derive(Args, Clone)]

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cowvm::cli::{self, Connection, ProbeTargetsArgs, ServeArgs, TemplateCommand, VmCommand};
-use cowvm::{bench, call_cli, demo, run};
+use cowvm::{call_cli, demo, run};
+use cowvm_bench as bench;
 
 /// cowvm clones running KVM guests copy-on-write and shows exactly which memory they share.
 #[derive(Parser)]
