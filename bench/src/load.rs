@@ -13,7 +13,7 @@ use clap::Args;
 use cowvm_vmm::host::{self, MemorySnapshot};
 use serde_json::{json, Value};
 
-use super::stats::Percentiles;
+use super::stats::{median, Percentiles};
 use super::{write_json, BenchError};
 use cowvm::client::Client;
 use cowvm::server::{self, Limits, RunningServer, ServerConfig};
@@ -307,16 +307,6 @@ fn drive(url: &str, template: &str, clients: usize, requests: u64, max: Duration
     }
     let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
     Ok(samples)
-}
-
-/// The middle value (mean of the two middle ones for an even count); 0 for none.
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
 }
 
 /// Least-squares slope of `points` (x = seconds).

@@ -14,6 +14,7 @@ use cowvm_vmm::{GuestCommand, Kvm, Template, Vm, VmConfig, VmState};
 use serde_json::{json, Value};
 use vm_memory::GuestAddress;
 
+use super::stats::median;
 use super::{prepare, write_json, BenchError, SweepArgs, DEADLINE};
 use cowvm::archive;
 
@@ -66,11 +67,6 @@ fn incompressible(template: &Template, written_mib: u64) -> Result<Template, Ben
     let state: VmState = serde_json::from_value(serde_json::to_value(template.state()).unwrap_or_default())
         .map_err(|e| BenchError::Setup(format!("copy the VM state: {e}")))?;
     Ok(Template::new(TemplateMemory::single(memory), state))
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Exports and imports `template` `runs` times through a file in `dir`.

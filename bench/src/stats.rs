@@ -1,4 +1,4 @@
-//! Percentiles of samples.
+//! Percentiles and medians of samples (on [`cowvm_vmm::percentile`]).
 
 use cowvm_vmm::percentile::{nearest_rank, sorted};
 use serde::Serialize;
@@ -32,6 +32,16 @@ impl Percentiles {
     }
 }
 
+/// The middle value (mean of the two middle ones for an even count); 0 for none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,5 +52,12 @@ mod tests {
         let p = Percentiles::of(&samples);
         assert_eq!((p.p50, p.p90, p.p99, p.max, p.n), (50.0, 90.0, 99.0, 100.0, 100));
         assert_eq!(Percentiles::of(&[]).p50, 0.0);
+    }
+
+    #[test]
+    fn test_median_of_odd_even_and_no_samples() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(Vec::new()), 0.0);
     }
 }

@@ -36,4 +36,9 @@ mod tests {
         );
         assert_eq!(nearest_rank(&[], 0.5), 0.0);
     }
+
+    #[test]
+    fn test_micros_of_one_and_a_half_milliseconds() {
+        assert_eq!(micros(std::time::Duration::from_micros(1500)), 1500.0);
+    }
 }
