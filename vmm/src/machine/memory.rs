@@ -32,8 +32,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegio
 use crate::fixed_map::{self, Fate};
 use crate::pagemap::PageMap;
 
-/// Host page size assumed for guest RAM granularity.
-pub const PAGE_SIZE: u64 = 4096;
+use crate::layout::MIB;
+pub use crate::layout::PAGE_SIZE;
 
 /// Holes of a template memfd shorter than this are filled with zeros before sealing (and mapped
 /// from the memfd): a shorter anonymous hole would cost each clone two more VMAs for little.
@@ -808,7 +808,7 @@ impl GuestRam {
 }
 
 /// Most bytes a layered freeze copies at once (the size of its copy buffer).
-pub const FREEZE_CHUNK: u64 = 1 << 20;
+pub const FREEZE_CHUNK: u64 = MIB;
 
 /// Fails with [`MemoryError::TooFragmented`] if an overlay of `new_runs` runs on `parent` would
 /// exceed the layer or run limits.
@@ -922,7 +922,7 @@ fn holes_to_fill(extents: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
 
 /// Writes zeros into the holes [`holes_to_fill`] picks (before sealing; they become data).
 fn fill_small_holes(file: &File, size: u64) -> io::Result<()> {
-    const CHUNK: usize = 1 << 20;
+    const CHUNK: usize = MIB as usize;
     let zeros = vec![0u8; CHUNK];
     for hole in holes_to_fill(&data_extents(file, size)?, size) {
         let mut at = hole.start;
