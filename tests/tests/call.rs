@@ -139,7 +139,7 @@ fn test_misbehaving_guests_end_their_call_with_a_typed_error() {
         &template,
         b"big",
         DEADLINE,
-        |e| matches!(e, CallError::OutputTooLarge { len } if *len == cowvm_vmm::boot::layout::MAILBOX_OUTPUT_SIZE + 1),
+        |e| matches!(e, CallError::OutputTooLarge { len } if *len == cowvm_vmm::layout::MAILBOX_OUTPUT_SIZE + 1),
     );
     assert_call_fails(
         &engine,
@@ -151,7 +151,7 @@ fn test_misbehaving_guests_end_their_call_with_a_typed_error() {
     assert_call_fails(&engine, &template, b"badcall", DEADLINE, |e| {
         matches!(e, CallError::BadHypercall(HypercallError::UnknownNumber(99)))
     });
-    let too_big = vec![0u8; cowvm_vmm::boot::layout::MAILBOX_INPUT_SIZE as usize + 1];
+    let too_big = vec![0u8; cowvm_vmm::layout::MAILBOX_INPUT_SIZE as usize + 1];
     assert_call_fails(&engine, &template, &too_big, DEADLINE, |e| {
         matches!(e, CallError::InputTooLarge { .. })
     });
@@ -214,7 +214,7 @@ fn test_an_empty_call_copies_only_the_mailbox_and_stack_pages() {
     let answer = call_vm(clone.vm_mut(), b"", generation, seed, DEADLINE).expect("call");
     assert_eq!((answer.status, answer.output.len()), (0, 0));
     let pages = cowvm_tests::private_pages(clone.vm().ram());
-    let mailbox = cowvm_vmm::boot::layout::MAILBOX_START.0 / cowvm_vmm::memory::PAGE_SIZE;
+    let mailbox = cowvm_vmm::layout::MAILBOX_START.0 / cowvm_vmm::memory::PAGE_SIZE;
     assert_eq!(pages.len(), 2, "private pages {pages:x?}");
     assert!(pages.contains(&mailbox), "private pages {pages:x?}");
     engine.destroy(clone);

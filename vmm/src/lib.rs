@@ -2,43 +2,33 @@
 //! copy-on-write by clones, a long-mode boot path written by the VMM, and complete vCPU/VM state
 //! capture and restore.
 //!
-//! Module map: [`kvm`] opens `/dev/kvm` and checks capabilities; [`memory`] owns guest RAM and its
-//! mappings; [`boot`] writes the GDT, IDT and identity page tables and sets the long-mode
-//! registers; [`loader`] loads the guest ELF; [`vcpu`] runs a vCPU and captures its state; [`vm`]
-//! ties them into a bootable, freezable, restorable VM; [`command`] speaks the guest's register
-//! protocol; [`pagemap`] reads what the host kernel maps behind guest RAM; [`template`] freezes
-//! VMs into templates and [`clone`] makes, resets and destroys their clones; [`hypercall`] and
-//! [`call`] run a user's guest under guest ABI v1.
+//! Folders by concern: [`machine`] (KVM, guest RAM, boot, vCPUs, the VM), [`template`] (freezing
+//! and persisting templates), [`clone`] (the clone engine, warm pools, recycling), [`call`] (guest
+//! ABI v1), [`readers`] (pagemap, kpagecount/kpageflags, KVM binary stats), [`measure`] (sharing
+//! statistics and write probes); [`layout`] is the one leaf holding every guest address and unit.
+//! The modules are also re-exported under their short names (`cowvm_vmm::vm`, `cowvm_vmm::pagemap`).
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
-pub mod boot;
 pub mod call;
 pub mod clone;
-pub mod command;
-pub mod exit;
-mod fixed_map;
 pub mod host;
-pub mod hypercall;
-pub mod kpage;
-pub mod kvm;
-pub mod kvm_stats;
-pub mod loader;
-pub mod memory;
-pub mod pagemap;
+pub mod layout;
+pub mod machine;
+pub mod measure;
 pub mod percentile;
-pub mod persist;
-pub mod pool;
-pub mod probe;
-mod reaper;
-pub mod slots;
-pub mod stats;
+pub mod readers;
 pub mod template;
-pub mod translate;
-pub mod vcpu;
-pub mod vm;
-mod watchdog;
+
+pub use call::hypercall;
+pub use clone::pool;
+pub(crate) use clone::reaper;
+pub use machine::{boot, command, exit, kvm, loader, memory, slots, translate, vcpu, vm};
+pub(crate) use machine::{fixed_map, watchdog};
+pub use measure::{probe, stats};
+pub use readers::{kpage, kvm_stats, pagemap};
+pub use template::persist;
 
 pub use clone::{Clone, CloneBatch, CloneEngine, CloneError, EngineConfig, LiveFork, ResetReport};
 pub use command::{CommandError, CommandOutput, GuestCommand};

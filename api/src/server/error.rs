@@ -179,7 +179,7 @@ fn vm_errno(e: &VmError) -> Option<i32> {
         VmError::Kvm(KvmError::Ioctl { source, .. }) => Some(source.errno()),
         VmError::Ioctl { source, .. } => Some(source.errno()),
         VmError::Vcpu(VcpuError::Ioctl { source, .. }) => Some(source.errno()),
-        VmError::Memory(MemoryError::CreateMemfd(io))
+        VmError::Memory(MemoryError::CreateMemfd(io) | MemoryError::WriteMemfd(io))
         | VmError::Memory(MemoryError::Map { source: io, .. })
         | VmError::Memory(MemoryError::Resize { source: io, .. }) => io.raw_os_error(),
         _ => None,

@@ -6,8 +6,8 @@ use kvm_bindings::kvm_regs;
 use serde::Serialize;
 use vm_memory::GuestAddress;
 
-use crate::boot::layout::APIC_PAGE;
-use crate::memory::PAGE_SIZE;
+use crate::layout::APIC_PAGE;
+use crate::layout::PAGE_SIZE;
 
 /// Most elements (qwords) one write or checksum command may touch; each costs a few emulated
 /// instructions, so this bounds a command to well under a second.

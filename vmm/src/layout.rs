@@ -1,7 +1,32 @@
-//! Every guest physical address the VMM uses, in one place (low memory, after Firecracker's
-//! long-mode layout). Everything below [`KERNEL_START`] belongs to the VMM.
+//! Every guest physical address the VMM uses and the units they are counted in, in one leaf
+//! module that imports nothing from the crate (low memory after Firecracker's long-mode layout).
+//! Everything below [`KERNEL_START`] belongs to the VMM.
 
 use vm_memory::GuestAddress;
+
+/// Host page size: the granularity of guest RAM, sharing and copy-on-write.
+pub const PAGE_SIZE: u64 = 4096;
+/// One KiB in bytes.
+pub const KIB: u64 = 1 << 10;
+/// One MiB in bytes.
+pub const MIB: u64 = 1 << 20;
+/// One GiB in bytes.
+pub const GIB: u64 = 1 << 30;
+
+/// `mib` MiB in bytes, saturating instead of overflowing.
+pub const fn mib(mib: u64) -> u64 {
+    mib.saturating_mul(MIB)
+}
+
+/// Whole MiB in `bytes` (rounded down).
+pub const fn bytes_to_mib(bytes: u64) -> u64 {
+    bytes / MIB
+}
+
+/// Bytes as fractional MiB, for reports.
+pub fn as_mib_f64(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
 
 /// The GDT: null, 64-bit code, data, and a 16-byte TSS descriptor.
 pub const GDT_START: GuestAddress = GuestAddress(0x500);
@@ -48,6 +73,10 @@ pub const MAILBOX_OUTPUT: GuestAddress = GuestAddress(0xc_0000);
 /// Largest output a call may return.
 pub const MAILBOX_OUTPUT_SIZE: u64 = 0x4_0000;
 
+/// The built-in guest's data area: the first address its commands, probes and warm-up touch by
+/// convention (the guest image and its own stack lie below).
+pub const DATA_START: GuestAddress = GuestAddress(8 * MIB);
+
 /// The xAPIC MMIO page. KVM's instruction emulator treats every access to this page as MMIO,
 /// whatever memslot covers it (`vcpu_is_mmio_gpa` in arch/x86/kvm/x86.c), and on hosts without
 /// hardware virtualisation every guest instruction is emulated: in guests larger than 4078 MiB
@@ -55,9 +84,9 @@ pub const MAILBOX_OUTPUT_SIZE: u64 = 0x4_0000;
 pub const APIC_PAGE: GuestAddress = GuestAddress(0xfee0_0000);
 
 /// Largest guest RAM the identity map covers (64 page directories × 1 GiB).
-pub const MAX_MEMORY: u64 = MAX_PAGE_DIRECTORIES << 30;
+pub const MAX_MEMORY: u64 = MAX_PAGE_DIRECTORIES * GIB;
 /// Smallest guest RAM: the VMM's low memory, the kernel and room for it to work.
-pub const MIN_MEMORY: u64 = 4 << 20;
+pub const MIN_MEMORY: u64 = 4 * MIB;
 
 /// GDT selectors (byte offsets into the GDT).
 pub const CODE_SELECTOR: u16 = 0x08;
@@ -77,4 +106,5 @@ const _: () = {
     assert!(PD_START.0 + MAX_PAGE_DIRECTORIES * 4096 <= MAILBOX_START.0);
     assert!(MAILBOX_INPUT.0 + MAILBOX_INPUT_SIZE <= MAILBOX_OUTPUT.0);
     assert!(MAILBOX_OUTPUT.0 + MAILBOX_OUTPUT_SIZE <= KERNEL_START.0);
+    assert!(KERNEL_START.0 < DATA_START.0);
 };

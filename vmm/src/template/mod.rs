@@ -1,6 +1,8 @@
 //! Templates: frozen VMs that clones are made from. A template is the VM's captured state plus
 //! its RAM as sealed template memory (see [`crate::memory`] for the memory model).
 
+pub mod persist;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::kvm::Kvm;

@@ -4,7 +4,7 @@
 
 use cowvm_guest::protocol::PORT_EXCEPTION;
 
-use super::layout::{CODE_SELECTOR, EXCEPTION_STUBS_START, EXCEPTION_STUB_SIZE, IDT_ENTRIES};
+use crate::layout::{CODE_SELECTOR, EXCEPTION_STUBS_START, EXCEPTION_STUB_SIZE, IDT_ENTRIES};
 
 // The stubs use the immediate form of `out`, which takes an 8-bit port.
 const _: () = assert!(PORT_EXCEPTION <= 0xff);

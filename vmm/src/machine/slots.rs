@@ -27,12 +27,12 @@ use kvm_ioctls::{Cap, VmFd};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::boot::layout::APIC_PAGE;
-use crate::memory::PAGE_SIZE;
+use crate::layout::APIC_PAGE;
+use crate::layout::{MIB, PAGE_SIZE};
 
 /// Default chunk: the smallest slot a lazy fill registers. 2 MiB costs 4 KiB of reverse map and
 /// lets a guest that walks memory sequentially exit once per 512 pages.
-pub const DEFAULT_CHUNK: u64 = 2 << 20;
+pub const DEFAULT_CHUNK: u64 = 2 * MIB;
 
 /// Fewest memory slots KVM must offer for lazy slots to be worth it.
 pub const MIN_LAZY_SLOTS: u64 = 64;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryMmap, ReadVolatile};
 
-use crate::boot::layout::KERNEL_START;
+use crate::layout::KERNEL_START;
 
 /// Errors from loading a kernel.
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,7 @@ pub const HC_ABORT: u32 = 4;
 pub const LOG_MAX: u64 = 4096;
 
 /// Byte offsets of the mailbox header's fields (little-endian u64 each) from
-/// [`crate::boot::layout::MAILBOX_START`].
+/// [`crate::layout::MAILBOX_START`].
 pub mod header {
     /// [`super::ABI_VERSION`], written by the VMM.
     pub const ABI_VERSION: u64 = 0x00;
@@ -143,7 +143,7 @@ fn check_log(ptr: u64, len: u64, memory_size: u64) -> Result<Hypercall, Hypercal
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::boot::layout::*;
+    use crate::layout::*;
 
     fn out(value: u32) -> GuestExit {
         GuestExit::IoOut {
@@ -208,7 +208,7 @@ mod tests {
     /// The C SDK's header spells the same numbers; a drift would break every guest.
     #[test]
     fn test_sdk_header_matches_the_vmm() {
-        let text = include_str!("../../guest/sdk/include/cowvm.h");
+        let text = include_str!("../../../guest/sdk/include/cowvm.h");
         let define = |name: &str| -> u64 {
             let line = text
                 .lines()
@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(define("COWVM_MAILBOX_INPUT_SIZE"), MAILBOX_INPUT_SIZE);
         assert_eq!(define("COWVM_MAILBOX_OUTPUT"), MAILBOX_OUTPUT.0);
         assert_eq!(define("COWVM_MAILBOX_OUTPUT_SIZE"), MAILBOX_OUTPUT_SIZE);
-        let crt0 = include_str!("../../guest/sdk/src/crt0.S");
+        let crt0 = include_str!("../../../guest/sdk/src/crt0.S");
         for (name, value) in [
             ("PORT_HYPERCALL", u64::from(PORT_HYPERCALL)),
             ("HC_LOG", u64::from(HC_LOG)),

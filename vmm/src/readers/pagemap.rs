@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use crate::memory::PAGE_SIZE;
+use crate::layout::PAGE_SIZE;
 
 /// Entries read per `pread` (512 KiB of pagemap).
 const CHUNK_ENTRIES: usize = 64 * 1024;

@@ -7,18 +7,20 @@
 //! (a fault, a spin past the deadline, a bad argument, an oversized output) ends the call with
 //! a typed [`CallError`], never a panic.
 
+pub mod hypercall;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use crate::boot::layout::{MAILBOX_INPUT_SIZE, MAILBOX_OUTPUT, MAILBOX_OUTPUT_SIZE, MAILBOX_START};
 use crate::clone::CloneEngine;
 use crate::exit::GuestExit;
-use crate::hypercall::{self, header, Hypercall, HypercallError, ABI_VERSION};
+use crate::layout::{MAILBOX_INPUT_SIZE, MAILBOX_OUTPUT, MAILBOX_OUTPUT_SIZE, MAILBOX_START};
 use crate::pool::Reservation;
 use crate::template::Template;
 use crate::vm::{Vm, VmError};
+use hypercall::{header, Hypercall, HypercallError, ABI_VERSION};
 
 /// Most log bytes kept per boot or per call; later logs are dropped and the log marked truncated.
 pub const LOG_CAPACITY: usize = 64 * 1024;
@@ -279,7 +281,7 @@ fn write_mailbox(vm: &Vm, input: &[u8], generation: u64, seed: u64) -> Result<()
     put(header::OUTPUT_LEN, 0);
     put(header::GENERATION, generation);
     put(header::SEED, seed);
-    image.resize(crate::boot::layout::MAILBOX_HEADER_SIZE as usize, 0);
+    image.resize(crate::layout::MAILBOX_HEADER_SIZE as usize, 0);
     image.extend_from_slice(input);
     vm.ram()
         .guest_memory()

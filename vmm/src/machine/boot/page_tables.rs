@@ -1,7 +1,7 @@
 //! 4-level identity page tables covering guest RAM. Every entry has Accessed (and, on leaves,
 //! Dirty) preset, so the CPU — or KVM's shadow MMU emulating it — never writes them back.
 
-use super::layout::{MAX_MEMORY, PDPT_START, PD_START};
+use crate::layout::{GIB, MAX_MEMORY, MIB, PDPT_START, PD_START};
 
 /// Present.
 const P: u64 = 1 << 0;
@@ -19,8 +19,7 @@ pub const TABLE_FLAGS: u64 = P | RW | A;
 /// Flags of a large-page leaf entry.
 pub const LEAF_FLAGS: u64 = P | RW | A | D | PS;
 
-const GIB: u64 = 1 << 30;
-const TWO_MIB: u64 = 2 << 20;
+const TWO_MIB: u64 = 2 * MIB;
 const ENTRIES_PER_TABLE: u64 = 512;
 
 /// The leaf page size of the identity map.

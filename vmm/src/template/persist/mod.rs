@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::boot::layout::{MAX_MEMORY, MIN_MEMORY};
+use crate::layout::{MAX_MEMORY, MIN_MEMORY};
 use crate::memory::{FrozenMemory, MemoryError, TemplateMemory, MAX_TEMPLATE_RUNS, PAGE_SIZE};
 use crate::template::Template;
 use crate::vm::VmState;

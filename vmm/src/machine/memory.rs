@@ -32,8 +32,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegio
 use crate::fixed_map::{self, Fate};
 use crate::pagemap::PageMap;
 
-/// Host page size assumed for guest RAM granularity.
-pub const PAGE_SIZE: u64 = 4096;
+use crate::layout::MIB;
+pub use crate::layout::PAGE_SIZE;
 
 /// Holes of a template memfd shorter than this are filled with zeros before sealing (and mapped
 /// from the memfd): a shorter anonymous hole would cost each clone two more VMAs for little.
@@ -77,6 +77,18 @@ pub enum MemoryError {
     /// Adding the seals failed.
     #[error("sealing the guest RAM memfd failed: {0}")]
     Seal(io::Error),
+    /// Reading a memfd's seals failed.
+    #[error("reading the seals of a memfd failed: {0}")]
+    GetSeals(io::Error),
+    /// Reading a memfd's size (`fstat`) failed.
+    #[error("reading the size of a memfd failed: {0}")]
+    Metadata(io::Error),
+    /// Duplicating a memfd's descriptor failed.
+    #[error("duplicating a memfd descriptor failed: {0}")]
+    DupFd(io::Error),
+    /// Writing the contents of a new template memfd failed.
+    #[error("writing the contents of a template memfd failed: {0}")]
+    WriteMemfd(io::Error),
     /// A memfd offered as frozen memory lacks the seals.
     #[error("memfd is not sealed against writes and resizing (seals {0:#x})")]
     NotSealed(libc::c_int),
@@ -279,12 +291,12 @@ pub struct FrozenMemory {
 impl FrozenMemory {
     /// Adopts a memfd that already carries the write, grow and shrink seals.
     pub fn from_sealed(file: File) -> Result<Self, MemoryError> {
-        let seals = get_seals(&file).map_err(MemoryError::Seal)?;
+        let seals = get_seals(&file).map_err(MemoryError::GetSeals)?;
         let needed = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
         if seals & needed != needed {
             return Err(MemoryError::NotSealed(seals));
         }
-        let size = file.metadata().map_err(MemoryError::Seal)?.len();
+        let size = file.metadata().map_err(MemoryError::Metadata)?.len();
         let extents = data_extents(&file, size).map_err(MemoryError::Extents)?;
         Ok(FrozenMemory {
             inner: Arc::new(SealedMemfd { file, size, extents }),
@@ -307,7 +319,7 @@ impl FrozenMemory {
         let file = create_memfd(c"cowvm-template")?;
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
-        fill(&file).map_err(MemoryError::CreateMemfd)?;
+        fill(&file).map_err(MemoryError::WriteMemfd)?;
         fill_small_holes(&file, size).map_err(MemoryError::FillHoles)?;
         add_seals(&file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
         FrozenMemory::from_sealed(file)
@@ -678,7 +690,7 @@ impl GuestRam {
         std::mem::forget(std::mem::replace(&mut self.mapping, remapped));
         let laid_out = (|| {
             add_seals(file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
-            let sealed = file.try_clone().map_err(MemoryError::Seal)?;
+            let sealed = file.try_clone().map_err(MemoryError::DupFd)?;
             let template = TemplateMemory::single(FrozenMemory::from_sealed(sealed)?);
             self.mapping.map_pieces(&template)?;
             Ok(template)
@@ -726,8 +738,7 @@ impl GuestRam {
                 self.view
                     .read_slice(bytes, GuestAddress(chunk.start))
                     .map_err(|e| MemoryError::Region(e.to_string()))?;
-                file.write_all_at(bytes, chunk.start)
-                    .map_err(MemoryError::CreateMemfd)?;
+                file.write_all_at(bytes, chunk.start).map_err(MemoryError::WriteMemfd)?;
             }
         }
         add_seals(&file, FROZEN_SEALS).map_err(MemoryError::Seal)?;
@@ -808,7 +819,7 @@ impl GuestRam {
 }
 
 /// Most bytes a layered freeze copies at once (the size of its copy buffer).
-pub const FREEZE_CHUNK: u64 = 1 << 20;
+pub const FREEZE_CHUNK: u64 = MIB;
 
 /// Fails with [`MemoryError::TooFragmented`] if an overlay of `new_runs` runs on `parent` would
 /// exceed the layer or run limits.
@@ -922,7 +933,7 @@ fn holes_to_fill(extents: &[Range<u64>], size: u64) -> Vec<Range<u64>> {
 
 /// Writes zeros into the holes [`holes_to_fill`] picks (before sealing; they become data).
 fn fill_small_holes(file: &File, size: u64) -> io::Result<()> {
-    const CHUNK: usize = 1 << 20;
+    const CHUNK: usize = MIB as usize;
     let zeros = vec![0u8; CHUNK];
     for hole in holes_to_fill(&data_extents(file, size)?, size) {
         let mut at = hole.start;

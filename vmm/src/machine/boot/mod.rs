@@ -3,7 +3,7 @@
 
 pub mod gdt;
 pub mod idt;
-pub mod layout;
+pub use crate::layout;
 pub mod page_tables;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use page_tables::IdentityPageSize;
 
-use layout::*;
+use crate::layout::*;
 
 /// CR0: protected mode, monitor coprocessor, extension type, numeric error, write protect, paging.
 const CR0_LONG_MODE: u64 = 0x1 | 0x2 | 0x10 | 0x20 | 0x1_0000 | 0x8000_0000;

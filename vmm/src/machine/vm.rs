@@ -11,12 +11,12 @@ use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::layout::{KERNEL_START, MAX_MEMORY, MIN_MEMORY};
 use crate::boot::{self, BootError, IdentityPageSize};
 use crate::command::{CommandError, CommandOutput, GuestCommand};
 use crate::exit::GuestExit;
 use crate::kvm::{Kvm, KvmError};
 use crate::kvm_stats::{KvmStats, StatsFile};
+use crate::layout::{self, bytes_to_mib, KERNEL_START, MAX_MEMORY, MIN_MEMORY};
 use crate::loader::{self, LoadError, LoadedKernel};
 use crate::memory::{GuestRam, MemoryError, TemplateMemory, PAGE_SIZE};
 use crate::pagemap::PageMap;
@@ -51,7 +51,11 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     /// The memory size is not a whole number of MiB in the supported range.
-    #[error("memory of {memory_mib} MiB is outside the supported {}..={} MiB", MIN_MEMORY >> 20, MAX_MEMORY >> 20)]
+    #[error(
+        "memory of {memory_mib} MiB is outside the supported {}..={} MiB",
+        bytes_to_mib(MIN_MEMORY),
+        bytes_to_mib(MAX_MEMORY)
+    )]
     MemorySize {
         /// Size asked for.
         memory_mib: u64,
@@ -251,7 +255,7 @@ impl Vm {
     /// [`Vm::boot`], stopping the guest if it has not reached its first exit within `deadline`
     /// (a kernel that spins then fails with the deadline, instead of holding the caller).
     pub fn boot_with_deadline(kvm: &Kvm, config: &VmConfig, deadline: Duration) -> Result<(Vm, BootReport), VmError> {
-        let memory_size = config.memory_mib.saturating_mul(1 << 20);
+        let memory_size = layout::mib(config.memory_mib);
         if boot::check_memory_size(memory_size).is_err() {
             return Err(VmError::MemorySize {
                 memory_mib: config.memory_mib,

@@ -2,6 +2,9 @@
 //! mapping of the template, with a unique identity; reset in place; live fork; teardown off the
 //! hot path.
 
+pub mod pool;
+pub(crate) mod reaper;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::host::{smaps_for_range, SmapsFigures};
 use crate::kpage::{KPageError, KPages};
 use crate::kvm_stats::KvmStats;
-use crate::memory::PAGE_SIZE;
+use crate::layout::PAGE_SIZE;
 use crate::pagemap::PageMap;
 use crate::template::Template;
 use crate::vm::{Vm, VmError};
