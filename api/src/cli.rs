@@ -203,6 +203,7 @@ fn cells_config(args: &ServeArgs) -> Result<Option<server::CellsConfig>, CliErro
 
 /// Runs `cowvm serve` until SIGINT or SIGTERM.
 pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
+    init_logging();
     let config = ServerConfig {
         listen: args.listen,
         state_dir: args.state_dir.clone(),
@@ -234,6 +235,18 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     running.wait()?;
     let _ = writeln!(out, "cowvm serve: stopped; every VM was torn down").and_then(|()| out.flush());
     Ok(())
+}
+
+/// Sends the server's `tracing` events (accept failures, connection errors) to stderr, filtered by
+/// `RUST_LOG` (default `info`); without a subscriber they would be dropped.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second initialisation (an embedding process that installed its own) is not an error.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// `cowvm vm …`.
