@@ -221,7 +221,7 @@ mod tests {
         ];
         for e in errors {
             let api = ApiError::from(e);
-            assert_eq!(api.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", api.code);
+            assert_eq!(api.status(), StatusCode::UNPROCESSABLE_ENTITY, "{}", api.code());
         }
     }
 }

@@ -91,16 +91,12 @@ pub fn register_clones(
         let reason = first.map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
         // A template whose guest stops on a clone's first run is the template's fault (422);
         // anything else is the host's (503).
-        let status = if first.is_some_and(|f| f.guest_stopped) {
-            StatusCode::UNPROCESSABLE_ENTITY
+        let message = format!("no clone could be made: {reason}");
+        return Err(if first.is_some_and(|f| f.guest_stopped) {
+            ApiError::out_of_range("clones_failed", message)
         } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        return Err(ApiError::new(
-            status,
-            "clones_failed",
-            format!("no clone could be made: {reason}"),
-        ));
+            ApiError::unavailable("clones_failed", message)
+        });
     }
     let memory_mib = template.template.size() >> 20;
     let clones = batch
