@@ -33,7 +33,9 @@ use vm_memory::GuestAddress;
 
 use super::app::App;
 use super::error::ApiError;
-use super::model::{CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand, RunResult, VmInfo};
+use super::model::{
+    CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo,
+};
 use super::ops::{blocking, timeout_error, transaction};
 
 /// How often the watcher looks for dead cells.
@@ -607,7 +609,9 @@ async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Resul
         reset_us: done.reset_us,
         pages_dropped: done.pages_dropped,
         generation: done.generation,
-        steps: serde_json::json!({ "in_cell_us": done.reset_us }),
+        steps: ResetSteps::InCell {
+            in_cell_us: done.reset_us,
+        },
         // A cell resets its VM in place.
         swapped: false,
     }))

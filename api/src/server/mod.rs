@@ -9,6 +9,7 @@ mod export;
 mod listen;
 pub mod model;
 mod ops;
+mod reports;
 mod routes;
 mod spec;
 mod state_dir;

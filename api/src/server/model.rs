@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use super::call::{CallRequest, CallResult};
+pub use super::reports::{
+    KvmDeltas, KvmStats, Micros, PageProbe, PageState, ProbeReport, ResetSteps, SmapsFigures, Stat, StatValue,
+};
 use whole::{whole_u32, whole_u64, whole_u64_list};
 
 /// `POST /v1/vms`.
@@ -231,8 +234,7 @@ pub struct ResetDone {
     /// The clone's new generation id.
     pub generation: u64,
     /// Where the time went.
-    #[schema(value_type = Object)]
-    pub steps: serde_json::Value,
+    pub steps: ResetSteps,
     /// Whether the VM got a warm shell of its template (its used VM is recycled in the
     /// background; `pages_dropped` is then 0) rather than being reset in place.
     pub swapped: bool,
@@ -313,7 +315,7 @@ pub struct SpecialPages {
 }
 
 /// `GET /v1/vms/{id}/stats`: a VM's sharing, read from the host kernel.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmStats {
     /// VM id.
     pub id: String,
@@ -325,13 +327,10 @@ pub struct VmStats {
     pub kpagecount_histogram: std::collections::BTreeMap<u64, u64>,
     /// Huge and zero pages.
     pub special_pages: SpecialPages,
-    /// smaps of the RAM mapping: `vmas`, `rss_kib`, `anonymous_kib`, `private_dirty_kib`,
-    /// `private_clean_kib`, `shared_dirty_kib`, `shared_clean_kib`.
-    #[schema(value_type = Object)]
-    pub smaps: cowvm_vmm::host::SmapsFigures,
+    /// smaps of the RAM mapping.
+    pub smaps: SmapsFigures,
     /// KVM's binary statistics: `vm` and `vcpus`, each by KVM's descriptor names.
-    #[schema(value_type = Object)]
-    pub kvm: cowvm_vmm::kvm_stats::KvmStats,
+    pub kvm: KvmStats,
     /// Time for the scan, microseconds.
     pub scan_us: f64,
 }
@@ -348,8 +347,8 @@ impl VmStats {
                 thp: sharing.special_pages.thp,
                 zero_page: sharing.special_pages.zero_page,
             },
-            smaps: sharing.smaps,
-            kvm: sharing.kvm,
+            smaps: sharing.smaps.into(),
+            kvm: sharing.kvm.into(),
             scan_us: sharing.scan_us,
         }
     }

@@ -288,7 +288,7 @@ pub async fn reset_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<ResetD
                 reset_us: report.reset_us,
                 pages_dropped: report.pages_dropped,
                 generation: report.generation,
-                steps: serde_json::to_value(report.steps).unwrap_or_default(),
+                steps: report.steps.into(),
                 swapped: report.swapped,
             })
         }
@@ -300,12 +300,12 @@ pub async fn reset_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<ResetD
 /// Write probe: the guest writes the pages, the host kernel reports what each went through.
 #[utoipa::path(post, path = "/v1/vms/{id}/probes/write", tag = "vms", params(("id" = String, Path, description = "VM id")),
     request_body = ProbeRequest,
-    responses((status = 200, description = "per-page report", body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+    responses((status = 200, description = "per-page report", body = ProbeReport), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn probe_write(
     State(app): State<Arc<App>>,
     id: Id,
     body: Body<ProbeRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ProbeReport>, ApiError> {
     let Path(id) = id?;
     let Json(req) = body?;
     let targets = match req {
@@ -333,7 +333,7 @@ pub async fn probe_write(
         if let Some(scratch) = scratch {
             app.engine.drop_later(scratch);
         }
-        Ok(serde_json::to_value(report?).unwrap_or_default())
+        Ok(ProbeReport::from(report?))
     })
     .await?;
     Ok(Json(report))
