@@ -540,7 +540,10 @@ fn test_openapi_tells_the_truth_statuses_bounds_security_and_unsigned_integers()
     }
     let mut unsigned_declared_signed = Vec::new();
     signed_minimum_zero(&doc, &mut unsigned_declared_signed);
-    assert!(unsigned_declared_signed.is_empty(), "no u64 left declared int64: {unsigned_declared_signed:?}");
+    assert!(
+        unsigned_declared_signed.is_empty(),
+        "no u64 left declared int64: {unsigned_declared_signed:?}"
+    );
     assert_eq!(field("KvmDeltas", "exits")["format"], "int64", "deltas are signed");
 
     // A server started with other limits describes those, and without a token asks for none.

@@ -6,15 +6,16 @@ mod call;
 mod cells;
 mod error;
 mod export;
+mod handlers;
 mod listen;
 pub mod model;
 mod ops;
 mod reports;
 mod routes;
+mod service;
 mod spec;
 mod state_dir;
 mod templates;
-mod vms;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ pub use routes::ApiDoc;
 pub use spec::{document as openapi_document, SpecOptions};
 
 use app::App;
+use handlers::vms;
 
 /// How to run the server.
 #[derive(Debug, Clone)]
