@@ -41,7 +41,7 @@ fn whole_opt_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, 
 }
 
 /// `POST /v1/templates/{id}/call` and `POST /v1/vms/{id}/call`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallRequest {
     /// The call's input, base64 (standard alphabet, padded); at most 262080 bytes once decoded.
@@ -49,7 +49,7 @@ pub struct CallRequest {
     pub input: String,
     /// How long the guest may run before the call fails with `deadline_exceeded` (1 up to the
     /// server's request timeout; default: the server's guest deadline).
-    #[serde(default, deserialize_with = "whole_opt_u64")]
+    #[serde(default, deserialize_with = "whole_opt_u64", skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
 }
 

@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 
 pub use app::Limits;
 pub use cells::CellsConfig;
+pub use error::{ErrorBody, ErrorDetail, ServiceError};
 pub use routes::ApiDoc;
 pub use spec::{document as openapi_document, SpecOptions};
 

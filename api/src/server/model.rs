@@ -4,13 +4,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use super::call::{CallRequest, CallResult};
+pub use super::export::TemplateImported;
 pub use super::reports::{
     KvmDeltas, KvmStats, Micros, PageProbe, PageState, ProbeReport, ResetSteps, SmapsFigures, Stat, StatValue,
 };
 use whole::{whole_u32, whole_u64, whole_u64_list};
 
 /// `POST /v1/vms`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// Guest RAM in MiB (4 up to the server's limit).
@@ -96,7 +97,7 @@ pub struct TemplateInfo {
 }
 
 /// `POST /v1/templates/{id}/clones` and `POST /v1/vms/{id}/clones`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloneRequest {
     /// How many clones (1 up to the server's per-call limit).
@@ -145,7 +146,7 @@ pub struct ClonesCreated {
 }
 
 /// `POST /v1/vms/{id}/probes/write`: either a list of addresses or a start, count and stride.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum ProbeRequest {
     /// Guest addresses to write, one per page.
@@ -155,7 +156,7 @@ pub enum ProbeRequest {
 }
 
 /// Probe targets as a list.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeList {
     /// Guest addresses (the built-in guest maps virtual = physical).
@@ -164,7 +165,7 @@ pub struct ProbeList {
 }
 
 /// Probe targets as a range.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeRange {
     /// First guest address.
@@ -184,7 +185,7 @@ fn page() -> u64 {
 }
 
 /// `POST /v1/vms/{id}/run`: a command for the built-in guest.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunCommand {
     /// `exit`, `write`, `checksum`, `identity`, `triple_fault`, `spin` or `halt`.
@@ -252,7 +253,7 @@ pub struct Health {
 }
 
 /// `POST /v1/templates/{id}/warm`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WarmRequest {
     /// Warm shells to keep ready for this template (0 stops building more).
