@@ -15,7 +15,6 @@ mod routes;
 mod service;
 mod spec;
 mod state_dir;
-mod templates;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,7 +32,7 @@ pub use routes::ApiDoc;
 pub use spec::{document as openapi_document, SpecOptions};
 
 use app::App;
-use handlers::vms;
+use service::templates;
 
 /// How to run the server.
 #[derive(Debug, Clone)]

@@ -16,9 +16,10 @@ use utoipa::OpenApi;
 
 use super::app::App;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
+use super::handlers::{templates, vms};
 use super::model::*;
 use super::spec::{self, SpecOptions};
-use super::{call, cells, export, templates, vms};
+use super::{call, cells, export};
 
 /// The OpenAPI document, generated from the handlers and their types.
 #[derive(OpenApi)]
