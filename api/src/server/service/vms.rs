@@ -54,8 +54,8 @@ fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
     Ok(canonical)
 }
 
-/// Boots a VM (with its warm-up written) and registers it.
-pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError> {
+/// Checks a `POST /v1/vms` request against the server's limits; answers the kernel to boot.
+fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ApiError> {
     let limits = &app.limits;
     if req.vcpus != 1 {
         return Err(ApiError::out_of_range(
@@ -89,6 +89,12 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError
         }
         Some(name) => Kernel::Elf(resolve_kernel(app, name)?),
     };
+    Ok(kernel)
+}
+
+/// Boots a VM (with its warm-up written) and registers it.
+pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError> {
+    let kernel = check_create(app, &req)?;
     let slot = app.admit(1, None)?;
     let service = Arc::clone(app);
     transaction(app, move |commit| {
