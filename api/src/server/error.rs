@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cowvm_vmm::boot::layout::KERNEL_START;
+use cowvm_vmm::call::CallError;
 use cowvm_vmm::clone::CloneError;
 use cowvm_vmm::command::CommandError;
 use cowvm_vmm::kvm::KvmError;
@@ -379,6 +380,26 @@ impl From<PersistError> for ServiceError {
     }
 }
 
+impl From<CallError> for ServiceError {
+    fn from(e: CallError) -> Self {
+        let code = match &e {
+            CallError::Vm(_) | CallError::Mailbox(_) => None,
+            CallError::InputTooLarge { .. } => Some("input_too_large"),
+            CallError::OutputTooLarge { .. } => Some("output_too_large"),
+            CallError::BadHypercall(_) | CallError::UnexpectedHypercall { .. } => Some("bad_hypercall"),
+            CallError::Aborted { .. } => Some("guest_aborted"),
+            CallError::Fault(_) => Some("guest_fault"),
+            CallError::Deadline { .. } => Some("deadline_exceeded"),
+            CallError::NotAbi(_) => Some("not_abi_guest"),
+        };
+        match (code, e) {
+            (Some(code), e) => Self::out_of_range(code, e.to_string()),
+            (None, CallError::Vm(vm)) => vm.into(),
+            (None, e) => Self::internal(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,5 +447,24 @@ mod tests {
             (e.status(), e.code()),
             (StatusCode::CONFLICT, "template_too_fragmented")
         );
+    }
+
+    #[test]
+    fn test_every_guest_misbehaviour_is_a_4xx() {
+        let errors = [
+            CallError::InputTooLarge { len: 1 },
+            CallError::OutputTooLarge { len: 1 },
+            CallError::Deadline { after_ms: 1 },
+            CallError::Fault(cowvm_vmm::GuestExit::Shutdown),
+            CallError::NotAbi(cowvm_vmm::GuestExit::Halt),
+            CallError::Aborted {
+                code: 1,
+                log_tail: String::new(),
+            },
+        ];
+        for e in errors {
+            let api = ServiceError::from(e);
+            assert_eq!(api.status(), StatusCode::UNPROCESSABLE_ENTITY, "{}", api.code());
+        }
     }
 }

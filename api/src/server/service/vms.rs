@@ -113,7 +113,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError
                 format!("the guest failed at boot: {}", report.first_exit),
             ));
         }
-        if let Err(e) = crate::server::call::run_to_ready(&service, &mut vm, &report) {
+        if let Err(e) = super::calls::run_to_ready(&service, &mut vm, &report) {
             service.engine.destroy_vm(vm);
             return Err(e);
         }
