@@ -350,4 +350,53 @@ mod tests {
         let back: KvmStats = serde_json::from_value(ours).expect("round trip");
         assert_eq!(back.vcpus[0]["exits"].value, StatValue::Histogram(vec![1, 2]));
     }
+
+    #[test]
+    fn test_probe_report_keeps_the_vmm_json_key_for_key() {
+        use cowvm_vmm::probe as vmm;
+        let state = |present, pfn| vmm::PageState {
+            present,
+            pfn,
+            kpagecount: 2,
+            anon: !present,
+            exclusive: true,
+            file_or_shmem: present,
+            thp: false,
+            zero_page: false,
+            ksm: false,
+        };
+        let report = vmm::ProbeReport {
+            pages: vec![vmm::PageProbe {
+                gva: 0x80_0000,
+                gpa: 0x80_0000,
+                hva: 0x7f00_0000_0000,
+                before: state(true, 7),
+                after: state(false, 9),
+                before_kind: "template",
+                shared_before: true,
+                private_after: true,
+                first_write_us: 3.25,
+                private_write_us: 1.5,
+                write_fault_us: 1.75,
+            }],
+            written: 1,
+            became_private: 1,
+            guest_cow_us: vmm::Micros { p50: 1.0, p99: 2.0 },
+            host_cow_us: None,
+            kvm: vmm::KvmDeltas {
+                pf_taken: Some(-1),
+                pf_fixed: None,
+                exits: Some(4),
+                insn_emulation: Some(0),
+                pages_4k: None,
+                pages_2m: None,
+            },
+            total_us: 10.5,
+        };
+        let theirs = serde_json::to_value(&report).expect("json");
+        let ours = serde_json::to_value(ProbeReport::from(report)).expect("json");
+        assert_eq!(ours, theirs);
+        let back: ProbeReport = serde_json::from_value(ours).expect("round trip");
+        assert_eq!((back.pages[0].before.pfn, back.kvm.pf_taken), (7, Some(-1)));
+    }
 }
