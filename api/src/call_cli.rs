@@ -9,10 +9,9 @@ use std::process::ExitCode;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use clap::Args;
-use serde_json::json;
 
 use crate::cli::{CliError, Connection};
-use crate::server::model::CallResult;
+use crate::server::model::{CallRequest, CallResult};
 
 /// Arguments of `cowvm call`.
 #[derive(Args)]
@@ -55,13 +54,11 @@ pub fn call(args: &CallArgs) -> Result<ExitCode, CliError> {
     } else {
         format!("/v1/templates/{}/call", args.target)
     };
-    let mut body = json!({"input": BASE64.encode(&input)});
-    if let Some(ms) = args.timeout_ms {
-        body["timeout_ms"] = ms.into();
-    }
-    let answer = client.call("POST", &path, Some(&body))?;
-    let result: CallResult = serde_json::from_value(answer.clone())
-        .map_err(|e| CliError::Usage(format!("the server's answer is not a call result: {e}")))?;
+    let body = CallRequest {
+        input: BASE64.encode(&input),
+        timeout_ms: args.timeout_ms,
+    };
+    let result: CallResult = client.post(&path, &body)?;
     let output = BASE64
         .decode(result.output.as_bytes())
         .map_err(|e| CliError::Usage(format!("the server's output is not base64: {e}")))?;
@@ -72,7 +69,7 @@ pub fn call(args: &CallArgs) -> Result<ExitCode, CliError> {
     };
     written.map_err(|e| CliError::Usage(format!("cannot write the output: {e}")))?;
     if args.conn.json {
-        println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
     } else {
         if !result.logs.is_empty() {
             eprint!("{}", result.logs);

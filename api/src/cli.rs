@@ -7,9 +7,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::client::{Client, ClientError, DEFAULT_URL};
+use crate::server::model::{
+    CloneMade, CloneRequest, ClonesCreated, CreateVm, ProbeList, ProbeRange, ProbeReport, ProbeRequest, ResetDone,
+    RunCommand, RunResult, SnapshotCreated, TemplateImported, TemplateInfo, TemplateStats, VmInfo, VmStats,
+    WarmRequest, WarmStatus,
+};
 use crate::server::{self, Limits, ServerConfig};
 
 /// Where the server is and how to print.
@@ -113,20 +118,18 @@ fn with_spinner<T>(message: &str, f: impl FnOnce() -> T) -> T {
     result
 }
 
-fn print_json(value: &Value) {
+fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
-fn num(v: &Value) -> f64 {
-    v.as_f64().unwrap_or(0.0)
+/// An optional text as a table cell (`-` for none).
+fn text(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or("-")
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// A map as one line of JSON (`{"1":3,"2":5}`).
+fn json_line(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_default()
 }
 
 /// `cowvm serve`.
@@ -299,7 +302,7 @@ pub enum VmCommand {
     },
 }
 
-fn vm_table(vms: &[Value]) {
+fn vm_table(vms: &[VmInfo]) {
     println!(
         "{:<10} {:<6} {:>8} {:<8} {:<10} {:>10}",
         "ID", "KIND", "MEMORY", "STATE", "TEMPLATE", "SPAWN_US"
@@ -307,14 +310,14 @@ fn vm_table(vms: &[Value]) {
     for vm in vms {
         println!(
             "{:<10} {:<6} {:>5}MiB {:<8} {:<10} {:>10}",
-            text(&vm["id"]),
-            text(&vm["kind"]),
-            text(&vm["memory_mib"]),
-            text(&vm["state"]),
-            text(&vm["template_id"]),
-            vm["spawn_us"].as_f64().map_or("-".into(), |v| format!("{v:.0}"))
+            vm.id,
+            vm.kind,
+            vm.memory_mib,
+            vm.state,
+            text(&vm.template_id),
+            vm.spawn_us.map_or("-".into(), |v| format!("{v:.0}"))
         );
-        if let Some(failure) = vm["failure"].as_str() {
+        if let Some(failure) = &vm.failure {
             println!("           failed: {failure}");
         }
     }
@@ -329,8 +332,13 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
             warmup_mib,
             kernel,
         } => {
-            let body = json!({"memory_mib": memory_mib, "warmup_mib": warmup_mib, "kernel": kernel});
-            let vm = with_spinner("booting", || client.call("POST", "/v1/vms", Some(&body)))?;
+            let body = CreateVm {
+                memory_mib: *memory_mib,
+                vcpus: 1,
+                warmup_mib: *warmup_mib,
+                kernel: kernel.clone(),
+            };
+            let vm: VmInfo = with_spinner("booting", || client.post("/v1/vms", &body))?;
             if conn.json {
                 print_json(&vm)
             } else {
@@ -338,16 +346,16 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
             }
         }
         VmCommand::Ls => {
-            let vms = client.call("GET", "/v1/vms", None)?;
+            let vms: Vec<VmInfo> = client.get("/v1/vms")?;
             if conn.json {
                 print_json(&vms)
             } else {
-                vm_table(vms.as_array().map_or(&[], |v| v))
+                vm_table(&vms)
             }
         }
         VmCommand::Rm { ids } => {
             for id in ids {
-                client.call("DELETE", &format!("/v1/vms/{id}"), None)?;
+                client.delete(&format!("/v1/vms/{id}"))?;
                 if !conn.json {
                     println!("removed {id}");
                 }
@@ -361,35 +369,36 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
             stride,
             value,
         } => {
-            let body =
-                json!({"command": command, "start_gpa": start_gpa, "count": count, "stride": stride, "value": value});
-            let out = client.call("POST", &format!("/v1/vms/{id}/run"), Some(&body))?;
+            let body = RunCommand {
+                command: command.clone(),
+                start_gpa: *start_gpa,
+                count: *count,
+                stride: *stride,
+                value: *value,
+            };
+            let out: RunResult = client.post(&format!("/v1/vms/{id}/run"), &body)?;
             if conn.json {
                 print_json(&out)
             } else {
                 println!(
                     "{id}: {command} → status {}, result {:#x}, extra {:#x} ({:.1} µs)",
-                    out["status"],
-                    out["result"].as_u64().unwrap_or(0),
-                    out["extra"].as_u64().unwrap_or(0),
-                    num(&out["run_us"])
+                    out.status, out.result, out.extra, out.run_us
                 );
             }
         }
         VmCommand::Reset { id } => {
-            let done = client.call("POST", &format!("/v1/vms/{id}/reset"), None)?;
+            let done: ResetDone = client.post_empty(&format!("/v1/vms/{id}/reset"))?;
             if conn.json {
                 print_json(&done)
             } else {
-                let how = if done["swapped"] == true {
+                let how = if done.swapped {
                     "by swap (the used VM is recycled in the background)"
                 } else {
                     "in place"
                 };
                 println!(
                     "reset {id} {how} in {:.0} µs, {} private pages dropped",
-                    num(&done["reset_us"]),
-                    done["pages_dropped"]
+                    done.reset_us, done.pages_dropped
                 );
             }
         }
@@ -400,27 +409,25 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
 /// Runs `cowvm snapshot VM`.
 pub fn snapshot(conn: &Connection, vm: &str) -> Result<(), CliError> {
     let client = conn.client()?;
-    let made = with_spinner("freezing", || {
-        client.call("POST", &format!("/v1/vms/{vm}/snapshot"), None)
-    })?;
+    let made: SnapshotCreated = with_spinner("freezing", || client.post_empty(&format!("/v1/vms/{vm}/snapshot")))?;
     if conn.json {
         print_json(&made);
     } else {
         println!(
             "{vm} frozen into {} ({} MiB, {} layer(s), paused {:.0} µs{})",
-            text(&made["template_id"]),
-            made["memory_mib"],
-            made["layers"],
-            num(&made["pause_us"]),
-            if made["persisted"] == true { ", saved" } else { "" }
+            made.template_id,
+            made.memory_mib,
+            made.layers,
+            made.pause_us,
+            if made.persisted { ", saved" } else { "" }
         );
     }
     Ok(())
 }
 
 /// Percentile of the `spawn_us` of clones (nearest rank).
-pub fn spawn_percentile(clones: &[Value], q: f64) -> f64 {
-    let times = cowvm_vmm::percentile::sorted(clones.iter().map(|c| num(&c["spawn_us"])));
+pub fn spawn_percentile(clones: &[CloneMade], q: f64) -> f64 {
+    let times = cowvm_vmm::percentile::sorted(clones.iter().map(|c| c.spawn_us));
     cowvm_vmm::percentile::nearest_rank(&times, q)
 }
 
@@ -432,40 +439,35 @@ pub fn clone(conn: &Connection, source: &str, count: u64, live: bool) -> Result<
     } else {
         format!("/v1/templates/{source}/clones")
     };
-    let made = with_spinner(&format!("making {count} clones"), || {
-        client.call("POST", &path, Some(&json!({"count": count})))
+    let made: ClonesCreated = with_spinner(&format!("making {count} clones"), || {
+        client.post(&path, &CloneRequest { count })
     })?;
     if conn.json {
         print_json(&made);
         return Ok(());
     }
-    let clones = made["clones"].as_array().cloned().unwrap_or_default();
-    let failed = made["failed"].as_array().cloned().unwrap_or_default();
+    let clones = &made.clones;
     println!(
         "{} clones of {} in {:.1} ms (spawn p50 {:.0} µs, p99 {:.0} µs){}",
         clones.len(),
-        text(&made["template_id"]),
-        num(&made["total_us"]) / 1000.0,
-        spawn_percentile(&clones, 0.5),
-        spawn_percentile(&clones, 0.99),
-        made["pause_us"]
-            .as_f64()
+        made.template_id,
+        made.total_us / 1000.0,
+        spawn_percentile(clones, 0.5),
+        spawn_percentile(clones, 0.99),
+        made.pause_us
             .map_or(String::new(), |p| format!("; source paused {p:.0} µs"))
     );
     for c in clones.iter().take(20) {
         println!(
             "  {:<10} spawn {:>6.0} µs  generation {:<6} seed {:#018x}",
-            text(&c["id"]),
-            num(&c["spawn_us"]),
-            c["generation"],
-            c["seed"].as_u64().unwrap_or(0)
+            c.id, c.spawn_us, c.generation, c.seed
         );
     }
     if clones.len() > 20 {
         println!("  … {} more", clones.len() - 20);
     }
-    if let Some(first) = failed.first() {
-        println!("{} not made: {}", failed.len(), text(&first["reason"]));
+    if let Some(first) = made.failed.first() {
+        println!("{} not made: {}", made.failed.len(), first.reason);
     }
     Ok(())
 }
@@ -490,14 +492,18 @@ pub struct ProbeTargetsArgs {
 /// Runs `cowvm probe VM`.
 pub fn probe(conn: &Connection, vm: &str, targets: &ProbeTargetsArgs) -> Result<(), CliError> {
     let body = match targets.start_gpa {
-        Some(start) => json!({"start_gpa": start, "pages": targets.pages, "stride": targets.stride}),
-        None if !targets.gpas.is_empty() => json!({"gpas": targets.gpas}),
+        Some(start) => ProbeRequest::Range(ProbeRange {
+            start_gpa: start,
+            pages: targets.pages,
+            stride: targets.stride,
+        }),
+        None if !targets.gpas.is_empty() => ProbeRequest::List(ProbeList {
+            gpas: targets.gpas.clone(),
+        }),
         None => return Err(CliError::Usage("give --gpas or --start-gpa".into())),
     };
     let client = conn.client()?;
-    let report = with_spinner("probing", || {
-        client.call("POST", &format!("/v1/vms/{vm}/probes/write"), Some(&body))
-    })?;
+    let report: ProbeReport = with_spinner("probing", || client.post(&format!("/v1/vms/{vm}/probes/write"), &body))?;
     if conn.json {
         print_json(&report);
         return Ok(());
@@ -506,27 +512,25 @@ pub fn probe(conn: &Connection, vm: &str, targets: &ProbeTargetsArgs) -> Result<
         "{:<12} {:>10} {:>10} {:>7} {:>7} {:<14} {:>9}",
         "GVA", "PFN BEFORE", "PFN AFTER", "COUNT<", "COUNT>", "SHARED→PRIVATE", "FAULT_US"
     );
-    for page in report["pages"].as_array().map_or(&[][..], |p| p) {
+    for page in &report.pages {
         println!(
             "{:<12} {:>10} {:>10} {:>7} {:>7} {:<14} {:>9.2}",
-            format!("{:#x}", page["gva"].as_u64().unwrap_or(0)),
-            page["before"]["pfn"],
-            page["after"]["pfn"],
-            page["before"]["kpagecount"],
-            page["after"]["kpagecount"],
-            format!("{} → {}", page["shared_before"], page["private_after"]),
-            num(&page["write_fault_us"])
+            format!("{:#x}", page.gva),
+            page.before.pfn,
+            page.after.pfn,
+            page.before.kpagecount,
+            page.after.kpagecount,
+            format!("{} → {}", page.shared_before, page.private_after),
+            page.write_fault_us
         );
     }
     println!(
         "{} written, {} became private; guest COW p50 {:.2} µs, host-only COW p50 {}; KVM exits +{}",
-        report["written"],
-        report["became_private"],
-        num(&report["guest_cow_us"]["p50"]),
-        report["host_cow_us"]["p50"]
-            .as_f64()
-            .map_or("-".into(), |v| format!("{v:.2} µs")),
-        text(&report["kvm"]["exits"])
+        report.written,
+        report.became_private,
+        report.guest_cow_us.p50,
+        report.host_cow_us.map_or("-".into(), |m| format!("{:.2} µs", m.p50)),
+        report.kvm.exits.map_or("-".into(), |n| n.to_string())
     );
     Ok(())
 }
@@ -539,63 +543,65 @@ pub fn stats(conn: &Connection, vm: Option<&str>, template: Option<&str>) -> Res
         (None, Some(t)) => (format!("/v1/templates/{t}/stats"), true),
         _ => return Err(CliError::Usage("give a VM id, or --template ID".into())),
     };
-    let stats = client.call("GET", &path, None)?;
+    if is_template {
+        let stats: TemplateStats = client.get(&path)?;
+        if conn.json {
+            print_json(&stats);
+        } else {
+            print_template_stats(&stats);
+        }
+        return Ok(());
+    }
+    let stats: VmStats = client.get(&path)?;
     if conn.json {
         print_json(&stats);
-    } else if is_template {
-        print_template_stats(&stats);
     } else {
-        let p = &stats["pages"];
+        let p = &stats.pages;
         println!(
             "{}: {} pages: {} present ({} template frames, {} private, {} zero page; {} also mapped elsewhere), {} untouched; scan {:.2} ms",
-            text(&stats["id"]),
-            p["total"],
-            p["present"],
-            p["template_backed"],
-            p["private"],
-            p["zero"],
-            p["shared"],
-            p["untouched"],
-            num(&stats["scan_us"]) / 1000.0
+            stats.id,
+            p.total,
+            p.present,
+            p.template_backed,
+            p.private,
+            p.zero,
+            p.shared,
+            p.untouched,
+            stats.scan_us / 1000.0
         );
         println!(
             "  kpagecount histogram (mappings: pages): {}",
-            stats["kpagecount_histogram"]
+            json_line(&stats.kpagecount_histogram)
         );
-        let s = &stats["smaps"];
+        let s = &stats.smaps;
         println!(
             "  smaps: Rss {} KiB, Anonymous {} KiB, Private_Dirty {} KiB",
-            s["rss_kib"], s["anonymous_kib"], s["private_dirty_kib"]
+            s.rss_kib, s.anonymous_kib, s.private_dirty_kib
         );
     }
     Ok(())
 }
 
 /// Prints a template's sharing summary.
-pub fn print_template_stats(stats: &Value) {
-    let mib = |key: &str| num(&stats[key]) / (1 << 20) as f64;
+pub fn print_template_stats(stats: &TemplateStats) {
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
     println!(
         "{}: {} clones (+{} warm shells); the template holds {} populated pages of {}; {} mapped by every clone",
-        text(&stats["id"]),
-        stats["clones"],
-        stats["warm_shells"],
-        stats["populated_pages"],
-        stats["pages"],
-        stats["pages_shared_by_all"],
+        stats.id, stats.clones, stats.warm_shells, stats.populated_pages, stats.pages, stats.pages_shared_by_all,
     );
     println!(
         "  clones map {:.1} MiB of template frames and hold {:.1} KiB private; saved {:.1} MiB (what they map beyond one copy of each frame)",
-        mib("mapped_bytes"),
-        num(&stats["private_bytes"]) / 1024.0,
-        mib("saved_bytes"),
+        mib(stats.mapped_bytes),
+        stats.private_bytes as f64 / 1024.0,
+        mib(stats.saved_bytes),
     );
     println!(
         "  naive baseline, not a saving: {:.1} MiB for full copies of RAM per clone",
-        mib("full_copy_bytes")
+        mib(stats.full_copy_bytes)
     );
     println!(
         "  populated pages by clones mapping their frame: {}",
-        stats["histogram"]
+        json_line(&stats.histogram)
     );
 }
 
@@ -659,7 +665,7 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
     let client = conn.client()?;
     match command {
         TemplateCommand::Ls => {
-            let list = client.call("GET", "/v1/templates", None)?;
+            let list: Vec<TemplateInfo> = client.get("/v1/templates")?;
             if conn.json {
                 print_json(&list);
                 return Ok(());
@@ -668,27 +674,24 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
                 "{:<10} {:>8} {:>7} {:>6} {:>7} {:<10} {:<9}",
                 "ID", "MEMORY", "CLONES", "WARM", "LAYERS", "SOURCE", "PERSISTED"
             );
-            for t in list.as_array().map_or(&[][..], |l| l) {
+            for t in &list {
                 println!(
                     "{:<10} {:>5}MiB {:>7} {:>6} {:>7} {:<10} {:<9}",
-                    text(&t["id"]),
-                    text(&t["memory_mib"]),
-                    t["clones"],
-                    t["warm_shells"],
-                    t["layers"],
-                    text(&t["source_vm"]),
-                    t["persisted"]
+                    t.id,
+                    t.memory_mib,
+                    t.clones,
+                    t.warm_shells,
+                    t.layers,
+                    text(&t.source_vm),
+                    t.persisted
                 );
             }
         }
         TemplateCommand::Warm { id, shells, wait } => {
-            let status = client.call(
-                "POST",
-                &format!("/v1/templates/{id}/warm"),
-                Some(&json!({"shells": shells})),
-            )?;
+            let status: WarmStatus =
+                client.post(&format!("/v1/templates/{id}/warm"), &WarmRequest { shells: *shells })?;
             let started = std::time::Instant::now();
-            let mut ready = status["warm_shells"].as_u64().unwrap_or(0);
+            let mut ready = status.warm_shells as u64;
             while *wait && ready < *shells {
                 if started.elapsed() > Duration::from_secs(600) {
                     return Err(CliError::Usage(format!(
@@ -696,12 +699,14 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(20));
-                ready = client.call("GET", &format!("/v1/templates/{id}"), None)?["warm_shells"]
-                    .as_u64()
-                    .unwrap_or(0);
+                ready = client.get::<TemplateInfo>(&format!("/v1/templates/{id}"))?.warm_shells as u64;
             }
             if conn.json {
-                print_json(&json!({"template_id": id, "target": shells, "warm_shells": ready}));
+                print_json(&WarmStatus {
+                    template_id: id.clone(),
+                    target: *shells,
+                    warm_shells: ready as usize,
+                });
             } else {
                 println!("{id}: {ready} of {shells} warm shells ready");
             }
@@ -718,22 +723,23 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
         TemplateCommand::Import { file } => {
             let mut archive = std::fs::File::open(file)
                 .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", file.display())))?;
-            let imported = client.upload("/v1/templates/import", "application/x-tar", &mut archive)?;
+            let imported: TemplateImported =
+                client.upload("/v1/templates/import", "application/x-tar", &mut archive)?;
             if conn.json {
                 print_json(&imported);
             } else {
                 println!(
                     "imported {} as {} ({} MiB RAM, {:.1} MiB populated)",
                     file.display(),
-                    text(&imported["template_id"]),
-                    imported["memory_mib"],
-                    imported["populated_bytes"].as_f64().unwrap_or(0.0) / f64::from(1 << 20)
+                    imported.template_id,
+                    imported.memory_mib,
+                    imported.populated_bytes as f64 / f64::from(1 << 20)
                 );
             }
         }
         TemplateCommand::Rm { ids } => {
             for id in ids {
-                client.call("DELETE", &format!("/v1/templates/{id}"), None)?;
+                client.delete(&format!("/v1/templates/{id}"))?;
                 if !conn.json {
                     println!("removed {id}");
                 }
@@ -741,6 +747,15 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
         }
     }
     Ok(())
+}
+
+/// What `template export --json` prints.
+#[derive(Serialize)]
+struct Exported<'a> {
+    template_id: &'a str,
+    file: &'a std::path::Path,
+    bytes: u64,
+    seconds: f64,
 }
 
 /// `cowvm template export ID -o FILE`: the archive is written beside FILE and renamed into place
@@ -769,7 +784,12 @@ fn export_template(conn: &Connection, client: &Client, id: &str, output: &std::p
     std::fs::rename(&partial, output).map_err(|e| fail("cannot rename", e))?;
     let seconds = started.elapsed().as_secs_f64();
     if conn.json {
-        print_json(&json!({"template_id": id, "file": output, "bytes": written, "seconds": seconds}));
+        print_json(&Exported {
+            template_id: id,
+            file: output,
+            bytes: written,
+            seconds,
+        });
     } else {
         println!(
             "exported {id} to {} ({:.1} MiB in {seconds:.2} s)",

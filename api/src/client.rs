@@ -1,8 +1,14 @@
-//! A small blocking client for the cowvm API (used by the CLI and `cowvm demo`).
+//! A small blocking client for the cowvm API (used by the CLI and `cowvm demo`). Its typed
+//! calls ([`Client::get`], [`Client::post`]…) send and parse the server's own request and answer
+//! types (`crate::server::model`), so client and server cannot drift apart.
 
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
+
+use crate::server::ErrorBody;
 
 /// Default server URL.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
@@ -27,6 +33,14 @@ pub enum ClientError {
         code: String,
         /// Message.
         message: String,
+    },
+    /// The server answered with a body that is not the expected answer.
+    #[error("the server's answer to {path} is not what cowvm expects: {reason}")]
+    Unexpected {
+        /// The path asked.
+        path: String,
+        /// Why it could not be read.
+        reason: String,
     },
 }
 
@@ -62,6 +76,22 @@ impl Client {
 
     /// Sends a request and returns whatever the server answered.
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Answer, ClientError> {
+        let (status, text) = self.exchange(method, path, body)?;
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok(Answer { status, body })
+    }
+
+    /// Sends a request (with `body` as JSON) and returns the status and the answer's text.
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<(u16, String), ClientError> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match (method, body) {
@@ -84,21 +114,58 @@ impl Client {
                 url,
                 reason: e.to_string(),
             })?;
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Ok(Answer { status, body })
+        Ok((status, text))
     }
 
-    /// Sends a request; an error status becomes [`ClientError::Api`].
+    /// Sends a request and returns the answer's JSON as it came, for callers that pass it on
+    /// untouched; an error status becomes [`ClientError::Api`]. [`Client::get`] and
+    /// [`Client::post`] parse answers into the API's types.
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
         let answer = self.request(method, path, body)?;
         if answer.status < 300 {
             return Ok(answer.body);
         }
-        Err(api_error(answer))
+        Err(api_error(answer.status, &answer.body.to_string()))
+    }
+
+    /// Sends a request and parses the answer as `T`; an error status becomes
+    /// [`ClientError::Api`].
+    fn typed<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, ClientError> {
+        let (status, text) = self.exchange(method, path, body)?;
+        if status >= 300 {
+            return Err(api_error(status, &text));
+        }
+        // An empty answer (204) is JSON `null`, which `()` reads.
+        let json = if text.is_empty() { "null" } else { &text };
+        serde_json::from_str(json).map_err(|e| ClientError::Unexpected {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// `GET path`, the answer parsed as `T`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.typed("GET", path, None::<&()>)
+    }
+
+    /// `POST path` with `body` as JSON, the answer parsed as `T`.
+    pub fn post<T: DeserializeOwned>(&self, path: &str, body: &(impl Serialize + ?Sized)) -> Result<T, ClientError> {
+        self.typed("POST", path, Some(body))
+    }
+
+    /// `POST path` without a body, the answer parsed as `T`.
+    pub fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.typed("POST", path, None::<&()>)
+    }
+
+    /// `DELETE path`.
+    pub fn delete(&self, path: &str) -> Result<(), ClientError> {
+        self.typed("DELETE", path, None::<&()>)
     }
 
     /// `GET path` with the answer's body copied into `out` as it arrives; returns the bytes
@@ -116,16 +183,20 @@ impl Client {
         let status = response.status().as_u16();
         if status >= 300 {
             let text = response.body_mut().read_to_string().unwrap_or_default();
-            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-            return Err(api_error(Answer { status, body }));
+            return Err(api_error(status, &text));
         }
         let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
         std::io::copy(&mut reader, out).map_err(|e| unreachable(format!("the answer was cut short: {e}")))
     }
 
-    /// `POST path` with `body` streamed as the request body (chunked) of type `content_type`;
-    /// an error status becomes [`ClientError::Api`].
-    pub fn upload(&self, path: &str, content_type: &str, body: &mut impl std::io::Read) -> Result<Value, ClientError> {
+    /// `POST path` with `body` streamed as the request body (chunked) of type `content_type`,
+    /// the answer parsed as `T`; an error status becomes [`ClientError::Api`].
+    pub fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &mut impl std::io::Read,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let mut response = with_auth_body(self.agent.post(&url), &auth)
@@ -137,25 +208,30 @@ impl Client {
             })?;
         let status = response.status().as_u16();
         let text = response.body_mut().read_to_string().unwrap_or_default();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        let answer = Answer { status, body };
-        if status < 300 {
-            Ok(answer.body)
-        } else {
-            Err(api_error(answer))
+        if status >= 300 {
+            return Err(api_error(status, &text));
         }
+        serde_json::from_str(&text).map_err(|e| ClientError::Unexpected {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
     }
 }
 
-/// The [`ClientError::Api`] of an error answer.
-fn api_error(answer: Answer) -> ClientError {
-    let error = &answer.body["error"];
-    ClientError::Api {
-        status: answer.status,
-        code: error["code"].as_str().unwrap_or("unknown").to_owned(),
-        message: error["message"]
-            .as_str()
-            .map_or_else(|| answer.body.to_string(), str::to_owned),
+/// The [`ClientError::Api`] of an error answer with body `text` (the server's [`ErrorBody`], or
+/// anything else a proxy may have answered).
+fn api_error(status: u16, text: &str) -> ClientError {
+    match serde_json::from_str::<ErrorBody>(text) {
+        Ok(body) => ClientError::Api {
+            status,
+            code: body.error.code,
+            message: body.error.message,
+        },
+        Err(_) => ClientError::Api {
+            status,
+            code: "unknown".to_owned(),
+            message: text.to_owned(),
+        },
     }
 }
 

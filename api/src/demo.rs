@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use cowvm_vmm::host::MemorySnapshot;
-use serde_json::{json, Value};
 
 use crate::cli::{print_template_stats, spawn_percentile, CliError};
 use crate::client::Client;
+use crate::server::model::{
+    CloneRequest, ClonesCreated, CreateVm, ProbeRange, ProbeReport, ProbeRequest, RunCommand, RunResult,
+    SnapshotCreated, TemplateInfo, TemplateStats, VmInfo, VmStats, WarmRequest, WarmStatus,
+};
 use crate::server::{self, ServerConfig};
 
 /// Arguments of `cowvm demo`.
@@ -41,12 +44,14 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     println!("cowvm demo: embedded server on http://{}", server.addr);
 
     let started = Instant::now();
-    let vm = client.call(
-        "POST",
-        "/v1/vms",
-        Some(&json!({"memory_mib": args.memory_mib, "warmup_mib": args.warmup_mib})),
-    )?;
-    let vm_id = vm["id"].as_str().unwrap_or_default().to_owned();
+    let create = CreateVm {
+        memory_mib: args.memory_mib,
+        vcpus: 1,
+        warmup_mib: args.warmup_mib,
+        kernel: None,
+    };
+    let vm: VmInfo = client.post("/v1/vms", &create)?;
+    let vm_id = vm.id;
     step(&format!(
         "booted {vm_id}: {} MiB guest in long mode, filled {} MiB with data ({:.0} ms)",
         args.memory_mib,
@@ -54,23 +59,22 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         started.elapsed().as_secs_f64() * 1e3
     ));
 
-    let snap = client.call("POST", &format!("/v1/vms/{vm_id}/snapshot"), None)?;
-    let template = snap["template_id"].as_str().unwrap_or_default().to_owned();
+    let snap: SnapshotCreated = client.post_empty(&format!("/v1/vms/{vm_id}/snapshot"))?;
+    let template = snap.template_id;
     step(&format!(
         "snapshotted {vm_id} into {template}: RAM sealed in place, paused {:.0} µs",
-        snap["pause_us"].as_f64().unwrap_or(0.0)
+        snap.pause_us
     ));
 
     let before = MemorySnapshot::take().map_err(|e| CliError::Usage(format!("reading /proc: {e}")))?;
     let warm_started = Instant::now();
-    client.call(
-        "POST",
-        &format!("/v1/templates/{template}/warm"),
-        Some(&json!({"shells": args.clones})),
-    )?;
+    let warm = |shells: u64| -> Result<WarmStatus, CliError> {
+        Ok(client.post(&format!("/v1/templates/{template}/warm"), &WarmRequest { shells })?)
+    };
+    warm(args.clones)?;
     loop {
-        let info = client.call("GET", &format!("/v1/templates/{template}"), None)?;
-        if info["warm_shells"].as_u64().unwrap_or(0) >= args.clones {
+        let info: TemplateInfo = client.get(&format!("/v1/templates/{template}"))?;
+        if info.warm_shells as u64 >= args.clones {
             break;
         }
         if warm_started.elapsed() > Duration::from_secs(300) {
@@ -78,32 +82,27 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    client.call(
-        "POST",
-        &format!("/v1/templates/{template}/warm"),
-        Some(&json!({"shells": 0})),
-    )?;
+    warm(0)?;
     step(&format!(
         "built {} warm VM shells in the background in {:.0} ms",
         args.clones,
         warm_started.elapsed().as_secs_f64() * 1e3
     ));
 
-    let made = client.call(
-        "POST",
+    let made: ClonesCreated = client.post(
         &format!("/v1/templates/{template}/clones"),
-        Some(&json!({"count": args.clones})),
+        &CloneRequest { count: args.clones },
     )?;
     let after = MemorySnapshot::take().map_err(|e| CliError::Usage(format!("reading /proc: {e}")))?;
-    let clones: Vec<Value> = made["clones"].as_array().cloned().unwrap_or_default();
+    let clones = &made.clones;
     let delta = after.since(&before);
     let per = |kib: i64| kib as f64 / clones.len().max(1) as f64;
     step(&format!(
         "made {} clones in {:.1} ms: spawn p50 {:.0} µs, p99 {:.0} µs (request → first guest exit)",
         clones.len(),
-        made["total_us"].as_f64().unwrap_or(0.0) / 1000.0,
-        spawn_percentile(&clones, 0.5),
-        spawn_percentile(&clones, 0.99)
+        made.total_us / 1000.0,
+        spawn_percentile(clones, 0.5),
+        spawn_percentile(clones, 0.99)
     ));
     step(&format!(
         "host memory per clone: {:.1} KiB user + {:.1} KiB kernel = {:.1} KiB (smaps_rollup and /proc/meminfo deltas)",
@@ -112,57 +111,58 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         per(delta.private_kib + delta.kernel_kib)
     ));
 
-    let first = clones
-        .first()
-        .and_then(|c| c["id"].as_str())
-        .unwrap_or_default()
-        .to_owned();
-    let read = json!({"command": "checksum", "start_gpa": 8 << 20, "count": 10, "stride": 4096});
-    client.call("POST", &format!("/v1/vms/{first}/run"), Some(&read))?;
-    let probe = client.call(
-        "POST",
-        &format!("/v1/vms/{first}/probes/write"),
-        Some(&json!({"start_gpa": 8 << 20, "pages": 10, "stride": 4096})),
-    )?;
+    let first = clones.first().map(|c| c.id.clone()).unwrap_or_default();
+    let read = RunCommand {
+        command: "checksum".into(),
+        start_gpa: 8 << 20,
+        count: 10,
+        stride: 4096,
+        value: 0,
+    };
+    let _: RunResult = client.post(&format!("/v1/vms/{first}/run"), &read)?;
+    let targets = ProbeRequest::Range(ProbeRange {
+        start_gpa: 8 << 20,
+        pages: 10,
+        stride: 4096,
+    });
+    let probe: ProbeReport = client.post(&format!("/v1/vms/{first}/probes/write"), &targets)?;
     step(&format!(
         "{first}'s guest read 10 pages, then wrote them (write probe): {} of {} went from the template's frame to a private copy (pagemap PFN changed, kpagecount of the template frame fell by one); guest COW fault p50 {:.2} µs vs host-only {:.2} µs",
-        probe["became_private"],
-        probe["pages"].as_array().map_or(0, |p| p.iter().filter(|p| p["shared_before"] == true && p["before"]["pfn"] != p["after"]["pfn"]).count()),
-        probe["guest_cow_us"]["p50"].as_f64().unwrap_or(0.0),
-        probe["host_cow_us"]["p50"].as_f64().unwrap_or(0.0)
+        probe.became_private,
+        probe.pages.iter().filter(|p| p.shared_before && p.before.pfn != p.after.pfn).count(),
+        probe.guest_cow_us.p50,
+        probe.host_cow_us.map_or(0.0, |m| m.p50)
     ));
-    let stats = client.call("GET", &format!("/v1/templates/{template}/stats"), None)?;
+    let stats: TemplateStats = client.get(&format!("/v1/templates/{template}/stats"))?;
     print_template_stats(&stats);
-    let vm_stats = client.call("GET", &format!("/v1/vms/{first}/stats"), None)?;
-    let p = &vm_stats["pages"];
+    let vm_stats: VmStats = client.get(&format!("/v1/vms/{first}/stats"))?;
+    let p = &vm_stats.pages;
     println!(
         "{first}: {} pages present: {} template frames ({} also mapped by others), {} private, {} zero page; {} host mappings (VMAs) behind its RAM; smaps Anonymous {} KiB",
-        p["present"],
-        p["template_backed"],
-        p["shared"],
-        p["private"],
-        p["zero"],
-        vm_stats["smaps"]["vmas"],
-        vm_stats["smaps"]["anonymous_kib"]
+        p.present,
+        p.template_backed,
+        p.shared,
+        p.private,
+        p.zero,
+        vm_stats.smaps.vmas,
+        vm_stats.smaps.anonymous_kib
     );
-    let mib = |key: &str| stats[key].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
     let closing = format!(
         "{} clones share the template's frames: {:.1} MiB saved (bytes they map beyond one copy of each frame; the template holds {:.1} MiB). The naive baseline of {} full {} MiB copies would be {:.1} MiB; that is not a saving we claim.",
-        stats["clones"],
-        mib("saved_bytes"),
-        stats["populated_pages"].as_f64().unwrap_or(0.0) * 4096.0 / (1 << 20) as f64,
-        stats["clones"],
+        stats.clones,
+        mib(stats.saved_bytes),
+        mib(stats.populated_pages * 4096),
+        stats.clones,
         args.memory_mib,
-        mib("full_copy_bytes"),
+        mib(stats.full_copy_bytes),
     );
 
-    for clone in &clones {
-        if let Some(id) = clone["id"].as_str() {
-            client.call("DELETE", &format!("/v1/vms/{id}"), None)?;
-        }
+    for clone in clones {
+        client.delete(&format!("/v1/vms/{}", clone.id))?;
     }
-    client.call("DELETE", &format!("/v1/vms/{vm_id}"), None)?;
-    client.call("DELETE", &format!("/v1/templates/{template}"), None)?;
+    client.delete(&format!("/v1/vms/{vm_id}"))?;
+    client.delete(&format!("/v1/templates/{template}"))?;
     server.stop()?;
     step(&format!(
         "cleaned up: every VM and the template are gone ({:.1} s in all)",

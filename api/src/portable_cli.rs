@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::cli::{CliError, Connection};
 use crate::client::Client;
+use crate::server::model::TemplateImported;
 
 /// The skopeo binary: `$COWVM_SKOPEO`, else `skopeo` on the `PATH`.
 fn skopeo() -> String {
@@ -64,7 +65,15 @@ fn docker_ref(reference: &str) -> String {
     }
 }
 
-fn report(conn: &Connection, value: &Value, line: String) {
+/// What `template push --json` prints.
+#[derive(Serialize)]
+struct Pushed<'a> {
+    template_id: &'a str,
+    reference: &'a str,
+    archive_bytes: u64,
+}
+
+fn report(conn: &Connection, value: &impl Serialize, line: String) {
     if conn.json {
         println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
     } else {
@@ -86,7 +95,11 @@ pub fn push(conn: &Connection, client: &Client, id: &str, reference: &str, insec
     )?;
     report(
         conn,
-        &json!({"template_id": id, "reference": target, "archive_bytes": bytes}),
+        &Pushed {
+            template_id: id,
+            reference: &target,
+            archive_bytes: bytes,
+        },
         format!("pushed {id} to {target} ({bytes} bytes)"),
     );
     Ok(())
@@ -105,9 +118,9 @@ pub fn pull(conn: &Connection, client: &Client, reference: &str, insecure: bool)
     )?;
     let mut file = std::fs::File::open(&archive.0)
         .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", archive.0.display())))?;
-    let imported = client.upload("/v1/templates/import", "application/x-tar", &mut file)?;
-    let id = imported["template_id"].as_str().unwrap_or("?").to_owned();
-    report(conn, &imported, format!("pulled {source} as {id}"));
+    let imported: TemplateImported = client.upload("/v1/templates/import", "application/x-tar", &mut file)?;
+    let line = format!("pulled {source} as {}", imported.template_id);
+    report(conn, &imported, line);
     Ok(())
 }
 

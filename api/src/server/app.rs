@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use cowvm_vmm::stats::HostView;
 use cowvm_vmm::{AdmitError, Clone, CloneEngine, Reservation, Template, Vm};
 
@@ -227,13 +226,9 @@ impl App {
 
     /// The kernel files statistics come from, or a 503 naming why they cannot be read.
     pub fn host_view(&self) -> Result<&HostView, ApiError> {
-        self.host.as_ref().map_err(|why| {
-            ApiError::new(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                "stats_unavailable",
-                why.clone(),
-            )
-        })
+        self.host
+            .as_ref()
+            .map_err(|why| ApiError::unavailable("stats_unavailable", why.clone()))
     }
 
     /// The VM `id`, or 404.
@@ -275,7 +270,7 @@ impl App {
     pub fn admit_error(&self, e: AdmitError) -> ApiError {
         let message = e.to_string();
         match e {
-            AdmitError::TooManyVms { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_vms", message),
+            AdmitError::TooManyVms { .. } => ApiError::TooManyVms(message),
             AdmitError::MappingsExhausted { .. } => ApiError::exhausted(message),
             AdmitError::TooFragmented { .. } => ApiError::out_of_range("template_too_fragmented", message),
         }

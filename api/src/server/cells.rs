@@ -33,7 +33,9 @@ use vm_memory::GuestAddress;
 
 use super::app::App;
 use super::error::ApiError;
-use super::model::{CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand, RunResult, VmInfo};
+use super::model::{
+    CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo,
+};
 use super::ops::{blocking, timeout_error, transaction};
 
 /// How often the watcher looks for dead cells.
@@ -298,7 +300,7 @@ impl CellService {
             }
             PoolError::Cell(CellError::Remote { error, .. }) if error.kind == RemoteErrorKind::Guest => {
                 lock(&vm.status).failure.get_or_insert(error.message.clone());
-                ApiError::conflict("vm_failed", error.message)
+                ApiError::VmFailed(error.message)
             }
             other => pool_error(other),
         }
@@ -315,20 +317,27 @@ impl CellService {
 fn pool_error(e: PoolError) -> ApiError {
     let message = e.to_string();
     match e {
-        PoolError::UnknownVm(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
-        PoolError::UnknownTemplate(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
-        PoolError::Full { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_vms", message),
+        PoolError::UnknownVm(_) => ApiError::NotFound {
+            code: "not_found",
+            message,
+        },
+        PoolError::UnknownTemplate(_) => ApiError::NotFound {
+            code: "not_found",
+            message,
+        },
+        PoolError::Full { .. } => ApiError::TooManyVms(message),
         PoolError::Lost { .. } => ApiError::conflict("vm_lost", message),
         PoolError::Kvm(_) => ApiError::exhausted(message),
         PoolError::Cell(cell) => match cell {
             CellError::Start { .. } | CellError::Died { .. } => ApiError::exhausted(message),
-            CellError::Timeout { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", message),
+            CellError::Timeout { .. } => ApiError::Timeout(message),
             CellError::Remote { error, .. } => match error.kind {
                 RemoteErrorKind::Command => ApiError::out_of_range("address_out_of_range", message),
-                RemoteErrorKind::UnknownVm | RemoteErrorKind::UnknownTemplate => {
-                    ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
-                }
-                RemoteErrorKind::Full => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_vms", message),
+                RemoteErrorKind::UnknownVm | RemoteErrorKind::UnknownTemplate => ApiError::NotFound {
+                    code: "not_found",
+                    message,
+                },
+                RemoteErrorKind::Full => ApiError::TooManyVms(message),
                 _ => ApiError::internal(message),
             },
             _ => ApiError::internal(message),
@@ -452,8 +461,7 @@ async fn clone_template(
                 .failed
                 .first()
                 .map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+            return Err(ApiError::unavailable(
                 "clones_failed",
                 format!("no clone could be made: {reason}"),
             ));
@@ -601,7 +609,9 @@ async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Resul
         reset_us: done.reset_us,
         pages_dropped: done.pages_dropped,
         generation: done.generation,
-        steps: serde_json::json!({ "in_cell_us": done.reset_us }),
+        steps: ResetSteps::InCell {
+            in_cell_us: done.reset_us,
+        },
         // A cell resets its VM in place.
         swapped: false,
     }))

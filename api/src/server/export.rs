@@ -119,24 +119,23 @@ pub async fn export_template(
 
 /// The HTTP answer to an archive that cannot be imported.
 fn refused(error: ArchiveError) -> ApiError {
-    let (status, code) = match &error {
+    let message = error.to_string();
+    match &error {
         // 422, not 400: the request is well formed; what it carries cannot be read as an archive.
-        ArchiveError::Malformed(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_archive"),
-        ArchiveError::Digest { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "digest_mismatch"),
-        ArchiveError::Unsupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "unsupported_archive"),
-        ArchiveError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_template"),
-        ArchiveError::TooLarge { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "memory_out_of_range"),
-        ArchiveError::Io { .. } | ArchiveError::Memory(_) => (StatusCode::SERVICE_UNAVAILABLE, "import_failed"),
-    };
-    ApiError::new(status, code, error.to_string())
+        ArchiveError::Malformed(_) => ApiError::out_of_range("bad_archive", message),
+        ArchiveError::Digest { .. } => ApiError::out_of_range("digest_mismatch", message),
+        ArchiveError::Unsupported(_) => ApiError::out_of_range("unsupported_archive", message),
+        ArchiveError::Invalid(_) => ApiError::out_of_range("invalid_template", message),
+        ArchiveError::TooLarge { .. } => ApiError::out_of_range("memory_out_of_range", message),
+        ArchiveError::Io { .. } | ArchiveError::Memory(_) => ApiError::unavailable("import_failed", message),
+    }
 }
 
 fn too_large(limit: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "archive_too_large",
-        format!("the archive is larger than --max-import-bytes ({limit} bytes)"),
-    )
+    ApiError::PayloadTooLarge {
+        code: "archive_too_large",
+        message: format!("the archive is larger than --max-import-bytes ({limit} bytes)"),
+    }
 }
 
 /// An unnamed file in `dir`: `O_TMPFILE`, or where the filesystem lacks it a file removed at once.

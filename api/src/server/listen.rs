@@ -144,7 +144,13 @@ fn json_error_answer(written: &[u8]) -> Option<Vec<u8>> {
     if !empty {
         return None;
     }
-    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+    let error = super::error::ErrorBody {
+        error: super::error::ErrorDetail {
+            code: code.to_owned(),
+            message: message.to_owned(),
+        },
+    };
+    let body = serde_json::to_string(&error).ok()?;
     let mut answer = format!(
         "HTTP/1.1 {status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
         body.len()
@@ -176,8 +182,8 @@ mod tests {
             "{head}"
         );
         assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
-        let json: serde_json::Value = serde_json::from_str(body).expect("json");
-        assert_eq!(json["error"]["code"], "headers_too_large");
+        let json: crate::server::ErrorBody = serde_json::from_str(body).expect("json");
+        assert_eq!(json.error.code, "headers_too_large");
     }
 
     #[test]

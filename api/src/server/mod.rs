@@ -6,14 +6,15 @@ mod call;
 mod cells;
 mod error;
 mod export;
+mod handlers;
 mod listen;
 pub mod model;
 mod ops;
+mod reports;
 mod routes;
+mod service;
 mod spec;
 mod state_dir;
-mod templates;
-mod vms;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,10 +27,12 @@ use tokio::sync::oneshot;
 
 pub use app::Limits;
 pub use cells::CellsConfig;
+pub use error::{ErrorBody, ErrorDetail, ServiceError};
 pub use routes::ApiDoc;
 pub use spec::{document as openapi_document, SpecOptions};
 
 use app::App;
+use service::templates;
 
 /// How to run the server.
 #[derive(Debug, Clone)]

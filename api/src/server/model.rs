@@ -4,10 +4,14 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use super::call::{CallRequest, CallResult};
+pub use super::export::TemplateImported;
+pub use super::reports::{
+    KvmDeltas, KvmStats, Micros, PageProbe, PageState, ProbeReport, ResetSteps, SmapsFigures, Stat, StatValue,
+};
 use whole::{whole_u32, whole_u64, whole_u64_list};
 
 /// `POST /v1/vms`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// Guest RAM in MiB (4 up to the server's limit).
@@ -93,7 +97,7 @@ pub struct TemplateInfo {
 }
 
 /// `POST /v1/templates/{id}/clones` and `POST /v1/vms/{id}/clones`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CloneRequest {
     /// How many clones (1 up to the server's per-call limit).
@@ -142,7 +146,7 @@ pub struct ClonesCreated {
 }
 
 /// `POST /v1/vms/{id}/probes/write`: either a list of addresses or a start, count and stride.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum ProbeRequest {
     /// Guest addresses to write, one per page.
@@ -152,7 +156,7 @@ pub enum ProbeRequest {
 }
 
 /// Probe targets as a list.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeList {
     /// Guest addresses (the built-in guest maps virtual = physical).
@@ -161,7 +165,7 @@ pub struct ProbeList {
 }
 
 /// Probe targets as a range.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeRange {
     /// First guest address.
@@ -181,7 +185,7 @@ fn page() -> u64 {
 }
 
 /// `POST /v1/vms/{id}/run`: a command for the built-in guest.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunCommand {
     /// `exit`, `write`, `checksum`, `identity`, `triple_fault`, `spin` or `halt`.
@@ -231,8 +235,7 @@ pub struct ResetDone {
     /// The clone's new generation id.
     pub generation: u64,
     /// Where the time went.
-    #[schema(value_type = Object)]
-    pub steps: serde_json::Value,
+    pub steps: ResetSteps,
     /// Whether the VM got a warm shell of its template (its used VM is recycled in the
     /// background; `pages_dropped` is then 0) rather than being reset in place.
     pub swapped: bool,
@@ -250,7 +253,7 @@ pub struct Health {
 }
 
 /// `POST /v1/templates/{id}/warm`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WarmRequest {
     /// Warm shells to keep ready for this template (0 stops building more).
@@ -313,7 +316,7 @@ pub struct SpecialPages {
 }
 
 /// `GET /v1/vms/{id}/stats`: a VM's sharing, read from the host kernel.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmStats {
     /// VM id.
     pub id: String,
@@ -325,13 +328,10 @@ pub struct VmStats {
     pub kpagecount_histogram: std::collections::BTreeMap<u64, u64>,
     /// Huge and zero pages.
     pub special_pages: SpecialPages,
-    /// smaps of the RAM mapping: `vmas`, `rss_kib`, `anonymous_kib`, `private_dirty_kib`,
-    /// `private_clean_kib`, `shared_dirty_kib`, `shared_clean_kib`.
-    #[schema(value_type = Object)]
-    pub smaps: cowvm_vmm::host::SmapsFigures,
+    /// smaps of the RAM mapping.
+    pub smaps: SmapsFigures,
     /// KVM's binary statistics: `vm` and `vcpus`, each by KVM's descriptor names.
-    #[schema(value_type = Object)]
-    pub kvm: cowvm_vmm::kvm_stats::KvmStats,
+    pub kvm: KvmStats,
     /// Time for the scan, microseconds.
     pub scan_us: f64,
 }
@@ -348,8 +348,8 @@ impl VmStats {
                 thp: sharing.special_pages.thp,
                 zero_page: sharing.special_pages.zero_page,
             },
-            smaps: sharing.smaps,
-            kvm: sharing.kvm,
+            smaps: sharing.smaps.into(),
+            kvm: sharing.kvm.into(),
             scan_us: sharing.scan_us,
         }
     }

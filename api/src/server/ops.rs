@@ -9,8 +9,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::http::StatusCode;
-
 use super::app::{App, Machine, VmEntry};
 use super::error::ApiError;
 
@@ -64,14 +62,10 @@ impl Commit {
 
 /// The 503 a timed-out request answers.
 pub fn timeout_error(app: &App) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "timeout",
-        format!(
-            "the request did not finish within {} ms; nothing was created",
-            app.limits.request_timeout.as_millis()
-        ),
-    )
+    ApiError::Timeout(format!(
+        "the request did not finish within {} ms; nothing was created",
+        app.limits.request_timeout.as_millis()
+    ))
 }
 
 /// Runs `f` on a blocking thread; past the request timeout the caller gets a 503 (the operation
@@ -114,21 +108,19 @@ pub async fn on_vm<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     let entry = app.vm(id)?;
     if let Some(reason) = entry.failure() {
-        return Err(ApiError::conflict("vm_failed", format!("VM {id} has failed: {reason}")));
+        return Err(ApiError::VmFailed(format!("VM {id} has failed: {reason}")));
     }
     let service = Arc::clone(app);
     transaction(app, move |commit| {
         let mut guard = entry.lock_machine();
         let machine = guard.as_mut().ok_or_else(|| ApiError::not_found("VM", &entry.id))?;
         let result = op(&service, &entry, machine, commit);
-        if let Err(e) = &result {
-            if e.code == "vm_failed" {
-                entry.fail(e.message.clone());
-                service
-                    .metrics
-                    .vms_failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        if let Err(ApiError::VmFailed(message)) = &result {
+            entry.fail(message.clone());
+            service
+                .metrics
+                .vms_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         result
     })

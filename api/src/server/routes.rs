@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,9 +16,10 @@ use utoipa::OpenApi;
 
 use super::app::App;
 use super::error::{ApiError, ErrorBody, ErrorDetail};
+use super::handlers::{templates, vms};
 use super::model::*;
 use super::spec::{self, SpecOptions};
-use super::{call, cells, export, templates, vms};
+use super::{call, cells, export};
 
 /// The OpenAPI document, generated from the handlers and their types.
 #[derive(OpenApi)]
@@ -186,19 +187,14 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
 }
 
 async fn route_not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "route_not_found",
-        "no such endpoint; see /openapi.json",
-    )
+    ApiError::NotFound {
+        code: "route_not_found",
+        message: "no such endpoint; see /openapi.json".into(),
+    }
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this endpoint does not take that method; see /openapi.json",
-    )
+    ApiError::MethodNotAllowed("this endpoint does not take that method; see /openapi.json".into())
 }
 
 /// The token of an `Authorization` header whose scheme is `Bearer`, in any case (RFC 9110 §11.1).
@@ -216,12 +212,8 @@ async fn require_token(State(token): State<Arc<String>>, request: Request, next:
     if ok {
         next.run(request).await
     } else {
-        let mut response = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this server needs Authorization: Bearer <token>",
-        )
-        .into_response();
+        let mut response =
+            ApiError::Unauthorized("this server needs Authorization: Bearer <token>".into()).into_response();
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer realm=\"cowvm\""),
@@ -251,11 +243,10 @@ async fn require_object_body(State(limit): State<usize>, request: Request, next:
         Err(e) => {
             let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             return if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("the request body is larger than {limit} bytes"),
-                )
+                ApiError::PayloadTooLarge {
+                    code: "body_too_large",
+                    message: format!("the request body is larger than {limit} bytes"),
+                }
             } else {
                 ApiError::bad_request("bad_body", "the request body could not be read")
             }

@@ -1,26 +1,22 @@
-//! `/v1/vms` handlers.
+//! The VM service: what `/v1/vms` does, on typed requests and answers. Each operation checks
+//! its request, runs on a blocking thread under the request timeout and answers a typed result
+//! or a [`ServiceError`]; the HTTP handlers only parse and call these.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::Json;
 use cowvm_vmm::probe::{write_probe, ProbeTargets};
 use cowvm_vmm::stats::vm_sharing;
 use cowvm_vmm::{GuestCommand, Kernel, Template, Vm, VmConfig};
 use vm_memory::GuestAddress;
 
-use super::app::{App, Machine, TemplateEntry, VmStatus};
-use super::error::{ApiError, ErrorBody};
-use super::model::*;
-use super::ops::{blocking, destroy, on_vm, timeout_error, transaction};
-use super::templates::{fd_budget, fd_shortfall, register_clones, save_template};
-
-type Body<T> = Result<Json<T>, JsonRejection>;
-type Id = Result<Path<String>, PathRejection>;
+use crate::server::app::{App, Machine, TemplateEntry, VmStatus};
+// Under the handlers' old name, so that the moved bodies stay line for line as they were.
+use crate::server::error::ServiceError as ApiError;
+use crate::server::model::*;
+use crate::server::ops::{blocking, destroy, on_vm, timeout_error, transaction};
+use crate::server::templates::{fd_budget, fd_shortfall, register_clones, save_template};
 
 /// Where warm-up data starts (clear of the VMM's low memory and the kernel).
 const WARMUP_START: u64 = 8 << 20;
@@ -58,14 +54,8 @@ fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
     Ok(canonical)
 }
 
-/// Boot a VM.
-#[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVm,
-    responses((status = 201, body = VmInfo), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn create_vm(
-    State(app): State<Arc<App>>,
-    body: Body<CreateVm>,
-) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
-    let Json(req) = body?;
+/// Checks a `POST /v1/vms` request against the server's limits; answers the kernel to boot.
+fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ApiError> {
     let limits = &app.limits;
     if req.vcpus != 1 {
         return Err(ApiError::out_of_range(
@@ -97,11 +87,17 @@ pub async fn create_vm(
                 "warm-up needs the built-in guest",
             ));
         }
-        Some(name) => Kernel::Elf(resolve_kernel(&app, name)?),
+        Some(name) => Kernel::Elf(resolve_kernel(app, name)?),
     };
+    Ok(kernel)
+}
+
+/// Boots a VM (with its warm-up written) and registers it.
+pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError> {
+    let kernel = check_create(app, &req)?;
     let slot = app.admit(1, None)?;
-    let service = Arc::clone(&app);
-    let info = transaction(&app, move |commit| {
+    let service = Arc::clone(app);
+    transaction(app, move |commit| {
         fd_budget(&service, 1)?;
         let config = VmConfig {
             memory_mib: req.memory_mib,
@@ -117,7 +113,7 @@ pub async fn create_vm(
                 format!("the guest failed at boot: {}", report.first_exit),
             ));
         }
-        if let Err(e) = super::call::run_to_ready(&service, &mut vm, &report) {
+        if let Err(e) = super::calls::run_to_ready(&service, &mut vm, &report) {
             service.engine.destroy_vm(vm);
             return Err(e);
         }
@@ -147,45 +143,34 @@ pub async fn create_vm(
             .add_vm(req.memory_mib, None, Machine::Booted(vm), status, Some(slot))
             .info())
     })
-    .await?;
-    Ok((StatusCode::CREATED, Json(info)))
+    .await
 }
 
-/// List VMs.
-#[utoipa::path(get, path = "/v1/vms", tag = "vms", responses((status = 200, body = Vec<VmInfo>)))]
-pub async fn list_vms(State(app): State<Arc<App>>) -> Json<Vec<VmInfo>> {
-    Json(app.vms().iter().map(|v| v.info()).collect())
+/// Every VM.
+pub fn list_vms(app: &App) -> Vec<VmInfo> {
+    app.vms().iter().map(|v| v.info()).collect()
 }
 
 /// One VM.
-#[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody)))]
-pub async fn get_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<VmInfo>, ApiError> {
-    let Path(id) = id?;
-    Ok(Json(app.vm(&id)?.info()))
+pub fn get_vm(app: &App, id: &str) -> Result<VmInfo, ApiError> {
+    Ok(app.vm(id)?.info())
 }
 
-/// Destroy a VM (waits for an operation in progress on it, then tears it down in the background).
-#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
-pub async fn delete_vm(State(app): State<Arc<App>>, id: Id) -> Result<StatusCode, ApiError> {
-    let Path(id) = id?;
-    let entry = app.remove_vm(&id)?;
-    let service = Arc::clone(&app);
-    blocking(&app, move || {
+/// Destroys a VM: waits for an operation in progress on it, then tears it down in the
+/// background.
+pub async fn delete_vm(app: &Arc<App>, id: &str) -> Result<(), ApiError> {
+    let entry = app.remove_vm(id)?;
+    let service = Arc::clone(app);
+    blocking(app, move || {
         destroy(&service, &entry);
         Ok(())
     })
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
+    .await
 }
 
-/// Freeze a VM into a template (the VM keeps running).
-#[utoipa::path(post, path = "/v1/vms/{id}/snapshot", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    responses((status = 201, body = SnapshotCreated), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn snapshot_vm(State(app): State<Arc<App>>, id: Id) -> Result<(StatusCode, Json<SnapshotCreated>), ApiError> {
-    let Path(id) = id?;
-    let created = on_vm(&app, &id, move |app, entry, machine, commit| {
+/// Freezes a VM into a template (the VM keeps running).
+pub async fn snapshot_vm(app: &Arc<App>, id: &str) -> Result<SnapshotCreated, ApiError> {
+    on_vm(app, id, move |app, entry, machine, commit| {
         fd_budget(app, 1)?;
         let started = Instant::now();
         let template = Template::freeze(app.engine.kvm(), machine.vm_mut())?;
@@ -209,24 +194,14 @@ pub async fn snapshot_vm(State(app): State<Arc<App>>, id: Id) -> Result<(StatusC
             pause_us,
         })
     })
-    .await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    .await
 }
 
-/// Live fork: freeze a running VM into a new template (a short pause) and clone it.
-#[utoipa::path(post, path = "/v1/vms/{id}/clones", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    request_body = CloneRequest,
-    responses((status = 201, body = ClonesCreated), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody)))]
-pub async fn live_fork(
-    State(app): State<Arc<App>>,
-    id: Id,
-    body: Body<CloneRequest>,
-) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
-    let Path(id) = id?;
-    let Json(req) = body?;
-    let count = super::templates::check_count(&app, req.count)?;
+/// Live fork: freezes a running VM into a new template (a short pause) and clones it.
+pub async fn live_fork(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<ClonesCreated, ApiError> {
+    let count = crate::server::templates::check_count(app, req.count)?;
     let admitted = app.admit(count, None)?;
-    let created = on_vm(&app, &id, move |app, entry, machine, commit| {
+    on_vm(app, id, move |app, entry, machine, commit| {
         let mut admitted = admitted;
         let fits = fd_budget(app, count)?;
         let mut room = admitted.split_off(fits);
@@ -265,18 +240,14 @@ pub async fn live_fork(
         created.pause_us = Some(fork.pause_us);
         Ok(created)
     })
-    .await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    .await
 }
 
-/// Return a clone to its template's state: by swap (the VM id gets a warm shell of its template,
-/// `swapped: true`, and its used VM is recycled in the background) or, with no shell ready, in
-/// place.
-#[utoipa::path(post, path = "/v1/vms/{id}/reset", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    responses((status = 200, body = ResetDone), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn reset_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<ResetDone>, ApiError> {
-    let Path(id) = id?;
-    let done = on_vm(&app, &id, |app, entry, machine, _| match machine {
+/// Returns a clone to its template's state: by swap (the VM id gets a warm shell of its
+/// template, `swapped: true`, and its used VM is recycled in the background) or, with no shell
+/// ready, in place.
+pub async fn reset_vm(app: &Arc<App>, id: &str) -> Result<ResetDone, ApiError> {
+    on_vm(app, id, |app, entry, machine, _| match machine {
         Machine::Booted(_) => Err(ApiError::conflict(
             "not_a_clone",
             format!("{} was booted, not cloned; only clones can be reset", entry.id),
@@ -288,26 +259,17 @@ pub async fn reset_vm(State(app): State<Arc<App>>, id: Id) -> Result<Json<ResetD
                 reset_us: report.reset_us,
                 pages_dropped: report.pages_dropped,
                 generation: report.generation,
-                steps: serde_json::to_value(report.steps).unwrap_or_default(),
+                steps: report.steps.into(),
                 swapped: report.swapped,
             })
         }
     })
-    .await?;
-    Ok(Json(done))
+    .await
 }
 
-/// Write probe: the guest writes the pages, the host kernel reports what each went through.
-#[utoipa::path(post, path = "/v1/vms/{id}/probes/write", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    request_body = ProbeRequest,
-    responses((status = 200, description = "per-page report", body = Object), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn probe_write(
-    State(app): State<Arc<App>>,
-    id: Id,
-    body: Body<ProbeRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let Path(id) = id?;
-    let Json(req) = body?;
+/// Write probe: the guest writes the pages and the host kernel reports what each went through.
+/// A clone's probe also times host-only copy-on-write on a scratch clone of its template.
+pub async fn probe_write(app: &Arc<App>, id: &str, req: ProbeRequest) -> Result<ProbeReport, ApiError> {
     let targets = match req {
         ProbeRequest::List(list) => ProbeTargets::Addresses(list.gpas),
         ProbeRequest::Range(r) => ProbeTargets::Stride {
@@ -316,7 +278,7 @@ pub async fn probe_write(
             stride: r.stride,
         },
     };
-    let report = on_vm(&app, &id, move |app, _, machine, _| {
+    on_vm(app, id, move |app, _, machine, _| {
         let host = app.host_view()?;
         // Bad targets are refused before the scratch clone takes any room.
         cowvm_vmm::probe::check_targets(machine.vm_mut(), &targets)?;
@@ -333,38 +295,24 @@ pub async fn probe_write(
         if let Some(scratch) = scratch {
             app.engine.drop_later(scratch);
         }
-        Ok(serde_json::to_value(report?).unwrap_or_default())
+        Ok(ProbeReport::from(report?))
     })
-    .await?;
-    Ok(Json(report))
+    .await
 }
 
-/// Sharing statistics of a VM, from the host kernel.
-#[utoipa::path(get, path = "/v1/vms/{id}/stats", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    responses((status = 200, description = "pages (template_backed, shared, private, zero, untouched, total), kpagecount histogram, smaps, KVM stats", body = VmStats), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn vm_stats(State(app): State<Arc<App>>, id: Id) -> Result<Json<VmStats>, ApiError> {
-    let Path(id) = id?;
-    let stats = on_vm(&app, &id, |app, entry, machine, _| {
+/// A VM's sharing statistics, from the host kernel.
+pub async fn vm_stats(app: &Arc<App>, id: &str) -> Result<VmStats, ApiError> {
+    on_vm(app, id, |app, entry, machine, _| {
         let host = app.host_view()?;
         Ok(VmStats::new(entry.id.clone(), vm_sharing(machine.vm(), host)?))
     })
-    .await?;
-    Ok(Json(stats))
+    .await
 }
 
-/// Run a command in the built-in guest.
-#[utoipa::path(post, path = "/v1/vms/{id}/run", tag = "vms", params(("id" = String, Path, description = "VM id")),
-    request_body = RunCommand,
-    responses((status = 200, body = RunResult), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn run_command(
-    State(app): State<Arc<App>>,
-    id: Id,
-    body: Body<RunCommand>,
-) -> Result<Json<RunResult>, ApiError> {
-    let Path(id) = id?;
-    let Json(req) = body?;
-    let command = super::cells::guest_command(&req)?;
-    let result = on_vm(&app, &id, move |app, _, machine, _| {
+/// Runs a command in the built-in guest.
+pub async fn run_command(app: &Arc<App>, id: &str, req: RunCommand) -> Result<RunResult, ApiError> {
+    let command = crate::server::cells::guest_command(&req)?;
+    on_vm(app, id, move |app, _, machine, _| {
         let (out, took) = machine
             .vm_mut()
             .execute_timed(command, Some(app.limits.guest_deadline))?;
@@ -375,6 +323,5 @@ pub async fn run_command(
             run_us: took.as_secs_f64() * 1e6,
         })
     })
-    .await?;
-    Ok(Json(result))
+    .await
 }

@@ -1,19 +1,17 @@
-//! `/v1/templates` handlers, and clone registration shared with live forks.
+//! The template service: what `/v1/templates` does on typed requests and answers, and clone
+//! registration shared with live forks. The HTTP handlers only parse and call these.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::Json;
 use cowvm_vmm::stats::template_sharing;
 use cowvm_vmm::{CloneBatch, Reservation, Template};
 
-use super::app::{App, Machine, TemplateEntry, VmStatus};
-use super::error::{ApiError, ErrorBody};
-use super::model::*;
-use super::ops::{blocking, timeout_error, transaction};
+use crate::server::app::{App, Machine, TemplateEntry, VmStatus};
+// Under the handlers' old name, so that the moved bodies stay line for line as they were.
+use crate::server::error::ServiceError as ApiError;
+use crate::server::model::*;
+use crate::server::ops::{blocking, timeout_error, transaction};
 
 /// File descriptors kept free for accepting connections, state files and stats reads.
 pub const FD_RESERVE: u64 = 64;
@@ -71,7 +69,7 @@ pub fn check_count(app: &App, count: u64) -> Result<usize, ApiError> {
 
 /// Saves a template under the state directory, if there is one.
 pub fn save_template(app: &App, id: &str, template: &Template) -> Result<bool, ApiError> {
-    super::state_dir::save(app, id, template)
+    crate::server::state_dir::save(app, id, template)
 }
 
 /// Adds the clones of `batch` as VMs, each holding room for one VM from `room`, and describes
@@ -91,16 +89,12 @@ pub fn register_clones(
         let reason = first.map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
         // A template whose guest stops on a clone's first run is the template's fault (422);
         // anything else is the host's (503).
-        let status = if first.is_some_and(|f| f.guest_stopped) {
-            StatusCode::UNPROCESSABLE_ENTITY
+        let message = format!("no clone could be made: {reason}");
+        return Err(if first.is_some_and(|f| f.guest_stopped) {
+            ApiError::out_of_range("clones_failed", message)
         } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        return Err(ApiError::new(
-            status,
-            "clones_failed",
-            format!("no clone could be made: {reason}"),
-        ));
+            ApiError::unavailable("clones_failed", message)
+        });
     }
     let memory_mib = template.template.size() >> 20;
     let clones = batch
@@ -153,22 +147,13 @@ pub fn register_clones(
     })
 }
 
-/// Make clones of a template.
-#[utoipa::path(post, path = "/v1/templates/{id}/clones", tag = "templates", params(("id" = String, Path, description = "template id")),
-    request_body = CloneRequest,
-    responses((status = 201, body = ClonesCreated), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn clone_template(
-    State(app): State<Arc<App>>,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Json<CloneRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
-    let Path(id) = id?;
-    let Json(req) = body?;
-    let count = check_count(&app, req.count)?;
-    let (template, cloning) = app.begin_cloning(&id)?;
+/// Makes clones of a template.
+pub async fn clone_template(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<ClonesCreated, ApiError> {
+    let count = check_count(app, req.count)?;
+    let (template, cloning) = app.begin_cloning(id)?;
     let admitted = app.admit(count, Some(&template.template))?;
-    let service = Arc::clone(&app);
-    let created = transaction(&app, move |commit| {
+    let service = Arc::clone(app);
+    transaction(app, move |commit| {
         let _cloning = cloning;
         let mut admitted = admitted;
         let fits = fd_budget(&service, count)?;
@@ -188,39 +173,25 @@ pub async fn clone_template(
         created.failed.extend(fd_shortfall(fits, count));
         Ok(created)
     })
-    .await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    .await
 }
 
-/// List templates.
-#[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, body = Vec<TemplateInfo>)))]
-pub async fn list_templates(State(app): State<Arc<App>>) -> Json<Vec<TemplateInfo>> {
-    Json(app.templates().iter().map(|t| app.template_info(t)).collect())
+/// Every template.
+pub fn list_templates(app: &App) -> Vec<TemplateInfo> {
+    app.templates().iter().map(|t| app.template_info(t)).collect()
 }
 
 /// One template.
-#[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates", params(("id" = String, Path, description = "template id")),
-    responses((status = 200, body = TemplateInfo), (status = 404, body = ErrorBody)))]
-pub async fn get_template(
-    State(app): State<Arc<App>>,
-    id: Result<Path<String>, PathRejection>,
-) -> Result<Json<TemplateInfo>, ApiError> {
-    let Path(id) = id?;
-    let entry = app.template(&id)?;
-    Ok(Json(app.template_info(&entry)))
+pub fn get_template(app: &App, id: &str) -> Result<TemplateInfo, ApiError> {
+    let entry = app.template(id)?;
+    Ok(app.template_info(&entry))
 }
 
 /// Sharing statistics of a template over its live clones, from the host kernel.
-#[utoipa::path(get, path = "/v1/templates/{id}/stats", tag = "templates", params(("id" = String, Path, description = "template id")),
-    responses((status = 200, description = "populated_pages, histogram, pages_shared_by_all, mapped/private/saved/full_copy/own bytes, warm_shells", body = TemplateStats), (status = 404, body = ErrorBody)))]
-pub async fn template_stats(
-    State(app): State<Arc<App>>,
-    id: Result<Path<String>, PathRejection>,
-) -> Result<Json<TemplateStats>, ApiError> {
-    let Path(id) = id?;
-    let entry = app.template(&id)?;
-    let service = Arc::clone(&app);
-    let stats = blocking(&app, move || {
+pub async fn template_stats(app: &Arc<App>, id: &str) -> Result<TemplateStats, ApiError> {
+    let entry = app.template(id)?;
+    let service = Arc::clone(app);
+    blocking(app, move || {
         let clones = service.clones_of(&entry.id);
         let guards: Vec<_> = clones.iter().map(|c| c.lock_machine()).collect();
         let vms: Vec<&cowvm_vmm::Vm> = guards.iter().filter_map(|g| g.as_ref().map(Machine::vm)).collect();
@@ -228,41 +199,28 @@ pub async fn template_stats(
         let sharing = template_sharing(&entry.template, &vms, shells, service.engine.pagemap())?;
         Ok(TemplateStats::new(entry.id.clone(), sharing))
     })
-    .await?;
-    Ok(Json(stats))
+    .await
 }
 
-/// Delete a template (409 while clones of it are alive).
-#[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates", params(("id" = String, Path, description = "template id")),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn delete_template(
-    State(app): State<Arc<App>>,
-    id: Result<Path<String>, PathRejection>,
-) -> Result<StatusCode, ApiError> {
-    let Path(id) = id?;
-    let check = (Arc::clone(&app), id.clone());
-    blocking(&app, move || super::state_dir::refuse_if_parent(&check.0, &check.1)).await?;
-    let entry = app.remove_template(&id)?;
+/// Deletes a template (409 while clones of it are alive).
+pub async fn delete_template(app: &Arc<App>, id: &str) -> Result<(), ApiError> {
+    let check = (Arc::clone(app), id.to_owned());
+    blocking(app, move || {
+        crate::server::state_dir::refuse_if_parent(&check.0, &check.1)
+    })
+    .await?;
+    let entry = app.remove_template(id)?;
     if entry.persisted {
         if let Some(dir) = app.state_dir.clone() {
             let id = entry.id.clone();
-            blocking(&app, move || super::state_dir::remove(&dir, &id)).await?;
+            blocking(app, move || crate::server::state_dir::remove(&dir, &id)).await?;
         }
     }
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
-/// Set how many warm shells the server keeps ready for a template (built in the background).
-#[utoipa::path(post, path = "/v1/templates/{id}/warm", tag = "templates", params(("id" = String, Path, description = "template id")),
-    request_body = WarmRequest,
-    responses((status = 200, body = WarmStatus), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn warm_template(
-    State(app): State<Arc<App>>,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Json<WarmRequest>, JsonRejection>,
-) -> Result<Json<WarmStatus>, ApiError> {
-    let Path(id) = id?;
-    let Json(req) = body?;
+/// Sets how many warm shells the server keeps ready for a template (built in the background).
+pub fn warm_template(app: &App, id: &str, req: WarmRequest) -> Result<WarmStatus, ApiError> {
     let limit = app.limits.max_vms as u64;
     if req.shells > limit {
         return Err(ApiError::out_of_range(
@@ -271,10 +229,10 @@ pub async fn warm_template(
         ));
     }
     // The target is kept; the builder builds only into room under --max-vms and the budgets.
-    let entry = app.warm(&id, req.shells as usize)?;
-    Ok(Json(WarmStatus {
+    let entry = app.warm(id, req.shells as usize)?;
+    Ok(WarmStatus {
         template_id: entry.id.clone(),
         target: req.shells,
         warm_shells: app.engine.warm_shells(&entry.template),
-    }))
+    })
 }
