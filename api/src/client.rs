@@ -49,9 +49,17 @@ pub struct Client {
 impl Client {
     /// A client of the server at `base` (`http://host:port`), sending `token` if given.
     pub fn new(base: &str, token: Option<String>) -> Self {
+        // The bound is set per phase rather than globally: with a global (or per-call) timeout
+        // ureq resolves the host on a new thread for every request, which cost a thread spawn
+        // per call (the address is resolved before a pooled connection is looked up).
+        let limit = Some(Duration::from_secs(600));
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(600)))
+            .timeout_connect(limit)
+            .timeout_send_request(limit)
+            .timeout_send_body(limit)
+            .timeout_recv_response(limit)
+            .timeout_recv_body(limit)
             .build();
         Client {
             agent: ureq::Agent::new_with_config(config),
