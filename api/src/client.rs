@@ -186,3 +186,26 @@ fn with_auth_body(
         None => request,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_client_bounds_each_phase_but_sets_no_timeout_that_resolves_on_a_thread() {
+        // ureq resolves the host on a new thread for every request when a global, per-call or
+        // resolve timeout is set (a thread spawn per API call); the bound is per phase instead.
+        let client = Client::new("http://127.0.0.1:1", None);
+        let timeouts = client.agent.config().timeouts();
+        assert_eq!(
+            (timeouts.global, timeouts.per_call, timeouts.resolve),
+            (None, None, None)
+        );
+        let limit = Some(Duration::from_secs(600));
+        assert_eq!(timeouts.connect, limit);
+        assert_eq!(timeouts.send_request, limit);
+        assert_eq!(timeouts.send_body, limit);
+        assert_eq!(timeouts.recv_response, limit);
+        assert_eq!(timeouts.recv_body, limit);
+    }
+}

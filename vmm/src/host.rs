@@ -279,6 +279,33 @@ mod tests {
     }
 
     #[test]
+    fn test_after_tuning_a_16_mib_block_comes_from_the_heap_not_from_its_own_mmap() {
+        // In a forked child (no other threads allocating meanwhile): with glibc's defaults a
+        // block this large gets its own mmap, whose munmap would run every VM's MMU notifier.
+        // SAFETY: the child only allocates, reads malloc's counters and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            tune_allocator_for_many_vms();
+            // SAFETY: mallinfo2 only reads malloc's counters.
+            let before = unsafe { libc::mallinfo2() };
+            let block = vec![1u8; 16 << 20];
+            // SAFETY: as above.
+            let after = unsafe { libc::mallinfo2() };
+            let from_heap = after.hblks == before.hblks && std::hint::black_box(&block)[0] == 1;
+            // SAFETY: ends the child without running the parent's atexit handlers.
+            unsafe { libc::_exit(if from_heap { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "status {status:#x}"
+        );
+    }
+
+    #[test]
     fn test_open_fds_counts_descriptors_as_they_open_and_close() {
         let listed = || std::fs::read_dir("/proc/self/fd").unwrap().count() as u64 - 1;
         // Other test threads may open files meanwhile: compare with a listing on both sides.
