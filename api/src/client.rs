@@ -63,9 +63,17 @@ pub struct Client {
 impl Client {
     /// A client of the server at `base` (`http://host:port`), sending `token` if given.
     pub fn new(base: &str, token: Option<String>) -> Self {
+        // The bound is set per phase rather than globally: with a global (or per-call) timeout
+        // ureq resolves the host on a new thread for every request, which cost a thread spawn
+        // per call (the address is resolved before a pooled connection is looked up).
+        let limit = Some(Duration::from_secs(600));
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(600)))
+            .timeout_connect(limit)
+            .timeout_send_request(limit)
+            .timeout_send_body(limit)
+            .timeout_recv_response(limit)
+            .timeout_recv_body(limit)
             .build();
         Client {
             agent: ureq::Agent::new_with_config(config),
@@ -252,5 +260,28 @@ fn with_auth_body(
     match auth {
         Some(value) => request.header("Authorization", value),
         None => request,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_client_bounds_each_phase_but_sets_no_timeout_that_resolves_on_a_thread() {
+        // ureq resolves the host on a new thread for every request when a global, per-call or
+        // resolve timeout is set (a thread spawn per API call); the bound is per phase instead.
+        let client = Client::new("http://127.0.0.1:1", None);
+        let timeouts = client.agent.config().timeouts();
+        assert_eq!(
+            (timeouts.global, timeouts.per_call, timeouts.resolve),
+            (None, None, None)
+        );
+        let limit = Some(Duration::from_secs(600));
+        assert_eq!(timeouts.connect, limit);
+        assert_eq!(timeouts.send_request, limit);
+        assert_eq!(timeouts.send_body, limit);
+        assert_eq!(timeouts.recv_response, limit);
+        assert_eq!(timeouts.recv_body, limit);
     }
 }

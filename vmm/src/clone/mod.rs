@@ -194,6 +194,7 @@ fn fresh_seed() -> Result<u64, VmError> {
 impl CloneEngine {
     /// Starts an engine (a shell builder thread and a reaper thread).
     pub fn new(kvm: Arc<Kvm>, config: EngineConfig) -> Result<Self, CloneError> {
+        crate::host::tune_allocator_for_many_vms();
         let pagemap = PageMap::open().map_err(|e| CloneError::Vm(MemoryError::PageMap(e).into()))?;
         let reaper = Arc::new(Reaper::start().map_err(CloneError::Thread)?);
         let pools = Arc::new(Pools::new(Arc::clone(&reaper), DEFAULT_SHELL_FD_RESERVE));
