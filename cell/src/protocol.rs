@@ -266,6 +266,9 @@ pub struct RunOutput {
     pub extra: u64,
     /// `KVM_RUN` time, nanoseconds.
     pub run_ns: u64,
+    /// The vCPU index the guest reported (identity only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u64>,
 }
 
 impl From<RunOutput> for CommandOutput {
@@ -274,6 +277,7 @@ impl From<RunOutput> for CommandOutput {
             status: out.status,
             result: out.result,
             extra: out.extra,
+            vcpu: out.vcpu,
         }
     }
 }

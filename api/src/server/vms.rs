@@ -107,6 +107,7 @@ pub async fn create_vm(
             memory_mib: req.memory_mib,
             kernel,
             page_size: None,
+            vcpus: req.vcpus as usize,
         };
         let deadline = service.limits.guest_deadline;
         let (mut vm, report) = Vm::boot_with_deadline(service.engine.kvm(), &config, deadline)?;
