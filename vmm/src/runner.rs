@@ -148,7 +148,9 @@ impl Guest<'_> {
         });
         results
             .into_iter()
-            .map(|result| result.unwrap_or_else(|| Err(VmError::VcpuThread(std::io::Error::other("vCPU thread panicked")))))
+            .map(|result| {
+                result.unwrap_or_else(|| Err(VmError::VcpuThread(std::io::Error::other("vCPU thread panicked"))))
+            })
             .collect()
     }
 

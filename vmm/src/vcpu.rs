@@ -298,7 +298,11 @@ impl Vcpu {
     /// index (the vCPU that faulted): it is checked before every entry and whenever `KVM_RUN`
     /// returns `EINTR`, so whoever sets it must also kick this thread until it has returned
     /// (see [`crate::watchdog`]).
-    pub fn run_until(&mut self, deadline: Option<Duration>, stop: Option<&AtomicUsize>) -> Result<GuestExit, VcpuError> {
+    pub fn run_until(
+        &mut self,
+        deadline: Option<Duration>,
+        stop: Option<&AtomicUsize>,
+    ) -> Result<GuestExit, VcpuError> {
         let started = Instant::now();
         let stopped = || {
             stop.map(|s| s.load(Ordering::Acquire))

@@ -593,10 +593,13 @@ impl Vm {
     ) -> Result<(CommandOutput, Duration), VmError> {
         self.stage(vcpu, command)?;
         let started = Instant::now();
-        let exit = self.run_vcpus(&[vcpu], deadline).pop().unwrap_or(Err(VmError::NoSuchVcpu {
-            vcpu,
-            count: self.vcpus.len(),
-        }))?;
+        let exit = self
+            .run_vcpus(&[vcpu], deadline)
+            .pop()
+            .unwrap_or(Err(VmError::NoSuchVcpu {
+                vcpu,
+                count: self.vcpus.len(),
+            }))?;
         let took = started.elapsed();
         Ok((self.answer(vcpu, command, exit)?, took))
     }
@@ -777,10 +780,12 @@ impl Vm {
     /// Resumes vCPU `vcpu` until its next exit (or `deadline`).
     pub fn run_on(&mut self, vcpu: usize, deadline: Option<Duration>) -> Result<GuestExit, VmError> {
         self.check_ready(vcpu)?;
-        self.run_vcpus(&[vcpu], deadline).pop().unwrap_or(Err(VmError::NoSuchVcpu {
-            vcpu,
-            count: self.vcpus.len(),
-        }))
+        self.run_vcpus(&[vcpu], deadline)
+            .pop()
+            .unwrap_or(Err(VmError::NoSuchVcpu {
+                vcpu,
+                count: self.vcpus.len(),
+            }))
     }
 
     /// Hands the guest its identity for the next resume of every vCPU: generation id in r14,
