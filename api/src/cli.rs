@@ -147,6 +147,9 @@ pub struct ServeArgs {
     /// Largest guest RAM per VM, MiB.
     #[arg(long, default_value_t = Limits::default().max_memory_mib)]
     max_memory_mib: u64,
+    /// Most vCPUs per VM (1 up to 32).
+    #[arg(long, default_value_t = Limits::default().max_vcpus)]
+    max_vcpus: usize,
     /// Most live VMs at once.
     #[arg(long, default_value_t = Limits::default().max_vms)]
     max_vms: usize,
@@ -203,6 +206,13 @@ fn cells_config(args: &ServeArgs) -> Result<Option<server::CellsConfig>, CliErro
 
 /// Runs `cowvm serve` until SIGINT or SIGTERM.
 pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
+    let most = cowvm_vmm::boot::layout::MAX_VCPUS;
+    if !(1..=most).contains(&args.max_vcpus) {
+        return Err(CliError::Usage(format!(
+            "--max-vcpus must be 1..={most} (got {})",
+            args.max_vcpus
+        )));
+    }
     let config = ServerConfig {
         listen: args.listen,
         state_dir: args.state_dir.clone(),
@@ -210,6 +220,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         kernel_dir: args.kernel_dir.clone(),
         limits: Limits {
             max_memory_mib: args.max_memory_mib,
+            max_vcpus: args.max_vcpus,
             max_vms: args.max_vms,
             max_clones_per_call: args.max_clones_per_call,
             max_body_bytes: args.max_body_bytes,

@@ -67,10 +67,10 @@ pub async fn create_vm(
 ) -> Result<(StatusCode, Json<VmInfo>), ApiError> {
     let Json(req) = body?;
     let limits = &app.limits;
-    if req.vcpus != 1 {
+    if !(1..=limits.max_vcpus).contains(&(req.vcpus as usize)) {
         return Err(ApiError::out_of_range(
             "vcpus_out_of_range",
-            format!("vcpus must be 1 (got {})", req.vcpus),
+            format!("vcpus must be 1..={} (got {})", limits.max_vcpus, req.vcpus),
         ));
     }
     if !(4..=limits.max_memory_mib).contains(&req.memory_mib) {
@@ -365,14 +365,21 @@ pub async fn run_command(
     let Path(id) = id?;
     let Json(req) = body?;
     let command = super::cells::guest_command(&req)?;
+    let vcpu = req.vcpu as usize;
     let result = on_vm(&app, &id, move |app, _, machine, _| {
-        let (out, took) = machine
-            .vm_mut()
-            .execute_timed(command, Some(app.limits.guest_deadline))?;
+        let vm = machine.vm_mut();
+        if vcpu >= vm.vcpu_count() {
+            return Err(ApiError::out_of_range(
+                "vcpu_out_of_range",
+                format!("vcpu must be 0..{} for this VM (got {vcpu})", vm.vcpu_count()),
+            ));
+        }
+        let (out, took) = vm.execute_on_timed(vcpu, command, Some(app.limits.guest_deadline))?;
         Ok(RunResult {
             status: out.status,
             result: out.result,
             extra: out.extra,
+            vcpu: out.vcpu,
             run_us: took.as_secs_f64() * 1e6,
         })
     })
