@@ -238,6 +238,11 @@ pub struct Vm {
     clocks_started: Instant,
     /// The first fault of a vCPU of a multi-vCPU VM, until a reset.
     failure: Option<VcpuFailure>,
+    /// TSCs captured for vCPUs 1 and up that [`Vm::start_clocks`] left to be written just
+    /// before each of them next runs (see there), by vCPU index.
+    pending_tsc: Vec<Option<u64>>,
+    /// The guest TSC frequency, once read.
+    tsc_khz: Option<u32>,
 }
 
 fn micros(since: Instant) -> f64 {
@@ -357,6 +362,8 @@ impl Vm {
             protected_end: protected_end(&kernel),
             clocks_started: Instant::now(),
             failure: None,
+            pending_tsc: vec![None; config.vcpus],
+            tsc_khz: None,
         };
         let step = Instant::now();
         // Every vCPU runs to its first exit; the report names vCPU 0's, or the first fault.
@@ -442,6 +449,8 @@ impl Vm {
             protected_end: state.protected_end,
             clocks_started: Instant::now(),
             failure: None,
+            pending_tsc: vec![None; state.vcpus.len().max(1)],
+            tsc_khz: None,
         })
     }
 
@@ -513,11 +522,18 @@ impl Vm {
     /// only if the clocks were last set at least [`TSC_RESYNC_WINDOW`] ago: KVM takes a host
     /// write within that window of the TSC it expects as a resynchronisation and keeps the
     /// running offset, so an earlier write would change nothing.
+    ///
+    /// Only vCPU 0's TSC is written here; the write of each other vCPU's waits until that vCPU
+    /// next runs (or is captured), and then writes the captured value plus the ticks since the
+    /// clocks started. KVM takes such a write, within its window of what it expects from vCPU
+    /// 0's, as a synchronisation and gives the vCPU vCPU 0's offset, so the TSCs agree as if all
+    /// were written now, and a clone's spawn costs one TSC write whatever its vCPU count.
     pub fn start_clocks(&mut self, state: &VmState) -> Result<(), VmError> {
         if self.clocks_started.elapsed() >= TSC_RESYNC_WINDOW {
-            for (vcpu, vcpu_state) in self.vcpus.iter().zip(&state.vcpus) {
-                if let Some(tsc) = vcpu_state.tsc() {
-                    vcpu.set_tsc(tsc)?;
+            for (index, (vcpu, vcpu_state)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
+                match (index, vcpu_state.tsc()) {
+                    (0, Some(tsc)) => vcpu.set_tsc(tsc)?,
+                    (_, tsc) => self.pending_tsc[index] = tsc,
                 }
             }
         }
@@ -533,6 +549,9 @@ impl Vm {
 
     /// Captures the VM's state (the VM must be stopped at an exit, as it is between calls).
     pub fn capture_state(&mut self, kvm: &Kvm) -> Result<VmState, VmError> {
+        for index in 0..self.vcpus.len() {
+            self.write_pending_tsc(index)?;
+        }
         let vcpus = self
             .vcpus
             .iter_mut()
@@ -636,6 +655,7 @@ impl Vm {
     /// vCPU's registers.
     fn stage(&mut self, vcpu: usize, command: GuestCommand) -> Result<(), VmError> {
         self.check_ready(vcpu)?;
+        self.write_pending_tsc(vcpu)?;
         command.validate(self.ram.size(), self.protected_end)?;
         let target = &mut self.vcpus[vcpu];
         let mut regs = target.regs()?;
@@ -701,11 +721,27 @@ impl Vm {
         )
     }
 
-    /// Restores every vCPU from `state`.
+    /// Restores every vCPU from `state` (which sets each TSC: nothing is left pending).
     fn restore_vcpus(&mut self, state: &VmState) -> Result<(), VmError> {
+        self.pending_tsc.iter_mut().for_each(|pending| *pending = None);
         for (vcpu, vcpu_state) in self.vcpus.iter_mut().zip(&state.vcpus) {
             vcpu.restore(vcpu_state)?;
         }
+        Ok(())
+    }
+
+    /// Writes the TSC [`Vm::start_clocks`] left pending for vCPU `index`, if any: the captured
+    /// value plus the guest ticks since the clocks started.
+    fn write_pending_tsc(&mut self, index: usize) -> Result<(), VmError> {
+        let Some(captured) = self.pending_tsc.get_mut(index).and_then(Option::take) else {
+            return Ok(());
+        };
+        let khz = match self.tsc_khz {
+            Some(khz) => khz,
+            None => *self.tsc_khz.insert(self.vcpus[0].tsc_khz()?),
+        };
+        let ticks = self.clocks_started.elapsed().as_nanos() * u128::from(khz) / 1_000_000;
+        self.vcpus[index].set_tsc(captured.wrapping_add(ticks as u64))?;
         Ok(())
     }
 
@@ -780,6 +816,7 @@ impl Vm {
     /// Resumes vCPU `vcpu` until its next exit (or `deadline`).
     pub fn run_on(&mut self, vcpu: usize, deadline: Option<Duration>) -> Result<GuestExit, VmError> {
         self.check_ready(vcpu)?;
+        self.write_pending_tsc(vcpu)?;
         self.run_vcpus(&[vcpu], deadline)
             .pop()
             .unwrap_or(Err(VmError::NoSuchVcpu {
