@@ -36,6 +36,7 @@ fn main() {
         ("STATUS_OK", u64::from(STATUS_OK)),
         ("STATUS_UNKNOWN_COMMAND", u64::from(STATUS_UNKNOWN_COMMAND)),
         ("CHECKSUM_ROTATE", u64::from(CHECKSUM_ROTATE)),
+        ("MSR_VCPU_ID", u64::from(MSR_VCPU_ID)),
     ];
     let inc: String = constants
         .iter()

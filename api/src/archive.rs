@@ -550,6 +550,13 @@ fn check_state(blob: &StateBlob<VmState>) -> Result<(), ArchiveError> {
     if blob.state.vcpus.is_empty() || blob.state.protected_end > size {
         return invalid("the VM state has no vCPU or protects memory beyond its RAM".into());
     }
+    let most = cowvm_vmm::boot::layout::MAX_VCPUS;
+    if blob.state.vcpus.len() > most {
+        return invalid(format!(
+            "the VM state has {} vCPUs (at most {most})",
+            blob.state.vcpus.len()
+        ));
+    }
     Ok(())
 }
 

@@ -150,6 +150,9 @@ pub struct ServeArgs {
     /// Largest guest RAM per VM, MiB.
     #[arg(long, default_value_t = Limits::default().max_memory_mib)]
     max_memory_mib: u64,
+    /// Most vCPUs per VM (1 up to 32).
+    #[arg(long, default_value_t = Limits::default().max_vcpus)]
+    max_vcpus: usize,
     /// Most live VMs at once.
     #[arg(long, default_value_t = Limits::default().max_vms)]
     max_vms: usize,
@@ -207,6 +210,13 @@ fn cells_config(args: &ServeArgs) -> Result<Option<server::CellsConfig>, CliErro
 /// Runs `cowvm serve` until SIGINT or SIGTERM.
 pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
     init_logging();
+    let most = cowvm_vmm::layout::MAX_VCPUS;
+    if !(1..=most).contains(&args.max_vcpus) {
+        return Err(CliError::Usage(format!(
+            "--max-vcpus must be 1..={most} (got {})",
+            args.max_vcpus
+        )));
+    }
     let config = ServerConfig {
         listen: args.listen,
         state_dir: args.state_dir.clone(),
@@ -214,6 +224,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), CliError> {
         kernel_dir: args.kernel_dir.clone(),
         limits: Limits {
             max_memory_mib: args.max_memory_mib,
+            max_vcpus: args.max_vcpus,
             max_vms: args.max_vms,
             max_clones_per_call: args.max_clones_per_call,
             max_body_bytes: args.max_body_bytes,
@@ -260,6 +271,9 @@ pub enum VmCommand {
         /// Guest RAM in MiB.
         #[arg(long, default_value_t = 256)]
         memory_mib: u64,
+        /// vCPUs (1 up to the server's --max-vcpus).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
         /// MiB the guest fills with data first.
         #[arg(long, default_value_t = 0)]
         warmup_mib: u64,
@@ -299,6 +313,9 @@ pub enum VmCommand {
         /// Value stored (write).
         #[arg(long, default_value_t = 0)]
         value: u64,
+        /// The vCPU that runs it.
+        #[arg(long, default_value_t = 0)]
+        vcpu: u32,
     },
 }
 
@@ -329,12 +346,13 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
     match command {
         VmCommand::Create {
             memory_mib,
+            vcpus,
             warmup_mib,
             kernel,
         } => {
             let body = CreateVm {
                 memory_mib: *memory_mib,
-                vcpus: 1,
+                vcpus: *vcpus,
                 warmup_mib: *warmup_mib,
                 kernel: kernel.clone(),
             };
@@ -368,6 +386,7 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
             count,
             stride,
             value,
+            vcpu,
         } => {
             let body = RunCommand {
                 command: command.clone(),
@@ -375,6 +394,7 @@ pub fn vm(conn: &Connection, command: &VmCommand) -> Result<(), CliError> {
                 count: *count,
                 stride: *stride,
                 value: *value,
+                vcpu: *vcpu,
             };
             let out: RunResult = client.post(&format!("/v1/vms/{id}/run"), &body)?;
             if conn.json {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use cowvm_vmm::host::MemorySnapshot;
+use cowvm_vmm::layout::{DATA_START, PAGE_SIZE};
 
 use crate::cli::{print_template_stats, spawn_percentile, CliError};
 use crate::client::Client;
@@ -114,14 +115,15 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
     let first = clones.first().map(|c| c.id.clone()).unwrap_or_default();
     let read = RunCommand {
         command: "checksum".into(),
-        start_gpa: 8 << 20,
+        start_gpa: DATA_START.0,
         count: 10,
-        stride: 4096,
+        stride: PAGE_SIZE,
         value: 0,
+        vcpu: 0,
     };
     let _: RunResult = client.post(&format!("/v1/vms/{first}/run"), &read)?;
     let targets = ProbeRequest::Range(ProbeRange {
-        start_gpa: 8 << 20,
+        start_gpa: DATA_START.0,
         pages: 10,
         stride: 4096,
     });

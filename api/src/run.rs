@@ -96,6 +96,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, VmError> {
         memory_mib: args.memory_mib,
         kernel: kernel.clone(),
         page_size: args.two_mib_pages.then_some(IdentityPageSize::TwoMib),
+        vcpus: 1,
     };
     let deadline = Duration::from_millis(args.timeout_ms);
     let (mut vm, boot) = Vm::boot(&kvm, &config)?;

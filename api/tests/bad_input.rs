@@ -268,7 +268,7 @@ fn corpus() -> Vec<Case> {
         "POST",
         "/v1/vms".into(),
         JSON,
-        json!({"memory_mib": 16, "vcpus": 2}).to_string().into_bytes(),
+        json!({"memory_mib": 16, "vcpus": 9}).to_string().into_bytes(),
         &["vcpus_out_of_range"],
     );
     add(

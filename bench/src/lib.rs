@@ -12,6 +12,7 @@ mod portable;
 mod probe;
 mod recycle;
 mod spawn;
+mod spawn_vcpus;
 mod stats;
 mod sweeps;
 
@@ -41,7 +42,16 @@ const WARM_MIB: u64 = 16;
 /// costs each clone two VMAs per hole it keeps (docs/architecture.md, *Holes never grow a
 /// template*).
 pub(crate) fn make_template(kvm: &Kvm, memory_mib: u64) -> Result<Arc<Template>, BenchError> {
-    let (mut vm, _) = Vm::boot(kvm, &VmConfig::builtin(memory_mib))?;
+    make_template_with_vcpus(kvm, memory_mib, 1)
+}
+
+/// [`make_template`] with `vcpus` vCPUs (vCPU 0 writes the data).
+pub(crate) fn make_template_with_vcpus(kvm: &Kvm, memory_mib: u64, vcpus: usize) -> Result<Arc<Template>, BenchError> {
+    let config = VmConfig {
+        vcpus,
+        ..VmConfig::builtin(memory_mib)
+    };
+    let (mut vm, _) = Vm::boot(kvm, &config)?;
     let start = GuestAddress(4 << 20);
     let count = (memory_mib.saturating_sub(4).min(WARM_MIB) << 20) / PAGE_SIZE;
     vm.execute(
@@ -227,6 +237,7 @@ fn suite(out: &Path, quick: bool) -> Result<(), BenchError> {
         samples: pick!(100, 5),
         json: None,
         eager_slots: false,
+        vcpus: 1,
     };
     let (spawn_results, samples) = spawn::measure(&spawn_args)?;
     spawn::print_summary(&spawn_results);

@@ -41,6 +41,10 @@ pub struct SpawnArgs {
     /// comparison.
     #[arg(long)]
     pub eager_slots: bool,
+    /// vCPUs per clone. Above 1, only the comparison of 1-vCPU and N-vCPU clones runs (spawn
+    /// percentiles and host memory per clone of each, in one run; see [`measure_vcpus`]).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: usize,
 }
 
 const POOL_FILL_TIMEOUT: Duration = Duration::from_secs(600);
@@ -222,7 +226,7 @@ fn live_fork_pauses(engine: &CloneEngine, memory_mib: u64, dirty: u64) -> Result
     Ok((first.pause_us, second.pause_us))
 }
 
-fn slot_policy(eager: bool) -> SlotPolicy {
+pub(super) fn slot_policy(eager: bool) -> SlotPolicy {
     if eager {
         SlotPolicy::Eager
     } else {
@@ -311,8 +315,9 @@ fn touch_64mib_of_4gib(kvm: &Kvm, runs: usize) -> Result<serde_json::Value, Benc
     )
 }
 
+/// Host memory per live clone, KiB.
 #[derive(Serialize)]
-struct MemoryPerClone {
+pub(super) struct MemoryPerClone {
     user: f64,
     kernel: f64,
     total: f64,
@@ -321,7 +326,7 @@ struct MemoryPerClone {
 }
 
 impl MemoryPerClone {
-    fn of(delta: MemoryDelta, clones: usize) -> Self {
+    pub(super) fn of(delta: MemoryDelta, clones: usize) -> Self {
         let per = |kib: i64| kib as f64 / clones.max(1) as f64;
         MemoryPerClone {
             user: per(delta.private_kib),
@@ -347,6 +352,14 @@ pub struct SpawnSamples {
 
 /// Runs the benchmark: prints the summary and writes `--json`.
 pub fn run(args: &SpawnArgs) -> Result<(), BenchError> {
+    if args.vcpus > 1 {
+        let results = super::spawn_vcpus::measure_vcpus(args)?;
+        super::spawn_vcpus::print_summary(&results);
+        if let Some(path) = &args.json {
+            write_json(path, &results)?;
+        }
+        return Ok(());
+    }
     let (results, _) = measure(args)?;
     print_summary(&results);
     if let Some(path) = &args.json {

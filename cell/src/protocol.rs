@@ -266,6 +266,9 @@ pub struct RunOutput {
     pub extra: u64,
     /// `KVM_RUN` time, nanoseconds.
     pub run_ns: u64,
+    /// The vCPU index the guest reported (identity only). Always encoded: postcard is not
+    /// self-describing, so a skipped field would shift every field after it.
+    pub vcpu: Option<u64>,
 }
 
 impl From<RunOutput> for CommandOutput {
@@ -274,6 +277,7 @@ impl From<RunOutput> for CommandOutput {
             status: out.status,
             result: out.result,
             extra: out.extra,
+            vcpu: out.vcpu,
         }
     }
 }
@@ -379,4 +383,25 @@ pub enum Response {
     StatsFds,
     /// The request failed.
     Error(RemoteError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_a_run_output_with_and_without_a_vcpu_index_round_trips_through_postcard() {
+        for vcpu in [None, Some(3)] {
+            let out = RunOutput {
+                status: 0,
+                result: 7,
+                extra: 9,
+                run_ns: 11,
+                vcpu,
+            };
+            let bytes = postcard::to_allocvec(&out).expect("encode");
+            let back: RunOutput = postcard::from_bytes(&bytes).expect("decode");
+            assert_eq!(back, out);
+        }
+    }
 }

@@ -121,6 +121,7 @@ impl Worker {
                     result: out.result,
                     extra: out.extra,
                     run_ns: took.as_nanos() as u64,
+                    vcpu: out.vcpu,
                 }))
             }
             Request::Reset { vm } => {

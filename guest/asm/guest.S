@@ -4,6 +4,10 @@
  * hardware virtualisation, so each path is a handful of instructions and the loops are one load or
  * one store per element. The guest never uses its stack and never writes memory except where a
  * command tells it to, so a clone that only runs commands that read copies no page.
+ *
+ * Every vCPU enters _start in the same state except for its stack and its GS base, which the VMM
+ * sets to the vCPU's index; each vCPU runs this command loop on its own. Nothing here is shared
+ * between vCPUs but the code, so they need no locks.
  */
     .intel_syntax noprefix
     .include "protocol.inc"
@@ -57,7 +61,12 @@ checksum_qwords:
     jnz 1b
     jmp ok
 
+/* rbx = generation id (r14), rcx = seed (r15), rdx = this vCPU's index, read from its GS base */
 identity:
+    mov ecx, MSR_VCPU_ID
+    rdmsr                       /* edx:eax = GS base */
+    shl rdx, 32
+    or rdx, rax
     mov rbx, r14
     mov rcx, r15
     jmp ok

@@ -47,6 +47,22 @@ pub const TSS_SIZE: u64 = 104;
 /// Initial stack pointer; the stack grows down into the page below the page tables. The built-in
 /// guest never uses it: only an exception frame lands there.
 pub const STACK_TOP: GuestAddress = GuestAddress(0x8ff0);
+/// Stack pages of vCPUs 1 and up, one page each (vCPU 0 keeps [`STACK_TOP`]); vCPU `i` gets
+/// the page at `VCPU_STACKS_START + (i - 1) * 4096`. Like vCPU 0's, they only ever hold exception
+/// frames of the built-in guest.
+pub const VCPU_STACKS_START: GuestAddress = GuestAddress(0x6_0000);
+/// Most vCPUs a VM may have: one stack page each fits below the mailbox.
+pub const MAX_VCPUS: usize = 32;
+
+/// The initial stack pointer of vCPU `index` (`index < MAX_VCPUS`).
+pub const fn stack_top(index: usize) -> GuestAddress {
+    if index == 0 {
+        STACK_TOP
+    } else {
+        GuestAddress(VCPU_STACKS_START.0 + index as u64 * 4096 - 0x10)
+    }
+}
+
 /// Page-map level 4 table.
 pub const PML4_START: GuestAddress = GuestAddress(0x9000);
 /// Page-directory-pointer table (the first 512 GiB).
@@ -103,7 +119,8 @@ const _: () = {
     assert!(TSS_START.0 + TSS_SIZE <= STACK_TOP.0 - 4096);
     assert!(STACK_TOP.0 < PML4_START.0);
     assert!(PML4_START.0 + 4096 <= PDPT_START.0 && PDPT_START.0 + 4096 <= PD_START.0);
-    assert!(PD_START.0 + MAX_PAGE_DIRECTORIES * 4096 <= MAILBOX_START.0);
+    assert!(PD_START.0 + MAX_PAGE_DIRECTORIES * 4096 <= VCPU_STACKS_START.0);
+    assert!(VCPU_STACKS_START.0 + (MAX_VCPUS as u64 - 1) * 4096 <= MAILBOX_START.0);
     assert!(MAILBOX_INPUT.0 + MAILBOX_INPUT_SIZE <= MAILBOX_OUTPUT.0);
     assert!(MAILBOX_OUTPUT.0 + MAILBOX_OUTPUT_SIZE <= KERNEL_START.0);
     assert!(KERNEL_START.0 < DATA_START.0);

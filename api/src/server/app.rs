@@ -17,6 +17,8 @@ use super::model::{TemplateInfo, VmInfo};
 pub struct Limits {
     /// Largest guest RAM per VM, MiB.
     pub max_memory_mib: u64,
+    /// Most vCPUs per VM (1 up to the VMM's `MAX_VCPUS`).
+    pub max_vcpus: usize,
     /// Most VMs at once: booted VMs, clones and warm shells together (shells give way first).
     pub max_vms: usize,
     /// Most clones one call may make.
@@ -37,6 +39,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_memory_mib: 4096,
+            max_vcpus: 8,
             max_vms: 2000,
             max_clones_per_call: 1000,
             max_body_bytes: 64 * 1024,

@@ -576,6 +576,12 @@ async fn run(
     req: RunCommand,
 ) -> Result<Json<RunResult>, ApiError> {
     let command = guest_command(&req)?;
+    if req.vcpu != 0 {
+        return Err(ApiError::out_of_range(
+            "vcpu_out_of_range",
+            format!("VMs in cells run commands on vCPU 0 only (got vcpu {})", req.vcpu),
+        ));
+    }
     vm.usable()?;
     let deadline = app.limits.guest_deadline;
     let out = blocking(&app, move || {
@@ -591,6 +597,7 @@ async fn run(
         status: out.status,
         result: out.result,
         extra: out.extra,
+        vcpu: out.vcpu,
         run_us: out.run_ns as f64 / 1e3,
     }))
 }

@@ -337,7 +337,12 @@ impl From<VmError> for ServiceError {
             VmError::Command(CommandError::Misaligned { .. }) => Self::out_of_range("misaligned", message),
             VmError::Command(_) | VmError::Translate(_) => Self::out_of_range("address_out_of_range", message),
             VmError::Load(load) => Self::out_of_range("bad_kernel", kernel_message(&load)),
-            VmError::GuestStopped(_) => Self::VmFailed(message),
+            VmError::GuestStopped(_) | VmError::Failed(_) => Self::VmFailed(message),
+            VmError::VcpuCount { .. } => Self::out_of_range("vcpus_out_of_range", message),
+            VmError::NoSuchVcpu { .. } | VmError::DuplicateVcpu { .. } => {
+                Self::out_of_range("vcpu_out_of_range", message)
+            }
+            VmError::VcpuThread(io) => Self::host(io.raw_os_error(), message),
             VmError::NotAClone => Self::conflict("not_a_clone", message),
             _ => Self::internal(message),
         }

@@ -19,7 +19,8 @@ pub struct CreateVm {
     #[schema(default = 256)]
     #[serde(deserialize_with = "whole_u64")]
     pub memory_mib: u64,
-    /// vCPUs; cowvm runs one per VM today, so only 1 is accepted.
+    /// vCPUs, 1 up to the server's `--max-vcpus` (default 8). Every vCPU runs the built-in
+    /// guest's command loop; commands name one with `vcpu`.
     #[serde(default = "one")]
     #[schema(default = 1)]
     #[serde(deserialize_with = "whole_u32")]
@@ -206,6 +207,10 @@ pub struct RunCommand {
     #[serde(default)]
     #[serde(deserialize_with = "whole_u64")]
     pub value: u64,
+    /// The vCPU that runs the command (0 up to the VM's `vcpus` - 1; default 0).
+    #[serde(default)]
+    #[serde(deserialize_with = "whole_u32")]
+    pub vcpu: u32,
 }
 
 fn eight() -> u64 {
@@ -221,6 +226,10 @@ pub struct RunResult {
     pub result: u64,
     /// rcx: the seed for `identity`.
     pub extra: u64,
+    /// For `identity`: the index of the vCPU that ran it, as the guest read it from its own
+    /// state (its GS base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u64>,
     /// Microseconds of the `KVM_RUN`.
     pub run_us: f64,
 }

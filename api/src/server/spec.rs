@@ -216,7 +216,14 @@ fn bound_requests(schemas: &mut Map<String, Value>, options: &SpecOptions) {
         }
     };
     bound(schemas, "CreateVm", "memory_mib", 4, limits.max_memory_mib);
-    bound(schemas, "CreateVm", "vcpus", 1, 1);
+    bound(schemas, "CreateVm", "vcpus", 1, limits.max_vcpus as u64);
+    bound(
+        schemas,
+        "RunCommand",
+        "vcpu",
+        0,
+        limits.max_vcpus.saturating_sub(1) as u64,
+    );
     bound(
         schemas,
         "CreateVm",

@@ -104,6 +104,10 @@ pub struct CommandOutput {
     pub result: u64,
     /// rcx: the seed for [`GuestCommand::Identity`].
     pub extra: u64,
+    /// rdx for [`GuestCommand::Identity`]: the index of the vCPU that ran it, as the guest read
+    /// it from its own GS base; `None` for other commands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpu: Option<u64>,
 }
 
 impl GuestCommand {

@@ -67,6 +67,11 @@ pub enum GuestExit {
         /// How long it had been running.
         after_ms: u64,
     },
+    /// The VMM stopped this vCPU because another vCPU of the same VM faulted.
+    Stopped {
+        /// The vCPU whose fault stopped this one.
+        by_vcpu: usize,
+    },
     /// Any other exit reason.
     Other {
         /// KVM's description.
@@ -88,6 +93,7 @@ impl GuestExit {
             GuestExit::FailEntry { .. } => "fail_entry",
             GuestExit::InternalError { .. } => "internal_error",
             GuestExit::DeadlineExceeded { .. } => "deadline_exceeded",
+            GuestExit::Stopped { .. } => "stopped",
             GuestExit::Other { .. } => "other",
         }
     }
@@ -139,6 +145,7 @@ impl fmt::Display for GuestExit {
             GuestExit::FailEntry { reason } => write!(f, "KVM could not enter the guest (reason {reason:#x})"),
             GuestExit::InternalError { suberror } => write!(f, "KVM internal error (suberror {suberror})"),
             GuestExit::DeadlineExceeded { after_ms } => write!(f, "guest still running after {after_ms} ms; stopped"),
+            GuestExit::Stopped { by_vcpu } => write!(f, "stopped because vCPU {by_vcpu} faulted"),
             GuestExit::Other { description } => write!(f, "unexpected exit: {description}"),
         }
     }

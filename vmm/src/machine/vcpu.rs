@@ -1,6 +1,7 @@
 //! One vCPU: creating it, running it to its next exit (with an optional deadline), and capturing
 //! and restoring its complete architectural state.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cowvm_guest::protocol::{PORT_DONE, PORT_EXCEPTION};
@@ -14,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::exit::GuestExit;
 use crate::kvm::{Kvm, KvmError};
 use crate::watchdog::Deadline;
+
+/// The value of a stop flag (see [`Vcpu::run_until`]) while no vCPU has faulted.
+pub const NOT_STOPPED: usize = usize::MAX;
 
 /// A failed vCPU ioctl.
 #[derive(Debug, thiserror::Error)]
@@ -287,7 +291,27 @@ impl Vcpu {
 
     /// Runs the guest until it exits to the VMM, or until `deadline` has passed.
     pub fn run(&mut self, deadline: Option<Duration>) -> Result<GuestExit, VcpuError> {
+        self.run_until(deadline, None)
+    }
+
+    /// Like [`Vcpu::run`], and also returns [`GuestExit::Stopped`] once `stop` holds a vCPU
+    /// index (the vCPU that faulted): it is checked before every entry and whenever `KVM_RUN`
+    /// returns `EINTR`, so whoever sets it must also kick this thread until it has returned
+    /// (see [`crate::watchdog`]).
+    pub fn run_until(
+        &mut self,
+        deadline: Option<Duration>,
+        stop: Option<&AtomicUsize>,
+    ) -> Result<GuestExit, VcpuError> {
         let started = Instant::now();
+        let stopped = || {
+            stop.map(|s| s.load(Ordering::Acquire))
+                .filter(|&by| by != NOT_STOPPED)
+                .map(|by_vcpu| GuestExit::Stopped { by_vcpu })
+        };
+        if let Some(exit) = stopped() {
+            return Ok(exit);
+        }
         let _armed = match deadline {
             Some(limit) => Some(Deadline::arm(limit).map_err(VcpuError::Timer)?),
             None => None,
@@ -299,6 +323,9 @@ impl Vcpu {
                     let elapsed = started.elapsed();
                     if deadline.is_some_and(|limit| elapsed >= limit) {
                         break GuestExit::deadline_exceeded(elapsed);
+                    }
+                    if let Some(exit) = stopped() {
+                        break exit;
                     }
                 }
                 Err(source) => return Err(VcpuError::Ioctl { op: "KVM_RUN", source }),

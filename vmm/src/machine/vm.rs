@@ -1,9 +1,11 @@
-//! A VM: KVM VM fd, one vCPU and its RAM. Boots the guest in long mode, runs guest commands,
-//! captures its state and restores it into a fresh VM on a private view of frozen RAM.
+//! A VM: KVM VM fd, its vCPUs and its RAM. Boots the guest in long mode (every vCPU enters it
+//! directly), runs guest commands on one vCPU or several at once, captures the state of every
+//! vCPU and restores it into a fresh VM on a private view of frozen RAM.
 
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_clock_data;
@@ -16,10 +18,11 @@ use crate::command::{CommandError, CommandOutput, GuestCommand};
 use crate::exit::GuestExit;
 use crate::kvm::{Kvm, KvmError};
 use crate::kvm_stats::{KvmStats, StatsFile};
-use crate::layout::{self, bytes_to_mib, KERNEL_START, MAX_MEMORY, MIN_MEMORY};
+use crate::layout::{self, bytes_to_mib, KERNEL_START, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
 use crate::loader::{self, LoadError, LoadedKernel};
 use crate::memory::{GuestRam, MemoryError, TemplateMemory, PAGE_SIZE};
 use crate::pagemap::PageMap;
+use crate::runner::{lock_slots, Guest};
 use crate::slots::{SlotError, SlotMap, SlotPolicy, SlotStats};
 use crate::translate::{self, GuestTranslation, TranslateError};
 use crate::vcpu::{Vcpu, VcpuError, VcpuState};
@@ -97,6 +100,33 @@ pub enum VmError {
         /// What vm-memory said.
         reason: String,
     },
+    /// A VM must have 1 to [`MAX_VCPUS`] vCPUs.
+    #[error("a VM has 1 to {MAX_VCPUS} vCPUs (asked for {count})")]
+    VcpuCount {
+        /// The number asked for.
+        count: usize,
+    },
+    /// A command named a vCPU the VM does not have.
+    #[error("vCPU {vcpu} does not exist; this VM has {count} (0..{count})")]
+    NoSuchVcpu {
+        /// The index asked for.
+        vcpu: usize,
+        /// How many vCPUs the VM has.
+        count: usize,
+    },
+    /// Two commands of one concurrent run named the same vCPU.
+    #[error("vCPU {vcpu} was given more than one command in one run")]
+    DuplicateVcpu {
+        /// The index named twice.
+        vcpu: usize,
+    },
+    /// A host thread for a vCPU could not be started.
+    #[error("cannot run a vCPU thread: {0}")]
+    VcpuThread(std::io::Error),
+    /// A vCPU of this multi-vCPU VM faulted, and its other vCPUs were stopped wherever they
+    /// were; the VM runs nothing more until it is reset.
+    #[error("vCPU {} faulted ({}); the VM's other vCPUs were stopped and it runs nothing until it is reset", .0.vcpu, .0.exit)]
+    Failed(VcpuFailure),
     /// A state does not fit the memory it is restored onto.
     #[error("state is for {state} bytes of RAM, the frozen memory has {memory}")]
     StateMismatch {
@@ -127,6 +157,18 @@ pub struct VmConfig {
     pub kernel: Kernel,
     /// Leaf size of the identity map; `None` picks 1 GiB where the CPU supports it.
     pub page_size: Option<IdentityPageSize>,
+    /// Number of vCPUs (1 to [`MAX_VCPUS`]); each enters the kernel with its own stack and its
+    /// index in its GS base.
+    pub vcpus: usize,
+}
+
+/// Which vCPU of a multi-vCPU VM faulted, and how.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VcpuFailure {
+    /// The vCPU that faulted first.
+    pub vcpu: usize,
+    /// Its exit.
+    pub exit: GuestExit,
 }
 
 impl VmConfig {
@@ -136,6 +178,7 @@ impl VmConfig {
             memory_mib,
             kernel: Kernel::Builtin,
             page_size: None,
+            vcpus: 1,
         }
     }
 }
@@ -187,16 +230,23 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
 }
 
-/// A KVM VM with one vCPU.
+/// A KVM VM with one or more vCPUs.
 pub struct Vm {
-    // Drop order: the vCPU, then the VM fd (which removes the memslot), then the RAM.
-    vcpu: Vcpu,
+    // Drop order: the vCPUs, then the VM fd (which removes the memslot), then the RAM.
+    vcpus: Vec<Vcpu>,
     vm_fd: VmFd,
     ram: GuestRam,
-    slots: SlotMap,
+    slots: Mutex<SlotMap>,
     protected_end: u64,
     /// When the guest clocks were last set from a state (restore, reset, rehearsal, take).
     clocks_started: Instant,
+    /// The first fault of a vCPU of a multi-vCPU VM, until a reset.
+    failure: Option<VcpuFailure>,
+    /// TSCs captured for vCPUs 1 and up that [`Vm::start_clocks`] left to be written just
+    /// before each of them next runs (see there), by vCPU index.
+    pending_tsc: Vec<Option<u64>>,
+    /// The guest TSC frequency, once read.
+    tsc_khz: Option<u32>,
 }
 
 fn micros(since: Instant) -> f64 {
@@ -261,6 +311,7 @@ impl Vm {
                 memory_mib: config.memory_mib,
             });
         }
+        check_vcpu_count(config.vcpus)?;
         let page_size = config.page_size.unwrap_or(if kvm.supports_1gib_pages() {
             IdentityPageSize::OneGib
         } else {
@@ -294,27 +345,45 @@ impl Vm {
         let boot_structures_us = micros(step);
 
         let step = Instant::now();
-        let mut vcpu = Vcpu::new(kvm, &slotted.vm_fd, 0)?;
-        let mut sregs = vcpu.sregs()?;
-        boot::long_mode_sregs(&mut sregs);
-        vcpu.set_sregs(&sregs)?;
-        vcpu.set_regs(&boot::entry_regs(kernel.entry))?;
-        vcpu.set_fpu(&boot::initial_fpu())?;
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        for index in 0..config.vcpus {
+            let mut vcpu = Vcpu::new(kvm, &slotted.vm_fd, index as u8)?;
+            let mut sregs = vcpu.sregs()?;
+            boot::long_mode_sregs(&mut sregs);
+            boot::set_vcpu_id(&mut sregs, index);
+            vcpu.set_sregs(&sregs)?;
+            vcpu.set_regs(&boot::entry_regs(kernel.entry, index))?;
+            vcpu.set_fpu(&boot::initial_fpu())?;
+            vcpus.push(vcpu);
+        }
         let vcpu_us = micros(step);
 
         let mut vm = Vm {
-            vcpu,
+            vcpus,
             vm_fd: slotted.vm_fd,
             ram: slotted.ram,
-            slots,
+            slots: Mutex::new(slots),
             protected_end: protected_end(&kernel),
             clocks_started: Instant::now(),
+            failure: None,
+            pending_tsc: vec![None; config.vcpus],
+            tsc_khz: None,
         };
         let step = Instant::now();
-        let first_exit = vm.run_guest(Some(deadline))?;
+        // Every vCPU runs to its first exit; the report names vCPU 0's, or the first fault.
+        let all: Vec<usize> = (0..config.vcpus).collect();
+        let mut first_exit = None;
+        for exit in vm.run_vcpus(&all, Some(deadline)) {
+            let exit = exit?;
+            if first_exit.is_none() || (exit.is_fault() && !first_exit.as_ref().is_some_and(GuestExit::is_fault)) {
+                first_exit = Some(exit);
+            }
+        }
+        let first_exit = first_exit.unwrap_or(GuestExit::Other {
+            description: "no vCPU ran".into(),
+        });
         let first_run_us = micros(step);
         let first_exit_us = micros(start);
-        let first_exit = vm.describe(first_exit)?;
         let report = BootReport {
             first_exit,
             first_exit_us,
@@ -365,19 +434,27 @@ impl Vm {
                 template.data_runs().map_err(VmError::PopulatedRuns)?,
             ),
         };
+        check_vcpu_count(state.vcpus.len().max(1))?;
         let (slotted, slots) = Slotted::register(vm_fd, ram, policy, &needed, &data)?;
-        let mut vcpu = Vcpu::new(kvm, &slotted.vm_fd, 0)?;
-        if let Some(vcpu_state) = state.vcpus.first() {
-            vcpu.restore(vcpu_state)?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len().max(1));
+        for index in 0..state.vcpus.len().max(1) {
+            let mut vcpu = Vcpu::new(kvm, &slotted.vm_fd, index as u8)?;
+            if let Some(vcpu_state) = state.vcpus.get(index) {
+                vcpu.restore(vcpu_state)?;
+            }
+            vcpus.push(vcpu);
         }
         set_clock(&slotted.vm_fd, state)?;
         Ok(Vm {
-            vcpu,
+            vcpus,
             vm_fd: slotted.vm_fd,
             ram: slotted.ram,
-            slots,
+            slots: Mutex::new(slots),
             protected_end: state.protected_end,
             clocks_started: Instant::now(),
+            failure: None,
+            pending_tsc: vec![None; state.vcpus.len().max(1)],
+            tsc_khz: None,
         })
     }
 
@@ -392,7 +469,9 @@ impl Vm {
         // An I/O exit left pending (an `in` above all) would be completed at the next entry,
         // after the restore, and overwrite the restored rip and rax: complete it first, and
         // before the scan, since completing it may write guest memory (string I/O, MMIO).
-        self.vcpu.complete_pending_io()?;
+        for vcpu in &mut self.vcpus {
+            vcpu.complete_pending_io()?;
+        }
         let step = Instant::now();
         let runs = self.ram.private_runs(pagemap)?;
         let scan_us = micros(step);
@@ -400,11 +479,10 @@ impl Vm {
         self.ram.discard(&runs)?;
         let discard_us = micros(step);
         let step = Instant::now();
-        if let Some(vcpu_state) = state.vcpus.first() {
-            self.vcpu.restore(vcpu_state)?;
-        }
+        self.restore_vcpus(state)?;
         set_clock(&self.vm_fd, state)?;
         self.clocks_started = Instant::now();
+        self.failure = None;
         let restore_us = micros(step);
         let pages_dropped = runs.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum();
         Ok(ResetSteps {
@@ -423,13 +501,17 @@ impl Vm {
     /// warm shells pay it in the background so that a clone's first run does not.
     pub fn rehearse_first_run(&mut self, state: &VmState, pagemap: &PageMap) -> Result<(), VmError> {
         self.check_ram()?;
-        self.run_guest(Some(REHEARSAL_DEADLINE))?;
-        self.vcpu.complete_pending_io()?;
+        // One vCPU after the other: this runs off the request path, and a fault of one must not
+        // stop the others' rehearsal.
+        let (vcpus, guest) = self.parts();
+        for vcpu in vcpus {
+            guest.run(vcpu, Some(REHEARSAL_DEADLINE), None)?;
+            vcpu.complete_pending_io()?;
+        }
         let runs = self.ram.private_runs(pagemap)?;
         self.ram.discard(&runs)?;
-        if let Some(vcpu_state) = state.vcpus.first() {
-            self.vcpu.restore(vcpu_state)?;
-        }
+        self.restore_vcpus(state)?;
+        self.failure = None;
         set_clock(&self.vm_fd, state)?;
         self.clocks_started = Instant::now();
         Ok(())
@@ -444,10 +526,19 @@ impl Vm {
     /// only if the clocks were last set at least [`TSC_RESYNC_WINDOW`] ago: KVM takes a host
     /// write within that window of the TSC it expects as a resynchronisation and keeps the
     /// running offset, so an earlier write would change nothing.
+    ///
+    /// Only vCPU 0's TSC is written here; the write of each other vCPU's waits until that vCPU
+    /// next runs (or is captured), and then writes the captured value plus the ticks since the
+    /// clocks started. KVM takes such a write, within its window of what it expects from vCPU
+    /// 0's, as a synchronisation and gives the vCPU vCPU 0's offset, so the TSCs agree as if all
+    /// were written now, and a clone's spawn costs one TSC write whatever its vCPU count.
     pub fn start_clocks(&mut self, state: &VmState) -> Result<(), VmError> {
         if self.clocks_started.elapsed() >= TSC_RESYNC_WINDOW {
-            if let Some(tsc) = state.vcpus.first().and_then(VcpuState::tsc) {
-                self.vcpu.set_tsc(tsc)?;
+            for (index, (vcpu, vcpu_state)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
+                match (index, vcpu_state.tsc()) {
+                    (0, Some(tsc)) => vcpu.set_tsc(tsc)?,
+                    (_, tsc) => self.pending_tsc[index] = tsc,
+                }
             }
         }
         set_clock(&self.vm_fd, state)?;
@@ -462,12 +553,19 @@ impl Vm {
 
     /// Captures the VM's state (the VM must be stopped at an exit, as it is between calls).
     pub fn capture_state(&mut self, kvm: &Kvm) -> Result<VmState, VmError> {
-        let vcpu = self.vcpu.capture(kvm)?;
+        for index in 0..self.vcpus.len() {
+            self.write_pending_tsc(index)?;
+        }
+        let vcpus = self
+            .vcpus
+            .iter_mut()
+            .map(|vcpu| vcpu.capture(kvm))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(VmState {
             memory_size: self.ram.size(),
             protected_end: self.protected_end,
             clock: self.vm_fd.get_clock().map_err(vm_ioctl("KVM_GET_CLOCK"))?,
-            vcpus: vec![vcpu],
+            vcpus,
         })
     }
 
@@ -482,10 +580,21 @@ impl Vm {
         Ok((memory, state))
     }
 
-    /// Validates `command`, loads it into the registers, runs the guest and returns its answer.
+    /// Validates `command`, loads it into vCPU 0's registers, runs it and returns its answer.
     /// Any exit other than the guest finishing is an error that names the exit.
     pub fn execute(&mut self, command: GuestCommand, deadline: Option<Duration>) -> Result<CommandOutput, VmError> {
-        self.execute_timed(command, deadline).map(|(output, _)| output)
+        self.execute_on(0, command, deadline)
+    }
+
+    /// [`Vm::execute`] on vCPU `vcpu`, on the calling thread; the other vCPUs stay where they
+    /// stopped.
+    pub fn execute_on(
+        &mut self,
+        vcpu: usize,
+        command: GuestCommand,
+        deadline: Option<Duration>,
+    ) -> Result<CommandOutput, VmError> {
+        self.execute_on_timed(vcpu, command, deadline).map(|(output, _)| output)
     }
 
     /// Like [`Vm::execute`], and also returns how long the `KVM_RUN` itself took (host-timed
@@ -495,35 +604,163 @@ impl Vm {
         command: GuestCommand,
         deadline: Option<Duration>,
     ) -> Result<(CommandOutput, Duration), VmError> {
-        self.check_ram()?;
-        command.validate(self.ram.size(), self.protected_end)?;
-        let mut regs = self.vcpu.regs()?;
-        command.load(&mut regs);
-        self.vcpu.set_regs(&regs)?;
+        self.execute_on_timed(0, command, deadline)
+    }
+
+    /// [`Vm::execute_timed`] on vCPU `vcpu`.
+    pub fn execute_on_timed(
+        &mut self,
+        vcpu: usize,
+        command: GuestCommand,
+        deadline: Option<Duration>,
+    ) -> Result<(CommandOutput, Duration), VmError> {
+        self.stage(vcpu, command)?;
         let started = Instant::now();
-        let exit = self.run_guest(deadline)?;
+        let exit = self
+            .run_vcpus(&[vcpu], deadline)
+            .pop()
+            .unwrap_or(Err(VmError::NoSuchVcpu {
+                vcpu,
+                count: self.vcpus.len(),
+            }))?;
         let took = started.elapsed();
-        match self.describe(exit)? {
+        Ok((self.answer(vcpu, command, exit)?, took))
+    }
+
+    /// Runs one command on each of several vCPUs at once, each vCPU on its own host thread, and
+    /// returns their answers in the order given. The first vCPU that faults (or misses
+    /// `deadline`) stops the others and marks the VM failed (see [`Vm::failure`]). Refused as a
+    /// whole, before anything runs, if a vCPU is named twice or does not exist, or a command is
+    /// invalid.
+    pub fn execute_concurrently(
+        &mut self,
+        commands: &[(usize, GuestCommand)],
+        deadline: Option<Duration>,
+    ) -> Result<Vec<Result<CommandOutput, VmError>>, VmError> {
+        for (i, (vcpu, _)) in commands.iter().enumerate() {
+            if commands[..i].iter().any(|(other, _)| other == vcpu) {
+                return Err(VmError::DuplicateVcpu { vcpu: *vcpu });
+            }
+            self.check_ready(*vcpu)?;
+        }
+        for &(vcpu, command) in commands {
+            self.stage(vcpu, command)?;
+        }
+        let indices: Vec<usize> = commands.iter().map(|(vcpu, _)| *vcpu).collect();
+        let exits = self.run_vcpus(&indices, deadline);
+        Ok(commands
+            .iter()
+            .zip(exits)
+            .map(|(&(vcpu, command), exit)| exit.and_then(|exit| self.answer(vcpu, command, exit)))
+            .collect())
+    }
+
+    /// Checks that vCPU `vcpu` may run a command, validates `command` and loads it into the
+    /// vCPU's registers.
+    fn stage(&mut self, vcpu: usize, command: GuestCommand) -> Result<(), VmError> {
+        self.check_ready(vcpu)?;
+        self.write_pending_tsc(vcpu)?;
+        command.validate(self.ram.size(), self.protected_end)?;
+        let target = &mut self.vcpus[vcpu];
+        let mut regs = target.regs()?;
+        command.load(&mut regs);
+        target.set_regs(&regs)?;
+        Ok(())
+    }
+
+    /// The answer of vCPU `vcpu` to `command`, after it exited with `exit`.
+    fn answer(&mut self, vcpu: usize, command: GuestCommand, exit: GuestExit) -> Result<CommandOutput, VmError> {
+        match exit {
             GuestExit::Done { status } => {
-                let regs = self.vcpu.regs()?;
-                Ok((
-                    CommandOutput {
-                        status,
-                        result: regs.rbx,
-                        extra: regs.rcx,
-                    },
-                    took,
-                ))
+                let regs = self.vcpus[vcpu].regs()?;
+                Ok(CommandOutput {
+                    status,
+                    result: regs.rbx,
+                    extra: regs.rcx,
+                    vcpu: (command == GuestCommand::Identity).then_some(regs.rdx),
+                })
             }
             other => Err(VmError::GuestStopped(other)),
         }
     }
 
+    /// Runs the vCPUs `indices` (checked by the caller) from their current state: one on the
+    /// calling thread, several at once on threads of their own (see [`crate::runner`]). In a VM
+    /// with more than one vCPU, the first fault is recorded as the VM's failure.
+    fn run_vcpus(&mut self, indices: &[usize], deadline: Option<Duration>) -> Vec<Result<GuestExit, VmError>> {
+        let smp = self.vcpus.len() > 1;
+        let (vcpus, guest) = self.parts();
+        let results = match indices {
+            [only] => match vcpus.get_mut(*only) {
+                Some(vcpu) => vec![guest.run(vcpu, deadline, None)],
+                None => vec![Err(VmError::NoSuchVcpu {
+                    vcpu: *only,
+                    count: vcpus.len(),
+                })],
+            },
+            _ => guest.run_concurrently(vcpus, indices, deadline),
+        };
+        if smp && self.failure.is_none() {
+            let first_fault = indices.iter().zip(&results).find_map(|(&vcpu, result)| match result {
+                Ok(exit) if exit.is_fault() && !matches!(exit, GuestExit::Stopped { .. }) => Some(VcpuFailure {
+                    vcpu,
+                    exit: exit.clone(),
+                }),
+                _ => None,
+            });
+            self.failure = first_fault;
+        }
+        results
+    }
+
+    /// The vCPUs, and what they share while they run.
+    fn parts(&mut self) -> (&mut [Vcpu], Guest<'_>) {
+        (
+            &mut self.vcpus,
+            Guest {
+                vm_fd: &self.vm_fd,
+                ram: &self.ram,
+                slots: &self.slots,
+            },
+        )
+    }
+
+    /// Restores every vCPU from `state` (which sets each TSC: nothing is left pending).
+    fn restore_vcpus(&mut self, state: &VmState) -> Result<(), VmError> {
+        self.pending_tsc.iter_mut().for_each(|pending| *pending = None);
+        for (vcpu, vcpu_state) in self.vcpus.iter_mut().zip(&state.vcpus) {
+            vcpu.restore(vcpu_state)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the TSC [`Vm::start_clocks`] left pending for vCPU `index`, if any: the captured
+    /// value plus the guest ticks since the clocks started.
+    fn write_pending_tsc(&mut self, index: usize) -> Result<(), VmError> {
+        let Some(captured) = self.pending_tsc.get_mut(index).and_then(Option::take) else {
+            return Ok(());
+        };
+        let khz = match self.tsc_khz {
+            Some(khz) => khz,
+            None => *self.tsc_khz.insert(self.vcpus[0].tsc_khz()?),
+        };
+        let ticks = self.clocks_started.elapsed().as_nanos() * u128::from(khz) / 1_000_000;
+        self.vcpus[index].set_tsc(captured.wrapping_add(ticks as u64))?;
+        Ok(())
+    }
+
+    /// The first fault of a vCPU of this multi-vCPU VM since it was built or last reset; while
+    /// there is one, the VM runs no command. (A VM with one vCPU keeps no such mark: its next
+    /// command simply reloads its only vCPU.)
+    pub fn failure(&self) -> Option<&VcpuFailure> {
+        self.failure.as_ref()
+    }
+
     /// Translates a guest virtual address with the guest's own page tables (read from guest
-    /// memory, starting at the vCPU's CR3).
+    /// memory, starting at vCPU 0's CR3, which every vCPU of the built-in guest shares).
     pub fn translate(&mut self, gva: u64) -> Result<GuestTranslation, VmError> {
         self.check_ram()?;
-        let sregs = self.vcpu.sregs()?;
+        let sregs = self.vcpus[0].sregs()?;
         Ok(translate::walk(
             self.ram.guest_memory(),
             sregs.cr0,
@@ -533,7 +770,7 @@ impl Vm {
         )?)
     }
 
-    /// KVM's binary statistics of the VM and its vCPU, now.
+    /// KVM's binary statistics of the VM and of each of its vCPUs, now.
     pub fn kvm_stats(&self) -> Result<KvmStats, VmError> {
         let read = |fd: &dyn AsRawFd| {
             struct Fd(i32);
@@ -545,16 +782,29 @@ impl Vm {
             StatsFile::open(&Fd(fd.as_raw_fd()))?.read()
         };
         let vm = read(&self.vm_fd).map_err(VmError::Stats)?;
-        let vcpu = read(self.vcpu.fd()).map_err(VmError::Stats)?;
-        Ok(KvmStats { vm, vcpus: vec![vcpu] })
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|vcpu| read(vcpu.fd()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VmError::Stats)?;
+        Ok(KvmStats { vm, vcpus })
     }
 
-    /// New binary-stats fds of the VM and of its vCPU (`KVM_GET_STATS_FD`), e.g. to hand to
+    /// New binary-stats fds of the VM and of its vCPU 0 (`KVM_GET_STATS_FD`), e.g. to hand to
     /// another process that reads the statistics with [`StatsFile::from_file`].
     pub fn stats_fds(&self) -> Result<(std::fs::File, std::fs::File), VmError> {
         let vm = crate::kvm_stats::stats_fd(&self.vm_fd).map_err(VmError::Stats)?;
-        let vcpu = crate::kvm_stats::stats_fd(self.vcpu.fd()).map_err(VmError::Stats)?;
+        let vcpu = crate::kvm_stats::stats_fd(self.vcpus[0].fd()).map_err(VmError::Stats)?;
         Ok((vm, vcpu))
+    }
+
+    /// New binary-stats fds of every vCPU, in vCPU order.
+    pub fn vcpu_stats_fds(&self) -> Result<Vec<std::fs::File>, VmError> {
+        self.vcpus
+            .iter()
+            .map(|vcpu| crate::kvm_stats::stats_fd(vcpu.fd()).map_err(VmError::Stats))
+            .collect()
     }
 
     /// The end of low memory that guest commands may not write (VMM structures and kernel).
@@ -562,19 +812,33 @@ impl Vm {
         self.protected_end
     }
 
-    /// Resumes the guest until its next exit (or `deadline`).
+    /// Resumes vCPU 0 until its next exit (or `deadline`).
     pub fn run(&mut self, deadline: Option<Duration>) -> Result<GuestExit, VmError> {
-        self.check_ram()?;
-        let exit = self.run_guest(deadline)?;
-        self.describe(exit)
+        self.run_on(0, deadline)
     }
 
-    /// Hands the guest its identity for the next resume: generation id in r14, seed in r15.
+    /// Resumes vCPU `vcpu` until its next exit (or `deadline`).
+    pub fn run_on(&mut self, vcpu: usize, deadline: Option<Duration>) -> Result<GuestExit, VmError> {
+        self.check_ready(vcpu)?;
+        self.write_pending_tsc(vcpu)?;
+        self.run_vcpus(&[vcpu], deadline)
+            .pop()
+            .unwrap_or(Err(VmError::NoSuchVcpu {
+                vcpu,
+                count: self.vcpus.len(),
+            }))
+    }
+
+    /// Hands the guest its identity for the next resume of every vCPU: generation id in r14,
+    /// seed in r15.
     pub fn set_identity(&mut self, generation: u64, seed: u64) -> Result<(), VmError> {
-        let mut regs = self.vcpu.regs()?;
-        regs.r14 = generation;
-        regs.r15 = seed;
-        Ok(self.vcpu.set_regs(&regs)?)
+        for vcpu in &mut self.vcpus {
+            let mut regs = vcpu.regs()?;
+            regs.r14 = generation;
+            regs.r15 = seed;
+            vcpu.set_regs(&regs)?;
+        }
+        Ok(())
     }
 
     /// The VM's RAM.
@@ -584,94 +848,37 @@ impl Vm {
 
     /// The VM's memory slots now: how many, what they cover, how many accesses the VMM completed.
     pub fn slot_stats(&self) -> SlotStats {
-        self.slots.stats()
+        lock_slots(&self.slots).stats()
     }
 
     /// Why this VM's lazy slots fell back to one eager slot, if they did.
     pub fn slot_fallback(&self) -> Option<&'static str> {
-        self.slots.fallback()
+        lock_slots(&self.slots).fallback()
     }
 
-    /// Runs the vCPU until an exit the VMM does not handle itself, or `deadline`. A guest access
-    /// to RAM that has no memory slot yet (lazy slots) exits as MMIO: it is completed here from
-    /// the host mapping, the chunk gets a slot, and the guest goes on.
-    fn run_guest(&mut self, deadline: Option<Duration>) -> Result<GuestExit, VmError> {
-        let started = Instant::now();
-        loop {
-            let left = deadline.map(|limit| limit.saturating_sub(started.elapsed()));
-            let exit = self.vcpu.run(left)?;
-            let handled = match exit {
-                GuestExit::Mmio { .. } => self.complete_ram_access()?,
-                GuestExit::InternalError { .. } => self.slot_for_code()?,
-                _ => false,
-            };
-            if !handled {
-                return Ok(exit);
-            }
-            if deadline.is_some_and(|limit| started.elapsed() >= limit) {
-                // The access is completed (KVM finishes the instruction at the next entry).
-                return Ok(GuestExit::deadline_exceeded(started.elapsed()));
-            }
-        }
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
     }
 
-    /// Completes the MMIO exit the vCPU just made if it is an access to RAM without a slot:
-    /// a read gets the bytes from the host mapping, a write stores them there (so the host
-    /// copies the page on write, as it would for a write through a slot), and the chunk gets a
-    /// slot. Returns false (leaving the exit to the caller) for addresses that are not RAM.
-    fn complete_ram_access(&mut self) -> Result<bool, VmError> {
-        let (gpa, write, data) = self.vcpu.mmio_access();
-        let len = data.len();
-        if !self.slots.serves(gpa, len as u64) {
-            return Ok(false);
-        }
-        let memory = self.ram.guest_memory();
-        let done = if write {
-            memory.write_slice(data, GuestAddress(gpa))
-        } else {
-            memory.read_slice(data, GuestAddress(gpa))
-        };
-        done.map_err(|e| VmError::LazyAccess {
-            gpa,
-            len,
-            reason: e.to_string(),
-        })?;
-        // SAFETY: the slot points into `self.ram`'s live mapping, which `Vm`'s field order keeps
-        // alive until after the VM fd (and with it every slot) is gone.
-        unsafe { self.slots.fill(&self.vm_fd, gpa, len as u64) }?;
-        Ok(true)
-    }
-
-    /// After an emulation failure: if the instruction lies in a chunk of RAM without a slot (a
-    /// fetch KVM cannot send to the VMM as MMIO), gives that chunk a slot so the guest can retry
-    /// the instruction. Returns false if there was nothing to add.
-    fn slot_for_code(&mut self) -> Result<bool, VmError> {
-        let regs = self.vcpu.regs()?;
-        let sregs = self.vcpu.sregs()?;
-        let mem = self.ram.guest_memory();
-        let Ok(t) = translate::walk(mem, sregs.cr0, sregs.cr3, sregs.efer, regs.rip) else {
-            return Ok(false);
-        };
-        // An instruction is at most 15 bytes and may run into the next chunk.
-        let mut added = false;
-        for gpa in [t.gpa, t.gpa.saturating_add(14)] {
-            if self.slots.serves(gpa, 1) && !self.slots.has_slot(gpa) {
-                // SAFETY: as in `complete_ram_access`.
-                unsafe { self.slots.fill(&self.vm_fd, gpa, 1) }?;
-                added = true;
-            }
-        }
-        Ok(added)
-    }
-
-    /// The vCPU.
+    /// vCPU 0.
     pub fn vcpu(&self) -> &Vcpu {
-        &self.vcpu
+        &self.vcpus[0]
     }
 
-    /// The vCPU, mutably (its register cache changes on reads).
+    /// vCPU 0, mutably (its register cache changes on reads).
     pub fn vcpu_mut(&mut self) -> &mut Vcpu {
-        &mut self.vcpu
+        &mut self.vcpus[0]
+    }
+
+    /// vCPU `index`, if the VM has it.
+    pub fn vcpu_at(&self, index: usize) -> Option<&Vcpu> {
+        self.vcpus.get(index)
+    }
+
+    /// vCPU `index`, mutably, if the VM has it.
+    pub fn vcpu_at_mut(&mut self, index: usize) -> Option<&mut Vcpu> {
+        self.vcpus.get_mut(index)
     }
 
     /// Reads a qword of guest RAM from the host side.
@@ -695,25 +902,29 @@ impl Vm {
         Ok(())
     }
 
-    /// Fills in an exception report from the exception frame on the guest stack.
-    fn describe(&mut self, exit: GuestExit) -> Result<GuestExit, VmError> {
-        let GuestExit::Exception { vector, .. } = exit else {
-            return Ok(exit);
-        };
-        let regs = self.vcpu.regs()?;
-        let sregs = self.vcpu.sregs()?;
-        let read = |addr: u64| self.ram.guest_memory().read_obj::<u64>(GuestAddress(addr)).ok();
-        let (error_code, rip) = if boot::idt::has_error_code(vector) {
-            (read(regs.rsp), read(regs.rsp.wrapping_add(8)))
-        } else {
-            (None, read(regs.rsp))
-        };
-        Ok(GuestExit::Exception {
-            vector,
-            rip: rip.unwrap_or(0),
-            error_code,
-            cr2: sregs.cr2,
-        })
+    /// Checks that vCPU `vcpu` exists and may run: RAM intact, and no vCPU of this multi-vCPU
+    /// VM has faulted since the last reset.
+    fn check_ready(&self, vcpu: usize) -> Result<(), VmError> {
+        self.check_ram()?;
+        if vcpu >= self.vcpus.len() {
+            return Err(VmError::NoSuchVcpu {
+                vcpu,
+                count: self.vcpus.len(),
+            });
+        }
+        match &self.failure {
+            Some(failure) => Err(VmError::Failed(failure.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Checks a vCPU count against [`MAX_VCPUS`].
+fn check_vcpu_count(count: usize) -> Result<(), VmError> {
+    if (1..=MAX_VCPUS).contains(&count) {
+        Ok(())
+    } else {
+        Err(VmError::VcpuCount { count })
     }
 }
 

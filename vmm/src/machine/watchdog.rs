@@ -28,6 +28,26 @@ fn install_handler() -> io::Result<()> {
     result
 }
 
+/// The calling thread's id, for [`kick`].
+pub(crate) fn thread_id() -> libc::pid_t {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Sends the kick signal to thread `tid` of this process, so that a `KVM_RUN` it is in returns
+/// `EINTR`. A signal that lands just before the thread enters the guest is lost: callers repeat
+/// the kick until the thread has stopped.
+pub(crate) fn kick(tid: libc::pid_t) -> io::Result<()> {
+    install_handler()?;
+    // SAFETY: tgkill takes plain integers; a thread that has already exited makes it fail with
+    // ESRCH, which is harmless here.
+    let sent = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, kick_signal()) };
+    if sent != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A timer that signals the thread that created it.
 struct ThreadTimer(libc::timer_t);
 

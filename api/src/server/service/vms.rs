@@ -57,10 +57,10 @@ fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
 /// Checks a `POST /v1/vms` request against the server's limits; answers the kernel to boot.
 fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ApiError> {
     let limits = &app.limits;
-    if req.vcpus != 1 {
+    if !(1..=limits.max_vcpus).contains(&(req.vcpus as usize)) {
         return Err(ApiError::out_of_range(
             "vcpus_out_of_range",
-            format!("vcpus must be 1 (got {})", req.vcpus),
+            format!("vcpus must be 1..={} (got {})", limits.max_vcpus, req.vcpus),
         ));
     }
     if !(4..=limits.max_memory_mib).contains(&req.memory_mib) {
@@ -103,6 +103,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError
             memory_mib: req.memory_mib,
             kernel,
             page_size: None,
+            vcpus: req.vcpus as usize,
         };
         let deadline = service.limits.guest_deadline;
         let (mut vm, report) = Vm::boot_with_deadline(service.engine.kvm(), &config, deadline)?;
@@ -309,17 +310,24 @@ pub async fn vm_stats(app: &Arc<App>, id: &str) -> Result<VmStats, ApiError> {
     .await
 }
 
-/// Runs a command in the built-in guest.
+/// Runs a command in the built-in guest, on the vCPU the request names.
 pub async fn run_command(app: &Arc<App>, id: &str, req: RunCommand) -> Result<RunResult, ApiError> {
     let command = crate::server::cells::guest_command(&req)?;
+    let vcpu = req.vcpu as usize;
     on_vm(app, id, move |app, _, machine, _| {
-        let (out, took) = machine
-            .vm_mut()
-            .execute_timed(command, Some(app.limits.guest_deadline))?;
+        let vm = machine.vm_mut();
+        if vcpu >= vm.vcpu_count() {
+            return Err(ApiError::out_of_range(
+                "vcpu_out_of_range",
+                format!("vcpu must be 0..{} for this VM (got {vcpu})", vm.vcpu_count()),
+            ));
+        }
+        let (out, took) = vm.execute_on_timed(vcpu, command, Some(app.limits.guest_deadline))?;
         Ok(RunResult {
             status: out.status,
             result: out.result,
             extra: out.extra,
+            vcpu: out.vcpu,
             run_us: took.as_secs_f64() * 1e6,
         })
     })

@@ -122,12 +122,19 @@ pub fn long_mode_sregs(sregs: &mut kvm_sregs) {
     sregs.efer = EFER_LONG_MODE;
 }
 
-/// General registers at entry: `rip = entry`, the VMM's stack, interrupts off.
-pub fn entry_regs(entry: GuestAddress) -> kvm_regs {
+/// Gives vCPU `index` its identity in `sregs`: GS base = `index`, which the guest reads with
+/// `rdmsr` of `IA32_GS_BASE` (see the guest protocol's `MSR_VCPU_ID`).
+pub fn set_vcpu_id(sregs: &mut kvm_sregs, index: usize) {
+    sregs.gs.base = index as u64;
+}
+
+/// General registers at entry of vCPU `index`: `rip = entry`, its own stack, interrupts off.
+pub fn entry_regs(entry: GuestAddress, index: usize) -> kvm_regs {
+    let stack = stack_top(index).0;
     kvm_regs {
         rip: entry.0,
-        rsp: STACK_TOP.0,
-        rbp: STACK_TOP.0,
+        rsp: stack,
+        rbp: stack,
         rflags: RFLAGS_RESERVED,
         ..Default::default()
     }

@@ -11,7 +11,9 @@
 //!   overlay's runs.
 //!
 //! The memory checksum (format version 2) covers the logical content page by page, see
-//! [`checksum`]; version-1 files are still read and verified by their own rule.
+//! [`checksum`]; version-1 files are still read and verified by their own rule. Format version 3
+//! may hold more than one vCPU in the VM state (up to [`MAX_VCPUS`]); versions 1 and 2 hold
+//! exactly one, and a file of those versions claiming more is refused.
 //!
 //! The state file is the commit point: it is renamed into place last, and a memory file is never
 //! overwritten (each save gets a fresh nonce), so a crash at any moment leaves the old template
@@ -35,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{MAX_MEMORY, MIN_MEMORY};
+use crate::layout::{MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
 use crate::memory::{FrozenMemory, MemoryError, TemplateMemory, MAX_TEMPLATE_RUNS, PAGE_SIZE};
 use crate::template::Template;
 use crate::vm::VmState;
@@ -46,7 +48,7 @@ pub use scan::{load_all, Startup};
 /// First bytes of every state file.
 pub const MAGIC: &[u8; 8] = b"COWVMTPL";
 /// The state-file format this cowvm writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format this cowvm still reads (version 1: memory checksum over data extents).
 pub const OLDEST_VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8;
@@ -446,6 +448,12 @@ fn validate(path: &Path, id: &str, version: u32, payload: &Payload<VmState>) -> 
     }
     if payload.state.vcpus.is_empty() || payload.state.protected_end > size {
         return fail("the VM state has no vCPU or protects memory beyond its RAM".into());
+    }
+    let vcpus = payload.state.vcpus.len();
+    if vcpus > MAX_VCPUS || (version < 3 && vcpus != 1) {
+        return fail(format!(
+            "{vcpus} vCPUs in a version-{version} file (version 3 allows 1..={MAX_VCPUS}, earlier versions 1)"
+        ));
     }
     if let Some(parent) = &payload.parent {
         if version < 2 {
