@@ -545,6 +545,20 @@ fn test_openapi_tells_the_truth_statuses_bounds_security_and_unsigned_integers()
         "no u64 left declared int64: {unsigned_declared_signed:?}"
     );
     assert_eq!(field("KvmDeltas", "exits")["format"], "int64", "deltas are signed");
+    // The VMM's own report types describe themselves in place: a local reset's steps are an
+    // object of the oneOf (not a nested oneOf), KVM statistics are maps of `Stat` by name.
+    let local_reset = &schemas["ResetSteps"]["oneOf"][0];
+    assert_eq!(local_reset["type"], "object", "{local_reset}");
+    assert_eq!(local_reset["properties"]["pages_dropped"]["format"], "uint64");
+    assert_eq!(
+        schemas["ResetSteps"]["oneOf"][1]["properties"]["in_cell_us"]["type"],
+        "number"
+    );
+    let stat = json!({"$ref": "#/components/schemas/Stat"});
+    assert_eq!(field("KvmStats", "vm")["additionalProperties"], stat);
+    assert_eq!(field("KvmStats", "vcpus")["items"]["additionalProperties"], stat);
+    assert_eq!(field("Stat", "kind")["type"], "string");
+    assert_eq!(field("PageProbe", "before_kind")["type"], "string");
 
     // A server started with other limits describes those, and without a token asks for none.
     let (server, c) = start(small());

@@ -100,7 +100,8 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 }
 
 /// smaps figures summed over the mappings inside one address range, in KiB.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct SmapsFigures {
     /// Mappings (VMAs) in the range.
     pub vmas: u64,

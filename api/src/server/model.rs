@@ -6,7 +6,8 @@ use utoipa::ToSchema;
 pub use super::call::{CallRequest, CallResult};
 pub use super::export::TemplateImported;
 pub use super::reports::{
-    KvmDeltas, KvmStats, Micros, PageProbe, PageState, ProbeReport, ResetSteps, SmapsFigures, Stat, StatValue,
+    CopiedPage, KvmDeltas, KvmStats, Micros, PageCounts, PageProbe, PageState, ProbeReport, ResetSteps, SmapsFigures,
+    SpecialPages, Stat, StatValue,
 };
 use whole::{whole_u32, whole_u64, whole_u64_list};
 
@@ -281,49 +282,6 @@ pub struct WarmStatus {
     pub warm_shells: usize,
 }
 
-/// Page counts of one VM (`GET /v1/vms/{id}/stats`, in pages or bytes): `template_backed`,
-/// `private`, `zero` and `untouched` split `total`; `shared` overlaps them.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-pub struct PageCounts {
-    /// Guest RAM.
-    pub total: u64,
-    /// Mapped in the host (`PAGEMAP_SCAN`): `template_backed + private + zero`.
-    pub present: u64,
-    /// Maps a frame of the VM's template memory (pagemap file bit).
-    pub template_backed: u64,
-    /// The frame has at least one other mapping (kpagecount ≥ 2; the zero page excluded).
-    pub shared: u64,
-    /// The VM's own: anonymous copies, or a never-snapshotted VM's own memory.
-    pub private: u64,
-    /// Maps the host's shared zero page (kpageflags `ZERO_PAGE`): reads of template holes.
-    pub zero: u64,
-    /// Not present.
-    pub untouched: u64,
-}
-
-impl From<cowvm_vmm::stats::PageCounts> for PageCounts {
-    fn from(p: cowvm_vmm::stats::PageCounts) -> Self {
-        PageCounts {
-            total: p.total,
-            present: p.present,
-            template_backed: p.template_backed,
-            shared: p.shared,
-            private: p.private,
-            zero: p.zero,
-            untouched: p.untouched,
-        }
-    }
-}
-
-/// Present pages of special kinds (kpageflags).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-pub struct SpecialPages {
-    /// On huge pages.
-    pub thp: u64,
-    /// The shared zero page (the same as `pages.zero`).
-    pub zero_page: u64,
-}
-
 /// `GET /v1/vms/{id}/stats`: a VM's sharing, read from the host kernel.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmStats {
@@ -350,29 +308,15 @@ impl VmStats {
     pub fn new(id: String, sharing: cowvm_vmm::stats::VmSharing) -> Self {
         VmStats {
             id,
-            pages: sharing.pages.into(),
-            bytes: sharing.bytes.into(),
+            pages: sharing.pages,
+            bytes: sharing.bytes,
             kpagecount_histogram: sharing.kpagecount_histogram,
-            special_pages: SpecialPages {
-                thp: sharing.special_pages.thp,
-                zero_page: sharing.special_pages.zero_page,
-            },
-            smaps: sharing.smaps.into(),
-            kvm: sharing.kvm.into(),
+            special_pages: sharing.special_pages,
+            smaps: sharing.smaps,
+            kvm: sharing.kvm,
             scan_us: sharing.scan_us,
         }
     }
-}
-
-/// A template page some clones have copied.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
-pub struct CopiedPage {
-    /// Guest physical address.
-    pub gpa: u64,
-    /// Live clones holding a private copy.
-    pub clones_copied: usize,
-    /// Live clones mapping the template's frame there now.
-    pub clones_mapping: usize,
 }
 
 /// `GET /v1/templates/{id}/stats`: sharing over a template's live clones, read from the host
@@ -433,15 +377,7 @@ impl TemplateStats {
             saved_bytes: s.saved_bytes,
             full_copy_bytes: s.full_copy_bytes,
             own_bytes: s.own_bytes,
-            copied_pages: s
-                .copied_pages
-                .iter()
-                .map(|c| CopiedPage {
-                    gpa: c.gpa,
-                    clones_copied: c.clones_copied,
-                    clones_mapping: c.clones_mapping,
-                })
-                .collect(),
+            copied_pages: s.copied_pages,
             copied_pages_truncated: s.copied_pages_truncated,
             scan_us: s.scan_us,
         }

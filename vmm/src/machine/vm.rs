@@ -937,7 +937,8 @@ pub const TSC_RESYNC_WINDOW: Duration = Duration::from_secs(1);
 const REHEARSAL_DEADLINE: Duration = Duration::from_millis(100);
 
 /// Where the time of a reset went.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct ResetSteps {
     /// Private pages dropped.
     pub pages_dropped: u64,

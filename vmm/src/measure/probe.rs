@@ -2,9 +2,10 @@
 //! kernel reports what changed (frame, kpagecount, flags) and the VMM times that page's own
 //! copy-on-write fault. Around the probe: KVM's own counters; beside it, a host-only COW baseline.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::command::GuestCommand;
@@ -90,7 +91,8 @@ impl ProbeTargets {
 }
 
 /// One page as the kernel sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct PageState {
     /// Mapped in the host.
     pub present: bool,
@@ -130,7 +132,8 @@ impl PageState {
 }
 
 /// What one page went through.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct PageProbe {
     /// Guest virtual address written.
     pub gva: u64,
@@ -144,7 +147,7 @@ pub struct PageProbe {
     pub after: PageState,
     /// Before the write: `template` (mapped to the template's frame), `zero` (a read hole: the
     /// shared zero page), `untouched` (not mapped yet) or `private` (already a copy).
-    pub before_kind: &'static str,
+    pub before_kind: Cow<'static, str>,
     /// Before the write the page mapped the template's frame (present file page, not the zero
     /// page).
     pub shared_before: bool,
@@ -158,8 +161,9 @@ pub struct PageProbe {
     pub write_fault_us: f64,
 }
 
-/// Changes of KVM's own counters over the probe (`None` where KVM does not publish one).
-#[derive(Debug, Clone, Copy, Serialize)]
+/// Changes of KVM's own counters over the probe (`None`, null in JSON, where KVM does not publish one).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct KvmDeltas {
     /// vCPU page faults taken.
     pub pf_taken: Option<i64>,
@@ -176,7 +180,8 @@ pub struct KvmDeltas {
 }
 
 /// Median and 99th percentile, microseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct Micros {
     /// Median.
     pub p50: f64,
@@ -196,7 +201,8 @@ impl Micros {
 }
 
 /// The result of a write probe.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct ProbeReport {
     /// Each page, in the order written.
     pub pages: Vec<PageProbe>,
@@ -333,12 +339,12 @@ pub fn write_probe(
             hva: base + t.gpa,
             before: *b,
             after: *a,
-            before_kind: match (b.present, b.zero_page, b.file_or_shmem) {
+            before_kind: Cow::Borrowed(match (b.present, b.zero_page, b.file_or_shmem) {
                 (false, _, _) => "untouched",
                 (true, true, _) => "zero",
                 (true, false, true) => "template",
                 (true, false, false) => "private",
-            },
+            }),
             shared_before: b.present && b.file_or_shmem && !b.zero_page,
             private_after: a.present && a.anon && a.exclusive,
             first_write_us: *first,

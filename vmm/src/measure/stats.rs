@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::host::{smaps_for_range, SmapsFigures};
 use crate::kpage::{KPageError, KPages};
@@ -70,7 +70,8 @@ impl HostView {
 
 /// Page counts of one VM's RAM. `template_backed`, `private`, `zero` and `untouched` split
 /// `total`; `shared` counts the present pages whose frame has other mappings too.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct PageCounts {
     /// Pages of guest RAM.
     pub total: u64,
@@ -114,7 +115,8 @@ pub struct VmSharing {
 }
 
 /// Present pages of special kinds (from kpageflags).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct SpecialPages {
     /// Mapped by a huge page.
     pub thp: u64,
@@ -287,7 +289,8 @@ fn tally(host: &HostView, ranges: &[std::ops::Range<u64>], from_template: bool) 
 }
 
 /// A template page that some clones have copied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct CopiedPage {
     /// Guest physical address of the page.
     pub gpa: u64,

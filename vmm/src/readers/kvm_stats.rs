@@ -1,6 +1,7 @@
 //! KVM's binary statistics (`KVM_GET_STATS_FD`, KVM API doc 4.133): every counter the VM or vCPU
 //! exposes, with names and types taken from the descriptors KVM publishes, not hard-coded.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
@@ -12,7 +13,7 @@ use kvm_bindings::{
     KVM_STATS_TYPE_MASK, KVM_STATS_TYPE_PEAK, KVM_STATS_UNIT_BOOLEAN, KVM_STATS_UNIT_BYTES, KVM_STATS_UNIT_CYCLES,
     KVM_STATS_UNIT_MASK, KVM_STATS_UNIT_SECONDS,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 mod ioctls {
     #![allow(missing_docs)]
@@ -26,7 +27,8 @@ const HEADER_SIZE: usize = 24;
 const DESC_FIXED_SIZE: usize = 16;
 
 /// One statistic's value: a counter, or the buckets of a histogram.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum StatValue {
     /// A single number.
@@ -46,12 +48,13 @@ impl StatValue {
 }
 
 /// A statistic as published: its value plus how KVM describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct Stat {
     /// `cumulative`, `instant`, `peak`, `linear_hist` or `log_hist`.
-    pub kind: &'static str,
+    pub kind: Cow<'static, str>,
     /// `none`, `bytes`, `seconds`, `cycles` or `boolean`.
-    pub unit: &'static str,
+    pub unit: Cow<'static, str>,
     /// Power-of-ten or power-of-two exponent of the unit.
     pub exponent: i16,
     /// The value.
@@ -182,8 +185,8 @@ impl StatsFile {
                 (
                     d.name.clone(),
                     Stat {
-                        kind: d.kind,
-                        unit: d.unit,
+                        kind: Cow::Borrowed(d.kind),
+                        unit: Cow::Borrowed(d.unit),
                         exponent: d.exponent,
                         value,
                     },
@@ -194,11 +197,14 @@ impl StatsFile {
 }
 
 /// The statistics of a VM and of each of its vCPUs at one moment.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct KvmStats {
     /// VM-wide statistics.
+    #[cfg_attr(feature = "schema", schema(value_type = BTreeMap<String, Stat>))]
     pub vm: Stats,
     /// Per-vCPU statistics.
+    #[cfg_attr(feature = "schema", schema(value_type = Vec<BTreeMap<String, Stat>>))]
     pub vcpus: Vec<Stats>,
 }
 

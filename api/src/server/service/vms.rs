@@ -296,7 +296,7 @@ pub async fn probe_write(app: &Arc<App>, id: &str, req: ProbeRequest) -> Result<
         if let Some(scratch) = scratch {
             app.engine.drop_later(scratch);
         }
-        Ok(ProbeReport::from(report?))
+        report.map_err(ApiError::from)
     })
     .await
 }
