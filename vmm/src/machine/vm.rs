@@ -944,11 +944,12 @@ pub struct ResetSteps {
     pub pages_dropped: u64,
     /// Runs (contiguous ranges) they formed.
     pub runs: usize,
-    /// Finding them with `PAGEMAP_SCAN`.
+    /// Microseconds finding them with `PAGEMAP_SCAN`.
     pub scan_us: f64,
-    /// `MADV_DONTNEED` on the runs (the host frees the pages; KVM drops its mappings).
+    /// Microseconds of `MADV_DONTNEED` on the runs (the host frees the pages; KVM drops its
+    /// mappings).
     pub discard_us: f64,
-    /// vCPU state and clock restore.
+    /// Microseconds restoring every vCPU's state and the clocks.
     pub restore_us: f64,
 }
 
