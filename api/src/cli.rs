@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use cowvm_vmm::layout::as_mib_f64;
 use serde::Serialize;
 
 use crate::client::{Client, ClientError, DEFAULT_URL};
@@ -604,7 +605,7 @@ pub fn stats(conn: &Connection, vm: Option<&str>, template: Option<&str>) -> Res
 
 /// Prints a template's sharing summary.
 pub fn print_template_stats(stats: &TemplateStats) {
-    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let mib = as_mib_f64;
     println!(
         "{}: {} clones (+{} warm shells); the template holds {} populated pages of {}; {} mapped by every clone",
         stats.id, stats.clones, stats.warm_shells, stats.populated_pages, stats.pages, stats.pages_shared_by_all,
@@ -753,7 +754,7 @@ pub fn template(conn: &Connection, command: &TemplateCommand) -> Result<(), CliE
                     file.display(),
                     imported.template_id,
                     imported.memory_mib,
-                    imported.populated_bytes as f64 / f64::from(1 << 20)
+                    as_mib_f64(imported.populated_bytes)
                 );
             }
         }
@@ -814,7 +815,7 @@ fn export_template(conn: &Connection, client: &Client, id: &str, output: &std::p
         println!(
             "exported {id} to {} ({:.1} MiB in {seconds:.2} s)",
             output.display(),
-            written as f64 / f64::from(1 << 20)
+            as_mib_f64(written)
         );
     }
     Ok(())

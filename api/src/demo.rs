@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use cowvm_vmm::host::MemorySnapshot;
-use cowvm_vmm::layout::{DATA_START, PAGE_SIZE};
+use cowvm_vmm::layout::{as_mib_f64, DATA_START, PAGE_SIZE};
 
 use crate::cli::{print_template_stats, spawn_percentile, CliError};
 use crate::client::Client;
@@ -149,7 +149,7 @@ pub fn run(args: &DemoArgs) -> Result<(), CliError> {
         vm_stats.smaps.vmas,
         vm_stats.smaps.anonymous_kib
     );
-    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let mib = as_mib_f64;
     let closing = format!(
         "{} clones share the template's frames: {:.1} MiB saved (bytes they map beyond one copy of each frame; the template holds {:.1} MiB). The naive baseline of {} full {} MiB copies would be {:.1} MiB; that is not a saving we claim.",
         stats.clones,

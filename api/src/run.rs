@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use cowvm_vmm::boot::IdentityPageSize;
 use cowvm_vmm::command::expected_checksum;
+use cowvm_vmm::layout::mib;
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::{GuestCommand, Kernel, Kvm, Vm, VmConfig, VmError};
 use serde::Serialize;
@@ -101,7 +102,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, VmError> {
     let deadline = Duration::from_millis(args.timeout_ms);
     let (mut vm, boot) = Vm::boot(&kvm, &config)?;
     let check = match kernel {
-        Kernel::Builtin => Some(self_check(&mut vm, args.memory_mib << 20, deadline)?),
+        Kernel::Builtin => Some(self_check(&mut vm, mib(args.memory_mib), deadline)?),
         Kernel::Elf(_) => None,
     };
     let report = RunReport {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
+use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::stats::HostView;
 use cowvm_vmm::{AdmitError, Clone, CloneEngine, Reservation, Template, Vm};
 
@@ -437,7 +438,7 @@ impl App {
     pub fn template_info(&self, entry: &TemplateEntry) -> TemplateInfo {
         TemplateInfo {
             id: entry.id.clone(),
-            memory_mib: entry.template.size() >> 20,
+            memory_mib: bytes_to_mib(entry.template.size()),
             clones: self.clones_of(&entry.id).len() + self.cells.clones_of(&entry.id),
             warm_shells: self.engine.warm_shells(&entry.template),
             layers: entry.template.memory().depth(),

@@ -19,6 +19,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use cowvm_vmm::layout::{bytes_to_mib, mib};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -225,7 +226,7 @@ pub async fn import_template(
     let service = Arc::clone(&app);
     let imported = transaction(&app, move |commit| {
         let started = Instant::now();
-        let max_memory = service.limits.max_memory_mib << 20;
+        let max_memory = mib(service.limits.max_memory_mib);
         let template = archive::import(&file, max_memory).map_err(refused)?;
         drop(file);
         let import_us = started.elapsed().as_secs_f64() * 1e6;
@@ -247,7 +248,7 @@ pub async fn import_template(
         });
         Ok(TemplateImported {
             template_id: entry.id.clone(),
-            memory_mib: entry.template.size() >> 20,
+            memory_mib: bytes_to_mib(entry.template.size()),
             populated_bytes,
             archive_bytes,
             persisted,

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::stats::template_sharing;
 use cowvm_vmm::{CloneBatch, Reservation, Template};
 
@@ -96,7 +97,7 @@ pub fn register_clones(
             ApiError::unavailable("clones_failed", message)
         });
     }
-    let memory_mib = template.template.size() >> 20;
+    let memory_mib = bytes_to_mib(template.template.size());
     let clones = batch
         .clones
         .into_iter()

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use cowvm_vmm::layout::{bytes_to_mib, mib, DATA_START, PAGE_SIZE};
 use cowvm_vmm::probe::{write_probe, ProbeTargets};
 use cowvm_vmm::stats::vm_sharing;
 use cowvm_vmm::{GuestCommand, Kernel, Template, Vm, VmConfig};
-use vm_memory::GuestAddress;
 
 use crate::server::app::{App, Machine, TemplateEntry, VmStatus};
 // Under the handlers' old name, so that the moved bodies stay line for line as they were.
@@ -17,9 +17,6 @@ use crate::server::error::ServiceError as ApiError;
 use crate::server::model::*;
 use crate::server::ops::{blocking, destroy, on_vm, timeout_error, transaction};
 use crate::server::templates::{fd_budget, fd_shortfall, register_clones, save_template};
-
-/// Where warm-up data starts (clear of the VMM's low memory and the kernel).
-const WARMUP_START: u64 = 8 << 20;
 
 fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
     let dir = app.kernel_dir.as_ref().ok_or_else(|| {
@@ -72,7 +69,7 @@ fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ApiError> {
             ),
         ));
     }
-    let room = req.memory_mib.saturating_sub(WARMUP_START >> 20);
+    let room = req.memory_mib.saturating_sub(bytes_to_mib(DATA_START.0));
     if req.warmup_mib > room {
         return Err(ApiError::out_of_range(
             "warmup_out_of_range",
@@ -119,9 +116,9 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError
             return Err(e);
         }
         if req.warmup_mib > 0 {
-            let pages = (req.warmup_mib << 20) / 4096;
+            let pages = mib(req.warmup_mib) / PAGE_SIZE;
             let write = GuestCommand::Write {
-                start: GuestAddress(WARMUP_START),
+                start: DATA_START,
                 count: pages,
                 stride: 4096,
                 value: 0x3a3a_0000_0000_0001,
@@ -189,7 +186,7 @@ pub async fn snapshot_vm(app: &Arc<App>, id: &str) -> Result<SnapshotCreated, Ap
         });
         Ok(SnapshotCreated {
             template_id: entry.id.clone(),
-            memory_mib: entry.template.size() >> 20,
+            memory_mib: bytes_to_mib(entry.template.size()),
             layers: entry.template.memory().depth(),
             persisted,
             pause_us,
