@@ -1,11 +1,16 @@
 //! Nearest-rank percentiles and durations in microseconds, shared by probe reports, benchmarks
 //! and the CLI.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `d` in microseconds, the unit every reported latency uses.
 pub fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
+}
+
+/// Microseconds since `since`, as a float.
+pub fn micros_since(since: Instant) -> f64 {
+    micros(since.elapsed())
 }
 
 /// The samples in ascending order, for [`nearest_rank`].

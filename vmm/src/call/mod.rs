@@ -17,6 +17,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use crate::clone::CloneEngine;
 use crate::exit::GuestExit;
 use crate::layout::{MAILBOX_INPUT_SIZE, MAILBOX_OUTPUT, MAILBOX_OUTPUT_SIZE, MAILBOX_START};
+use crate::percentile::micros;
 use crate::pool::Reservation;
 use crate::template::Template;
 use crate::vm::{Vm, VmError};
@@ -182,10 +183,6 @@ impl Phase {
             Phase::Call => "during a call",
         }
     }
-}
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 /// Serves hypercalls until the one that ends `phase` (`ready` for init, `done` for a call);

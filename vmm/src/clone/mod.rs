@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::kvm::Kvm;
 use crate::memory::MemoryError;
 use crate::pagemap::PageMap;
+use crate::percentile::micros_since;
 use crate::pool::{AdmitError, Pools, RecycleStats, Reservation};
 use crate::reaper::Reaper;
 use crate::slots::SlotPolicy;
@@ -181,10 +182,6 @@ pub struct CloneEngine {
     builder: Option<JoinHandle<()>>,
     pagemap: PageMap,
     next_clone: AtomicU64,
-}
-
-fn micros(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e6
 }
 
 fn fresh_seed() -> Result<u64, VmError> {
@@ -383,7 +380,7 @@ impl CloneEngine {
         Ok(CloneBatch {
             clones,
             failed,
-            total_us: micros(started),
+            total_us: micros_since(started),
         })
     }
 
@@ -392,7 +389,7 @@ impl CloneEngine {
         let mut clone = self.spawn_idle_from(template, shell)?;
         match clone.vm.run(Some(self.config.first_run_deadline)) {
             Ok(exit) if !exit.is_fault() => {
-                clone.spawn_us = micros(started);
+                clone.spawn_us = micros_since(started);
                 Ok(clone)
             }
             Ok(exit) => {
@@ -451,7 +448,7 @@ impl CloneEngine {
             id: self.next_clone.fetch_add(1, Ordering::Relaxed),
             generation,
             seed,
-            spawn_us: micros(started),
+            spawn_us: micros_since(started),
             pooled,
             template: Arc::clone(template),
             vm,
@@ -475,7 +472,7 @@ impl CloneEngine {
         clone.generation = generation;
         clone.seed = seed;
         Ok(ResetReport {
-            reset_us: micros(started),
+            reset_us: micros_since(started),
             pages_dropped: steps.pages_dropped,
             steps,
             generation,
@@ -514,7 +511,7 @@ impl CloneEngine {
         clone.vm.set_identity(generation, seed)?;
         clone.generation = generation;
         clone.seed = seed;
-        let reset_us = micros(started);
+        let reset_us = micros_since(started);
         Ok(ResetReport {
             reset_us,
             pages_dropped: 0,
@@ -581,7 +578,7 @@ impl CloneEngine {
         }
         let started = Instant::now();
         let template = Arc::new(Template::freeze(&self.kvm, vm)?);
-        let pause_us = micros(started);
+        let pause_us = micros_since(started);
         let batch = self.spawn(&template, count)?;
         Ok(LiveFork {
             template,

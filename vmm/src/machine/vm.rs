@@ -22,6 +22,7 @@ use crate::layout::{self, bytes_to_mib, KERNEL_START, MAX_MEMORY, MAX_VCPUS, MIN
 use crate::loader::{self, LoadError, LoadedKernel};
 use crate::memory::{GuestRam, MemoryError, TemplateMemory, PAGE_SIZE};
 use crate::pagemap::PageMap;
+use crate::percentile::micros_since;
 use crate::runner::{lock_slots, Guest};
 use crate::slots::{SlotError, SlotMap, SlotPolicy, SlotStats};
 use crate::translate::{self, GuestTranslation, TranslateError};
@@ -249,10 +250,6 @@ pub struct Vm {
     tsc_khz: Option<u32>,
 }
 
-fn micros(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e6
-}
-
 fn vm_ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Ioctl { op, source }
 }
@@ -320,29 +317,29 @@ impl Vm {
 
         let start = Instant::now();
         let vm_fd = kvm.create_vm()?;
-        let create_vm_us = micros(start);
+        let create_vm_us = micros_since(start);
 
         let step = Instant::now();
         let ram = GuestRam::new_owned(memory_size)?;
-        let memory_us = micros(step);
+        let memory_us = micros_since(step);
 
         let step = Instant::now();
         // A booted VM owns RAM that starts empty and is written by the VMM and the guest at will:
         // it gets one eager slot (lazy slots are for clones and warm shells, where RAM size is
         // multiplied by the number of VMs).
         let (slotted, slots) = Slotted::register(vm_fd, ram, SlotPolicy::Eager, &[], &[])?;
-        let memslot_us = micros(step);
+        let memslot_us = micros_since(step);
 
         let step = Instant::now();
         let kernel = match &config.kernel {
             Kernel::Builtin => loader::load_builtin(slotted.ram.guest_memory())?,
             Kernel::Elf(path) => loader::load_file(slotted.ram.guest_memory(), path)?,
         };
-        let load_kernel_us = micros(step);
+        let load_kernel_us = micros_since(step);
 
         let step = Instant::now();
         boot::write_boot_structures(slotted.ram.guest_memory(), memory_size, page_size)?;
-        let boot_structures_us = micros(step);
+        let boot_structures_us = micros_since(step);
 
         let step = Instant::now();
         let mut vcpus = Vec::with_capacity(config.vcpus);
@@ -356,7 +353,7 @@ impl Vm {
             vcpu.set_fpu(&boot::initial_fpu())?;
             vcpus.push(vcpu);
         }
-        let vcpu_us = micros(step);
+        let vcpu_us = micros_since(step);
 
         let mut vm = Vm {
             vcpus,
@@ -382,8 +379,8 @@ impl Vm {
         let first_exit = first_exit.unwrap_or(GuestExit::Other {
             description: "no vCPU ran".into(),
         });
-        let first_run_us = micros(step);
-        let first_exit_us = micros(start);
+        let first_run_us = micros_since(step);
+        let first_exit_us = micros_since(start);
         let report = BootReport {
             first_exit,
             first_exit_us,
@@ -474,16 +471,16 @@ impl Vm {
         }
         let step = Instant::now();
         let runs = self.ram.private_runs(pagemap)?;
-        let scan_us = micros(step);
+        let scan_us = micros_since(step);
         let step = Instant::now();
         self.ram.discard(&runs)?;
-        let discard_us = micros(step);
+        let discard_us = micros_since(step);
         let step = Instant::now();
         self.restore_vcpus(state)?;
         set_clock(&self.vm_fd, state)?;
         self.clocks_started = Instant::now();
         self.failure = None;
-        let restore_us = micros(step);
+        let restore_us = micros_since(step);
         let pages_dropped = runs.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum();
         Ok(ResetSteps {
             pages_dropped,

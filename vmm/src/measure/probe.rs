@@ -13,6 +13,7 @@ use crate::kpage::{FrameInfo, KPageError};
 use crate::memory::PAGE_SIZE;
 use crate::pagemap::PageMapEntry;
 use crate::percentile;
+use crate::percentile::micros;
 use crate::stats::{HostView, StatsError};
 use crate::vm::{Vm, VmError};
 
@@ -241,10 +242,6 @@ fn states(vm: &Vm, host: &HostView, gpas: &[u64]) -> Result<Vec<PageState>, Prob
         .iter()
         .map(|e| PageState::of(*e, e.pfn().and_then(|p| frames.get(&p))))
         .collect())
-}
-
-fn micros(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 /// Times host-only copy-on-write: the VMM writes one qword to each of up to 16 of `gpas` in
