@@ -293,7 +293,7 @@ fn exhausted_errno(errno: i32) -> bool {
 impl From<KvmError> for ServiceError {
     fn from(e: KvmError) -> Self {
         let errno = match &e {
-            KvmError::Ioctl { source, .. } => Some(source.errno()),
+            KvmError::Ioctl(ioctl) => Some(ioctl.errno()),
             _ => None,
         };
         Self::host(errno, e.to_string())
@@ -304,7 +304,7 @@ impl From<VcpuError> for ServiceError {
     fn from(e: VcpuError) -> Self {
         match e {
             VcpuError::Kvm(kvm) => kvm.into(),
-            VcpuError::Ioctl { source, .. } => Self::host(Some(source.errno()), e.to_string()),
+            VcpuError::Ioctl(ref ioctl) => Self::host(Some(ioctl.errno()), e.to_string()),
             _ => Self::internal(e.to_string()),
         }
     }
@@ -331,7 +331,7 @@ impl From<VmError> for ServiceError {
             VmError::Kvm(kvm) => kvm.into(),
             VmError::Vcpu(vcpu) => vcpu.into(),
             VmError::Memory(memory) => memory.into(),
-            VmError::Ioctl { source, .. } => Self::host(Some(source.errno()), message),
+            VmError::Ioctl(ioctl) => Self::host(Some(ioctl.errno()), message),
             VmError::MemorySize { .. } => Self::out_of_range("memory_out_of_range", message),
             VmError::Command(CommandError::TooMany { .. }) => Self::out_of_range("count_out_of_range", message),
             VmError::Command(CommandError::Misaligned { .. }) => Self::out_of_range("misaligned", message),

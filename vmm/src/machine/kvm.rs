@@ -19,6 +19,24 @@ const LEGACY_XSAVE_SIZE: i32 = 4096;
 const CPUID_EXT_FEATURES: u32 = 0x8000_0001;
 const CPUID_EDX_PDPE1GB: u32 = 1 << 26;
 
+/// A KVM ioctl that failed, with its name: the one shape every module's `Ioctl` variant wraps.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} failed: {source}")]
+pub struct IoctlError {
+    /// Name of the ioctl.
+    pub op: &'static str,
+    /// The error KVM returned.
+    #[source]
+    pub source: kvm_ioctls::Error,
+}
+
+impl IoctlError {
+    /// The errno KVM returned.
+    pub fn errno(&self) -> i32 {
+        self.source.errno()
+    }
+}
+
 /// Errors from opening KVM or querying it.
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
@@ -50,13 +68,8 @@ pub enum KvmError {
     #[error("this host's xsave area is {0} bytes, more than the 4096 bytes cowvm captures")]
     XsaveTooLarge(i32),
     /// An ioctl on the KVM device failed.
-    #[error("{op} failed: {source}")]
-    Ioctl {
-        /// Name of the ioctl.
-        op: &'static str,
-        /// The error KVM returned.
-        source: kvm_ioctls::Error,
-    },
+    #[error(transparent)]
+    Ioctl(#[from] IoctlError),
 }
 
 /// A KVM capability, with the reason cowvm needs it (used in error messages).
@@ -167,12 +180,12 @@ impl Kvm {
             });
         }
         let kvm = Kvm {
-            supported_cpuid: sys
-                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-                .map_err(|source| KvmError::Ioctl {
+            supported_cpuid: sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|source| {
+                KvmError::Ioctl(IoctlError {
                     op: "KVM_GET_SUPPORTED_CPUID",
                     source,
-                })?,
+                })
+            })?,
             sys,
             saveable_msrs: OnceLock::new(),
         };
@@ -218,9 +231,11 @@ impl Kvm {
 
     /// Creates a new, empty VM (`KVM_CREATE_VM`).
     pub fn create_vm(&self) -> Result<VmFd, KvmError> {
-        self.sys.create_vm().map_err(|source| KvmError::Ioctl {
-            op: "KVM_CREATE_VM",
-            source,
+        self.sys.create_vm().map_err(|source| {
+            KvmError::Ioctl(IoctlError {
+                op: "KVM_CREATE_VM",
+                source,
+            })
         })
     }
 
@@ -235,7 +250,7 @@ impl Kvm {
     }
 
     fn probe_saveable_msrs(&self) -> Result<Vec<u32>, KvmError> {
-        let ioctl = |op| move |source| KvmError::Ioctl { op, source };
+        let ioctl = |op| move |source| KvmError::Ioctl(IoctlError { op, source });
         let index_list = self.sys.get_msr_index_list().map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
         let vm = self.create_vm()?;
         let vcpu = vm.create_vcpu(0).map_err(ioctl("KVM_CREATE_VCPU"))?;

@@ -13,6 +13,7 @@ use kvm_ioctls::{Cap, SyncReg, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use crate::exit::GuestExit;
+use crate::kvm::IoctlError;
 use crate::kvm::{Kvm, KvmError};
 use crate::watchdog::Deadline;
 
@@ -23,13 +24,8 @@ pub const NOT_STOPPED: usize = usize::MAX;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// An ioctl failed.
-    #[error("{op} failed: {source}")]
-    Ioctl {
-        /// Name of the ioctl.
-        op: &'static str,
-        /// The error KVM returned.
-        source: kvm_ioctls::Error,
-    },
+    #[error(transparent)]
+    Ioctl(#[from] IoctlError),
     /// KVM accepted only part of the MSRs.
     #[error("KVM_SET_MSRS set {set} of {total} MSRs (first refused: {refused:#x})")]
     PartialMsrs {
@@ -49,7 +45,7 @@ pub enum VcpuError {
 }
 
 fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
-    move |source| VcpuError::Ioctl { op, source }
+    move |source| VcpuError::Ioctl(IoctlError { op, source })
 }
 
 /// The x87/SSE state from `KVM_GET_FPU`, in a serialisable form.
@@ -328,7 +324,7 @@ impl Vcpu {
                         break exit;
                     }
                 }
-                Err(source) => return Err(VcpuError::Ioctl { op: "KVM_RUN", source }),
+                Err(source) => return Err(VcpuError::Ioctl(IoctlError { op: "KVM_RUN", source })),
             }
         };
         Ok(match exit {
@@ -376,10 +372,10 @@ impl Vcpu {
         match result {
             Err(e) if e.errno() == libc::EINTR => Ok(()),
             Ok(()) => Ok(()),
-            Err(source) => Err(VcpuError::Ioctl {
+            Err(source) => Err(VcpuError::Ioctl(IoctlError {
                 op: "KVM_RUN (immediate_exit)",
                 source,
-            }),
+            })),
         }
     }
 

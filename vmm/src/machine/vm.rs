@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::boot::{self, BootError, IdentityPageSize};
 use crate::command::{CommandError, CommandOutput, GuestCommand};
 use crate::exit::GuestExit;
+use crate::kvm::IoctlError;
 use crate::kvm::{Kvm, KvmError};
 use crate::kvm_stats::{KvmStats, StatsFile};
 use crate::layout::{self, bytes_to_mib, KERNEL_START, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
@@ -47,13 +48,8 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     /// A VM ioctl failed.
-    #[error("{op} failed: {source}")]
-    Ioctl {
-        /// Name of the ioctl.
-        op: &'static str,
-        /// The error KVM returned.
-        source: kvm_ioctls::Error,
-    },
+    #[error(transparent)]
+    Ioctl(#[from] IoctlError),
     /// The memory size is not a whole number of MiB in the supported range.
     #[error(
         "memory of {memory_mib} MiB is outside the supported {}..={} MiB",
@@ -251,7 +247,7 @@ pub struct Vm {
 }
 
 fn vm_ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |source| VmError::Ioctl { op, source }
+    move |source| VmError::Ioctl(IoctlError { op, source })
 }
 
 /// A VM fd and the RAM registered in it as a memslot, while the VM is being built. Fields drop
