@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, Request, State};
@@ -24,9 +24,9 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use cowvm_cell::protocol::RemoteErrorKind;
+use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
 use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef};
-use cowvm_vmm::{GuestCommand, Reservation, Template};
+use cowvm_vmm::{AdmitError, GuestCommand, Reservation, Template};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use vm_memory::GuestAddress;
@@ -38,6 +38,9 @@ use super::ops::{blocking, timeout_error, transaction};
 
 /// How often the watcher looks for dead cells.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the warm keeper looks at the cells' warm shells (it is also woken after clone
+/// calls, deletes and target changes).
+const WARM_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How the server runs cells (`--cells`).
 #[derive(Debug, Clone)]
@@ -159,6 +162,44 @@ pub struct CellService {
     pool: CellPool,
     vms: RwLock<HashMap<String, Arc<CellVm>>>,
     stop: AtomicBool,
+    /// Clone calls hold it shared from taking shell room until their cells have lowered their
+    /// targets; the warm keeper holds it alone while it matches room to targets.
+    warm_gate: RwLock<()>,
+    warm: Mutex<WarmState>,
+    warm_wake: Condvar,
+}
+
+/// Warm shells kept in cells, and their room under `--max-vms`.
+#[derive(Default)]
+struct WarmState {
+    /// Shells wanted per template (`--warm-shells`, `POST /v1/templates/{id}/warm`).
+    wanted: HashMap<TemplateId, u32>,
+    /// Room held for the shells the cells keep (their targets), per template.
+    room: HashMap<TemplateId, Vec<Reservation>>,
+    /// Something changed: the keeper should look now.
+    poked: bool,
+}
+
+fn room_of(parts: &[Reservation]) -> usize {
+    parts.iter().map(Reservation::vms).sum()
+}
+
+/// Moves room for up to `vms` VMs out of `parts`.
+fn take_room(parts: &mut Vec<Reservation>, vms: usize) -> Vec<Reservation> {
+    let mut taken = Vec::new();
+    let mut left = vms;
+    while left > 0 {
+        let Some(last) = parts.last_mut() else { break };
+        let part = last.split_off(left);
+        left -= part.vms();
+        if last.vms() == 0 {
+            parts.pop();
+        }
+        if part.vms() > 0 {
+            taken.push(part);
+        }
+    }
+    taken
 }
 
 /// The cells part of the service: off unless enabled at start.
@@ -178,8 +219,9 @@ impl Cells {
         self.service.get()
     }
 
-    /// Turns cells on: a pool of cells run as `config` says and a watcher for dead cells.
-    pub fn enable(&self, config: &CellsConfig) -> Result<(), PoolError> {
+    /// Turns cells on: a pool of cells run as `config` says, a watcher for dead cells and a
+    /// keeper of the warm shells in cells (which admits them under `app`'s `--max-vms`).
+    pub fn enable(&self, config: &CellsConfig, app: Weak<App>) -> Result<(), PoolError> {
         let mut cell_config = CellConfig::current_exe().map_err(PoolError::Kvm)?;
         cell_config.program = config.program.clone();
         cell_config.args = config.args.clone();
@@ -188,21 +230,56 @@ impl Cells {
             pool: CellPool::new(cell_config, config.max_cells.max(1))?,
             vms: RwLock::new(HashMap::new()),
             stop: AtomicBool::new(false),
+            warm_gate: RwLock::new(()),
+            warm: Mutex::new(WarmState::default()),
+            warm_wake: Condvar::new(),
         });
         let watched = Arc::downgrade(&service);
         std::thread::Builder::new()
             .name("cowvm-cell-watch".into())
             .spawn(move || watch(&watched))
             .map_err(|e| PoolError::Cell(CellError::Local(format!("cannot start the cell watcher: {e}"))))?;
+        let kept = Arc::downgrade(&service);
+        std::thread::Builder::new()
+            .name("cowvm-cell-warm".into())
+            .spawn(move || keep_warm(&kept, &app))
+            .map_err(|e| PoolError::Cell(CellError::Local(format!("cannot start the warm keeper: {e}"))))?;
         let _ = self.service.set(service);
         Ok(())
     }
 
-    /// Hands a new template to the pool (cells load it when a clone of it is first placed there).
-    pub fn add_template(&self, id: &str, template: &Arc<Template>) {
+    /// Hands a new template to the pool (cells load it when a clone or a warm shell of it is
+    /// first placed there) and keeps `warm_shells` shells of it in cells.
+    pub fn add_template(&self, id: &str, template: &Arc<Template>, warm_shells: usize) {
         if let Some(cells) = self.service() {
             cells.pool.add_template(id_number(id), Arc::clone(template));
+            cells.set_wanted(id_number(id), warm_shells);
         }
+    }
+
+    /// Whether cells are on (then warm shells of templates are kept in cells, not in the server).
+    pub fn enabled(&self) -> bool {
+        self.service().is_some()
+    }
+
+    /// Keeps `shells` warm shells of template `id` in cells (built in the background, within
+    /// `--max-vms`).
+    pub fn set_warm(&self, id: &str, shells: usize) {
+        if let Some(cells) = self.service() {
+            cells.set_wanted(id_number(id), shells);
+        }
+    }
+
+    /// Warm shells of template `id` ready in cells (as the cells last said).
+    pub fn warm_ready(&self, id: &str) -> usize {
+        self.service()
+            .map_or(0, |cells| cells.pool.warm_ready(id_number(id)) as usize)
+    }
+
+    /// Tears down up to `count` warm shells in cells and gives their room under `--max-vms`
+    /// back (shells give way to VMs); returns how many went.
+    pub fn shed_shells(&self, count: usize) -> usize {
+        self.service().map_or(0, |cells| cells.shed(None, count))
     }
 
     /// Drops a deleted template from the pool and its cells (on a thread of its own: the cells
@@ -210,6 +287,7 @@ impl Cells {
     pub fn remove_template(&self, id: &str) {
         if let Some(cells) = self.service().cloned() {
             let number = id_number(id);
+            cells.lock_warm().wanted.remove(&number);
             let spawned = std::thread::Builder::new()
                 .name("cowvm-cell-drop".into())
                 .spawn(move || {
@@ -244,6 +322,7 @@ impl Drop for Cells {
     fn drop(&mut self) {
         if let Some(cells) = self.service.get() {
             cells.stop.store(true, Ordering::Release);
+            cells.warm_wake.notify_all();
         }
     }
 }
@@ -265,7 +344,192 @@ fn watch(service: &Weak<CellService>) {
     }
 }
 
+/// Keeps the warm shells in cells at what is wanted, until the service is gone: grows the
+/// cells' targets into room admitted under `--max-vms` first, lowers them when less is wanted,
+/// and matches the room held to the targets the cells keep (clones take shells, cells die).
+fn keep_warm(service: &Weak<CellService>, app: &Weak<App>) {
+    loop {
+        let Some(cells) = service.upgrade() else { return };
+        {
+            let state = cells.lock_warm();
+            let (mut state, _) = cells
+                .warm_wake
+                .wait_timeout_while(state, WARM_INTERVAL, |s| !s.poked)
+                .unwrap_or_else(|e| e.into_inner());
+            state.poked = false;
+        }
+        if cells.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(app) = app.upgrade() else { return };
+        cells.keep_warm_once(&app);
+    }
+}
+
 impl CellService {
+    fn lock_warm(&self) -> MutexGuard<'_, WarmState> {
+        lock(&self.warm)
+    }
+
+    fn poke(&self) {
+        self.lock_warm().poked = true;
+        self.warm_wake.notify_all();
+    }
+
+    fn set_wanted(&self, template: TemplateId, shells: usize) {
+        let shells = shells.min(u32::MAX as usize) as u32;
+        {
+            let mut state = self.lock_warm();
+            if shells == 0 {
+                state.wanted.remove(&template);
+            } else {
+                state.wanted.insert(template, shells);
+            }
+        }
+        self.poke();
+    }
+
+    /// One round of the warm keeper.
+    fn keep_warm_once(&self, app: &App) {
+        let wanted = self.lock_warm().wanted.clone();
+        // Lower targets above what is wanted (a template no longer wanted: all of them).
+        for (template, target) in self.pool.warm_targets() {
+            let want = wanted.get(&template).copied().unwrap_or(0);
+            if target > want {
+                self.pool.shrink_warm(Some(template), target - want);
+            }
+        }
+        self.match_room(app);
+        // Grow into room admitted first: the shells are counted before they exist.
+        for (template, want) in wanted {
+            let target = self.pool.warm_target(template);
+            let free = app.limits.max_vms.saturating_sub(app.engine.held_vms());
+            let add = (want.saturating_sub(target) as usize).min(free);
+            if add == 0 {
+                continue;
+            }
+            let Ok(mut room) = app.engine.reserve_remote(add) else { continue };
+            match self.pool.grow_warm(template, add as u32, true) {
+                Ok(added) if added > 0 => {
+                    let kept = room.split_off(added as usize);
+                    self.lock_warm().room.entry(template).or_default().push(kept);
+                }
+                Ok(_) => {}
+                Err(e) => eprintln!("cowvm: keeping warm shells of template {template} in cells: {e}"),
+            }
+        }
+        self.match_room(app);
+    }
+
+    /// Makes the room held for shells equal to the targets the cells keep: drops room the
+    /// cells no longer use, admits room for targets without it (lowering them if refused).
+    fn match_room(&self, app: &App) {
+        let mut short: Vec<(TemplateId, usize)> = Vec::new();
+        {
+            // No clone call is between taking shell room and its cells lowering their targets.
+            let _alone = self.warm_gate.write().unwrap_or_else(|e| e.into_inner());
+            let targets = self.pool.warm_targets();
+            let mut state = self.lock_warm();
+            let templates: Vec<TemplateId> = state.room.keys().chain(targets.keys()).copied().collect();
+            for template in templates {
+                let target = targets.get(&template).copied().unwrap_or(0) as usize;
+                let parts = state.room.entry(template).or_default();
+                let held = room_of(parts);
+                if held > target {
+                    drop(take_room(parts, held - target));
+                } else if held < target {
+                    match app.engine.reserve_remote(target - held) {
+                        Ok(room) => parts.push(room),
+                        Err(_) => short.push((template, target - held)),
+                    }
+                }
+                if room_of(parts) == 0 {
+                    state.room.remove(&template);
+                }
+            }
+        }
+        for (template, missing) in short {
+            self.pool.shrink_warm(Some(template), missing as u32);
+        }
+    }
+
+    /// Lowers warm-shell targets by up to `count` (of `template`, else of any template, the
+    /// most held first) and gives their room back; returns the targets removed.
+    fn shed(&self, template: Option<TemplateId>, count: usize) -> usize {
+        let mut order: Vec<(usize, TemplateId)> = self
+            .lock_warm()
+            .room
+            .iter()
+            .filter(|(&t, _)| template.is_none_or(|want| want == t))
+            .map(|(&t, parts)| (room_of(parts), t))
+            .collect();
+        order.sort_by_key(|&(held, t)| (std::cmp::Reverse(held), t));
+        let mut shed = 0;
+        for (held, t) in order {
+            if shed >= count {
+                break;
+            }
+            let removed = self.pool.shrink_warm(Some(t), (count - shed).min(held) as u32) as usize;
+            let mut state = self.lock_warm();
+            if let Some(parts) = state.room.get_mut(&t) {
+                drop(take_room(parts, removed));
+            }
+            shed += removed;
+        }
+        shed
+    }
+
+    /// Room under `--max-vms` for `count` clones of `template`: the room of its warm shells in
+    /// cells first (the clones take those shells), the rest admitted now; other templates'
+    /// shells give way when the limit is reached. On refusal the shell room is kept.
+    fn admit_clones(&self, app: &App, template: TemplateId, count: usize) -> Result<Vec<Reservation>, ApiError> {
+        let mut parts = {
+            let mut state = self.lock_warm();
+            let mine = state.room.entry(template).or_default();
+            let taken = take_room(mine, count);
+            if mine.is_empty() {
+                state.room.remove(&template);
+            }
+            taken
+        };
+        let missing = count - room_of(&parts);
+        if missing > 0 {
+            let admitted = app.engine.reserve_remote(missing).or_else(|e| match e {
+                AdmitError::TooManyVms { .. } if self.shed_others(template, missing) > 0 => {
+                    app.engine.reserve_remote(missing)
+                }
+                e => Err(e),
+            });
+            match admitted {
+                Ok(room) => parts.push(room),
+                Err(e) => {
+                    self.lock_warm().room.entry(template).or_default().extend(parts);
+                    return Err(app.admit_error(e));
+                }
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Sheds up to `count` shells of templates other than `template`.
+    fn shed_others(&self, template: TemplateId, count: usize) -> usize {
+        let others: Vec<TemplateId> = self
+            .lock_warm()
+            .room
+            .keys()
+            .filter(|&&t| t != template)
+            .copied()
+            .collect();
+        let mut shed = 0;
+        for t in others {
+            if shed >= count {
+                break;
+            }
+            shed += self.shed(Some(t), count - shed);
+        }
+        shed
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<CellVm>>> {
         self.vms.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -317,6 +581,7 @@ fn pool_error(e: PoolError) -> ApiError {
     match e {
         PoolError::UnknownVm(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
         PoolError::UnknownTemplate(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+        PoolError::TooFragmented { .. } => ApiError::out_of_range("template_too_fragmented", message),
         PoolError::Full { .. } => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_vms", message),
         PoolError::Lost { .. } => ApiError::conflict("vm_lost", message),
         PoolError::Kvm(_) => ApiError::exhausted(message),
@@ -428,14 +693,28 @@ async fn clone_template(
 ) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
     let count = super::templates::check_count(&app, req.count)?;
     let (template, cloning) = app.begin_cloning(&id)?;
-    // In-cell VMs count against --max-vms with the in-process ones: admitted here, atomically
-    // with the engine's count, and each VM holds its room until it is deleted.
-    let mut admitted = app.engine.reserve_remote(count).map_err(|e| app.admit_error(e))?;
     let service = Arc::clone(&app);
     let created = transaction(&app, move |commit| {
         let _cloning = cloning;
+        let number = id_number(&template.id);
         let started = Instant::now();
-        let batch = cells.pool.spawn(id_number(&template.id), count).map_err(pool_error)?;
+        // In-cell VMs count against --max-vms with the in-process ones, each VM holding its room
+        // until it is deleted. The room of the template's warm shells in cells moves to the
+        // clones that take them; the rest is admitted now, atomically with the engine's count.
+        let gate = cells.warm_gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut admitted = cells.admit_clones(&service, number, count)?;
+        let spawned = cells.pool.spawn(number, count);
+        drop(gate);
+        cells.poke();
+        let batch = match spawned {
+            Ok(batch) => batch,
+            Err(e) => {
+                // Nothing was placed: the room goes back to the shells (the keeper gives back
+                // what their targets do not use).
+                cells.lock_warm().room.entry(number).or_default().extend(admitted);
+                return Err(pool_error(e));
+            }
+        };
         let total_us = started.elapsed().as_secs_f64() * 1e6;
         if !commit.commit() {
             for clone in &batch.clones {
@@ -480,7 +759,7 @@ async fn clone_template(
                         ..CellVmStatus::default()
                     }),
                     busy: Mutex::new(()),
-                    slot: Mutex::new(Some(admitted.split_off(1))),
+                    slot: Mutex::new(next_room(&mut admitted)),
                 });
                 vms.insert(vm.id.clone(), Arc::clone(&vm));
                 CloneMade {
@@ -511,6 +790,11 @@ async fn clone_template(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+/// Room for one VM out of `parts`.
+fn next_room(parts: &mut Vec<Reservation>) -> Option<Reservation> {
+    take_room(parts, 1).pop()
+}
+
 async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<StatusCode, ApiError> {
     let removed = cells.vms.write().unwrap_or_else(|e| e.into_inner()).remove(&vm.id);
     if removed.is_none() {
@@ -525,6 +809,7 @@ async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> R
                 Err(e) => return Err(pool_error(e)),
             }
         }
+        cells.poke();
         Ok(())
     })
     .await?;

@@ -275,6 +275,6 @@ pub async fn warm_template(
     Ok(Json(WarmStatus {
         template_id: entry.id.clone(),
         target: req.shells,
-        warm_shells: app.engine.warm_shells(&entry.template),
+        warm_shells: app.warm_shells(&entry),
     }))
 }
