@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cowvm_vmm::{GuestCommand, Template};
@@ -127,6 +127,17 @@ struct State {
     next_cell: CellId,
     cells: HashMap<CellId, Slot>,
     templates: HashMap<TemplateId, Arc<Template>>,
+    /// Cells being started (they count against the cell limit already).
+    starting: usize,
+}
+
+impl State {
+    fn alive(&self) -> usize {
+        self.cells
+            .values()
+            .filter(|s| s.cell.liveness() == Liveness::Alive)
+            .count()
+    }
 }
 
 /// The supervisor's set of cells.
@@ -137,6 +148,8 @@ pub struct CellPool {
     /// Memory mappings one cell's VMs may cost.
     mapping_budget: usize,
     state: Mutex<State>,
+    /// Signalled when a cell start finishes.
+    started: Condvar,
 }
 
 /// Errors of the pool.
@@ -204,7 +217,9 @@ impl CellPool {
                 next_cell: 1,
                 cells: HashMap::new(),
                 templates: HashMap::new(),
+                starting: 0,
             }),
+            started: Condvar::new(),
         })
     }
 
@@ -254,13 +269,18 @@ impl CellPool {
 
     /// Starts a new cell now (e.g. to replace one that died); returns its id.
     pub fn start_cell(&self) -> Result<CellId, PoolError> {
+        self.lock().starting += 1;
         self.start_reserved(0, 0)
     }
 
-    /// Starts a cell with `reserved` of its room promised to the caller (VMs, mappings).
+    /// Starts a cell with `reserved` of its room promised to the caller (VMs, mappings). The
+    /// caller counted it in `starting` (under the lock, with the cell limit).
     fn start_reserved(&self, reserved: u32, reserved_mappings: usize) -> Result<CellId, PoolError> {
-        let cell = Arc::new(Cell::start(&self.config, &self.kvm)?);
+        let started = Cell::start(&self.config, &self.kvm);
         let mut state = self.lock();
+        state.starting = state.starting.saturating_sub(1);
+        self.started.notify_all();
+        let cell = Arc::new(started?);
         let id = state.next_cell;
         state.next_cell += 1;
         state.cells.insert(
@@ -341,31 +361,50 @@ impl CellPool {
     /// Plans where `count` clones of `template` (costing `each` mappings) go: (cell, how many),
     /// cells with warm shells of the template first (most first), then cells with room, then new
     /// cells, which it starts. The room is reserved until [`CellPool::release`].
-    fn place(&self, count: usize, template: TemplateId, each: usize) -> Result<Vec<(CellId, Arc<Cell>, u32)>, PoolError> {
+    fn place(
+        &self,
+        count: usize,
+        template: TemplateId,
+        each: usize,
+    ) -> Result<Vec<(CellId, Arc<Cell>, u32)>, PoolError> {
         let per_new = self.empty_room(each).max(1);
         let mut plan = Vec::new();
         let mut left = count;
         let new_cells = {
             let mut state = self.lock();
-            let alive: Vec<CellId> = state
-                .cells
-                .iter()
-                .filter(|(_, s)| s.cell.liveness() == Liveness::Alive)
-                .map(|(&id, _)| id)
-                .collect();
-            let free: usize = alive
-                .iter()
-                .filter_map(|id| state.cells.get(id))
-                .map(|s| self.room(s, each) as usize)
-                .sum();
-            let needed = count.saturating_sub(free).div_ceil(per_new as usize);
-            if alive.len() + needed > self.max_cells {
-                return Err(PoolError::Full {
-                    wanted: count,
-                    max_cells: self.max_cells,
-                    vms_per_cell: self.config.vms_per_cell.max(1),
-                });
-            }
+            let wait_until = std::time::Instant::now() + self.config.request_timeout;
+            let (alive, needed) = loop {
+                let alive: Vec<CellId> = state
+                    .cells
+                    .iter()
+                    .filter(|(_, s)| s.cell.liveness() == Liveness::Alive)
+                    .map(|(&id, _)| id)
+                    .collect();
+                let free: usize = alive
+                    .iter()
+                    .filter_map(|id| state.cells.get(id))
+                    .map(|s| self.room(s, each) as usize)
+                    .sum();
+                let needed = count.saturating_sub(free).div_ceil(per_new as usize);
+                if alive.len() + state.starting + needed <= self.max_cells {
+                    break (alive, needed);
+                }
+                // Cells being started (e.g. for warm shells) may bring the room: wait for them.
+                let left = wait_until.saturating_duration_since(std::time::Instant::now());
+                if state.starting == 0 || left.is_zero() {
+                    return Err(PoolError::Full {
+                        wanted: count,
+                        max_cells: self.max_cells,
+                        vms_per_cell: self.config.vms_per_cell.max(1),
+                    });
+                }
+                state = self
+                    .started
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            };
+            state.starting += needed;
             let mut order: Vec<(u32, CellId)> = alive
                 .iter()
                 .filter_map(|&id| Some((state.cells.get(&id)?.target_of(template), id)))
@@ -545,6 +584,14 @@ impl CellPool {
         all
     }
 
+    /// Whether every cell last said it had all the warm shells it keeps ready.
+    pub fn warm_settled(&self) -> bool {
+        self.lock()
+            .cells
+            .values()
+            .all(|s| s.warm.values().all(|w| w.ready >= w.target))
+    }
+
     /// Asks every live cell for its counts and records its warm shells.
     pub fn refresh_warm(&self) {
         let cells: Vec<(CellId, Arc<Cell>)> = self
@@ -574,7 +621,7 @@ impl CellPool {
         let mut before = 0;
         let mut left = add;
         let new_cells = {
-            let state = self.lock();
+            let mut state = self.lock();
             let mut ids: Vec<CellId> = state.cells.keys().copied().collect();
             ids.sort();
             for id in ids {
@@ -597,14 +644,12 @@ impl CellPool {
                     left -= take;
                 }
             }
-            let alive = state
-                .cells
-                .values()
-                .filter(|s| s.cell.liveness() == Liveness::Alive)
-                .count();
             if start_cells {
                 let per_new = self.empty_room(each).max(1);
-                (left.div_ceil(per_new) as usize).min(self.max_cells.saturating_sub(alive))
+                let free = self.max_cells.saturating_sub(state.alive() + state.starting);
+                let new_cells = (left.div_ceil(per_new) as usize).min(free);
+                state.starting += new_cells;
+                new_cells
             } else {
                 0
             }

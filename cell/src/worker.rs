@@ -332,7 +332,15 @@ impl Worker {
         let engine = self.engine()?;
         // Admitted against the cell's VM limit and mapping budget; the template's warm shells
         // are claimed first and other shells give way.
-        let mut room = engine.reserve(count as usize, Some(&source)).map_err(admit_error)?;
+        let mut room = match engine.reserve(count as usize, Some(&source)) {
+            // VMs destroyed just before give their room back once torn down: wait for that.
+            Err(AdmitError::TooManyVms { .. } | AdmitError::MappingsExhausted { .. }) => {
+                engine.flush();
+                engine.reserve(count as usize, Some(&source))
+            }
+            admitted => admitted,
+        }
+        .map_err(admit_error)?;
         let batch = engine
             .spawn_reserved(&source, &mut room, &|| false)
             .map_err(vmm_error)?;

@@ -30,7 +30,11 @@ fn test_warm_shells_are_kept_in_cells_taken_by_spawns_and_not_rebuilt_unasked() 
     assert_eq!(pool.grow_warm(1, 6, true).expect("grow"), 6);
     assert_eq!(pool.warm_target(1), 6);
     assert_eq!(pool.cells().len(), 2);
-    assert_eq!(wait_ready(&pool, 6), 6, "the cells build their shells in the background");
+    assert_eq!(
+        wait_ready(&pool, 6),
+        6,
+        "the cells build their shells in the background"
+    );
     let listed = pool.cells();
     assert_eq!(listed.iter().map(|c| c.warm_shells).sum::<u32>(), 6, "{listed:?}");
     assert_eq!(listed.iter().map(|c| c.vms).sum::<u32>(), 0, "shells are not VMs");
@@ -73,7 +77,11 @@ fn test_a_clone_takes_room_from_another_templates_shells_in_its_cell() {
     // shells give way.
     let batch = pool.spawn(1, 3).expect("spawn");
     assert!(batch.failed.is_empty(), "{:?}", batch.failed);
-    assert_eq!(pool.warm_target(2), 1, "shells of template 2 gave their room to the clones");
+    assert_eq!(
+        pool.warm_target(2),
+        1,
+        "shells of template 2 gave their room to the clones"
+    );
     pool.refresh_warm();
     assert_eq!(pool.warm_target(2), 1);
     assert!(pool.warm_ready(2) <= 1);

@@ -364,9 +364,14 @@ impl App {
         let number = id_number(&entry.id);
         self.next_template.fetch_max(number + 1, Ordering::Relaxed);
         // With cells on, the template's warm shells are kept in cells instead.
-        let warm_here = if self.cells.enabled() { 0 } else { self.limits.warm_shells };
+        let warm_here = if self.cells.enabled() {
+            0
+        } else {
+            self.limits.warm_shells
+        };
         self.engine.keep_warm(&entry.template, warm_here);
-        self.cells.add_template(&entry.id, &entry.template, self.limits.warm_shells);
+        self.cells
+            .add_template(&entry.id, &entry.template, self.limits.warm_shells);
         let entry = Arc::new(entry);
         self.templates
             .write()

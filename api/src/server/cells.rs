@@ -408,17 +408,21 @@ impl CellService {
             if add == 0 {
                 continue;
             }
-            let Ok(mut room) = app.engine.reserve_remote(add) else { continue };
-            match self.pool.grow_warm(template, add as u32, true) {
-                Ok(added) if added > 0 => {
-                    let kept = room.split_off(added as usize);
-                    self.lock_warm().room.entry(template).or_default().push(kept);
-                }
-                Ok(_) => {}
-                Err(e) => eprintln!("cowvm: keeping warm shells of template {template} in cells: {e}"),
+            let Ok(room) = app.engine.reserve_remote(add) else {
+                continue;
+            };
+            // The room is the template's shell room at once: a clone call meanwhile may use it
+            // (and then finds fewer shells); room the cells do not use is given back below.
+            self.lock_warm().room.entry(template).or_default().push(room);
+            if let Err(e) = self.pool.grow_warm(template, add as u32, true) {
+                eprintln!("cowvm: keeping warm shells of template {template} in cells: {e}");
             }
         }
         self.match_room(app);
+        // While cells build shells, keep the ready counts the API shows current.
+        if !self.pool.warm_settled() {
+            self.pool.refresh_warm();
+        }
     }
 
     /// Makes the room held for shells equal to the targets the cells keep: drops room the
