@@ -2,6 +2,7 @@
 
 mod call;
 mod cells;
+mod cells_api;
 mod ci_http;
 mod load;
 mod plot;
