@@ -226,7 +226,6 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
         ("POST", "snapshot", None),
         ("POST", "clones", Some(json!({"count": 1}))),
         ("POST", "probes/write", Some(json!({"gpas": [8 << 20]}))),
-        ("GET", "stats", None),
     ] {
         let code = error_code(&client, method, &format!("/v1/vms/{first}/{suffix}"), body, 409);
         assert_eq!(code, "not_supported_in_cell", "{method} {suffix}");
@@ -598,4 +597,55 @@ fn test_warm_shells_in_cells_count_against_max_vms_and_give_way_to_vms() {
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(cell_shells(&client), 0, "no room for shells under --max-vms 4");
+}
+
+/// Keys of a JSON object, sorted.
+fn keys(v: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn test_stats_of_an_in_cell_vm_are_read_by_the_supervisor_from_the_cells_pagemap() {
+    // The keys an in-process clone's stats have.
+    let in_process = {
+        let (_server, client) = start(None);
+        let (_, tpl) = template(&client);
+        let clone = clone_ids(&client, &tpl, 1).remove(0);
+        ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200)
+    };
+    let (_server, client) = start(Some(cells(10, 2)));
+    let (_, tpl) = template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let stats = |client: &Client| ok(client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200);
+    run_checksum(&client, &clone);
+    let before = stats(&client);
+    assert_eq!(keys(&before), keys(&in_process), "{before}");
+    assert_eq!(keys(&before["pages"]), keys(&in_process["pages"]));
+    assert_eq!(before["id"], clone.as_str());
+    assert_eq!(before["pages"]["total"], (64u64 << 20) / 4096, "{before}");
+    assert!(
+        before["pages"]["template_backed"].as_u64().expect("template_backed") >= 64,
+        "the 64 pages the checksum read map template frames: {before}"
+    );
+    assert!(
+        before["kvm"]["vcpus"][0].as_object().is_some_and(|o| !o.is_empty()),
+        "{before}"
+    );
+    assert!(
+        before["kvm"]["vm"].as_object().is_some_and(|o| !o.is_empty()),
+        "{before}"
+    );
+    // A guest write to 64 pages it had read: 64 more private pages, seen from the supervisor.
+    let write = json!({"command": "write", "start_gpa": 8 << 20, "count": 64, "stride": 4096, "value": 7});
+    ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(write), 200);
+    let after = stats(&client);
+    let private = |s: &Value| s["pages"]["private"].as_u64().expect("private");
+    assert!(
+        private(&after) >= private(&before) + 64,
+        "before {before}\nafter {after}"
+    );
+    let exits = |s: &Value| s["kvm"]["vcpus"][0]["exits"]["value"].as_u64().unwrap_or(0);
+    assert!(exits(&after) > exits(&before), "KVM's counters move: {after}");
 }

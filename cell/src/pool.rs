@@ -814,6 +814,18 @@ impl CellPool {
     /// Removes every dead cell from the pool and reports each with the VMs it took with it.
     /// Returns once their processes are reaped (the kernel tears a dead cell's VMs down first).
     pub fn reap_dead(&self) -> Vec<LostCell> {
+        // A cell's socket closes before the kernel has torn its VMs down and it is reaped: wait
+        // for that, so that each report says how the cell ended.
+        let dying: Vec<Arc<Cell>> = self
+            .lock()
+            .cells
+            .values()
+            .filter(|s| s.cell.liveness() != Liveness::Alive)
+            .map(|s| Arc::clone(&s.cell))
+            .collect();
+        for cell in dying {
+            cell.wait_exit(Duration::from_secs(30));
+        }
         let mut removed = Vec::new();
         let lost = self.take_dead(&mut removed);
         drop(removed);

@@ -142,7 +142,16 @@ pub struct SmapsFigures {
 
 /// Sums `/proc/self/smaps` over the mappings that lie inside `start..end`.
 pub fn smaps_for_range(start: u64, end: u64) -> io::Result<SmapsFigures> {
-    let text = std::fs::read_to_string("/proc/self/smaps")?;
+    smaps_of("/proc/self/smaps", start, end)
+}
+
+/// Sums `/proc/<pid>/smaps` of process `pid` over the mappings that lie inside `start..end`.
+pub fn process_smaps_for_range(pid: u32, start: u64, end: u64) -> io::Result<SmapsFigures> {
+    smaps_of(&format!("/proc/{pid}/smaps"), start, end)
+}
+
+fn smaps_of(path: &str, start: u64, end: u64) -> io::Result<SmapsFigures> {
+    let text = std::fs::read_to_string(path)?;
     let mut figures = SmapsFigures::default();
     let mut inside = false;
     for line in text.lines() {

@@ -25,7 +25,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
-use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef};
+use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef, VmStatsFiles};
+use cowvm_vmm::kpage::KPages;
+use cowvm_vmm::pagemap::PageMap;
+use cowvm_vmm::stats::{region_sharing, HostView, RamRegion};
 use cowvm_vmm::{AdmitError, GuestCommand, Reservation, Template};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -33,7 +36,9 @@ use vm_memory::GuestAddress;
 
 use super::app::App;
 use super::error::ApiError;
-use super::model::{CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand, RunResult, VmInfo};
+use super::model::{
+    CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand, RunResult, VmInfo, VmStats,
+};
 use super::ops::{blocking, timeout_error, transaction};
 
 /// How often the watcher looks for dead cells.
@@ -97,6 +102,12 @@ struct CellVmStatus {
 pub struct CellVm {
     id: String,
     at: VmRef,
+    /// Its cell's process id, and where its RAM is mapped there (for `/proc/<pid>/pagemap`).
+    pid: u32,
+    host_address: u64,
+    memory_size: u64,
+    /// KVM's statistics fds of the VM, handed over by its cell on the first stats request.
+    kvm_stats: Mutex<Option<VmStatsFiles>>,
     memory_mib: u64,
     template_id: String,
     status: Mutex<CellVmStatus>,
@@ -665,18 +676,19 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
             Err(rejection) => Err(rejection.into()),
         },
         (&Method::POST, ["reset"]) => reset(app, cells, vm).await.map(IntoResponse::into_response),
-        (&Method::POST, ["snapshot" | "clones" | "call"])
-        | (&Method::POST, ["probes", "write"])
-        | (&Method::GET, ["stats"]) => Err(vm.usable().err().unwrap_or_else(|| {
-            ApiError::conflict(
-                "not_supported_in_cell",
-                format!(
+        (&Method::GET, ["stats"]) => vm_stats(app, cells, vm).await.map(IntoResponse::into_response),
+        (&Method::POST, ["snapshot" | "clones" | "call"]) | (&Method::POST, ["probes", "write"]) => {
+            Err(vm.usable().err().unwrap_or_else(|| {
+                ApiError::conflict(
+                    "not_supported_in_cell",
+                    format!(
                     "VM {} lives in a cell; {} is not supported for in-cell VMs yet (start the server without --cells)",
                     vm.id,
                     rest.join("/")
                 ),
-            )
-        })),
+                )
+            }))
+        }
         _ => return next.run(request).await,
     };
     answer.unwrap_or_else(IntoResponse::into_response)
@@ -755,6 +767,10 @@ async fn clone_template(
                 let vm = Arc::new(CellVm {
                     id: service.new_vm_id(),
                     at: placed.at,
+                    pid: placed.pid,
+                    host_address: spawned.host_address,
+                    memory_size: spawned.memory_size,
+                    kvm_stats: Mutex::new(None),
                     memory_mib,
                     template_id: template.id.clone(),
                     status: Mutex::new(CellVmStatus {
@@ -894,4 +910,42 @@ async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Resul
         // A cell resets its VM in place.
         swapped: false,
     }))
+}
+
+/// `GET /v1/vms/{id}/stats` of an in-cell VM: the supervisor reads the cell's
+/// `/proc/<pid>/pagemap` and smaps over the VM's RAM, `/proc/kpagecount` and `/proc/kpageflags`
+/// itself, and KVM's statistics from the fds the cell handed over; the cell needs no privilege.
+async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<VmStats>, ApiError> {
+    vm.usable()?;
+    let stats = blocking(&app, move || {
+        // One operation at a time: the VM's RAM stays where it is while it is read.
+        let _busy = lock(&vm.busy);
+        vm.usable()?;
+        let kvm = {
+            let mut files = lock(&vm.kvm_stats);
+            if files.is_none() {
+                *files = Some(cells.pool.kvm_stats_files(vm.at).map_err(|e| cells.vm_error(&vm, e))?);
+            }
+            let files = files.as_ref().ok_or_else(|| ApiError::internal("no KVM stats fds"))?;
+            files
+                .read()
+                .map_err(|e| ApiError::internal(format!("reading KVM statistics of {}: {e}", vm.id)))?
+        };
+        let unavailable = |what: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stats_unavailable", what);
+        let host = HostView {
+            pagemap: PageMap::open_process(vm.pid)
+                .map_err(|e| unavailable(format!("cannot open /proc/{}/pagemap: {e}", vm.pid)))?,
+            kpages: KPages::open().map_err(|e| unavailable(e.to_string()))?,
+        };
+        let region = RamRegion {
+            host_address: vm.host_address,
+            size: vm.memory_size,
+            from_template: true,
+            pid: Some(vm.pid),
+        };
+        let sharing = region_sharing(&region, &host, kvm)?;
+        Ok(VmStats::new(vm.id.clone(), sharing))
+    })
+    .await?;
+    Ok(Json(stats))
 }
