@@ -1016,8 +1016,10 @@ mod freeze_and_remap_tests {
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             let mut byte = 0u8;
-            // SAFETY: blocks until the parent closes the pipe's write end, then leaves.
+            // SAFETY: closes its copy of the write end, blocks until the parent closes its
+            // own, then leaves.
             unsafe {
+                libc::close(pipe[1]);
                 libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1);
                 libc::_exit(0);
             }
