@@ -701,15 +701,12 @@ impl CellPool {
         }
         let mut removed = 0;
         for (t, id, cell, before, target) in plan {
-            match cell.keep_warm(t, target, Duration::ZERO) {
-                Ok(kept) => {
-                    removed += before.saturating_sub(kept.target);
-                    if let Some(slot) = self.lock().cells.get_mut(&id) {
-                        slot.set_warm_one(kept);
-                    }
+            // A dead cell keeps nothing; it leaves the pool with its targets.
+            if let Ok(kept) = cell.keep_warm(t, target, Duration::ZERO) {
+                removed += before.saturating_sub(kept.target);
+                if let Some(slot) = self.lock().cells.get_mut(&id) {
+                    slot.set_warm_one(kept);
                 }
-                // A dead cell keeps nothing; it leaves the pool with its targets.
-                Err(_) => {}
             }
         }
         removed
