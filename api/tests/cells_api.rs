@@ -649,3 +649,76 @@ fn test_stats_of_an_in_cell_vm_are_read_by_the_supervisor_from_the_cells_pagemap
     let exits = |s: &Value| s["kvm"]["vcpus"][0]["exits"]["value"].as_u64().unwrap_or(0);
     assert!(exits(&after) > exits(&before), "KVM's counters move: {after}");
 }
+
+#[test]
+fn test_calls_run_in_the_cell_of_an_in_cell_vm() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = std::env::temp_dir().join(format!("cowvm-cells-call-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("kernel dir");
+    std::fs::write(dir.join("hello.elf"), cowvm_guest::HELLO_ELF).expect("hello");
+    let config = ServerConfig {
+        limits: limits(),
+        cells: Some(cells(10, 2)),
+        kernel_dir: Some(dir.clone()),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let vm = ok(
+        &client,
+        "POST",
+        "/v1/vms",
+        Some(json!({"memory_mib": 64, "kernel": "hello.elf"})),
+        201,
+    );
+    let vm = vm["id"].as_str().expect("id").to_owned();
+    let tpl = ok(&client, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201);
+    let tpl = tpl["template_id"].as_str().expect("template").to_owned();
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let held: u64 = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["vms"].as_u64().expect("vms"))
+        .sum();
+    assert_eq!(held, 1, "the clone lives in a cell: {listed}");
+    for _ in 0..2 {
+        let answer = ok(
+            &client,
+            "POST",
+            &format!("/v1/vms/{clone}/call"),
+            Some(json!({"input": b64.encode(b"world")})),
+            200,
+        );
+        let output = b64.decode(answer["output"].as_str().expect("output")).expect("base64");
+        assert_eq!(output, b"hello, world", "{answer}");
+        assert_eq!(answer["status"], 0);
+        assert!(answer["run_us"].as_f64().is_some_and(|v| v > 0.0), "{answer}");
+    }
+    // A built-in guest is not an ABI guest: 422 as in process, and the VM stays usable.
+    let (_, builtin) = template(&client);
+    let other = clone_ids(&client, &builtin, 1).remove(0);
+    let code = error_code(
+        &client,
+        "POST",
+        &format!("/v1/vms/{other}/call"),
+        Some(json!({"input": b64.encode(b"x")})),
+        422,
+    );
+    assert_eq!(code, "not_abi_guest");
+    run_checksum(&client, &other);
+    // Bad input is refused before any cell is asked.
+    let code = error_code(
+        &client,
+        "POST",
+        &format!("/v1/vms/{clone}/call"),
+        Some(json!({"input": "not base64!"})),
+        400,
+    );
+    assert!(!code.is_empty());
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}

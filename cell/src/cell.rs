@@ -20,6 +20,7 @@ use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
 use cowvm_vmm::{GuestCommand, Template};
 
 pub use crate::error::{CellError, ExitStatus};
+pub use crate::protocol::{CallDone, CallFailure};
 use crate::protocol::{
     CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
     SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
@@ -389,6 +390,25 @@ impl Cell {
         }
     }
 
+    /// Runs one call in VM `vm` with a guest deadline: its answer, or how the call failed.
+    pub fn call_guest(
+        &self,
+        vm: CellVmId,
+        input: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Result<CallDone, CallFailure>, CellError> {
+        let request = Request::Call {
+            vm,
+            input,
+            deadline_ms: deadline.as_millis() as u64,
+        };
+        match self.call(request, &[], self.config.request_timeout + deadline)? {
+            Response::Called(done) => Ok(Ok(done)),
+            Response::CallFailed(failure) => Ok(Err(failure)),
+            other => Err(self.unexpected("call", &other)),
+        }
+    }
+
     /// Resets VM `vm` to its template's state.
     pub fn reset(&self, vm: CellVmId) -> Result<ResetDone, CellError> {
         match self.call(Request::Reset { vm }, &[], self.config.request_timeout)? {
@@ -459,6 +479,8 @@ impl Cell {
                 Response::Done => "Done",
                 Response::Stats(_) => "Stats",
                 Response::StatsFds => "StatsFds",
+                Response::Called(_) => "Called",
+                Response::CallFailed(_) => "CallFailed",
                 Response::Error(_) => "Error",
             },
         }

@@ -789,6 +789,16 @@ impl CellPool {
         Ok(self.cell_of(at)?.run(at.vm, command, deadline)?)
     }
 
+    /// Runs one call (guest ABI v1) in VM `at`: its answer, or how the call failed.
+    pub fn call(
+        &self,
+        at: VmRef,
+        input: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Result<crate::protocol::CallDone, crate::protocol::CallFailure>, PoolError> {
+        Ok(self.cell_of(at)?.call_guest(at.vm, input, deadline)?)
+    }
+
     /// Resets VM `at` in place.
     pub fn reset(&self, at: VmRef) -> Result<ResetDone, PoolError> {
         Ok(self.cell_of(at)?.reset(at.vm)?)

@@ -209,6 +209,15 @@ pub enum Request {
     },
     /// Counts.
     Stats,
+    /// One call (guest ABI v1) in a VM, which keeps its state.
+    Call {
+        /// The VM.
+        vm: CellVmId,
+        /// The input bytes.
+        input: Vec<u8>,
+        /// Deadline for the guest, milliseconds.
+        deadline_ms: u64,
+    },
     /// Binary-stats fds of a VM and its vCPU (`KVM_GET_STATS_FD`), so that the supervisor reads
     /// KVM's statistics itself.
     StatsFds {
@@ -231,6 +240,7 @@ impl Request {
             Request::DropTemplate { .. } => "drop_template",
             Request::Stats => "stats",
             Request::StatsFds { .. } => "stats_fds",
+            Request::Call { .. } => "call",
         }
     }
 }
@@ -364,6 +374,36 @@ impl RemoteError {
     }
 }
 
+/// A call's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallDone {
+    /// The status the guest passed to `done`.
+    pub status: u32,
+    /// The output bytes.
+    pub output: Vec<u8>,
+    /// What the guest logged during the call.
+    pub log: String,
+    /// Whether logs were dropped.
+    pub log_truncated: bool,
+    /// Microseconds to get the VM ready for the call.
+    pub spawn_us: f64,
+    /// Microseconds the guest ran.
+    pub run_us: f64,
+    /// Microseconds for the whole call.
+    pub total_us: f64,
+}
+
+/// A call that failed in the guest or the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallFailure {
+    /// The API's error code (`None`: a VMM failure).
+    pub code: Option<String>,
+    /// A sentence for people.
+    pub message: String,
+    /// Whether the VM can take another call.
+    pub usable: bool,
+}
+
 /// What a cell answers.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
@@ -402,6 +442,10 @@ pub enum Response {
     Stats(CellCounts),
     /// Sent with two fds: the VM's and its vCPU's binary statistics.
     StatsFds,
+    /// A call's answer.
+    Called(CallDone),
+    /// A call that failed (the cell keeps serving).
+    CallFailed(CallFailure),
     /// The request failed.
     Error(RemoteError),
 }

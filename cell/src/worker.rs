@@ -14,11 +14,14 @@ use cowvm_vmm::{
 };
 
 use crate::protocol::{
-    CellCounts, CellVmId, Envelope, Init, LoadTemplate, RemoteError, RemoteErrorKind, Request, ResetDone, Response,
-    RunOutput, SpawnFailure, SpawnedVm, TemplateId, WarmCount,
+    CallDone, CallFailure, CellCounts, CellVmId, Envelope, Init, LoadTemplate, RemoteError, RemoteErrorKind, Request,
+    ResetDone, Response, RunOutput, SpawnFailure, SpawnedVm, TemplateId, WarmCount,
 };
 use crate::sandbox;
 use crate::wire::{self, WireError};
+
+/// Bytes an answer needs besides a call's output and log.
+const CALL_OVERHEAD: usize = 1024;
 
 /// The descriptor a cell finds its socket on (the supervisor puts it there before `exec`).
 pub const CELL_FD: RawFd = 3;
@@ -234,6 +237,45 @@ impl Worker {
                 let (vm_stats, vcpu_stats) = self.vm(vm)?.vm().stats_fds().map_err(vmm_error)?;
                 self.outgoing = vec![OwnedFd::from(vm_stats), OwnedFd::from(vcpu_stats)];
                 Ok(Response::StatsFds)
+            }
+            Request::Call { vm, input, deadline_ms } => {
+                let clone = self.vm(vm)?;
+                let (generation, seed) = (clone.generation(), clone.seed());
+                let deadline = Duration::from_millis(deadline_ms);
+                Ok(
+                    match cowvm_vmm::call::call_vm(clone.vm_mut(), &input, generation, seed, deadline) {
+                        Ok(report) => {
+                            let log = report.log.text();
+                            if report.output.len() + log.len() + CALL_OVERHEAD > wire::MAX_MESSAGE {
+                                Response::CallFailed(CallFailure {
+                                    code: Some("output_too_large".into()),
+                                    message: format!(
+                                        "{} bytes of output and {} of log do not fit one answer of a cell ({} bytes)",
+                                        report.output.len(),
+                                        log.len(),
+                                        wire::MAX_MESSAGE
+                                    ),
+                                    usable: true,
+                                })
+                            } else {
+                                Response::Called(CallDone {
+                                    status: report.status,
+                                    output: report.output,
+                                    log,
+                                    log_truncated: report.log.truncated(),
+                                    spawn_us: report.spawn_us,
+                                    run_us: report.run_us,
+                                    total_us: report.total_us,
+                                })
+                            }
+                        }
+                        Err(e) => Response::CallFailed(CallFailure {
+                            code: e.code().map(str::to_owned),
+                            message: e.to_string(),
+                            usable: e.guest_usable(),
+                        }),
+                    },
+                )
             }
             Request::Stats => Ok(Response::Stats(CellCounts {
                 vms: self.vms.len() as u32,

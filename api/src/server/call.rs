@@ -89,17 +89,7 @@ impl From<CallReport> for CallResult {
 
 impl From<CallError> for ApiError {
     fn from(e: CallError) -> Self {
-        let code = match &e {
-            CallError::Vm(_) | CallError::Mailbox(_) => None,
-            CallError::InputTooLarge { .. } => Some("input_too_large"),
-            CallError::OutputTooLarge { .. } => Some("output_too_large"),
-            CallError::BadHypercall(_) | CallError::UnexpectedHypercall { .. } => Some("bad_hypercall"),
-            CallError::Aborted { .. } => Some("guest_aborted"),
-            CallError::Fault(_) => Some("guest_fault"),
-            CallError::Deadline { .. } => Some("deadline_exceeded"),
-            CallError::NotAbi(_) => Some("not_abi_guest"),
-        };
-        match (code, e) {
+        match (e.code(), e) {
             (Some(code), e) => Self::out_of_range(code, e.to_string()),
             (None, CallError::Vm(vm)) => vm.into(),
             (None, e) => Self::internal(e.to_string()),
@@ -108,7 +98,7 @@ impl From<CallError> for ApiError {
 }
 
 /// Decodes the input and checks the timeout.
-fn parse(app: &App, req: &CallRequest) -> Result<(Vec<u8>, Duration), ApiError> {
+pub(super) fn parse(app: &App, req: &CallRequest) -> Result<(Vec<u8>, Duration), ApiError> {
     let input = BASE64
         .decode(req.input.as_bytes())
         .map_err(|e| ApiError::bad_request("invalid_field", format!("input is not valid base64: {e}")))?;

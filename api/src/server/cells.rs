@@ -3,11 +3,13 @@
 //!
 //! What it covers today: templates (snapshots, live forks, templates loaded from the state
 //! directory) are handed to the pool as they are added; `POST /v1/templates/{id}/clones` places
-//! its clones in cells; `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run` and
-//! `POST /v1/vms/{id}/reset` serve them; probes, stats, live forks, snapshots and calls of an
-//! in-cell VM answer 409 `not_supported_in_cell`. A watcher notices dead cells and marks their
-//! VMs `lost` (409 `vm_lost` on every operation but GET and DELETE); the pool starts new cells on
-//! demand. Booted VMs (`POST /v1/vms`) stay in the server's process.
+//! its clones in cells, taking the warm shells a keeper thread keeps there (counted against
+//! `--max-vms`); `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run`, `reset`,
+//! `call` and `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) serve
+//! them; write probes, live forks and snapshots of an in-cell VM answer 409
+//! `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
+//! `vm_lost` on every operation but GET and DELETE); the pool starts new cells on demand. Booted
+//! VMs (`POST /v1/vms`) stay in the server's process.
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
 //! in-process handlers, so that those handlers stay as they are when cells are off.
@@ -24,8 +26,11 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
 use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef, VmStatsFiles};
+use cowvm_vmm::call::CALL_ERROR_CODES;
 use cowvm_vmm::kpage::KPages;
 use cowvm_vmm::pagemap::PageMap;
 use cowvm_vmm::stats::{region_sharing, HostView, RamRegion};
@@ -35,6 +40,7 @@ use utoipa::ToSchema;
 use vm_memory::GuestAddress;
 
 use super::app::App;
+use super::call::{CallRequest, CallResult};
 use super::error::ApiError;
 use super::model::{
     CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand, RunResult, VmInfo, VmStats,
@@ -677,7 +683,11 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
         },
         (&Method::POST, ["reset"]) => reset(app, cells, vm).await.map(IntoResponse::into_response),
         (&Method::GET, ["stats"]) => vm_stats(app, cells, vm).await.map(IntoResponse::into_response),
-        (&Method::POST, ["snapshot" | "clones" | "call"]) | (&Method::POST, ["probes", "write"]) => {
+        (&Method::POST, ["call"]) => match Json::<CallRequest>::from_request(request, &()).await {
+            Ok(Json(req)) => call(app, cells, vm, req).await.map(IntoResponse::into_response),
+            Err(rejection) => Err(rejection.into()),
+        },
+        (&Method::POST, ["snapshot" | "clones"]) | (&Method::POST, ["probes", "write"]) => {
             Err(vm.usable().err().unwrap_or_else(|| {
                 ApiError::conflict(
                     "not_supported_in_cell",
@@ -948,4 +958,65 @@ async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Re
     })
     .await?;
     Ok(Json(stats))
+}
+
+/// Bytes of a cell message that are not a call's input.
+const CALL_MESSAGE_OVERHEAD: usize = 1024;
+
+/// `POST /v1/vms/{id}/call` of an in-cell VM: the cell runs the call and keeps the VM's state.
+async fn call(
+    app: Arc<App>,
+    cells: Arc<CellService>,
+    vm: Arc<CellVm>,
+    req: CallRequest,
+) -> Result<Json<CallResult>, ApiError> {
+    let (input, deadline) = super::call::parse(&app, &req)?;
+    let fits = cowvm_cell::wire::MAX_MESSAGE - CALL_MESSAGE_OVERHEAD;
+    if input.len() > fits {
+        return Err(ApiError::out_of_range(
+            "input_too_large",
+            format!(
+                "input of {} bytes exceeds the {fits} bytes a call to a VM in a cell carries",
+                input.len()
+            ),
+        ));
+    }
+    vm.usable()?;
+    let service = Arc::clone(&app);
+    let done = blocking(&app, move || {
+        let _busy = lock(&vm.busy);
+        vm.usable()?;
+        match cells
+            .pool
+            .call(vm.at, input, deadline)
+            .map_err(|e| cells.vm_error(&vm, e))?
+        {
+            Ok(done) => Ok(done),
+            Err(failure) => {
+                if !failure.usable {
+                    lock(&vm.status)
+                        .failure
+                        .get_or_insert(format!("a call failed: {}", failure.message));
+                    service.metrics.vms_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                let code = failure
+                    .code
+                    .and_then(|code| CALL_ERROR_CODES.iter().copied().find(|&known| known == code));
+                Err(match code {
+                    Some(code) => ApiError::out_of_range(code, failure.message),
+                    None => ApiError::internal(failure.message),
+                })
+            }
+        }
+    })
+    .await?;
+    Ok(Json(CallResult {
+        output: BASE64.encode(&done.output),
+        status: done.status,
+        logs: done.log,
+        logs_truncated: done.log_truncated,
+        spawn_us: done.spawn_us,
+        run_us: done.run_us,
+        total_us: done.total_us,
+    }))
 }
