@@ -49,6 +49,9 @@ struct Worker {
     targets: HashMap<TemplateId, u32>,
     /// Descriptors to send with the current answer.
     outgoing: Vec<OwnedFd>,
+    /// VMs were handed to the engine's reaper since the last spawn (their room comes back once
+    /// they are torn down).
+    torn_down: bool,
 }
 
 fn admit_error(e: AdmitError) -> RemoteError {
@@ -214,6 +217,7 @@ impl Worker {
                 let engine = self.engine()?;
                 engine.destroy(held.clone);
                 engine.drop_later(held.room);
+                self.torn_down = true;
                 Ok(Response::Done)
             }
             Request::DropTemplate { template } => {
@@ -371,12 +375,13 @@ impl Worker {
 
     fn spawn(&mut self, template: TemplateId, count: u32) -> Result<Response, RemoteError> {
         let source = Arc::clone(self.template(template)?);
+        let torn_down = std::mem::take(&mut self.torn_down);
         let engine = self.engine()?;
         // Admitted against the cell's VM limit and mapping budget; the template's warm shells
         // are claimed first and other shells give way.
         let mut room = match engine.reserve(count as usize, Some(&source)) {
             // VMs destroyed just before give their room back once torn down: wait for that.
-            Err(AdmitError::TooManyVms { .. } | AdmitError::MappingsExhausted { .. }) => {
+            Err(AdmitError::TooManyVms { .. } | AdmitError::MappingsExhausted { .. }) if torn_down => {
                 engine.flush();
                 engine.reserve(count as usize, Some(&source))
             }
