@@ -49,9 +49,6 @@ struct Worker {
     targets: HashMap<TemplateId, u32>,
     /// Descriptors to send with the current answer.
     outgoing: Vec<OwnedFd>,
-    /// VMs were handed to the engine's reaper since the last spawn (their room comes back once
-    /// they are torn down).
-    torn_down: bool,
 }
 
 fn admit_error(e: AdmitError) -> RemoteError {
@@ -213,11 +210,11 @@ impl Worker {
                     .vms
                     .remove(&vm)
                     .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
-                // The VM first, then its room (the reaper drops them in that order).
-                let engine = self.engine()?;
-                engine.destroy(held.clone);
-                engine.drop_later(held.room);
-                self.torn_down = true;
+                // Torn down here, the VM first, then its room: the room is free when the answer
+                // goes out, so the supervisor's count of the cell is exact for the next spawn.
+                let Held { clone, room } = held;
+                drop(clone);
+                drop(room);
                 Ok(Response::Done)
             }
             Request::DropTemplate { template } => {
@@ -375,19 +372,10 @@ impl Worker {
 
     fn spawn(&mut self, template: TemplateId, count: u32) -> Result<Response, RemoteError> {
         let source = Arc::clone(self.template(template)?);
-        let torn_down = std::mem::take(&mut self.torn_down);
         let engine = self.engine()?;
         // Admitted against the cell's VM limit and mapping budget; the template's warm shells
         // are claimed first and other shells give way.
-        let mut room = match engine.reserve(count as usize, Some(&source)) {
-            // VMs destroyed just before give their room back once torn down: wait for that.
-            Err(AdmitError::TooManyVms { .. } | AdmitError::MappingsExhausted { .. }) if torn_down => {
-                engine.flush();
-                engine.reserve(count as usize, Some(&source))
-            }
-            admitted => admitted,
-        }
-        .map_err(admit_error)?;
+        let mut room = engine.reserve(count as usize, Some(&source)).map_err(admit_error)?;
         let batch = engine
             .spawn_reserved(&source, &mut room, &|| false)
             .map_err(vmm_error)?;
