@@ -48,6 +48,15 @@ pub struct CellsArgs {
     /// Pages each probe writes.
     #[arg(long, default_value_t = 100)]
     pub pages: u64,
+    /// Single-clone calls of the API rows (`"cells": true`).
+    #[arg(long, default_value_t = 200)]
+    pub api_samples: usize,
+    /// Clones of the large call of the API rows.
+    #[arg(long, default_value_t = 1000)]
+    pub api_batch: usize,
+    /// Only the API rows (a server with `--cells`, warm shells in cells).
+    #[arg(long)]
+    pub api_only: bool,
 }
 
 /// Copy-on-write costs of one clone, from `KVM_RUN` times of single-qword guest writes: each
@@ -263,7 +272,7 @@ pub fn run(args: &CellsArgs) -> Result<(), BenchError> {
     let out = args.out.as_path();
     super::prepare(out)?;
     let result = measure(args, out)?;
-    let path = out.join("cells.json");
+    let path = out.join(if args.api_only { "cells-api.json" } else { "cells.json" });
     write_json(&path, &result)?;
     println!("{}", serde_json::to_string_pretty(&result).unwrap_or_default());
     eprintln!("[bench cells] results in {}", path.display());
@@ -278,6 +287,23 @@ pub fn measure(args: &CellsArgs, out: &Path) -> Result<Value, BenchError> {
     } else {
         (args.live, args.sweep.clone(), args.pages)
     };
+    let (api_samples, api_batch) = if args.quick {
+        (args.api_samples.min(20), args.api_batch.min(100))
+    } else {
+        (args.api_samples, args.api_batch)
+    };
+    progress(&format!(
+        "cells: API clone calls with --cells ({api_samples} single, one of {api_batch})"
+    ));
+    let api = super::cells_api::api_rows(256, api_samples, api_batch, args.vms_per_cell)?;
+    if args.api_only {
+        return Ok(json!({
+            "api": api,
+            "loadavg_at_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+            "seconds": started.elapsed().as_secs_f64(),
+            "quick": args.quick,
+        }));
+    }
     let kvm = Arc::new(cowvm_vmm::Kvm::open()?);
     let template = make_template(&kvm, 256)?;
     // Cells first, so that their memory baseline does not see the in-process engine's
@@ -308,6 +334,7 @@ pub fn measure(args: &CellsArgs, out: &Path) -> Result<Value, BenchError> {
         "vms_per_cell": args.vms_per_cell,
         "placement": placement,
         "notifier_sweep": notifier,
+        "api": api,
         "seconds": started.elapsed().as_secs_f64(),
         "quick": args.quick,
     }))

@@ -4,6 +4,7 @@
 
 mod call;
 mod cells;
+mod cells_api;
 mod ci_http;
 mod fork;
 mod load;

@@ -20,9 +20,10 @@ use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
 use cowvm_vmm::{GuestCommand, Template};
 
 pub use crate::error::{CellError, ExitStatus};
+pub use crate::protocol::{CallDone, CallFailure};
 use crate::protocol::{
     CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
-    SpawnFailure, SpawnedVm, TemplateId, WireCommand,
+    SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
 };
 use crate::sandbox::{self, Confinement};
 use crate::wire::{self, WireError};
@@ -44,6 +45,17 @@ impl VmStatsFiles {
     }
 }
 
+/// What a cell answered to a spawn.
+#[derive(Debug, Clone)]
+pub struct Spawned {
+    /// Clones made, in request order.
+    pub clones: Vec<SpawnedVm>,
+    /// Positions not made.
+    pub failed: Vec<SpawnFailure>,
+    /// The warm-shell targets the cell keeps afterwards.
+    pub warm: Vec<WarmCount>,
+}
+
 /// How to start cells and talk to them.
 #[derive(Debug, Clone)]
 pub struct CellConfig {
@@ -55,6 +67,9 @@ pub struct CellConfig {
     pub sandbox: SandboxConfig,
     /// Most VMs (clones plus warm shells) one cell holds.
     pub vms_per_cell: u32,
+    /// Most memory mappings one cell's VMs may cost (`None`: the cell's own
+    /// `vm.max_map_count` less what the process keeps for itself).
+    pub mapping_budget: Option<u64>,
     /// Timeout of requests that do not scale with a count.
     pub request_timeout: Duration,
     /// Extra time a spawn or warm-up may take per VM.
@@ -72,6 +87,7 @@ impl CellConfig {
                 seccomp: true,
             },
             vms_per_cell: crate::DEFAULT_VMS_PER_CELL,
+            mapping_budget: None,
             request_timeout: Duration::from_secs(30),
             per_vm_timeout: Duration::from_millis(50),
         })
@@ -227,6 +243,7 @@ impl Cell {
         let init = Request::Init(Init {
             sandbox: config.sandbox,
             max_vms: config.vms_per_cell,
+            mapping_budget: config.mapping_budget,
         });
         match cell.call(init, &[kvm.as_fd()], config.request_timeout)? {
             Response::Ready { uid, .. } => cell.uid = uid,
@@ -333,25 +350,29 @@ impl Cell {
         }
     }
 
-    /// Keeps `shells` warm shells of template `id`, waiting up to `wait` for them; returns the
-    /// number ready.
-    pub fn keep_warm(&self, id: TemplateId, shells: u32, wait: Duration) -> Result<u32, CellError> {
+    /// Keeps `shells` warm shells of template `id` (lowered by the cell to the room it has),
+    /// waiting up to `wait` for them; returns the target kept and the shells ready.
+    pub fn keep_warm(&self, id: TemplateId, shells: u32, wait: Duration) -> Result<WarmCount, CellError> {
         let request = Request::KeepWarm {
             template: id,
             shells,
             wait_ms: wait.as_millis() as u64,
         };
         match self.call(request, &[], self.config.request_timeout + wait)? {
-            Response::Warm { shells } => Ok(shells),
+            Response::Warm { shells, target } => Ok(WarmCount {
+                template: id,
+                target,
+                ready: shells,
+            }),
             other => Err(self.unexpected("keep_warm", &other)),
         }
     }
 
-    /// Makes `count` clones of template `id` in this cell.
-    pub fn spawn(&self, id: TemplateId, count: u32) -> Result<(Vec<SpawnedVm>, Vec<SpawnFailure>), CellError> {
+    /// Makes `count` clones of template `id` in this cell (its warm shells first).
+    pub fn spawn(&self, id: TemplateId, count: u32) -> Result<Spawned, CellError> {
         let timeout = self.config.request_timeout + self.config.per_vm_timeout * count;
         match self.call(Request::Spawn { template: id, count }, &[], timeout)? {
-            Response::Spawned { clones, failed } => Ok((clones, failed)),
+            Response::Spawned { clones, failed, warm } => Ok(Spawned { clones, failed, warm }),
             other => Err(self.unexpected("spawn", &other)),
         }
     }
@@ -366,6 +387,25 @@ impl Cell {
         match self.call(request, &[], self.config.request_timeout + deadline)? {
             Response::Ran(out) => Ok(out),
             other => Err(self.unexpected("run", &other)),
+        }
+    }
+
+    /// Runs one call in VM `vm` with a guest deadline: its answer, or how the call failed.
+    pub fn call_guest(
+        &self,
+        vm: CellVmId,
+        input: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Result<CallDone, CallFailure>, CellError> {
+        let request = Request::Call {
+            vm,
+            input,
+            deadline_ms: deadline.as_millis() as u64,
+        };
+        match self.call(request, &[], self.config.request_timeout + deadline)? {
+            Response::Called(done) => Ok(Ok(done)),
+            Response::CallFailed(failure) => Ok(Err(failure)),
+            other => Err(self.unexpected("call", &other)),
         }
     }
 
@@ -439,6 +479,8 @@ impl Cell {
                 Response::Done => "Done",
                 Response::Stats(_) => "Stats",
                 Response::StatsFds => "StatsFds",
+                Response::Called(_) => "Called",
+                Response::CallFailed(_) => "CallFailed",
                 Response::Error(_) => "Error",
             },
         }

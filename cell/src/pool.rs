@@ -2,15 +2,15 @@
 //! room (at most `vms_per_cell` VMs each) and makes them in parallel, addresses VMs by
 //! [`VmRef`], and reports cells that died with the VMs they took with them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cowvm_vmm::{GuestCommand, Template};
 
-use crate::cell::{Cell, CellConfig, CellError, ExitStatus, Liveness};
-use crate::protocol::{CellVmId, ResetDone, RunOutput, SpawnFailure, SpawnedVm, TemplateId};
+use crate::cell::{Cell, CellConfig, CellError, ExitStatus, Liveness, Spawned};
+use crate::protocol::{CellVmId, ResetDone, RunOutput, SpawnFailure, SpawnedVm, TemplateId, WarmCount};
 use crate::sandbox::Confinement;
 
 /// A cell's id in the pool (never reused).
@@ -69,25 +69,75 @@ pub struct CellInfo {
     pub uid: u32,
     /// Live VMs placed there.
     pub vms: u32,
-    /// Warm shells it keeps.
+    /// Warm shells ready in it (as it last said).
     pub warm_shells: u32,
+    /// Warm shells it keeps (targets over all templates; its builder builds up to these).
+    pub warm_target: u32,
+    /// Memory mappings its live VMs cost (within its own budget, [`CellPool::mapping_budget`]).
+    pub mappings: usize,
     /// Its confinement from `/proc/<pid>/status` (`None` if it could not be read).
     pub confinement: Option<Confinement>,
 }
 
 struct Slot {
     cell: Arc<Cell>,
-    vms: BTreeSet<CellVmId>,
+    /// Live VMs and the mappings each costs.
+    vms: BTreeMap<CellVmId, usize>,
     /// Room promised to spawns in flight (so that concurrent calls do not over-fill a cell).
     reserved: u32,
+    /// Mappings promised to spawns in flight.
+    reserved_mappings: usize,
     templates: BTreeSet<TemplateId>,
-    warm: u32,
+    /// Warm-shell targets and ready shells per template, as the cell last said.
+    warm: BTreeMap<TemplateId, WarmCount>,
+}
+
+impl Slot {
+    fn mappings(&self) -> usize {
+        self.vms.values().sum::<usize>() + self.reserved_mappings
+    }
+
+    fn warm_target(&self) -> u32 {
+        self.warm.values().map(|w| w.target).sum()
+    }
+
+    fn target_of(&self, template: TemplateId) -> u32 {
+        self.warm.get(&template).map_or(0, |w| w.target)
+    }
+
+    /// Records what the cell said it keeps.
+    fn set_warm(&mut self, counts: &[WarmCount]) {
+        self.warm = counts
+            .iter()
+            .filter(|w| w.target > 0 || w.ready > 0)
+            .map(|w| (w.template, *w))
+            .collect();
+    }
+
+    fn set_warm_one(&mut self, count: WarmCount) {
+        if count.target == 0 && count.ready == 0 {
+            self.warm.remove(&count.template);
+        } else {
+            self.warm.insert(count.template, count);
+        }
+    }
 }
 
 struct State {
     next_cell: CellId,
     cells: HashMap<CellId, Slot>,
     templates: HashMap<TemplateId, Arc<Template>>,
+    /// Cells being started (they count against the cell limit already).
+    starting: usize,
+}
+
+impl State {
+    fn alive(&self) -> usize {
+        self.cells
+            .values()
+            .filter(|s| s.cell.liveness() == Liveness::Alive)
+            .count()
+    }
 }
 
 /// The supervisor's set of cells.
@@ -95,7 +145,11 @@ pub struct CellPool {
     config: CellConfig,
     kvm: File,
     max_cells: usize,
+    /// Memory mappings one cell's VMs may cost.
+    mapping_budget: usize,
     state: Mutex<State>,
+    /// Signalled when a cell start finishes.
+    started: Condvar,
 }
 
 /// Errors of the pool.
@@ -118,8 +172,18 @@ pub enum PoolError {
         /// How the cell ended.
         status: ExitStatus,
     },
+    /// One VM of the template costs more mappings than a cell's whole budget.
+    #[error("one VM of template {template} needs {each} memory mappings, more than a cell's budget of {budget}")]
+    TooFragmented {
+        /// Template.
+        template: TemplateId,
+        /// Mappings one VM needs.
+        each: usize,
+        /// A cell's budget.
+        budget: usize,
+    },
     /// More VMs than the cells may hold.
-    #[error("{wanted} more VMs do not fit: {max_cells} cells of {vms_per_cell} VMs")]
+    #[error("{wanted} more VMs do not fit: {max_cells} cells of {vms_per_cell} VMs (and each cell's mapping budget)")]
     Full {
         /// Asked for.
         wanted: usize,
@@ -141,20 +205,32 @@ impl CellPool {
             .write(true)
             .open(cowvm_vmm::kvm::KVM_PATH)
             .map_err(PoolError::Kvm)?;
+        let mapping_budget = config
+            .mapping_budget
+            .map_or_else(cowvm_vmm::pool::default_mapping_budget, |b| b as usize);
         Ok(CellPool {
             config,
             kvm,
             max_cells,
+            mapping_budget,
             state: Mutex::new(State {
                 next_cell: 1,
                 cells: HashMap::new(),
                 templates: HashMap::new(),
+                starting: 0,
             }),
+            started: Condvar::new(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Memory mappings the VMs of one cell may cost (each cell is a process with its own
+    /// `vm.max_map_count`); placement never promises a cell more.
+    pub fn mapping_budget(&self) -> usize {
+        self.mapping_budget
     }
 
     /// The configuration cells are started with.
@@ -193,23 +269,29 @@ impl CellPool {
 
     /// Starts a new cell now (e.g. to replace one that died); returns its id.
     pub fn start_cell(&self) -> Result<CellId, PoolError> {
-        self.start_reserved(0)
+        self.lock().starting += 1;
+        self.start_reserved(0, 0)
     }
 
-    /// Starts a cell with `reserved` of its room promised to the caller.
-    fn start_reserved(&self, reserved: u32) -> Result<CellId, PoolError> {
-        let cell = Arc::new(Cell::start(&self.config, &self.kvm)?);
+    /// Starts a cell with `reserved` of its room promised to the caller (VMs, mappings). The
+    /// caller counted it in `starting` (under the lock, with the cell limit).
+    fn start_reserved(&self, reserved: u32, reserved_mappings: usize) -> Result<CellId, PoolError> {
+        let started = Cell::start(&self.config, &self.kvm);
         let mut state = self.lock();
+        state.starting = state.starting.saturating_sub(1);
+        self.started.notify_all();
+        let cell = Arc::new(started?);
         let id = state.next_cell;
         state.next_cell += 1;
         state.cells.insert(
             id,
             Slot {
                 cell,
-                vms: BTreeSet::new(),
+                vms: BTreeMap::new(),
                 reserved,
+                reserved_mappings,
                 templates: BTreeSet::new(),
-                warm: 0,
+                warm: BTreeMap::new(),
             },
         );
         Ok(id)
@@ -220,8 +302,9 @@ impl CellPool {
         self.lock().cells.get(&id).map(|s| Arc::clone(&s.cell))
     }
 
-    /// Every cell, as `GET /v1/cells` lists them.
+    /// Every cell, as `GET /v1/cells` lists them (asks each live cell for its warm shells).
     pub fn cells(&self) -> Vec<CellInfo> {
+        self.refresh_warm();
         let state = self.lock();
         let mut list: Vec<CellInfo> = state
             .cells
@@ -231,7 +314,9 @@ impl CellPool {
                 pid: slot.cell.pid(),
                 uid: slot.cell.uid(),
                 vms: slot.vms.len() as u32,
-                warm_shells: slot.warm,
+                warm_shells: slot.warm.values().map(|w| w.ready).sum(),
+                warm_target: slot.warm_target(),
+                mappings: slot.vms.values().sum(),
                 confinement: slot.cell.confinement().ok(),
             })
             .collect();
@@ -239,68 +324,116 @@ impl CellPool {
         list
     }
 
-    /// Plans where `count` clones go: (cell, how many), filling cells with room first, then new
-    /// cells, which it starts. The room is reserved until [`CellPool::release`].
-    fn place(&self, count: usize) -> Result<Vec<(CellId, Arc<Cell>, u32)>, PoolError> {
+    /// Mappings one VM of `template` costs, and the error when one alone exceeds a cell's budget.
+    fn mappings_each(&self, template: TemplateId) -> Result<usize, PoolError> {
+        let source = self
+            .lock()
+            .templates
+            .get(&template)
+            .cloned()
+            .ok_or(PoolError::UnknownTemplate(template))?;
+        let each = cowvm_vmm::pool::mappings_per_clone(&source);
+        if each > self.mapping_budget {
+            return Err(PoolError::TooFragmented {
+                template,
+                each,
+                budget: self.mapping_budget,
+            });
+        }
+        Ok(each)
+    }
+
+    /// VMs costing `each` mappings that still fit in `slot`: its VM limit and its own mapping
+    /// budget, less live VMs and spawns in flight. (Warm shells give way to clones.)
+    fn room(&self, slot: &Slot, each: usize) -> u32 {
         let per_cell = self.config.vms_per_cell.max(1);
+        let by_count = per_cell.saturating_sub(slot.vms.len() as u32 + slot.reserved);
+        let by_mappings = self.mapping_budget.saturating_sub(slot.mappings()) / each.max(1);
+        by_count.min(by_mappings.min(u32::MAX as usize) as u32)
+    }
+
+    /// VMs costing `each` mappings that an empty cell takes.
+    fn empty_room(&self, each: usize) -> u32 {
+        let per_cell = self.config.vms_per_cell.max(1);
+        per_cell.min((self.mapping_budget / each.max(1)).min(u32::MAX as usize) as u32)
+    }
+
+    /// Plans where `count` clones of `template` (costing `each` mappings) go: (cell, how many),
+    /// cells with warm shells of the template first (most first), then cells with room, then new
+    /// cells, which it starts. The room is reserved until [`CellPool::release`].
+    fn place(
+        &self,
+        count: usize,
+        template: TemplateId,
+        each: usize,
+    ) -> Result<Vec<(CellId, Arc<Cell>, u32)>, PoolError> {
+        let per_new = self.empty_room(each).max(1);
         let mut plan = Vec::new();
         let mut left = count;
         let new_cells = {
             let mut state = self.lock();
-            let alive = state
-                .cells
-                .values()
-                .filter(|s| s.cell.liveness() == Liveness::Alive)
-                .count();
-            let free: usize = state
-                .cells
-                .values()
-                .filter(|s| s.cell.liveness() == Liveness::Alive)
-                .map(|s| per_cell.saturating_sub(s.vms.len() as u32 + s.reserved) as usize)
-                .sum();
-            let needed = count.saturating_sub(free).div_ceil(per_cell as usize);
-            if alive + needed > self.max_cells {
-                return Err(PoolError::Full {
-                    wanted: count,
-                    max_cells: self.max_cells,
-                    vms_per_cell: per_cell,
-                });
-            }
-            let mut ids: Vec<CellId> = state.cells.keys().copied().collect();
-            ids.sort();
-            for id in ids {
-                let Some(slot) = state.cells.get_mut(&id) else { continue };
-                if left == 0 || slot.cell.liveness() != Liveness::Alive {
-                    continue;
+            let wait_until = std::time::Instant::now() + self.config.request_timeout;
+            let (alive, needed) = loop {
+                let alive: Vec<CellId> = state
+                    .cells
+                    .iter()
+                    .filter(|(_, s)| s.cell.liveness() == Liveness::Alive)
+                    .map(|(&id, _)| id)
+                    .collect();
+                let free: usize = alive
+                    .iter()
+                    .filter_map(|id| state.cells.get(id))
+                    .map(|s| self.room(s, each) as usize)
+                    .sum();
+                let needed = count.saturating_sub(free).div_ceil(per_new as usize);
+                if alive.len() + state.starting + needed <= self.max_cells {
+                    break (alive, needed);
                 }
-                // Warm shells turn into the clones a spawn makes, so only live VMs (and spawns
-                // in flight) take room; a cell refuses to keep more shells than fit.
-                let room = per_cell.saturating_sub(slot.vms.len() as u32 + slot.reserved) as usize;
+                // Cells being started (e.g. for warm shells) may bring the room: wait for them.
+                let left = wait_until.saturating_duration_since(std::time::Instant::now());
+                if state.starting == 0 || left.is_zero() {
+                    return Err(PoolError::Full {
+                        wanted: count,
+                        max_cells: self.max_cells,
+                        vms_per_cell: self.config.vms_per_cell.max(1),
+                    });
+                }
+                state = self
+                    .started
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            };
+            state.starting += needed;
+            let mut order: Vec<(u32, CellId)> = alive
+                .iter()
+                .filter_map(|&id| Some((state.cells.get(&id)?.target_of(template), id)))
+                .collect();
+            order.sort_by_key(|&(warm, id)| (std::cmp::Reverse(warm), id));
+            for (_, id) in order {
+                if left == 0 {
+                    break;
+                }
+                let room = match state.cells.get(&id) {
+                    Some(slot) => self.room(slot, each) as usize,
+                    None => continue,
+                };
                 let take = room.min(left);
                 if take > 0 {
-                    slot.reserved += take as u32;
-                    plan.push((id, Arc::clone(&slot.cell), take as u32));
-                    left -= take;
+                    if let Some(slot) = state.cells.get_mut(&id) {
+                        slot.reserved += take as u32;
+                        slot.reserved_mappings += take * each;
+                        plan.push((id, Arc::clone(&slot.cell), take as u32));
+                        left -= take;
+                    }
                 }
             }
             needed
         };
         let shares: Vec<u32> = (0..new_cells)
-            .map(|i| (left - i * per_cell as usize).min(per_cell as usize) as u32)
+            .map(|i| (left - i * per_new as usize).min(per_new as usize) as u32)
             .collect();
-        let started: Vec<Result<CellId, PoolError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = shares
-                .iter()
-                .map(|&n| scope.spawn(move || self.start_reserved(n)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(CellError::Local("a cell start panicked".into()).into()))
-                })
-                .collect()
-        });
+        let started = self.start_cells(shares.iter().map(|&n| (n, n as usize * each)).collect());
         let mut first_error = None;
         for (id, n) in started.into_iter().zip(shares) {
             match id {
@@ -317,17 +450,38 @@ impl CellPool {
         if let Some(e) = first_error {
             // A cell did not start: give back what was reserved.
             for (id, _, n) in &plan {
-                self.release(*id, *n);
+                self.release(*id, *n, *n as usize * each);
             }
             return Err(e);
         }
         Ok(plan)
     }
 
-    /// Gives back `n` reserved places in cell `id`.
-    fn release(&self, id: CellId, n: u32) {
+    /// Starts one cell per entry, in parallel, each with (VMs, mappings) of its room reserved.
+    fn start_cells(&self, reserved: Vec<(u32, usize)>) -> Vec<Result<CellId, PoolError>> {
+        if reserved.len() == 1 {
+            return vec![self.start_reserved(reserved[0].0, reserved[0].1)];
+        }
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = reserved
+                .iter()
+                .map(|&(n, m)| scope.spawn(move || self.start_reserved(n, m)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(CellError::Local("a cell start panicked".into()).into()))
+                })
+                .collect()
+        })
+    }
+
+    /// Gives back `n` reserved places (and `mappings`) in cell `id`.
+    fn release(&self, id: CellId, n: u32, mappings: usize) {
         if let Some(slot) = self.lock().cells.get_mut(&id) {
             slot.reserved = slot.reserved.saturating_sub(n);
+            slot.reserved_mappings = slot.reserved_mappings.saturating_sub(mappings);
         }
     }
 
@@ -349,48 +503,222 @@ impl CellPool {
         Ok(())
     }
 
-    /// Keeps `shells_per_cell` warm shells of `template` in every live cell, waiting up to
-    /// `wait` for them; returns the shells ready over all cells.
-    pub fn keep_warm(&self, template: TemplateId, shells_per_cell: u32, wait: Duration) -> Result<u32, PoolError> {
-        let cells: Vec<(CellId, Arc<Cell>)> = self
-            .lock()
-            .cells
-            .iter()
-            .map(|(&id, s)| (id, Arc::clone(&s.cell)))
-            .collect();
-        let results: Vec<Result<u32, PoolError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = cells
-                .iter()
-                .map(|(id, cell)| {
-                    scope.spawn(move || {
-                        self.ensure_template(*id, cell, template)?;
-                        let ready = cell.keep_warm(template, shells_per_cell, wait)?;
-                        if let Some(slot) = self.lock().cells.get_mut(id) {
-                            slot.warm = shells_per_cell;
-                        }
-                        Ok(ready)
-                    })
-                })
-                .collect();
+    /// Runs `work` for every entry of `items` in parallel (inline when there is one).
+    fn each_parallel<I: Sync, T: Send>(
+        items: &[I],
+        what: &str,
+        work: impl Fn(&I) -> Result<T, PoolError> + Sync,
+    ) -> Vec<Result<T, PoolError>> {
+        if items.len() == 1 {
+            return vec![work(&items[0])];
+        }
+        std::thread::scope(|scope| {
+            let work = &work;
+            let handles: Vec<_> = items.iter().map(|item| scope.spawn(move || work(item))).collect();
             handles
                 .into_iter()
                 .map(|h| {
                     h.join()
-                        .unwrap_or_else(|_| Err(CellError::Local("a warm-up panicked".into()).into()))
+                        .unwrap_or_else(|_| Err(CellError::Local(format!("a {what} panicked")).into()))
                 })
                 .collect()
-        });
-        results.into_iter().sum()
+        })
     }
 
-    /// Makes `count` clones of `template`, spread over cells with room (new cells started as
-    /// needed), every cell's share made in parallel. Clones a cell could not make (or lost when
-    /// it died) are reported in [`PoolBatch::failed`] with their positions in the call.
-    pub fn spawn(&self, template: TemplateId, count: usize) -> Result<PoolBatch, PoolError> {
-        if !self.lock().templates.contains_key(&template) {
-            return Err(PoolError::UnknownTemplate(template));
+    /// Keeps `shells_per_cell` warm shells of `template` in every live cell, waiting up to
+    /// `wait` for them; returns the shells ready over all cells.
+    pub fn keep_warm(&self, template: TemplateId, shells_per_cell: u32, wait: Duration) -> Result<u32, PoolError> {
+        let cells: Vec<(CellId, Arc<Cell>, u32)> = self
+            .lock()
+            .cells
+            .iter()
+            .map(|(&id, s)| (id, Arc::clone(&s.cell), shells_per_cell))
+            .collect();
+        self.set_targets(template, &cells, wait)
+            .into_iter()
+            .map(|r| r.map(|w| w.ready))
+            .sum()
+    }
+
+    /// Asks each (cell, target) of `targets` to keep that many shells of `template`, in
+    /// parallel, and records what each cell keeps.
+    fn set_targets(
+        &self,
+        template: TemplateId,
+        targets: &[(CellId, Arc<Cell>, u32)],
+        wait: Duration,
+    ) -> Vec<Result<WarmCount, PoolError>> {
+        Self::each_parallel(targets, "warm-up", |(id, cell, target)| {
+            self.ensure_template(*id, cell, template)?;
+            let kept = cell.keep_warm(template, *target, wait)?;
+            if let Some(slot) = self.lock().cells.get_mut(id) {
+                slot.set_warm_one(kept);
+            }
+            Ok(kept)
+        })
+    }
+
+    /// Warm shells of `template` the cells keep (targets: ready or being built).
+    pub fn warm_target(&self, template: TemplateId) -> u32 {
+        self.lock().cells.values().map(|s| s.target_of(template)).sum()
+    }
+
+    /// Warm shells of `template` ready in the cells, as they last said.
+    pub fn warm_ready(&self, template: TemplateId) -> u32 {
+        self.lock()
+            .cells
+            .values()
+            .filter_map(|s| s.warm.get(&template))
+            .map(|w| w.ready)
+            .sum()
+    }
+
+    /// Warm shells the cells keep over all templates, per template.
+    pub fn warm_targets(&self) -> HashMap<TemplateId, u32> {
+        let mut all = HashMap::new();
+        for slot in self.lock().cells.values() {
+            for w in slot.warm.values() {
+                *all.entry(w.template).or_insert(0) += w.target;
+            }
         }
-        let plan = self.place(count)?;
+        all
+    }
+
+    /// Whether every cell last said it had all the warm shells it keeps ready.
+    pub fn warm_settled(&self) -> bool {
+        self.lock()
+            .cells
+            .values()
+            .all(|s| s.warm.values().all(|w| w.ready >= w.target))
+    }
+
+    /// Asks every live cell for its counts and records its warm shells.
+    pub fn refresh_warm(&self) {
+        let cells: Vec<(CellId, Arc<Cell>)> = self
+            .lock()
+            .cells
+            .iter()
+            .filter(|(_, s)| s.cell.liveness() == Liveness::Alive)
+            .map(|(&id, s)| (id, Arc::clone(&s.cell)))
+            .collect();
+        for (id, cell) in cells {
+            if let Ok(counts) = cell.stats() {
+                if let Some(slot) = self.lock().cells.get_mut(&id) {
+                    slot.set_warm(&counts.warm);
+                }
+            }
+        }
+    }
+
+    /// Adds up to `add` warm-shell targets of `template` over the cells: into room nobody holds
+    /// (live VMs, spawns in flight and other targets count), starting new cells up to the cell
+    /// limit when `start_cells` allows. The cells build the shells in the background. Returns the
+    /// targets added (what the cells agreed to keep).
+    pub fn grow_warm(&self, template: TemplateId, add: u32, start_cells: bool) -> Result<u32, PoolError> {
+        let each = self.mappings_each(template)?;
+        let per_cell = self.config.vms_per_cell.max(1);
+        let mut plan: Vec<(CellId, Arc<Cell>, u32)> = Vec::new();
+        let mut before = 0;
+        let mut left = add;
+        let new_cells = {
+            let mut state = self.lock();
+            let mut ids: Vec<CellId> = state.cells.keys().copied().collect();
+            ids.sort();
+            for id in ids {
+                let Some(slot) = state.cells.get(&id) else { continue };
+                if left == 0 {
+                    break;
+                }
+                if slot.cell.liveness() != Liveness::Alive {
+                    continue;
+                }
+                let held = slot.vms.len() as u32 + slot.reserved + slot.warm_target();
+                let room = per_cell
+                    .saturating_sub(held)
+                    .min(self.room(slot, each).saturating_sub(slot.warm_target()));
+                let take = room.min(left);
+                if take > 0 {
+                    let target = slot.target_of(template);
+                    before += target;
+                    plan.push((id, Arc::clone(&slot.cell), target + take));
+                    left -= take;
+                }
+            }
+            if start_cells {
+                let per_new = self.empty_room(each).max(1);
+                let free = self.max_cells.saturating_sub(state.alive() + state.starting);
+                let new_cells = (left.div_ceil(per_new) as usize).min(free);
+                state.starting += new_cells;
+                new_cells
+            } else {
+                0
+            }
+        };
+        let per_new = self.empty_room(each).max(1);
+        let started = self.start_cells(vec![(0, 0); new_cells]);
+        for id in started.into_iter().flatten() {
+            if left == 0 {
+                break;
+            }
+            if let Some(cell) = self.cell(id) {
+                let take = left.min(per_new);
+                plan.push((id, cell, take));
+                left -= take;
+            }
+        }
+        let kept: u32 = self
+            .set_targets(template, &plan, Duration::ZERO)
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|w| w.target)
+            .sum();
+        Ok(kept.saturating_sub(before))
+    }
+
+    /// Lowers warm-shell targets by up to `count` (of `template`, or of any template when
+    /// `None`, the largest first); the cells tear the shells down. Returns the targets removed.
+    pub fn shrink_warm(&self, template: Option<TemplateId>, count: u32) -> u32 {
+        let mut plan: Vec<(TemplateId, CellId, Arc<Cell>, u32, u32)> = Vec::new();
+        {
+            let state = self.lock();
+            let mut all: Vec<(u32, CellId, TemplateId)> = state
+                .cells
+                .iter()
+                .flat_map(|(&id, s)| s.warm.values().map(move |w| (w.target, id, w.template)))
+                .filter(|&(target, _, t)| target > 0 && template.is_none_or(|want| want == t))
+                .collect();
+            all.sort_by_key(|&(target, id, _)| (std::cmp::Reverse(target), id));
+            let mut left = count;
+            for (target, id, t) in all {
+                if left == 0 {
+                    break;
+                }
+                let Some(slot) = state.cells.get(&id) else { continue };
+                let lower = target.min(left);
+                plan.push((t, id, Arc::clone(&slot.cell), target, target - lower));
+                left -= lower;
+            }
+        }
+        let mut removed = 0;
+        for (t, id, cell, before, target) in plan {
+            // A dead cell keeps nothing; it leaves the pool with its targets.
+            if let Ok(kept) = cell.keep_warm(t, target, Duration::ZERO) {
+                removed += before.saturating_sub(kept.target);
+                if let Some(slot) = self.lock().cells.get_mut(&id) {
+                    slot.set_warm_one(kept);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Makes `count` clones of `template`, spread over cells with room (cells with its warm
+    /// shells first, new cells started as needed), every cell's share made in parallel. Clones a
+    /// cell could not make (or lost when it died) are reported in [`PoolBatch::failed`] with
+    /// their positions in the call. The cells' warm-shell targets drop by the shells taken.
+    pub fn spawn(&self, template: TemplateId, count: usize) -> Result<PoolBatch, PoolError> {
+        let each = self.mappings_each(template)?;
+        let plan = self.place(count, template, each)?;
         let mut first = 0u32;
         let shares: Vec<(CellId, Arc<Cell>, u32, u32)> = plan
             .into_iter()
@@ -400,34 +728,22 @@ impl CellPool {
                 share
             })
             .collect();
-        let results: Vec<_> = std::thread::scope(|scope| {
-            let handles: Vec<_> = shares
-                .iter()
-                .map(|(id, cell, n, _)| {
-                    scope.spawn(move || -> Result<(Vec<SpawnedVm>, Vec<SpawnFailure>), PoolError> {
-                        self.ensure_template(*id, cell, template)?;
-                        Ok(cell.spawn(template, *n)?)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(CellError::Local("a spawn panicked".into()).into()))
-                })
-                .collect()
+        let results = Self::each_parallel(&shares, "spawn", |(id, cell, n, _)| {
+            self.ensure_template(*id, cell, template)?;
+            Ok(cell.spawn(template, *n)?)
         });
         let mut batch = PoolBatch::default();
         let mut state = self.lock();
         for ((id, cell, n, first), result) in shares.iter().zip(results) {
             if let Some(slot) = state.cells.get_mut(id) {
                 slot.reserved = slot.reserved.saturating_sub(*n);
+                slot.reserved_mappings = slot.reserved_mappings.saturating_sub(*n as usize * each);
             }
             match result {
-                Ok((clones, failed)) => {
+                Ok(Spawned { clones, failed, warm }) => {
                     if let Some(slot) = state.cells.get_mut(id) {
-                        slot.vms.extend(clones.iter().map(|c| c.vm));
+                        slot.vms.extend(clones.iter().map(|c| (c.vm, each)));
+                        slot.set_warm(&warm);
                     }
                     batch.clones.extend(clones.into_iter().map(|spawned| PlacedVm {
                         at: VmRef {
@@ -451,6 +767,7 @@ impl CellPool {
                 }
             }
         }
+        batch.failed.sort_by_key(|f| f.index);
         Ok(batch)
     }
 
@@ -459,7 +776,7 @@ impl CellPool {
         let slot = state
             .cells
             .get(&at.cell)
-            .filter(|s| s.vms.contains(&at.vm))
+            .filter(|s| s.vms.contains_key(&at.vm))
             .ok_or(PoolError::UnknownVm(at))?;
         if let Liveness::Dead(status) = slot.cell.liveness() {
             return Err(PoolError::Lost { at, status });
@@ -470,6 +787,16 @@ impl CellPool {
     /// Runs `command` in VM `at`.
     pub fn run(&self, at: VmRef, command: GuestCommand, deadline: Duration) -> Result<RunOutput, PoolError> {
         Ok(self.cell_of(at)?.run(at.vm, command, deadline)?)
+    }
+
+    /// Runs one call (guest ABI v1) in VM `at`: its answer, or how the call failed.
+    pub fn call(
+        &self,
+        at: VmRef,
+        input: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Result<crate::protocol::CallDone, crate::protocol::CallFailure>, PoolError> {
+        Ok(self.cell_of(at)?.call_guest(at.vm, input, deadline)?)
     }
 
     /// Resets VM `at` in place.
@@ -494,6 +821,18 @@ impl CellPool {
     /// Removes every dead cell from the pool and reports each with the VMs it took with it.
     /// Returns once their processes are reaped (the kernel tears a dead cell's VMs down first).
     pub fn reap_dead(&self) -> Vec<LostCell> {
+        // A cell's socket closes before the kernel has torn its VMs down and it is reaped: wait
+        // for that, so that each report says how the cell ended.
+        let dying: Vec<Arc<Cell>> = self
+            .lock()
+            .cells
+            .values()
+            .filter(|s| s.cell.liveness() != Liveness::Alive)
+            .map(|s| Arc::clone(&s.cell))
+            .collect();
+        for cell in dying {
+            cell.wait_exit(Duration::from_secs(30));
+        }
         let mut removed = Vec::new();
         let lost = self.take_dead(&mut removed);
         drop(removed);
@@ -520,7 +859,7 @@ impl CellPool {
                     cell: id,
                     pid: slot.cell.pid(),
                     status,
-                    vms: slot.vms.iter().map(|&vm| VmRef { cell: id, vm }).collect(),
+                    vms: slot.vms.keys().map(|&vm| VmRef { cell: id, vm }).collect(),
                 };
                 removed.push(slot);
                 Some(lost)
@@ -530,13 +869,13 @@ impl CellPool {
         lost
     }
 
-    /// Stops every cell that holds no VM (idle), keeping `keep` of them.
+    /// Stops every cell that holds no VM and keeps no warm shell (idle), keeping `keep` of them.
     pub fn reap_idle(&self, keep: usize) -> usize {
         let mut state = self.lock();
         let mut idle: Vec<CellId> = state
             .cells
             .iter()
-            .filter(|(_, s)| s.vms.is_empty())
+            .filter(|(_, s)| s.vms.is_empty() && s.reserved == 0 && s.warm_target() == 0)
             .map(|(&id, _)| id)
             .collect();
         idle.sort();

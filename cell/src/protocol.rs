@@ -38,6 +38,9 @@ pub struct Init {
     pub sandbox: SandboxConfig,
     /// Most VMs (clones plus warm shells) the cell may hold.
     pub max_vms: u32,
+    /// Most memory mappings its VMs may cost (`None`: `vm.max_map_count` less what the process
+    /// keeps for itself). Each cell is a process of its own with a budget of its own.
+    pub mapping_budget: Option<u64>,
 }
 
 /// Sent with the template's memfds: the base first, then each overlay in order.
@@ -159,7 +162,9 @@ pub enum Request {
     Init(Init),
     /// Take a template (its memfds).
     LoadTemplate(Box<LoadTemplate>),
-    /// Keep `shells` warm shells of a template; wait up to `wait_ms` for them to be ready.
+    /// Keep `shells` warm shells of a template; wait up to `wait_ms` for them to be ready. The
+    /// cell lowers the target to the room it has (live VMs and other templates' targets within
+    /// its VM limit) and answers the target it keeps.
     KeepWarm {
         /// Template.
         template: TemplateId,
@@ -168,7 +173,10 @@ pub enum Request {
         /// How long to wait for them (0: return at once).
         wait_ms: u64,
     },
-    /// Make `count` clones of a template.
+    /// Make `count` clones of a template. They take the template's warm shells first, and the
+    /// shells taken (up to `count` of the target) are not rebuilt: the call lowers the target by
+    /// them, and other templates' targets give way to the clones' room. The answer carries the
+    /// targets the cell keeps afterwards.
     Spawn {
         /// Template.
         template: TemplateId,
@@ -201,6 +209,15 @@ pub enum Request {
     },
     /// Counts.
     Stats,
+    /// One call (guest ABI v1) in a VM, which keeps its state.
+    Call {
+        /// The VM.
+        vm: CellVmId,
+        /// The input bytes.
+        input: Vec<u8>,
+        /// Deadline for the guest, milliseconds.
+        deadline_ms: u64,
+    },
     /// Binary-stats fds of a VM and its vCPU (`KVM_GET_STATS_FD`), so that the supervisor reads
     /// KVM's statistics itself.
     StatsFds {
@@ -223,6 +240,7 @@ impl Request {
             Request::DropTemplate { .. } => "drop_template",
             Request::Stats => "stats",
             Request::StatsFds { .. } => "stats_fds",
+            Request::Call { .. } => "call",
         }
     }
 }
@@ -296,7 +314,7 @@ pub struct ResetDone {
 }
 
 /// Counts of a cell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CellCounts {
     /// Live clones.
     pub vms: u32,
@@ -304,6 +322,19 @@ pub struct CellCounts {
     pub warm_shells: u32,
     /// Templates loaded.
     pub templates: u32,
+    /// Warm-shell targets and ready shells per template.
+    pub warm: Vec<WarmCount>,
+}
+
+/// One template's warm shells in a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmCount {
+    /// Template.
+    pub template: TemplateId,
+    /// Shells the cell keeps (its builder builds up to this many off the request path).
+    pub target: u32,
+    /// Shells ready now.
+    pub ready: u32,
 }
 
 /// Kinds of failure a cell reports (the message says the rest).
@@ -347,6 +378,36 @@ impl RemoteError {
     }
 }
 
+/// A call's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallDone {
+    /// The status the guest passed to `done`.
+    pub status: u32,
+    /// The output bytes.
+    pub output: Vec<u8>,
+    /// What the guest logged during the call.
+    pub log: String,
+    /// Whether logs were dropped.
+    pub log_truncated: bool,
+    /// Microseconds to get the VM ready for the call.
+    pub spawn_us: f64,
+    /// Microseconds the guest ran.
+    pub run_us: f64,
+    /// Microseconds for the whole call.
+    pub total_us: f64,
+}
+
+/// A call that failed in the guest or the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallFailure {
+    /// The API's error code (`None`: a VMM failure).
+    pub code: Option<String>,
+    /// A sentence for people.
+    pub message: String,
+    /// Whether the VM can take another call.
+    pub usable: bool,
+}
+
 /// What a cell answers.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Response {
@@ -363,6 +424,8 @@ pub enum Response {
     Warm {
         /// Count.
         shells: u32,
+        /// The target the cell keeps (the one asked for, lowered to the room it has).
+        target: u32,
     },
     /// Clones made (and the ones not made).
     Spawned {
@@ -370,6 +433,8 @@ pub enum Response {
         clones: Vec<SpawnedVm>,
         /// Not made.
         failed: Vec<SpawnFailure>,
+        /// The warm-shell targets the cell keeps afterwards, per template.
+        warm: Vec<WarmCount>,
     },
     /// A guest command's answer.
     Ran(RunOutput),
@@ -381,6 +446,10 @@ pub enum Response {
     Stats(CellCounts),
     /// Sent with two fds: the VM's and its vCPU's binary statistics.
     StatsFds,
+    /// A call's answer.
+    Called(CallDone),
+    /// A call that failed (the cell keeps serving).
+    CallFailed(CallFailure),
     /// The request failed.
     Error(RemoteError),
 }

@@ -8,14 +8,20 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cowvm_vmm::{Clone, CloneEngine, EngineConfig, FrozenMemory, GuestCommand, Kvm, Template, TemplateMemory};
+use cowvm_vmm::{
+    AdmitError, Clone, CloneEngine, EngineConfig, FrozenMemory, GuestCommand, Kvm, Reservation, Template,
+    TemplateMemory,
+};
 
 use crate::protocol::{
-    CellCounts, CellVmId, Envelope, Init, LoadTemplate, RemoteError, RemoteErrorKind, Request, ResetDone, Response,
-    RunOutput, SpawnFailure, SpawnedVm, TemplateId,
+    CallDone, CallFailure, CellCounts, CellVmId, Envelope, Init, LoadTemplate, RemoteError, RemoteErrorKind, Request,
+    ResetDone, Response, RunOutput, SpawnFailure, SpawnedVm, TemplateId, WarmCount,
 };
 use crate::sandbox;
 use crate::wire::{self, WireError};
+
+/// Bytes an answer needs besides a call's output and log.
+const CALL_OVERHEAD: usize = 1024;
 
 /// The descriptor a cell finds its socket on (the supervisor puts it there before `exec`).
 pub const CELL_FD: RawFd = 3;
@@ -26,15 +32,27 @@ const THREADS_READY: Duration = Duration::from_secs(10);
 
 use RemoteErrorKind as Kind;
 
+/// A live clone and its room under the cell's limits (VMs and mappings), held until it goes.
+struct Held {
+    clone: Clone,
+    room: Reservation,
+}
+
 /// The state of a serving cell.
 #[derive(Default)]
 struct Worker {
     engine: Option<CloneEngine>,
     max_vms: u32,
     templates: HashMap<TemplateId, Arc<Template>>,
-    vms: HashMap<CellVmId, Clone>,
+    vms: HashMap<CellVmId, Held>,
+    /// Warm-shell targets per template (their sum and the live VMs stay within `max_vms`).
+    targets: HashMap<TemplateId, u32>,
     /// Descriptors to send with the current answer.
     outgoing: Vec<OwnedFd>,
+}
+
+fn admit_error(e: AdmitError) -> RemoteError {
+    RemoteError::new(Kind::Full, format!("the cell cannot take these VMs: {e}"))
 }
 
 fn vmm_error(e: impl std::fmt::Display) -> RemoteError {
@@ -60,7 +78,53 @@ impl Worker {
     fn vm(&mut self, id: CellVmId) -> Result<&mut Clone, RemoteError> {
         self.vms
             .get_mut(&id)
+            .map(|held| &mut held.clone)
             .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {id} in this cell")))
+    }
+
+    /// Every template's target and ready shells.
+    fn warm_counts(&self) -> Vec<WarmCount> {
+        let mut counts: Vec<WarmCount> = self
+            .targets
+            .iter()
+            .map(|(&template, &target)| WarmCount {
+                template,
+                target,
+                ready: match (&self.engine, self.templates.get(&template)) {
+                    (Some(engine), Some(t)) => engine.warm_shells(t) as u32,
+                    _ => 0,
+                },
+            })
+            .collect();
+        counts.sort_by_key(|c| c.template);
+        counts
+    }
+
+    /// Sets `template`'s target in the engine and tears down ready shells beyond it.
+    fn apply_target(&mut self, template: TemplateId, target: u32) {
+        if target == 0 {
+            self.targets.remove(&template);
+        } else {
+            self.targets.insert(template, target);
+        }
+        if let (Some(engine), Some(t)) = (&self.engine, self.templates.get(&template)) {
+            engine.keep_warm(t, target as usize);
+            engine.trim_shells(t, target as usize);
+        }
+    }
+
+    /// Lowers targets (the largest first) until they fit beside the live VMs.
+    fn fit_targets(&mut self) {
+        let room = self.max_vms.saturating_sub(self.vms.len() as u32);
+        let mut total: u32 = self.targets.values().sum();
+        while total > room {
+            let Some((&template, &target)) = self.targets.iter().max_by_key(|(&id, &t)| (t, id)) else {
+                break;
+            };
+            let lower = (total - room).min(target);
+            self.apply_target(template, target - lower);
+            total -= lower;
+        }
     }
 
     fn warm_shells(&self) -> u32 {
@@ -78,26 +142,29 @@ impl Worker {
                 shells,
                 wait_ms,
             } => {
-                let live = self.vms.len() as u32;
-                if live.saturating_add(shells) > self.max_vms {
-                    return Err(RemoteError::new(
-                        Kind::Full,
-                        format!(
-                            "{shells} warm shells and {live} live VMs exceed the cell's limit of {}",
-                            self.max_vms
-                        ),
-                    ));
-                }
-                let template = Arc::clone(self.template(template)?);
+                let source = Arc::clone(self.template(template)?);
+                self.engine()?;
+                let others: u32 = self
+                    .targets
+                    .iter()
+                    .filter(|(&id, _)| id != template)
+                    .map(|(_, &t)| t)
+                    .sum();
+                let room = self.max_vms.saturating_sub(self.vms.len() as u32 + others);
+                let target = shells.min(room);
+                self.apply_target(template, target);
                 let engine = self.engine()?;
-                engine.keep_warm(&template, shells as usize);
-                if wait_ms > 0 && !engine.wait_for_shells(&template, shells as usize, Duration::from_millis(wait_ms)) {
-                    if let Some(e) = engine.pool_error(&template) {
+                if wait_ms > 0
+                    && target > 0
+                    && !engine.wait_for_shells(&source, target as usize, Duration::from_millis(wait_ms))
+                {
+                    if let Some(e) = engine.pool_error(&source) {
                         return Err(RemoteError::new(Kind::Vmm, e));
                     }
                 }
                 Ok(Response::Warm {
-                    shells: engine.warm_shells(&template) as u32,
+                    shells: engine.warm_shells(&source) as u32,
+                    target,
                 })
             }
             Request::Spawn { template, count } => self.spawn(template, count),
@@ -125,12 +192,12 @@ impl Worker {
                 }))
             }
             Request::Reset { vm } => {
-                let mut clone = self
+                let mut held = self
                     .vms
                     .remove(&vm)
                     .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
-                let report = self.engine()?.reset(&mut clone);
-                self.vms.insert(vm, clone);
+                let report = self.engine()?.reset(&mut held.clone);
+                self.vms.insert(vm, held);
                 let report = report.map_err(vmm_error)?;
                 Ok(Response::Reset(ResetDone {
                     reset_us: report.reset_us,
@@ -140,24 +207,29 @@ impl Worker {
                 }))
             }
             Request::Destroy { vm } => {
-                let clone = self
+                let held = self
                     .vms
                     .remove(&vm)
                     .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
-                self.engine()?.destroy(clone);
+                // Torn down here, the VM first, then its room: the room is free when the answer
+                // goes out, so the supervisor's count of the cell is exact for the next spawn.
+                let Held { clone, room } = held;
+                drop(clone);
+                drop(room);
                 Ok(Response::Done)
             }
             Request::DropTemplate { template } => {
                 if self
                     .vms
                     .values()
-                    .any(|c| c.template().id() == self.template(template).map_or(0, |t| t.id()))
+                    .any(|h| h.clone.template().id() == self.template(template).map_or(0, |t| t.id()))
                 {
                     return Err(RemoteError::new(
                         Kind::Protocol,
                         format!("template {template} still has clones in this cell"),
                     ));
                 }
+                self.targets.remove(&template);
                 if let Some(t) = self.templates.remove(&template) {
                     self.engine()?.retire(&t);
                 }
@@ -168,10 +240,50 @@ impl Worker {
                 self.outgoing = vec![OwnedFd::from(vm_stats), OwnedFd::from(vcpu_stats)];
                 Ok(Response::StatsFds)
             }
+            Request::Call { vm, input, deadline_ms } => {
+                let clone = self.vm(vm)?;
+                let (generation, seed) = (clone.generation(), clone.seed());
+                let deadline = Duration::from_millis(deadline_ms);
+                Ok(
+                    match cowvm_vmm::call::call_vm(clone.vm_mut(), &input, generation, seed, deadline) {
+                        Ok(report) => {
+                            let log = report.log.text();
+                            if report.output.len() + log.len() + CALL_OVERHEAD > wire::MAX_MESSAGE {
+                                Response::CallFailed(CallFailure {
+                                    code: Some("output_too_large".into()),
+                                    message: format!(
+                                        "{} bytes of output and {} of log do not fit one answer of a cell ({} bytes)",
+                                        report.output.len(),
+                                        log.len(),
+                                        wire::MAX_MESSAGE
+                                    ),
+                                    usable: true,
+                                })
+                            } else {
+                                Response::Called(CallDone {
+                                    status: report.status,
+                                    output: report.output,
+                                    log,
+                                    log_truncated: report.log.truncated(),
+                                    spawn_us: report.spawn_us,
+                                    run_us: report.run_us,
+                                    total_us: report.total_us,
+                                })
+                            }
+                        }
+                        Err(e) => Response::CallFailed(CallFailure {
+                            code: e.code().map(str::to_owned),
+                            message: e.to_string(),
+                            usable: e.guest_usable(),
+                        }),
+                    },
+                )
+            }
             Request::Stats => Ok(Response::Stats(CellCounts {
                 vms: self.vms.len() as u32,
                 warm_shells: self.warm_shells(),
                 templates: self.templates.len() as u32,
+                warm: self.warm_counts(),
             })),
         }
     }
@@ -200,7 +312,10 @@ impl Worker {
         let engine = CloneEngine::new(Arc::new(kvm), config).map_err(vmm_error)?;
         // The cell holds at most `max_vms` VMs (two fds each), far below its fd limit, and under
         // seccomp it cannot list /proc/self/fd: no fd check in its shell builder.
-        engine.set_limits(init.max_vms as usize, cowvm_vmm::pool::default_mapping_budget(), 0);
+        let budget = init
+            .mapping_budget
+            .map_or_else(cowvm_vmm::pool::default_mapping_budget, |b| b as usize);
+        engine.set_limits(init.max_vms as usize, budget, 0);
         if init.sandbox.seccomp {
             // The engine and its shell builder each open /proc/self/pagemap; the builder does it
             // on its own thread, which must happen before `open` is forbidden.
@@ -257,35 +372,38 @@ impl Worker {
     }
 
     fn spawn(&mut self, template: TemplateId, count: u32) -> Result<Response, RemoteError> {
-        let live = self.vms.len() as u32;
-        if live.saturating_add(count) > self.max_vms {
-            return Err(RemoteError::new(
-                Kind::Full,
-                format!(
-                    "{count} more VMs and {live} live exceed the cell's limit of {}",
-                    self.max_vms
-                ),
-            ));
+        let source = Arc::clone(self.template(template)?);
+        let engine = self.engine()?;
+        // Admitted against the cell's VM limit and mapping budget; the template's warm shells
+        // are claimed first and other shells give way.
+        let mut room = engine.reserve(count as usize, Some(&source)).map_err(admit_error)?;
+        let batch = engine
+            .spawn_reserved(&source, &mut room, &|| false)
+            .map_err(vmm_error)?;
+        let mut clones = Vec::with_capacity(batch.clones.len());
+        for clone in batch.clones {
+            let made = SpawnedVm {
+                vm: clone.id(),
+                generation: clone.generation(),
+                seed: clone.seed(),
+                spawn_us: clone.spawn_us(),
+                pooled: clone.pooled(),
+                host_address: clone.vm().ram().host_address(),
+                memory_size: clone.vm().ram().size(),
+            };
+            let Some(one) = room.split_one() else {
+                // Cannot happen (one room per clone made); never hold a VM without room.
+                self.engine()?.destroy(clone);
+                continue;
+            };
+            self.vms.insert(made.vm, Held { clone, room: one });
+            clones.push(made);
         }
-        let template = Arc::clone(self.template(template)?);
-        let batch = self.engine()?.spawn(&template, count as usize).map_err(vmm_error)?;
-        let clones = batch
-            .clones
-            .into_iter()
-            .map(|clone| {
-                let made = SpawnedVm {
-                    vm: clone.id(),
-                    generation: clone.generation(),
-                    seed: clone.seed(),
-                    spawn_us: clone.spawn_us(),
-                    pooled: clone.pooled(),
-                    host_address: clone.vm().ram().host_address(),
-                    memory_size: clone.vm().ram().size(),
-                };
-                self.vms.insert(made.vm, clone);
-                made
-            })
-            .collect();
+        drop(room);
+        // The shells this call took (ready or not) are not rebuilt; other targets give way.
+        let target = self.targets.get(&template).copied().unwrap_or(0);
+        self.apply_target(template, target.saturating_sub(count));
+        self.fit_targets();
         let failed = batch
             .failed
             .into_iter()
@@ -294,7 +412,11 @@ impl Worker {
                 reason: f.reason,
             })
             .collect();
-        Ok(Response::Spawned { clones, failed })
+        Ok(Response::Spawned {
+            clones,
+            failed,
+            warm: self.warm_counts(),
+        })
     }
 }
 
@@ -350,6 +472,7 @@ pub fn serve(socket: OwnedFd) -> Result<(), WorkerError> {
     }
     // Tear every VM down before leaving (the engine's drop joins its threads).
     worker.vms.clear();
+    worker.targets.clear();
     Ok(())
 }
 

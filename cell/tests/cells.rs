@@ -69,7 +69,9 @@ fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
 
     let cell = pool.cell(clone.at.cell).expect("cell");
     assert_eq!(
-        cell.keep_warm(1, 1, std::time::Duration::from_secs(10)).expect("warm"),
+        cell.keep_warm(1, 1, std::time::Duration::from_secs(10))
+            .expect("warm")
+            .ready,
         1
     );
     assert_eq!(cell.stats().expect("stats").vms, 3);

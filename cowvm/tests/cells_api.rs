@@ -138,10 +138,11 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
     let clones = clone_ids(&client, &tpl, 20);
     assert_eq!(clones.len(), 20);
 
-    // 20 clones at 10 per cell: two sandboxed cells.
+    // 20 clones at 10 per cell: two sandboxed cells hold them (others may hold warm shells).
     let listed = ok(&client, "GET", "/v1/cells", None, 200);
     let listed = listed.as_array().expect("cells").clone();
-    assert_eq!(listed.len(), 2, "{listed:?}");
+    let holding = listed.iter().filter(|c| c["vms"].as_u64().unwrap_or(0) > 0).count();
+    assert_eq!(holding, 2, "{listed:?}");
     assert_eq!(listed.iter().map(|c| c["vms"].as_u64().unwrap_or(0)).sum::<u64>(), 20);
     for cell in &listed {
         let pid = cell["pid"].as_u64().expect("pid");
@@ -225,7 +226,6 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
         ("POST", "snapshot", None),
         ("POST", "clones", Some(json!({"count": 1}))),
         ("POST", "probes/write", Some(json!({"gpas": [8 << 20]}))),
-        ("GET", "stats", None),
     ] {
         let code = error_code(&client, method, &format!("/v1/vms/{first}/{suffix}"), body, 409);
         assert_eq!(code, "not_supported_in_cell", "{method} {suffix}");
@@ -245,9 +245,16 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
 
     // kill -9 of one cell: its VMs are lost, the others keep answering.
     let listed = ok(&client, "GET", "/v1/cells", None, 200);
-    let victim = listed[0]["pid"].as_u64().expect("pid");
-    let victim_id = listed[0]["id"].clone();
-    let victim_vms = listed[0]["vms"].as_u64().expect("vms") as usize;
+    let victim = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .find(|c| c["vms"].as_u64().unwrap_or(0) > 0)
+        .unwrap_or_else(|| panic!("no cell holds a VM: {listed}"))
+        .clone();
+    let victim_id = victim["id"].clone();
+    let victim_vms = victim["vms"].as_u64().expect("vms") as usize;
+    let victim = victim["pid"].as_u64().expect("pid");
     assert!(victim_vms > 0 && victim_vms < clones.len(), "{listed}");
     let killed = std::process::Command::new("kill")
         .args(["-9", &victim.to_string()])
@@ -339,7 +346,14 @@ fn test_serve_with_cells_flag_runs_clones_in_cowvm_cell_processes_up_to_max_cell
         .iter()
         .map(|c| c["pid"].as_u64().expect("pid"))
         .collect();
-    assert_eq!(pids.len(), 2, "3 clones at 2 per cell: {listed}");
+    assert!(pids.len() <= 3, "never more cells than --max-cells: {listed}");
+    let holding = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .filter(|c| c["vms"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert_eq!(holding, 2, "3 clones at 2 per cell: {listed}");
     for pid in &pids {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
@@ -469,4 +483,242 @@ fn test_in_cell_clones_count_against_max_vms_with_in_process_vms() {
     assert_eq!(refill.len(), victim_vms);
     let code = error_code(&client, "POST", &path, Some(json!({"count": 1})), 429);
     assert_eq!(code, "too_many_vms");
+}
+
+/// Warm shells ready over all cells, as `GET /v1/cells` reports them.
+fn cell_shells(client: &Client) -> u64 {
+    let listed = ok(client, "GET", "/v1/cells", None, 200);
+    listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["warm_shells"].as_u64().expect("warm_shells"))
+        .sum()
+}
+
+/// Waits until the cells report `shells` warm shells (they are built in the background).
+fn wait_for_cell_shells(client: &Client, shells: u64) -> u64 {
+    let started = Instant::now();
+    loop {
+        let ready = cell_shells(client);
+        if ready == shells || started.elapsed() > Duration::from_secs(60) {
+            return ready;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn test_cells_keep_warm_shells_that_clone_calls_take() {
+    let (_server, client) = start(Some(cells(10, 4)));
+    let (_, tpl) = template(&client);
+    // --warm-shells 2: kept in cells, not in the server.
+    assert_eq!(wait_for_cell_shells(&client, 2), 2);
+    let info = ok(&client, "GET", &format!("/v1/templates/{tpl}"), None, 200);
+    assert_eq!(info["warm_shells"], 2, "{info}");
+    let path = format!("/v1/templates/{tpl}/clones");
+    let made = ok(&client, "POST", &path, Some(json!({"count": 2})), 201);
+    let clones = made["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 2, "{made}");
+    assert!(
+        clones.iter().all(|c| c["pooled"] == true),
+        "clones took warm shells in cells: {made}"
+    );
+    // The cells build new shells off the request path.
+    assert_eq!(wait_for_cell_shells(&client, 2), 2);
+
+    // A larger target spreads over cells; a call of that many takes them all.
+    let warm = ok(
+        &client,
+        "POST",
+        &format!("/v1/templates/{tpl}/warm"),
+        Some(json!({"shells": 15})),
+        200,
+    );
+    assert_eq!(warm["target"], 15, "{warm}");
+    assert_eq!(wait_for_cell_shells(&client, 15), 15);
+    let made = ok(&client, "POST", &path, Some(json!({"count": 15})), 201);
+    let clones = made["clones"].as_array().expect("clones");
+    assert_eq!(clones.len(), 15, "{made}");
+    assert!(clones.iter().all(|c| c["pooled"] == true), "{made}");
+    let id = clones[0]["id"].as_str().expect("id");
+    assert_eq!(run_checksum(&client, id), run_checksum(&client, id));
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let vms: u64 = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["vms"].as_u64().expect("vms"))
+        .sum();
+    assert_eq!(vms, 17, "{listed}");
+    // No more shells wanted: the cells tear theirs down.
+    ok(
+        &client,
+        "POST",
+        &format!("/v1/templates/{tpl}/warm"),
+        Some(json!({"shells": 0})),
+        200,
+    );
+    assert_eq!(wait_for_cell_shells(&client, 0), 0);
+}
+
+#[test]
+fn test_warm_shells_in_cells_count_against_max_vms_and_give_way_to_vms() {
+    let config = ServerConfig {
+        limits: Limits { max_vms: 4, ..limits() },
+        cells: Some(cells(10, 2)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    // The booted VM holds 1 of 4; the 2 shells in cells hold 2 more.
+    let (_vm, tpl) = template(&client);
+    assert_eq!(wait_for_cell_shells(&client, 2), 2);
+    // Booted VMs still fit: shells give way.
+    let boot = json!({"memory_mib": 64, "vcpus": 1, "warmup_mib": 0, "kernel": null});
+    ok(&client, "POST", "/v1/vms", Some(boot.clone()), 201);
+    ok(&client, "POST", "/v1/vms", Some(boot.clone()), 201);
+    assert!(cell_shells(&client) <= 1, "3 VMs and the shells stay within 4");
+    // One place is left, for a clone; then nothing fits.
+    let path = format!("/v1/templates/{tpl}/clones");
+    ok(&client, "POST", &path, Some(json!({"count": 1})), 201);
+    assert_eq!(cell_shells(&client), 0);
+    let code = error_code(&client, "POST", &path, Some(json!({"count": 1})), 429);
+    assert_eq!(code, "too_many_vms");
+    let code = error_code(&client, "POST", "/v1/vms", Some(boot), 429);
+    assert_eq!(code, "too_many_vms");
+    // A larger target does not get past the limit either.
+    ok(
+        &client,
+        "POST",
+        &format!("/v1/templates/{tpl}/warm"),
+        Some(json!({"shells": 4})),
+        200,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(cell_shells(&client), 0, "no room for shells under --max-vms 4");
+}
+
+/// Keys of a JSON object, sorted.
+fn keys(v: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn test_stats_of_an_in_cell_vm_are_read_by_the_supervisor_from_the_cells_pagemap() {
+    // The keys an in-process clone's stats have.
+    let in_process = {
+        let (_server, client) = start(None);
+        let (_, tpl) = template(&client);
+        let clone = clone_ids(&client, &tpl, 1).remove(0);
+        ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200)
+    };
+    let (_server, client) = start(Some(cells(10, 2)));
+    let (_, tpl) = template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let stats = |client: &Client| ok(client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200);
+    run_checksum(&client, &clone);
+    let before = stats(&client);
+    assert_eq!(keys(&before), keys(&in_process), "{before}");
+    assert_eq!(keys(&before["pages"]), keys(&in_process["pages"]));
+    assert_eq!(before["id"], clone.as_str());
+    assert_eq!(before["pages"]["total"], (64u64 << 20) / 4096, "{before}");
+    assert!(
+        before["pages"]["template_backed"].as_u64().expect("template_backed") >= 64,
+        "the 64 pages the checksum read map template frames: {before}"
+    );
+    assert!(
+        before["kvm"]["vcpus"][0].as_object().is_some_and(|o| !o.is_empty()),
+        "{before}"
+    );
+    assert!(
+        before["kvm"]["vm"].as_object().is_some_and(|o| !o.is_empty()),
+        "{before}"
+    );
+    // A guest write to 64 pages it had read: 64 more private pages, seen from the supervisor.
+    let write = json!({"command": "write", "start_gpa": 8 << 20, "count": 64, "stride": 4096, "value": 7});
+    ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(write), 200);
+    let after = stats(&client);
+    let private = |s: &Value| s["pages"]["private"].as_u64().expect("private");
+    assert!(
+        private(&after) >= private(&before) + 64,
+        "before {before}\nafter {after}"
+    );
+    let exits = |s: &Value| s["kvm"]["vcpus"][0]["exits"]["value"].as_u64().unwrap_or(0);
+    assert!(exits(&after) > exits(&before), "KVM's counters move: {after}");
+}
+
+#[test]
+fn test_calls_run_in_the_cell_of_an_in_cell_vm() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = std::env::temp_dir().join(format!("cowvm-cells-call-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("kernel dir");
+    std::fs::write(dir.join("hello.elf"), cowvm_guest::HELLO_ELF).expect("hello");
+    let config = ServerConfig {
+        limits: limits(),
+        cells: Some(cells(10, 2)),
+        kernel_dir: Some(dir.clone()),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let vm = ok(
+        &client,
+        "POST",
+        "/v1/vms",
+        Some(json!({"memory_mib": 64, "kernel": "hello.elf"})),
+        201,
+    );
+    let vm = vm["id"].as_str().expect("id").to_owned();
+    let tpl = ok(&client, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201);
+    let tpl = tpl["template_id"].as_str().expect("template").to_owned();
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let held: u64 = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["vms"].as_u64().expect("vms"))
+        .sum();
+    assert_eq!(held, 1, "the clone lives in a cell: {listed}");
+    for _ in 0..2 {
+        let answer = ok(
+            &client,
+            "POST",
+            &format!("/v1/vms/{clone}/call"),
+            Some(json!({"input": b64.encode(b"world")})),
+            200,
+        );
+        let output = b64.decode(answer["output"].as_str().expect("output")).expect("base64");
+        assert_eq!(output, b"hello, world", "{answer}");
+        assert_eq!(answer["status"], 0);
+        assert!(answer["run_us"].as_f64().is_some_and(|v| v > 0.0), "{answer}");
+    }
+    // A built-in guest is not an ABI guest: 422 as in process, and the VM stays usable.
+    let (_, builtin) = template(&client);
+    let other = clone_ids(&client, &builtin, 1).remove(0);
+    let code = error_code(
+        &client,
+        "POST",
+        &format!("/v1/vms/{other}/call"),
+        Some(json!({"input": b64.encode(b"x")})),
+        422,
+    );
+    assert_eq!(code, "not_abi_guest");
+    run_checksum(&client, &other);
+    // Bad input is refused before any cell is asked.
+    let code = error_code(
+        &client,
+        "POST",
+        &format!("/v1/vms/{clone}/call"),
+        Some(json!({"input": "not base64!"})),
+        400,
+    );
+    assert!(!code.is_empty());
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -40,6 +40,13 @@ fn test_bench_cells_runs_clones_in_cowvm_cell_processes_and_writes_every_key() {
         .expect("a cells row at 20 live clones");
     assert_eq!(over_cells["cells"], 2, "20 clones at 10 per cell");
     assert_eq!(over_cells["vms_per_process"], 10);
+    // The API rows: a server with --cells, warm shells in cells taken by the clone calls.
+    let api = &r["api"];
+    assert_eq!(api["cells"], true, "{api}");
+    assert!(api["api_clone_us"]["p50"].as_f64().is_some_and(|v| v > 0.0), "{api}");
+    assert!(api["api_clones_1000_ms"].as_f64().is_some_and(|v| v > 0.0), "{api}");
+    assert_eq!(api["api_clones_1000_pooled"], api["api_clones_batch"], "{api}");
+    assert_eq!(api["api_clone_pooled"], api["api_clone_samples"], "{api}");
     let sweep = r["notifier_sweep"].as_array().expect("sweep rows");
     assert_eq!(
         sweep.iter().map(|s| s["vms_per_cell"].as_u64()).collect::<Vec<_>>(),

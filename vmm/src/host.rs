@@ -126,8 +126,18 @@ pub struct SmapsFigures {
 /// after `end`: the mappings above the range, often most of a process holding many VMs, are
 /// never formatted.
 pub fn smaps_for_range(start: u64, end: u64) -> io::Result<SmapsFigures> {
+    smaps_of("/proc/self/smaps", start, end)
+}
+
+/// Sums `/proc/<pid>/smaps` of process `pid` over the mappings that lie inside `start..end`
+/// (stopping early the same way).
+pub fn process_smaps_for_range(pid: u32, start: u64, end: u64) -> io::Result<SmapsFigures> {
+    smaps_of(&format!("/proc/{pid}/smaps"), start, end)
+}
+
+fn smaps_of(path: &str, start: u64, end: u64) -> io::Result<SmapsFigures> {
     use std::io::BufRead;
-    let file = std::fs::File::open("/proc/self/smaps")?;
+    let file = std::fs::File::open(path)?;
     let mut reader = io::BufReader::with_capacity(64 << 10, file);
     let mut figures = SmapsFigures::default();
     let mut inside = false;

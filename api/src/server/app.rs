@@ -267,7 +267,13 @@ impl App {
     /// the VM limit is held by VMs that are not warm shells, 503 when the mapping budget is, 422
     /// when one clone of the template alone would not fit the budget. Warm shells give way.
     pub fn admit(&self, count: usize, template: Option<&Template>) -> Result<Reservation, ApiError> {
-        self.engine.reserve(count, template).map_err(|e| self.admit_error(e))
+        match self.engine.reserve(count, template) {
+            // Warm shells in cells give way too.
+            Err(AdmitError::TooManyVms { .. }) if self.cells.shed_shells(count) > 0 => {
+                self.engine.reserve(count, template).map_err(|e| self.admit_error(e))
+            }
+            admitted => admitted.map_err(|e| self.admit_error(e)),
+        }
     }
 
     /// The answer for VMs that could not be admitted.
@@ -356,8 +362,15 @@ impl App {
     pub fn add_template(&self, entry: TemplateEntry) -> Arc<TemplateEntry> {
         let number = id_number(&entry.id);
         self.next_template.fetch_max(number + 1, Ordering::Relaxed);
-        self.engine.keep_warm(&entry.template, self.limits.warm_shells);
-        self.cells.add_template(&entry.id, &entry.template);
+        // With cells on, the template's warm shells are kept in cells instead.
+        let warm_here = if self.cells.enabled() {
+            0
+        } else {
+            self.limits.warm_shells
+        };
+        self.engine.keep_warm(&entry.template, warm_here);
+        self.cells
+            .add_template(&entry.id, &entry.template, self.limits.warm_shells);
         let entry = Arc::new(entry);
         self.templates
             .write()
@@ -422,8 +435,17 @@ impl App {
             .get(id)
             .cloned()
             .ok_or_else(|| ApiError::not_found("template", id))?;
-        self.engine.keep_warm(&entry.template, shells);
+        if self.cells.enabled() {
+            self.cells.set_warm(id, shells);
+        } else {
+            self.engine.keep_warm(&entry.template, shells);
+        }
         Ok(entry)
+    }
+
+    /// Warm shells of a template ready now (in the server, or in cells with `--cells`).
+    pub fn warm_shells(&self, entry: &TemplateEntry) -> usize {
+        self.engine.warm_shells(&entry.template) + self.cells.warm_ready(&entry.id)
     }
 
     /// Live clones of template `id`.
@@ -440,7 +462,7 @@ impl App {
             id: entry.id.clone(),
             memory_mib: bytes_to_mib(entry.template.size()),
             clones: self.clones_of(&entry.id).len() + self.cells.clones_of(&entry.id),
-            warm_shells: self.engine.warm_shells(&entry.template),
+            warm_shells: self.warm_shells(entry),
             layers: entry.template.memory().depth(),
             source_vm: entry.source_vm.clone(),
             persisted: entry.persisted,

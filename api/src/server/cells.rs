@@ -3,11 +3,13 @@
 //!
 //! What it covers today: templates (snapshots, live forks, templates loaded from the state
 //! directory) are handed to the pool as they are added; `POST /v1/templates/{id}/clones` places
-//! its clones in cells; `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run` and
-//! `POST /v1/vms/{id}/reset` serve them; probes, stats, live forks, snapshots and calls of an
-//! in-cell VM answer 409 `not_supported_in_cell`. A watcher notices dead cells and marks their
-//! VMs `lost` (409 `vm_lost` on every operation but GET and DELETE); the pool starts new cells on
-//! demand. Booted VMs (`POST /v1/vms`) stay in the server's process.
+//! its clones in cells, taking the warm shells a keeper thread keeps there (counted against
+//! `--max-vms`); `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run`, `reset`,
+//! `call` and `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) serve
+//! them; write probes, live forks and snapshots of an in-cell VM answer 409
+//! `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
+//! `vm_lost` on every operation but GET and DELETE); the pool starts new cells on demand. Booted
+//! VMs (`POST /v1/vms`) stay in the server's process.
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
 //! in-process handlers, so that those handlers stay as they are when cells are off.
@@ -16,7 +18,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, Request, State};
@@ -24,22 +26,32 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use cowvm_cell::protocol::RemoteErrorKind;
-use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef};
-use cowvm_vmm::{GuestCommand, Reservation, Template};
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
+use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef, VmStatsFiles};
+use cowvm_vmm::call::CALL_ERROR_CODES;
+use cowvm_vmm::kpage::KPages;
+use cowvm_vmm::pagemap::PageMap;
+use cowvm_vmm::stats::{region_sharing, HostView, RamRegion};
+use cowvm_vmm::{AdmitError, GuestCommand, Reservation, Template};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use vm_memory::GuestAddress;
 
 use super::app::App;
+use super::call::{CallRequest, CallResult};
 use super::error::ApiError;
 use super::model::{
-    CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo,
+    CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo, VmStats,
 };
 use super::ops::{blocking, timeout_error, transaction};
 
 /// How often the watcher looks for dead cells.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the warm keeper looks at the cells' warm shells (it is also woken after clone
+/// calls, deletes and target changes).
+const WARM_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How the server runs cells (`--cells`).
 #[derive(Debug, Clone)]
@@ -96,6 +108,12 @@ struct CellVmStatus {
 pub struct CellVm {
     id: String,
     at: VmRef,
+    /// Its cell's process id, and where its RAM is mapped there (for `/proc/<pid>/pagemap`).
+    pid: u32,
+    host_address: u64,
+    memory_size: u64,
+    /// KVM's statistics fds of the VM, handed over by its cell on the first stats request.
+    kvm_stats: Mutex<Option<VmStatsFiles>>,
     memory_mib: u64,
     template_id: String,
     status: Mutex<CellVmStatus>,
@@ -161,6 +179,44 @@ pub struct CellService {
     pool: CellPool,
     vms: RwLock<HashMap<String, Arc<CellVm>>>,
     stop: AtomicBool,
+    /// Clone calls hold it shared from taking shell room until their cells have lowered their
+    /// targets; the warm keeper holds it alone while it matches room to targets.
+    warm_gate: RwLock<()>,
+    warm: Mutex<WarmState>,
+    warm_wake: Condvar,
+}
+
+/// Warm shells kept in cells, and their room under `--max-vms`.
+#[derive(Default)]
+struct WarmState {
+    /// Shells wanted per template (`--warm-shells`, `POST /v1/templates/{id}/warm`).
+    wanted: HashMap<TemplateId, u32>,
+    /// Room held for the shells the cells keep (their targets), per template.
+    room: HashMap<TemplateId, Vec<Reservation>>,
+    /// Something changed: the keeper should look now.
+    poked: bool,
+}
+
+fn room_of(parts: &[Reservation]) -> usize {
+    parts.iter().map(Reservation::vms).sum()
+}
+
+/// Moves room for up to `vms` VMs out of `parts`.
+fn take_room(parts: &mut Vec<Reservation>, vms: usize) -> Vec<Reservation> {
+    let mut taken = Vec::new();
+    let mut left = vms;
+    while left > 0 {
+        let Some(last) = parts.last_mut() else { break };
+        let part = last.split_off(left);
+        left -= part.vms();
+        if last.vms() == 0 {
+            parts.pop();
+        }
+        if part.vms() > 0 {
+            taken.push(part);
+        }
+    }
+    taken
 }
 
 /// The cells part of the service: off unless enabled at start.
@@ -180,8 +236,9 @@ impl Cells {
         self.service.get()
     }
 
-    /// Turns cells on: a pool of cells run as `config` says and a watcher for dead cells.
-    pub fn enable(&self, config: &CellsConfig) -> Result<(), PoolError> {
+    /// Turns cells on: a pool of cells run as `config` says, a watcher for dead cells and a
+    /// keeper of the warm shells in cells (which admits them under `app`'s `--max-vms`).
+    pub fn enable(&self, config: &CellsConfig, app: Weak<App>) -> Result<(), PoolError> {
         let mut cell_config = CellConfig::current_exe().map_err(PoolError::Kvm)?;
         cell_config.program = config.program.clone();
         cell_config.args = config.args.clone();
@@ -190,21 +247,56 @@ impl Cells {
             pool: CellPool::new(cell_config, config.max_cells.max(1))?,
             vms: RwLock::new(HashMap::new()),
             stop: AtomicBool::new(false),
+            warm_gate: RwLock::new(()),
+            warm: Mutex::new(WarmState::default()),
+            warm_wake: Condvar::new(),
         });
         let watched = Arc::downgrade(&service);
         std::thread::Builder::new()
             .name("cowvm-cell-watch".into())
             .spawn(move || watch(&watched))
             .map_err(|e| PoolError::Cell(CellError::Local(format!("cannot start the cell watcher: {e}"))))?;
+        let kept = Arc::downgrade(&service);
+        std::thread::Builder::new()
+            .name("cowvm-cell-warm".into())
+            .spawn(move || keep_warm(&kept, &app))
+            .map_err(|e| PoolError::Cell(CellError::Local(format!("cannot start the warm keeper: {e}"))))?;
         let _ = self.service.set(service);
         Ok(())
     }
 
-    /// Hands a new template to the pool (cells load it when a clone of it is first placed there).
-    pub fn add_template(&self, id: &str, template: &Arc<Template>) {
+    /// Hands a new template to the pool (cells load it when a clone or a warm shell of it is
+    /// first placed there) and keeps `warm_shells` shells of it in cells.
+    pub fn add_template(&self, id: &str, template: &Arc<Template>, warm_shells: usize) {
         if let Some(cells) = self.service() {
             cells.pool.add_template(id_number(id), Arc::clone(template));
+            cells.set_wanted(id_number(id), warm_shells);
         }
+    }
+
+    /// Whether cells are on (then warm shells of templates are kept in cells, not in the server).
+    pub fn enabled(&self) -> bool {
+        self.service().is_some()
+    }
+
+    /// Keeps `shells` warm shells of template `id` in cells (built in the background, within
+    /// `--max-vms`).
+    pub fn set_warm(&self, id: &str, shells: usize) {
+        if let Some(cells) = self.service() {
+            cells.set_wanted(id_number(id), shells);
+        }
+    }
+
+    /// Warm shells of template `id` ready in cells (as the cells last said).
+    pub fn warm_ready(&self, id: &str) -> usize {
+        self.service()
+            .map_or(0, |cells| cells.pool.warm_ready(id_number(id)) as usize)
+    }
+
+    /// Tears down up to `count` warm shells in cells and gives their room under `--max-vms`
+    /// back (shells give way to VMs); returns how many went.
+    pub fn shed_shells(&self, count: usize) -> usize {
+        self.service().map_or(0, |cells| cells.shed(None, count))
     }
 
     /// Drops a deleted template from the pool and its cells (on a thread of its own: the cells
@@ -212,6 +304,7 @@ impl Cells {
     pub fn remove_template(&self, id: &str) {
         if let Some(cells) = self.service().cloned() {
             let number = id_number(id);
+            cells.lock_warm().wanted.remove(&number);
             let spawned = std::thread::Builder::new()
                 .name("cowvm-cell-drop".into())
                 .spawn(move || {
@@ -246,6 +339,7 @@ impl Drop for Cells {
     fn drop(&mut self) {
         if let Some(cells) = self.service.get() {
             cells.stop.store(true, Ordering::Release);
+            cells.warm_wake.notify_all();
         }
     }
 }
@@ -267,7 +361,196 @@ fn watch(service: &Weak<CellService>) {
     }
 }
 
+/// Keeps the warm shells in cells at what is wanted, until the service is gone: grows the
+/// cells' targets into room admitted under `--max-vms` first, lowers them when less is wanted,
+/// and matches the room held to the targets the cells keep (clones take shells, cells die).
+fn keep_warm(service: &Weak<CellService>, app: &Weak<App>) {
+    loop {
+        let Some(cells) = service.upgrade() else { return };
+        {
+            let state = cells.lock_warm();
+            let (mut state, _) = cells
+                .warm_wake
+                .wait_timeout_while(state, WARM_INTERVAL, |s| !s.poked)
+                .unwrap_or_else(|e| e.into_inner());
+            state.poked = false;
+        }
+        if cells.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(app) = app.upgrade() else { return };
+        cells.keep_warm_once(&app);
+    }
+}
+
 impl CellService {
+    fn lock_warm(&self) -> MutexGuard<'_, WarmState> {
+        lock(&self.warm)
+    }
+
+    fn poke(&self) {
+        self.lock_warm().poked = true;
+        self.warm_wake.notify_all();
+    }
+
+    fn set_wanted(&self, template: TemplateId, shells: usize) {
+        let shells = shells.min(u32::MAX as usize) as u32;
+        {
+            let mut state = self.lock_warm();
+            if shells == 0 {
+                state.wanted.remove(&template);
+            } else {
+                state.wanted.insert(template, shells);
+            }
+        }
+        self.poke();
+    }
+
+    /// One round of the warm keeper.
+    fn keep_warm_once(&self, app: &App) {
+        let wanted = self.lock_warm().wanted.clone();
+        // Lower targets above what is wanted (a template no longer wanted: all of them).
+        for (template, target) in self.pool.warm_targets() {
+            let want = wanted.get(&template).copied().unwrap_or(0);
+            if target > want {
+                self.pool.shrink_warm(Some(template), target - want);
+            }
+        }
+        self.match_room(app);
+        // Grow into room admitted first: the shells are counted before they exist.
+        for (template, want) in wanted {
+            let target = self.pool.warm_target(template);
+            let free = app.limits.max_vms.saturating_sub(app.engine.held_vms());
+            let add = (want.saturating_sub(target) as usize).min(free);
+            if add == 0 {
+                continue;
+            }
+            let Ok(room) = app.engine.reserve_remote(add) else {
+                continue;
+            };
+            // The room is the template's shell room at once: a clone call meanwhile may use it
+            // (and then finds fewer shells); room the cells do not use is given back below.
+            self.lock_warm().room.entry(template).or_default().push(room);
+            if let Err(e) = self.pool.grow_warm(template, add as u32, true) {
+                eprintln!("cowvm: keeping warm shells of template {template} in cells: {e}");
+            }
+        }
+        self.match_room(app);
+        // While cells build shells, keep the ready counts the API shows current.
+        if !self.pool.warm_settled() {
+            self.pool.refresh_warm();
+        }
+    }
+
+    /// Makes the room held for shells equal to the targets the cells keep: drops room the
+    /// cells no longer use, admits room for targets without it (lowering them if refused).
+    fn match_room(&self, app: &App) {
+        let mut short: Vec<(TemplateId, usize)> = Vec::new();
+        {
+            // No clone call is between taking shell room and its cells lowering their targets.
+            let _alone = self.warm_gate.write().unwrap_or_else(|e| e.into_inner());
+            let targets = self.pool.warm_targets();
+            let mut state = self.lock_warm();
+            let templates: Vec<TemplateId> = state.room.keys().chain(targets.keys()).copied().collect();
+            for template in templates {
+                let target = targets.get(&template).copied().unwrap_or(0) as usize;
+                let parts = state.room.entry(template).or_default();
+                let held = room_of(parts);
+                if held > target {
+                    drop(take_room(parts, held - target));
+                } else if held < target {
+                    match app.engine.reserve_remote(target - held) {
+                        Ok(room) => parts.push(room),
+                        Err(_) => short.push((template, target - held)),
+                    }
+                }
+                if room_of(parts) == 0 {
+                    state.room.remove(&template);
+                }
+            }
+        }
+        for (template, missing) in short {
+            self.pool.shrink_warm(Some(template), missing as u32);
+        }
+    }
+
+    /// Lowers warm-shell targets by up to `count` (of `template`, else of any template, the
+    /// most held first) and gives their room back; returns the targets removed.
+    fn shed(&self, template: Option<TemplateId>, count: usize) -> usize {
+        let mut order: Vec<(usize, TemplateId)> = self
+            .lock_warm()
+            .room
+            .iter()
+            .filter(|(&t, _)| template.is_none_or(|want| want == t))
+            .map(|(&t, parts)| (room_of(parts), t))
+            .collect();
+        order.sort_by_key(|&(held, t)| (std::cmp::Reverse(held), t));
+        let mut shed = 0;
+        for (held, t) in order {
+            if shed >= count {
+                break;
+            }
+            let removed = self.pool.shrink_warm(Some(t), (count - shed).min(held) as u32) as usize;
+            let mut state = self.lock_warm();
+            if let Some(parts) = state.room.get_mut(&t) {
+                drop(take_room(parts, removed));
+            }
+            shed += removed;
+        }
+        shed
+    }
+
+    /// Room under `--max-vms` for `count` clones of `template`: the room of its warm shells in
+    /// cells first (the clones take those shells), the rest admitted now; other templates'
+    /// shells give way when the limit is reached. On refusal the shell room is kept.
+    fn admit_clones(&self, app: &App, template: TemplateId, count: usize) -> Result<Vec<Reservation>, ApiError> {
+        let mut parts = {
+            let mut state = self.lock_warm();
+            let mine = state.room.entry(template).or_default();
+            let taken = take_room(mine, count);
+            if mine.is_empty() {
+                state.room.remove(&template);
+            }
+            taken
+        };
+        let missing = count - room_of(&parts);
+        if missing > 0 {
+            let admitted = app.engine.reserve_remote(missing).or_else(|e| match e {
+                AdmitError::TooManyVms { .. } if self.shed_others(template, missing) > 0 => {
+                    app.engine.reserve_remote(missing)
+                }
+                e => Err(e),
+            });
+            match admitted {
+                Ok(room) => parts.push(room),
+                Err(e) => {
+                    self.lock_warm().room.entry(template).or_default().extend(parts);
+                    return Err(app.admit_error(e));
+                }
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Sheds up to `count` shells of templates other than `template`.
+    fn shed_others(&self, template: TemplateId, count: usize) -> usize {
+        let others: Vec<TemplateId> = self
+            .lock_warm()
+            .room
+            .keys()
+            .filter(|&&t| t != template)
+            .copied()
+            .collect();
+        let mut shed = 0;
+        for t in others {
+            if shed >= count {
+                break;
+            }
+            shed += self.shed(Some(t), count - shed);
+        }
+        shed
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<CellVm>>> {
         self.vms.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -325,6 +608,7 @@ fn pool_error(e: PoolError) -> ApiError {
             code: "not_found",
             message,
         },
+        PoolError::TooFragmented { .. } => ApiError::out_of_range("template_too_fragmented", message),
         PoolError::Full { .. } => ApiError::TooManyVms(message),
         PoolError::Lost { .. } => ApiError::conflict("vm_lost", message),
         PoolError::Kvm(_) => ApiError::exhausted(message),
@@ -405,18 +689,23 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
             Err(rejection) => Err(rejection.into()),
         },
         (&Method::POST, ["reset"]) => reset(app, cells, vm).await.map(IntoResponse::into_response),
-        (&Method::POST, ["snapshot" | "clones" | "call"])
-        | (&Method::POST, ["probes", "write"])
-        | (&Method::GET, ["stats"]) => Err(vm.usable().err().unwrap_or_else(|| {
-            ApiError::conflict(
-                "not_supported_in_cell",
-                format!(
+        (&Method::GET, ["stats"]) => vm_stats(app, cells, vm).await.map(IntoResponse::into_response),
+        (&Method::POST, ["call"]) => match Json::<CallRequest>::from_request(request, &()).await {
+            Ok(Json(req)) => call(app, cells, vm, req).await.map(IntoResponse::into_response),
+            Err(rejection) => Err(rejection.into()),
+        },
+        (&Method::POST, ["snapshot" | "clones"]) | (&Method::POST, ["probes", "write"]) => {
+            Err(vm.usable().err().unwrap_or_else(|| {
+                ApiError::conflict(
+                    "not_supported_in_cell",
+                    format!(
                     "VM {} lives in a cell; {} is not supported for in-cell VMs yet (start the server without --cells)",
                     vm.id,
                     rest.join("/")
                 ),
-            )
-        })),
+                )
+            }))
+        }
         _ => return next.run(request).await,
     };
     answer.unwrap_or_else(IntoResponse::into_response)
@@ -437,14 +726,28 @@ async fn clone_template(
 ) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
     let count = super::templates::check_count(&app, req.count)?;
     let (template, cloning) = app.begin_cloning(&id)?;
-    // In-cell VMs count against --max-vms with the in-process ones: admitted here, atomically
-    // with the engine's count, and each VM holds its room until it is deleted.
-    let mut admitted = app.engine.reserve_remote(count).map_err(|e| app.admit_error(e))?;
     let service = Arc::clone(&app);
     let created = transaction(&app, move |commit| {
         let _cloning = cloning;
+        let number = id_number(&template.id);
         let started = Instant::now();
-        let batch = cells.pool.spawn(id_number(&template.id), count).map_err(pool_error)?;
+        // In-cell VMs count against --max-vms with the in-process ones, each VM holding its room
+        // until it is deleted. The room of the template's warm shells in cells moves to the
+        // clones that take them; the rest is admitted now, atomically with the engine's count.
+        let gate = cells.warm_gate.read().unwrap_or_else(|e| e.into_inner());
+        let mut admitted = cells.admit_clones(&service, number, count)?;
+        let spawned = cells.pool.spawn(number, count);
+        drop(gate);
+        cells.poke();
+        let batch = match spawned {
+            Ok(batch) => batch,
+            Err(e) => {
+                // Nothing was placed: the room goes back to the shells (the keeper gives back
+                // what their targets do not use).
+                cells.lock_warm().room.entry(number).or_default().extend(admitted);
+                return Err(pool_error(e));
+            }
+        };
         let total_us = started.elapsed().as_secs_f64() * 1e6;
         if !commit.commit() {
             for clone in &batch.clones {
@@ -480,6 +783,10 @@ async fn clone_template(
                 let vm = Arc::new(CellVm {
                     id: service.new_vm_id(),
                     at: placed.at,
+                    pid: placed.pid,
+                    host_address: spawned.host_address,
+                    memory_size: spawned.memory_size,
+                    kvm_stats: Mutex::new(None),
                     memory_mib,
                     template_id: template.id.clone(),
                     status: Mutex::new(CellVmStatus {
@@ -488,7 +795,7 @@ async fn clone_template(
                         ..CellVmStatus::default()
                     }),
                     busy: Mutex::new(()),
-                    slot: Mutex::new(Some(admitted.split_off(1))),
+                    slot: Mutex::new(next_room(&mut admitted)),
                 });
                 vms.insert(vm.id.clone(), Arc::clone(&vm));
                 CloneMade {
@@ -519,6 +826,11 @@ async fn clone_template(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+/// Room for one VM out of `parts`.
+fn next_room(parts: &mut Vec<Reservation>) -> Option<Reservation> {
+    take_room(parts, 1).pop()
+}
+
 async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<StatusCode, ApiError> {
     let removed = cells.vms.write().unwrap_or_else(|e| e.into_inner()).remove(&vm.id);
     if removed.is_none() {
@@ -533,6 +845,7 @@ async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> R
                 Err(e) => return Err(pool_error(e)),
             }
         }
+        cells.poke();
         Ok(())
     })
     .await?;
@@ -621,5 +934,107 @@ async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Resul
         },
         // A cell resets its VM in place.
         swapped: false,
+    }))
+}
+
+/// `GET /v1/vms/{id}/stats` of an in-cell VM: the supervisor reads the cell's
+/// `/proc/<pid>/pagemap` and smaps over the VM's RAM, `/proc/kpagecount` and `/proc/kpageflags`
+/// itself, and KVM's statistics from the fds the cell handed over; the cell needs no privilege.
+async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<VmStats>, ApiError> {
+    vm.usable()?;
+    let stats = blocking(&app, move || {
+        // One operation at a time: the VM's RAM stays where it is while it is read.
+        let _busy = lock(&vm.busy);
+        vm.usable()?;
+        let kvm = {
+            let mut files = lock(&vm.kvm_stats);
+            if files.is_none() {
+                *files = Some(cells.pool.kvm_stats_files(vm.at).map_err(|e| cells.vm_error(&vm, e))?);
+            }
+            let files = files.as_ref().ok_or_else(|| ApiError::internal("no KVM stats fds"))?;
+            files
+                .read()
+                .map_err(|e| ApiError::internal(format!("reading KVM statistics of {}: {e}", vm.id)))?
+        };
+        let unavailable = |message: String| ApiError::Unavailable {
+            code: "stats_unavailable",
+            message,
+        };
+        let host = HostView {
+            pagemap: PageMap::open_process(vm.pid)
+                .map_err(|e| unavailable(format!("cannot open /proc/{}/pagemap: {e}", vm.pid)))?,
+            kpages: KPages::open().map_err(|e| unavailable(e.to_string()))?,
+        };
+        let region = RamRegion {
+            host_address: vm.host_address,
+            size: vm.memory_size,
+            from_template: true,
+            pid: Some(vm.pid),
+        };
+        let sharing = region_sharing(&region, &host, kvm)?;
+        Ok(VmStats::new(vm.id.clone(), sharing))
+    })
+    .await?;
+    Ok(Json(stats))
+}
+
+/// Bytes of a cell message that are not a call's input.
+const CALL_MESSAGE_OVERHEAD: usize = 1024;
+
+/// `POST /v1/vms/{id}/call` of an in-cell VM: the cell runs the call and keeps the VM's state.
+async fn call(
+    app: Arc<App>,
+    cells: Arc<CellService>,
+    vm: Arc<CellVm>,
+    req: CallRequest,
+) -> Result<Json<CallResult>, ApiError> {
+    let (input, deadline) = super::service::calls::parse(&app, &req)?;
+    let fits = cowvm_cell::wire::MAX_MESSAGE - CALL_MESSAGE_OVERHEAD;
+    if input.len() > fits {
+        return Err(ApiError::out_of_range(
+            "input_too_large",
+            format!(
+                "input of {} bytes exceeds the {fits} bytes a call to a VM in a cell carries",
+                input.len()
+            ),
+        ));
+    }
+    vm.usable()?;
+    let service = Arc::clone(&app);
+    let done = blocking(&app, move || {
+        let _busy = lock(&vm.busy);
+        vm.usable()?;
+        match cells
+            .pool
+            .call(vm.at, input, deadline)
+            .map_err(|e| cells.vm_error(&vm, e))?
+        {
+            Ok(done) => Ok(done),
+            Err(failure) => {
+                if !failure.usable {
+                    lock(&vm.status)
+                        .failure
+                        .get_or_insert(format!("a call failed: {}", failure.message));
+                    service.metrics.vms_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                let code = failure
+                    .code
+                    .and_then(|code| CALL_ERROR_CODES.iter().copied().find(|&known| known == code));
+                Err(match code {
+                    Some(code) => ApiError::out_of_range(code, failure.message),
+                    None => ApiError::internal(failure.message),
+                })
+            }
+        }
+    })
+    .await?;
+    Ok(Json(CallResult {
+        output: BASE64.encode(&done.output),
+        status: done.status,
+        logs: done.log,
+        logs_truncated: done.log_truncated,
+        spawn_us: done.spawn_us,
+        run_us: done.run_us,
+        total_us: done.total_us,
     }))
 }

@@ -200,7 +200,7 @@ pub fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         config.kernel_dir.clone(),
     ));
     if let Some(cells) = &config.cells {
-        app.cells.enable(cells)?;
+        app.cells.enable(cells, Arc::downgrade(&app))?;
     }
     let refused = startup.as_ref().map(|s| s.refused.clone()).unwrap_or_default();
     if let Some(startup) = startup {

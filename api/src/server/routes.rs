@@ -107,7 +107,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let clones = vms.iter().filter(|v| v.template_id.is_some()).count() + in_cells;
     let failed = vms.iter().filter(|v| v.failure().is_some()).count();
     let templates = app.templates();
-    let warm: usize = templates.iter().map(|t| app.engine.warm_shells(&t.template)).sum();
+    let warm: usize = templates.iter().map(|t| app.warm_shells(t)).sum();
     let mut text = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
         text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));

@@ -51,6 +51,7 @@ pub fn config(vms_per_cell: u32) -> CellConfig {
             seccomp: true,
         },
         vms_per_cell,
+        mapping_budget: None,
         request_timeout: Duration::from_secs(30),
         per_vm_timeout: Duration::from_millis(50),
     }

@@ -90,7 +90,32 @@ fn tail_note(tail: &str) -> String {
     }
 }
 
+/// Every code [`CallError::code`] gives.
+pub const CALL_ERROR_CODES: [&str; 7] = [
+    "input_too_large",
+    "output_too_large",
+    "bad_hypercall",
+    "guest_aborted",
+    "guest_fault",
+    "deadline_exceeded",
+    "not_abi_guest",
+];
+
 impl CallError {
+    /// The error code an API answers this error with (`None`: a VMM failure, not the guest's).
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            CallError::Vm(_) | CallError::Mailbox(_) => None,
+            CallError::InputTooLarge { .. } => Some("input_too_large"),
+            CallError::OutputTooLarge { .. } => Some("output_too_large"),
+            CallError::BadHypercall(_) | CallError::UnexpectedHypercall { .. } => Some("bad_hypercall"),
+            CallError::Aborted { .. } => Some("guest_aborted"),
+            CallError::Fault(_) => Some("guest_fault"),
+            CallError::Deadline { .. } => Some("deadline_exceeded"),
+            CallError::NotAbi(_) => Some("not_abi_guest"),
+        }
+    }
+
     /// Whether the guest can take another call afterwards (it stopped at a hypercall boundary
     /// in a consistent state). A VM whose call failed otherwise should be marked failed.
     pub fn guest_usable(&self) -> bool {

@@ -290,6 +290,12 @@ impl CloneEngine {
         self.pools.set_target(template, shells);
     }
 
+    /// Tears down the ready warm shells of `template` beyond `keep` (e.g. after lowering its
+    /// target); returns how many went.
+    pub fn trim_shells(&self, template: &Template, keep: usize) -> usize {
+        self.pools.trim(template.id(), keep)
+    }
+
     /// Warm shells of `template` ready now.
     pub fn warm_shells(&self, template: &Template) -> usize {
         self.pools.len(template.id())

@@ -558,6 +558,22 @@ impl Pools {
         shed
     }
 
+    /// Tears down the warm shells of `template_id` beyond `keep`; returns how many went.
+    pub(crate) fn trim(&self, template_id: u64, keep: usize) -> usize {
+        let extra = {
+            let mut state = self.lock();
+            match state.pools.get_mut(&template_id) {
+                Some(pool) if pool.shells.len() > keep => pool.shells.split_off(keep),
+                _ => Vec::new(),
+            }
+        };
+        let trimmed = extra.len();
+        for shell in extra {
+            self.reaper.drop_later(shell);
+        }
+        trimmed
+    }
+
     /// Takes a warm shell for `template_id`, if one is ready.
     pub(crate) fn take(&self, template_id: u64) -> Option<Vm> {
         let shell = self.lock().pools.get_mut(&template_id).and_then(|p| {
@@ -853,7 +869,8 @@ impl Pools {
     }
 
     /// Accounts a finished build to the pool instance it was started for: a shell joins that
-    /// pool if it still exists and there is room; otherwise it is torn down. A failure backs the
+    /// pool if it still exists, still wants it (below its target) and there is room; otherwise it
+    /// is torn down. A failure backs the
     /// pool off (doubling up to [`RETRY_MAX`]) instead of retrying at once.
     fn finish_build(&self, template: &Template, instance: u64, built: Result<Vm, VmError>) {
         let mut state = self.lock();
@@ -869,7 +886,9 @@ impl Pools {
                 pool.last_error = None;
                 pool.failures = 0;
                 let mappings = pool.mappings_each;
-                if state.shell_fits(mappings) {
+                // A shell built for a target lowered meanwhile is not wanted any more.
+                let wanted = pool.shells.len() < pool.target;
+                if wanted && state.shell_fits(mappings) {
                     if let Some(pool) = state.pools.get_mut(&template.id()) {
                         pool.shells.push(vm);
                     }

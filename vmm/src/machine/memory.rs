@@ -163,6 +163,18 @@ impl HostMapping {
             return Err(map_err(io::Error::last_os_error()));
         }
         let addr = NonNull::new(addr).ok_or_else(|| map_err(io::Error::other("mmap returned NULL")))?;
+        if flags & libc::MAP_SHARED != 0 && prot & libc::PROT_WRITE != 0 {
+            // A child forked meanwhile (e.g. a cell being started) must not get a writable
+            // shared mapping of guest RAM: it would make sealing the memfd (a snapshot) fail
+            // with EBUSY until the child execs.
+            // SAFETY: madvise on the whole mapping just made; it changes only fork behaviour.
+            if unsafe { libc::madvise(addr.as_ptr(), size, libc::MADV_DONTFORK) } != 0 {
+                let source = io::Error::last_os_error();
+                // SAFETY: unmapping the mapping just made, which nothing else refers to yet.
+                unsafe { libc::munmap(addr.as_ptr(), size) };
+                return Err(map_err(source));
+            }
+        }
         Ok(HostMapping {
             addr,
             len: size,
@@ -1001,6 +1013,38 @@ fn get_seals(file: &File) -> io::Result<libc::c_int> {
 #[cfg(test)]
 mod freeze_and_remap_tests {
     use super::*;
+
+    #[test]
+    fn test_ram_freezes_while_a_child_forked_meanwhile_has_not_exec_yet() {
+        // A process that starts cells forks them; between fork and exec the child must not hold
+        // a writable shared mapping of guest RAM, or sealing the memfd fails with EBUSY.
+        let mut ram = GuestRam::new_owned(16 * PAGE_SIZE).expect("guest RAM");
+        let pagemap = PageMap::open().expect("pagemap");
+        let mut pipe = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        // SAFETY: the child only calls async-signal-safe read and _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut byte = 0u8;
+            // SAFETY: closes its copy of the write end, blocks until the parent closes its
+            // own, then leaves.
+            unsafe {
+                libc::close(pipe[1]);
+                libc::read(pipe[0], (&mut byte as *mut u8).cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        assert!(pid > 0, "fork: {}", io::Error::last_os_error());
+        let frozen = ram.freeze(&pagemap);
+        // SAFETY: closing our pipe ends releases the child; then it is reaped.
+        unsafe {
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        frozen.expect("frozen while a forked child exists");
+    }
 
     fn template_of_depth(depth: usize, runs_per_overlay: usize) -> TemplateMemory {
         let base = FrozenMemory::new_sealed_with(64 * PAGE_SIZE, |_| Ok(())).expect("base");

@@ -166,13 +166,35 @@ impl Tally {
 /// present, then pagemap for the frames of the present runs only and kpagecount + kpageflags
 /// for those frames (sorted, coalesced), split over two threads when there are many.
 pub fn vm_sharing(vm: &Vm, host: &HostView) -> Result<VmSharing, StatsError> {
-    let started = Instant::now();
     let ram = vm.ram();
-    let from_template = ram.template().is_some();
-    let runs = host
-        .pagemap
-        .present_runs(ram.host_address(), ram.size())
-        .map_err(pagemap_err)?;
+    let region = RamRegion {
+        host_address: ram.host_address(),
+        size: ram.size(),
+        from_template: ram.template().is_some(),
+        pid: None,
+    };
+    region_sharing(&region, host, vm.kvm_stats()?)
+}
+
+/// Guest RAM of a VM as the host sees it: where it is mapped, in which process.
+#[derive(Debug, Clone, Copy)]
+pub struct RamRegion {
+    /// Host virtual address of guest RAM byte 0.
+    pub host_address: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Whether it maps a template (a clone) rather than memory of its own.
+    pub from_template: bool,
+    /// The process that maps it (`None`: this one); `host.pagemap` must be that process's.
+    pub pid: Option<u32>,
+}
+
+/// Like [`vm_sharing`] for RAM described by `region` (e.g. a VM in another process, with
+/// `host.pagemap` opened by [`PageMap::open_process`] and `kvm` read from its stats fds).
+pub fn region_sharing(region: &RamRegion, host: &HostView, kvm: KvmStats) -> Result<VmSharing, StatsError> {
+    let started = Instant::now();
+    let (hva, size, from_template) = (region.host_address, region.size, region.from_template);
+    let runs = host.pagemap.present_runs(hva, size).map_err(pagemap_err)?;
     let present: u64 = runs.iter().map(|r| (r.range.end - r.range.start) / PAGE_SIZE).sum();
     let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|r| r.range.clone()).collect();
     let tally = if present < PARALLEL_FROM {
@@ -190,18 +212,18 @@ pub fn vm_sharing(vm: &Vm, host: &HostView) -> Result<VmSharing, StatsError> {
         })??);
         tally
     };
-    let total = ram.size() / PAGE_SIZE;
+    let total = size / PAGE_SIZE;
     let pages = PageCounts {
         total,
         untouched: total - tally.pages.present.min(total),
         ..tally.pages
     };
     let scan_us = started.elapsed().as_secs_f64() * 1e6;
-    let smaps =
-        smaps_for_range(ram.host_address(), ram.host_address() + ram.size()).map_err(|source| StatsError::Io {
-            what: "/proc/self/smaps",
-            source,
-        })?;
+    let smaps = match region.pid {
+        None => smaps_for_range(hva, hva + size),
+        Some(pid) => crate::host::process_smaps_for_range(pid, hva, hva + size),
+    }
+    .map_err(|source| StatsError::Io { what: "smaps", source })?;
     Ok(VmSharing {
         pages,
         bytes: scale(pages),
@@ -211,7 +233,7 @@ pub fn vm_sharing(vm: &Vm, host: &HostView) -> Result<VmSharing, StatsError> {
             zero_page: pages.zero,
         },
         smaps,
-        kvm: vm.kvm_stats()?,
+        kvm,
         scan_us,
     })
 }

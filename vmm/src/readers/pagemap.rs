@@ -68,6 +68,14 @@ impl PageMap {
         })
     }
 
+    /// Opens the pagemap of process `pid` (needs ptrace-read access to it, e.g. root): a
+    /// supervisor reads the memory of the VMs its cells hold this way.
+    pub fn open_process(pid: u32) -> io::Result<Self> {
+        Ok(PageMap {
+            file: File::open(format!("/proc/{pid}/pagemap"))?,
+        })
+    }
+
     /// Entries for `pages` pages from host virtual address `hva` (page aligned), read in chunks of
     /// up to 64k entries per `pread`.
     pub fn read(&self, hva: u64, pages: usize) -> io::Result<Vec<PageMapEntry>> {

@@ -17,7 +17,7 @@ use crate::server::ops::{blocking, on_vm};
 use crate::server::templates::fd_budget;
 
 /// Decodes the input and checks the timeout.
-fn parse(app: &App, req: &CallRequest) -> Result<(Vec<u8>, Duration), ApiError> {
+pub(in crate::server) fn parse(app: &App, req: &CallRequest) -> Result<(Vec<u8>, Duration), ApiError> {
     let input = BASE64
         .decode(req.input.as_bytes())
         .map_err(|e| ApiError::bad_request("invalid_field", format!("input is not valid base64: {e}")))?;

@@ -234,6 +234,6 @@ pub fn warm_template(app: &App, id: &str, req: WarmRequest) -> Result<WarmStatus
     Ok(WarmStatus {
         template_id: entry.id.clone(),
         target: req.shells,
-        warm_shells: app.engine.warm_shells(&entry.template),
+        warm_shells: app.warm_shells(&entry),
     })
 }
