@@ -59,6 +59,7 @@ fn test_vcpus_are_bounded_by_max_vcpus_and_commands_address_a_vcpu() {
 
     let vm = ok(&c, "POST", "/v1/vms", Some(json!({"memory_mib": 32, "vcpus": 4})), 201);
     let id = vm["id"].as_str().expect("id").to_owned();
+    assert_eq!(vm["vcpus"], 4, "the VM says how many vCPUs it has");
     for i in 0..4u64 {
         let write = json!({"command": "write", "vcpu": i, "start_gpa": (16 + i) << 20, "count": 1, "value": 40 + i});
         ok(&c, "POST", &format!("/v1/vms/{id}/run"), Some(write), 200);
@@ -95,6 +96,7 @@ fn test_vcpus_are_bounded_by_max_vcpus_and_commands_address_a_vcpu() {
     );
     for clone in made["clones"].as_array().expect("clones") {
         let clone = clone["id"].as_str().expect("id");
+        assert_eq!(ok(&c, "GET", &format!("/v1/vms/{clone}"), None, 200)["vcpus"], 4);
         for i in 0..4u64 {
             assert_eq!(identity(&c, clone, i)["vcpu"], i, "clone {clone} vCPU {i}");
             let sum = json!({"command": "checksum", "vcpu": i, "start_gpa": (16 + i) << 20, "count": 1});

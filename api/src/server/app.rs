@@ -95,6 +95,8 @@ pub struct VmEntry {
     pub id: String,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// vCPUs of the VM.
+    pub vcpus: u32,
     /// The template a clone came from.
     pub template_id: Option<String>,
     /// What the API shows.
@@ -117,6 +119,7 @@ impl VmEntry {
         VmInfo {
             id: self.id.clone(),
             memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
             state: if status.failure.is_some() { "failed" } else { "running" }.into(),
             kind: if self.template_id.is_some() { "clone" } else { "vm" }.into(),
             template_id: self.template_id.clone(),
@@ -301,9 +304,11 @@ impl App {
         slot: Option<Reservation>,
     ) -> Arc<VmEntry> {
         let id = format!("vm-{}", self.next_vm.fetch_add(1, Ordering::Relaxed));
+        let vcpus = u32::try_from(machine.vm().vcpu_count()).unwrap_or(u32::MAX);
         let entry = Arc::new(VmEntry {
             id: id.clone(),
             memory_mib,
+            vcpus,
             template_id,
             status: Mutex::new(status),
             machine: Mutex::new(Some(machine)),

@@ -32,6 +32,7 @@ use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
 use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef, VmStatsFiles};
 use cowvm_vmm::call::CALL_ERROR_CODES;
 use cowvm_vmm::kpage::KPages;
+use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::pagemap::PageMap;
 use cowvm_vmm::stats::{region_sharing, HostView, RamRegion};
 use cowvm_vmm::{AdmitError, GuestCommand, Reservation, Template};
@@ -115,6 +116,8 @@ pub struct CellVm {
     /// KVM's statistics fds of the VM, handed over by its cell on the first stats request.
     kvm_stats: Mutex<Option<VmStatsFiles>>,
     memory_mib: u64,
+    /// vCPUs of its template.
+    vcpus: u32,
     template_id: String,
     status: Mutex<CellVmStatus>,
     /// Held while an operation runs on the VM (one at a time, as for in-process VMs).
@@ -140,6 +143,7 @@ impl CellVm {
         VmInfo {
             id: self.id.clone(),
             memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
             state: state.into(),
             kind: "clone".into(),
             template_id: Some(self.template_id.clone()),
@@ -769,7 +773,8 @@ async fn clone_template(
                 format!("no clone could be made: {reason}"),
             ));
         }
-        let memory_mib = template.template.size() >> 20;
+        let memory_mib = bytes_to_mib(template.template.size());
+        let vcpus = u32::try_from(template.template.state().vcpus.len()).unwrap_or(u32::MAX);
         let mut vms = cells.vms.write().unwrap_or_else(|e| e.into_inner());
         let clones = batch
             .clones
@@ -788,6 +793,7 @@ async fn clone_template(
                     memory_size: spawned.memory_size,
                     kvm_stats: Mutex::new(None),
                     memory_mib,
+                    vcpus,
                     template_id: template.id.clone(),
                     status: Mutex::new(CellVmStatus {
                         generation: spawned.generation,

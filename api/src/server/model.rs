@@ -50,6 +50,8 @@ pub struct VmInfo {
     pub id: String,
     /// Guest RAM in MiB.
     pub memory_mib: u64,
+    /// vCPUs of the VM (commands name one of them with `vcpu`).
+    pub vcpus: u32,
     /// `running`, `failed`, or `lost` (its cell died; `--cells` only).
     pub state: String,
     /// `vm` (booted) or `clone`.
