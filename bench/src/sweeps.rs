@@ -406,7 +406,8 @@ fn sharing_template(engine: &CloneEngine) -> Result<Arc<cowvm_vmm::Template>, Be
 }
 
 /// A CI-like loop for `seconds`: clone from warm shells, run a test command in the guest (read
-/// 64 pages, write 16), collect sharing statistics, destroy; iterations per second with 1 and 2
+/// 64 pages, write 16), collect sharing statistics, delete as the server does (the used VM is
+/// recycled into the warm pool); iterations per second with 1 and 2
 /// worker threads, in process and then over the API of an embedded server (`"via"` says which).
 pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, out: &Path) -> Result<Value, BenchError> {
     let template = make_template(engine.kvm(), 256)?;
@@ -415,6 +416,7 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
         progress(&format!("CI loop with {workers} worker(s) for {seconds} s"));
         fill_pool(engine, &template, 64)?;
         engine.keep_warm(&template, 64);
+        let recycled_before = engine.recycle_stats();
         let iterations = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         let started = Instant::now();
@@ -428,8 +430,11 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
                 );
                 std::thread::spawn(move || -> Result<(), String> {
                     while Instant::now() < deadline {
+                        // As the server does: room for one clone, the clone, and DELETE hands
+                        // the VM back to be recycled into the warm pool (with its room).
+                        let mut room = engine.reserve(1, Some(&template)).map_err(|e| e.to_string())?;
                         let mut clone = engine
-                            .spawn(&template, 1)
+                            .spawn_reserved(&template, &mut room, &|| false)
                             .map_err(|e| e.to_string())?
                             .clones
                             .pop()
@@ -461,7 +466,7 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
                                 stats.pages.private
                             ));
                         }
-                        engine.destroy(clone);
+                        engine.recycle(clone, Some(room));
                         iterations.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(())
@@ -475,10 +480,17 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
                 .map_err(BenchError::Setup)?;
         }
         let elapsed = started.elapsed().as_secs_f64();
+        engine.wait_recycled(Duration::from_secs(60));
+        let recycled = engine.recycle_stats();
         engine.keep_warm(&template, 0);
         engine.flush();
         let done = iterations.load(Ordering::Relaxed);
-        rows.push(json!({"via": "in_process", "workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
+        rows.push(json!({
+            "via": "in_process", "workers": workers, "iterations": done, "seconds": elapsed,
+            "iterations_per_s": done as f64 / elapsed,
+            "recycled": recycled.recycled - recycled_before.recycled,
+            "not_recycled": recycled.destroyed - recycled_before.destroyed,
+        }));
     }
     engine.retire(&template);
     rows.extend(super::ci_http::ci_loop_http(256, seconds)?);
