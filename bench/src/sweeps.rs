@@ -405,8 +405,21 @@ fn sharing_template(engine: &CloneEngine) -> Result<Arc<cowvm_vmm::Template>, Be
     Ok(Arc::new(cowvm_vmm::Template::freeze(kvm, &mut vm)?))
 }
 
+/// The steps of one CI-loop iteration, as the rows' `worker_cpu_us_per_iteration` names them
+/// (`delete` includes the loop's own bookkeeping).
+const CI_STEPS: [&str; 5] = ["clone", "checksum_64", "write_16", "stats", "delete"];
+
+/// CPU time the calling thread has used, in microseconds.
+fn thread_cpu_us() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which lives for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e6 + ts.tv_nsec as f64 / 1e3
+}
+
 /// A CI-like loop for `seconds`: clone from warm shells, run a test command in the guest (read
-/// 64 pages, write 16), collect sharing statistics, destroy; iterations per second with 1 and 2
+/// 64 pages, write 16), collect sharing statistics, delete as the server does (the used VM is
+/// recycled into the warm pool); iterations per second with 1 and 2
 /// worker threads, in process and then over the API of an embedded server (`"via"` says which).
 pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, out: &Path) -> Result<Value, BenchError> {
     let template = make_template(engine.kvm(), 256)?;
@@ -415,6 +428,7 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
         progress(&format!("CI loop with {workers} worker(s) for {seconds} s"));
         fill_pool(engine, &template, 64)?;
         engine.keep_warm(&template, 64);
+        let recycled_before = engine.recycle_stats();
         let iterations = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         let started = Instant::now();
@@ -426,14 +440,27 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
                     Arc::clone(&template),
                     Arc::clone(&iterations),
                 );
-                std::thread::spawn(move || -> Result<(), String> {
+                std::thread::spawn(move || -> Result<[f64; CI_STEPS.len()], String> {
+                    // CPU time of this thread per step (load on the host does not inflate it).
+                    let mut cpu = [0.0; CI_STEPS.len()];
+                    let mut mark = thread_cpu_us();
+                    let mut lap = |step: usize| {
+                        let now = thread_cpu_us();
+                        cpu[step] += now - mark;
+                        mark = now;
+                    };
                     while Instant::now() < deadline {
+                        lap(CI_STEPS.len() - 1);
+                        // As the server does: room for one clone, the clone, and DELETE hands
+                        // the VM back to be recycled into the warm pool (with its room).
+                        let mut room = engine.reserve(1, Some(&template)).map_err(|e| e.to_string())?;
                         let mut clone = engine
-                            .spawn(&template, 1)
+                            .spawn_reserved(&template, &mut room, &|| false)
                             .map_err(|e| e.to_string())?
                             .clones
                             .pop()
                             .ok_or("no clone")?;
+                        lap(0);
                         let vm = clone.vm_mut();
                         vm.execute(
                             GuestCommand::Checksum {
@@ -444,6 +471,7 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
                             DEADLINE,
                         )
                         .map_err(|e| e.to_string())?;
+                        lap(1);
                         vm.execute(
                             GuestCommand::Write {
                                 start: GuestAddress(16 * MIB),
@@ -454,6 +482,7 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
                             DEADLINE,
                         )
                         .map_err(|e| e.to_string())?;
+                        lap(2);
                         let stats = vm_sharing(clone.vm(), &host).map_err(|e| e.to_string())?;
                         if stats.pages.private != 16 {
                             return Err(format!(
@@ -461,24 +490,44 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
                                 stats.pages.private
                             ));
                         }
-                        engine.destroy(clone);
+                        lap(3);
+                        engine.recycle(clone, Some(room));
                         iterations.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(())
+                    lap(CI_STEPS.len() - 1);
+                    Ok(cpu)
                 })
             })
             .collect();
+        let mut cpu = [0.0; CI_STEPS.len()];
         for handle in handles {
-            handle
+            let worker = handle
                 .join()
                 .map_err(|_| BenchError::Setup("a CI worker panicked".into()))?
                 .map_err(BenchError::Setup)?;
+            cpu.iter_mut().zip(worker).for_each(|(sum, us)| *sum += us);
         }
         let elapsed = started.elapsed().as_secs_f64();
+        engine.wait_recycled(Duration::from_secs(60));
+        let recycled = engine.recycle_stats();
         engine.keep_warm(&template, 0);
         engine.flush();
         let done = iterations.load(Ordering::Relaxed);
-        rows.push(json!({"via": "in_process", "workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
+        let per_step: serde_json::Map<String, Value> = CI_STEPS
+            .iter()
+            .zip(cpu)
+            .map(|(step, us)| (step.to_string(), json!(us / done.max(1) as f64)))
+            .collect();
+        let mut recycle_us = recycled.recent_us.clone();
+        recycle_us.sort_by(f64::total_cmp);
+        rows.push(json!({
+            "via": "in_process", "workers": workers, "iterations": done, "seconds": elapsed,
+            "iterations_per_s": done as f64 / elapsed,
+            "worker_cpu_us_per_iteration": per_step,
+            "recycle_us_p50": recycle_us.get(recycle_us.len() / 2),
+            "recycled": recycled.recycled - recycled_before.recycled,
+            "not_recycled": recycled.destroyed - recycled_before.destroyed,
+        }));
     }
     engine.retire(&template);
     rows.extend(super::ci_http::ci_loop_http(256, seconds)?);

@@ -242,3 +242,75 @@ fn test_recycling_never_exceeds_the_vm_limit() {
     assert!(engine.recycle_stats().recycled > 0, "some VMs were recycled");
     assert!(engine.held_vms() <= MAX);
 }
+
+/// The CI loop (`cowvm bench ci-loop`, and the API's create/run/stats/delete) deletes by
+/// recycling, so each iteration runs on a VM that earlier iterations used: the kernel must say
+/// that it holds exactly the pages this iteration wrote, never pages left from before.
+#[test]
+fn test_a_vm_recycled_again_and_again_holds_only_the_pages_of_its_current_clone() {
+    let engine = engine();
+    let host = cowvm_vmm::stats::HostView::open().expect("these tests run as root, with access to /proc/kpagecount");
+    let template = warm_template(&engine, 1);
+    let _hold = engine.pause_building();
+    let mut address = None;
+    for round in 0..5u64 {
+        let mut room = engine.reserve(1, Some(&template)).expect("room");
+        let mut clone = engine
+            .spawn_reserved(&template, &mut room, &|| false)
+            .expect("spawn")
+            .clones
+            .pop()
+            .expect("one clone");
+        let here = clone.vm().ram().host_address();
+        assert_eq!(*address.get_or_insert(here), here, "round {round} runs on the same VM");
+        // A different set of 16 pages each round: a page left from an earlier round would show.
+        for i in 0..16 {
+            write(clone.vm_mut(), 16 * MIB + (round * 16 + i) * PAGE_SIZE, i + 1);
+        }
+        let stats = cowvm_vmm::stats::vm_sharing(clone.vm(), &host).expect("stats");
+        assert_eq!(
+            stats.pages.private, 16,
+            "round {round}: only this round's pages are private"
+        );
+        assert_eq!(
+            stats.smaps.anonymous_kib,
+            16 * PAGE_SIZE / 1024,
+            "round {round}: smaps agrees"
+        );
+        assert!(
+            engine.recycle(clone, Some(room)),
+            "round {round}: the pool wants it back"
+        );
+        assert!(engine.wait_recycled(WAIT));
+    }
+    assert_eq!(engine.recycle_stats().recycled, 5);
+}
+
+/// The pool hands out its shell whose RAM lies lowest in the address space (smaps, which stats
+/// cross-check against, formats every mapping below the one asked about), whatever order the
+/// shells came back in.
+#[test]
+fn test_the_pool_hands_out_the_shell_with_the_lowest_ram_first() {
+    let engine = engine();
+    let template = warm_template(&engine, 2);
+    let _hold = engine.pause_building();
+    let mut room = engine.reserve(2, Some(&template)).expect("room");
+    let mut batch = engine.spawn_reserved(&template, &mut room, &|| false).expect("spawn");
+    let mut rooms: Vec<_> = (0..2).map(|_| room.split_one().expect("room for one")).collect();
+    batch.clones.sort_by_key(|c| c.vm().ram().host_address());
+    let high = batch.clones.pop().expect("clone");
+    let low = batch.clones.pop().expect("clone");
+    let lowest = low.vm().ram().host_address();
+    assert!(lowest < high.vm().ram().host_address());
+    // The lower one goes back first, so it ends up below the other in the pool's list.
+    assert!(engine.recycle(low, rooms.pop()));
+    assert!(engine.wait_recycled(WAIT));
+    assert!(engine.recycle(high, rooms.pop()));
+    assert!(engine.wait_recycled(WAIT));
+    assert_eq!(engine.warm_shells(&template), 2);
+    let next = engine.spawn_idle(&template).expect("take a shell");
+    assert_eq!(next.vm().ram().host_address(), lowest, "the lowest shell comes first");
+    let mut room = engine.reserve(1, Some(&template)).expect("room");
+    let taken = engine.spawn_reserved(&template, &mut room, &|| false).expect("spawn");
+    assert!(taken.clones[0].vm().ram().host_address() > lowest, "then the other one");
+}
