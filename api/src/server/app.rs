@@ -10,7 +10,7 @@ use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::stats::HostView;
 use cowvm_vmm::{AdmitError, Clone, CloneEngine, Reservation, Template, Vm};
 
-use super::error::ApiError;
+use super::error::ServiceError;
 use super::model::{TemplateInfo, VmInfo};
 
 /// Limits the server enforces.
@@ -232,20 +232,20 @@ impl App {
     }
 
     /// The kernel files statistics come from, or a 503 naming why they cannot be read.
-    pub fn host_view(&self) -> Result<&HostView, ApiError> {
+    pub fn host_view(&self) -> Result<&HostView, ServiceError> {
         self.host
             .as_ref()
-            .map_err(|why| ApiError::unavailable("stats_unavailable", why.clone()))
+            .map_err(|why| ServiceError::unavailable("stats_unavailable", why.clone()))
     }
 
     /// The VM `id`, or 404.
-    pub fn vm(&self, id: &str) -> Result<Arc<VmEntry>, ApiError> {
+    pub fn vm(&self, id: &str) -> Result<Arc<VmEntry>, ServiceError> {
         self.vms
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .cloned()
-            .ok_or_else(|| ApiError::not_found("VM", id))
+            .ok_or_else(|| ServiceError::not_found("VM", id))
     }
 
     /// All VMs, by id.
@@ -269,7 +269,7 @@ impl App {
     /// Admits `count` VMs (clones of `template`, or booted VMs) before they are made: 429 when
     /// the VM limit is held by VMs that are not warm shells, 503 when the mapping budget is, 422
     /// when one clone of the template alone would not fit the budget. Warm shells give way.
-    pub fn admit(&self, count: usize, template: Option<&Template>) -> Result<Reservation, ApiError> {
+    pub fn admit(&self, count: usize, template: Option<&Template>) -> Result<Reservation, ServiceError> {
         match self.engine.reserve(count, template) {
             // Warm shells in cells give way too.
             Err(AdmitError::TooManyVms { .. }) if self.cells.shed_shells(count) > 0 => {
@@ -280,12 +280,12 @@ impl App {
     }
 
     /// The answer for VMs that could not be admitted.
-    pub fn admit_error(&self, e: AdmitError) -> ApiError {
+    pub fn admit_error(&self, e: AdmitError) -> ServiceError {
         let message = e.to_string();
         match e {
-            AdmitError::TooManyVms { .. } => ApiError::TooManyVms(message),
-            AdmitError::MappingsExhausted { .. } => ApiError::exhausted(message),
-            AdmitError::TooFragmented { .. } => ApiError::out_of_range("template_too_fragmented", message),
+            AdmitError::TooManyVms { .. } => ServiceError::TooManyVms(message),
+            AdmitError::MappingsExhausted { .. } => ServiceError::exhausted(message),
+            AdmitError::TooFragmented { .. } => ServiceError::out_of_range("template_too_fragmented", message),
         }
     }
 
@@ -322,22 +322,22 @@ impl App {
     }
 
     /// Removes VM `id` from the service (its machine is torn down by the caller).
-    pub fn remove_vm(&self, id: &str) -> Result<Arc<VmEntry>, ApiError> {
+    pub fn remove_vm(&self, id: &str) -> Result<Arc<VmEntry>, ServiceError> {
         self.vms
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id)
-            .ok_or_else(|| ApiError::not_found("VM", id))
+            .ok_or_else(|| ServiceError::not_found("VM", id))
     }
 
     /// The template `id`, or 404.
-    pub fn template(&self, id: &str) -> Result<Arc<TemplateEntry>, ApiError> {
+    pub fn template(&self, id: &str) -> Result<Arc<TemplateEntry>, ServiceError> {
         self.templates
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .cloned()
-            .ok_or_else(|| ApiError::not_found("template", id))
+            .ok_or_else(|| ServiceError::not_found("template", id))
     }
 
     /// All templates, by id.
@@ -387,40 +387,40 @@ impl App {
     /// Removes template `id` unless clones of it are alive or being made (409). Checked and done
     /// under the templates lock, which clone calls and warm-ups take to start (see
     /// [`App::begin_cloning`], [`App::warm`]), so neither can slip in between.
-    pub fn remove_template(&self, id: &str) -> Result<Arc<TemplateEntry>, ApiError> {
+    pub fn remove_template(&self, id: &str) -> Result<Arc<TemplateEntry>, ServiceError> {
         let mut templates = self.templates.write().unwrap_or_else(|e| e.into_inner());
         if !templates.contains_key(id) {
-            return Err(ApiError::not_found("template", id));
+            return Err(ServiceError::not_found("template", id));
         }
         let in_flight = lock(&self.cloning).get(id).copied().unwrap_or(0);
         if in_flight > 0 {
-            return Err(ApiError::conflict(
+            return Err(ServiceError::conflict(
                 "template_in_use",
                 format!("template {id} is being cloned ({in_flight} calls in progress); try again when they finish"),
             ));
         }
         let clones = self.clones_of(id).len() + self.cells.clones_of(id);
         if clones > 0 {
-            return Err(ApiError::conflict(
+            return Err(ServiceError::conflict(
                 "template_in_use",
                 format!("template {id} has {clones} live clones; delete them first"),
             ));
         }
         let entry = templates
             .remove(id)
-            .ok_or_else(|| ApiError::not_found("template", id))?;
+            .ok_or_else(|| ServiceError::not_found("template", id))?;
         self.engine.retire(&entry.template);
         self.cells.remove_template(id);
         Ok(entry)
     }
 
     /// Template `id` for a clone call: while the guard lives, the template cannot be deleted.
-    pub fn begin_cloning(self: &Arc<Self>, id: &str) -> Result<(Arc<TemplateEntry>, CloningGuard), ApiError> {
+    pub fn begin_cloning(self: &Arc<Self>, id: &str) -> Result<(Arc<TemplateEntry>, CloningGuard), ServiceError> {
         let templates = self.templates.read().unwrap_or_else(|e| e.into_inner());
         let entry = templates
             .get(id)
             .cloned()
-            .ok_or_else(|| ApiError::not_found("template", id))?;
+            .ok_or_else(|| ServiceError::not_found("template", id))?;
         *lock(&self.cloning).entry(id.to_owned()).or_insert(0) += 1;
         drop(templates);
         Ok((
@@ -434,12 +434,12 @@ impl App {
 
     /// Sets template `id`'s warm-shell target, atomically with its existence (a template being
     /// deleted never gets a new pool).
-    pub fn warm(&self, id: &str, shells: usize) -> Result<Arc<TemplateEntry>, ApiError> {
+    pub fn warm(&self, id: &str, shells: usize) -> Result<Arc<TemplateEntry>, ServiceError> {
         let templates = self.templates.read().unwrap_or_else(|e| e.into_inner());
         let entry = templates
             .get(id)
             .cloned()
-            .ok_or_else(|| ApiError::not_found("template", id))?;
+            .ok_or_else(|| ServiceError::not_found("template", id))?;
         if self.cells.enabled() {
             self.cells.set_warm(id, shells);
         } else {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::app::App;
-use super::error::{ApiError, ErrorBody};
+use super::error::{ErrorBody, ServiceError};
 use super::service::calls as service;
 
 type Body<T> = Result<Json<T>, JsonRejection>;
@@ -91,7 +91,7 @@ pub async fn call_template(
     State(app): State<Arc<App>>,
     id: Id,
     body: Body<CallRequest>,
-) -> Result<Json<CallResult>, ApiError> {
+) -> Result<Json<CallResult>, ServiceError> {
     let Path(id) = id?;
     let Json(req) = body?;
     Ok(Json(service::call_template(&app, &id, req).await?))
@@ -105,7 +105,7 @@ pub async fn call_vm(
     State(app): State<Arc<App>>,
     id: Id,
     body: Body<CallRequest>,
-) -> Result<Json<CallResult>, ApiError> {
+) -> Result<Json<CallResult>, ServiceError> {
     let Path(id) = id?;
     let Json(req) = body?;
     Ok(Json(service::call_vm(&app, &id, req).await?))

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use utoipa::ToSchema;
 
 use super::app::{App, TemplateEntry};
-use super::error::{ApiError, ErrorBody};
+use super::error::{ErrorBody, ServiceError};
 use super::ops::{timeout_error, transaction};
 use super::templates::save_template;
 use crate::archive::{self, ArchiveError};
@@ -91,7 +91,7 @@ impl Write for ChannelWriter {
 pub async fn export_template(
     State(app): State<Arc<App>>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ServiceError> {
     let Path(id) = id?;
     let entry = app.template(&id)?;
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
@@ -119,21 +119,21 @@ pub async fn export_template(
 }
 
 /// The HTTP answer to an archive that cannot be imported.
-fn refused(error: ArchiveError) -> ApiError {
+fn refused(error: ArchiveError) -> ServiceError {
     let message = error.to_string();
     match &error {
         // 422, not 400: the request is well formed; what it carries cannot be read as an archive.
-        ArchiveError::Malformed(_) => ApiError::out_of_range("bad_archive", message),
-        ArchiveError::Digest { .. } => ApiError::out_of_range("digest_mismatch", message),
-        ArchiveError::Unsupported(_) => ApiError::out_of_range("unsupported_archive", message),
-        ArchiveError::Invalid(_) => ApiError::out_of_range("invalid_template", message),
-        ArchiveError::TooLarge { .. } => ApiError::out_of_range("memory_out_of_range", message),
-        ArchiveError::Io { .. } | ArchiveError::Memory(_) => ApiError::unavailable("import_failed", message),
+        ArchiveError::Malformed(_) => ServiceError::out_of_range("bad_archive", message),
+        ArchiveError::Digest { .. } => ServiceError::out_of_range("digest_mismatch", message),
+        ArchiveError::Unsupported(_) => ServiceError::out_of_range("unsupported_archive", message),
+        ArchiveError::Invalid(_) => ServiceError::out_of_range("invalid_template", message),
+        ArchiveError::TooLarge { .. } => ServiceError::out_of_range("memory_out_of_range", message),
+        ArchiveError::Io { .. } | ArchiveError::Memory(_) => ServiceError::unavailable("import_failed", message),
     }
 }
 
-fn too_large(limit: u64) -> ApiError {
-    ApiError::PayloadTooLarge {
+fn too_large(limit: u64) -> ServiceError {
+    ServiceError::PayloadTooLarge {
         code: "archive_too_large",
         message: format!("the archive is larger than --max-import-bytes ({limit} bytes)"),
     }
@@ -173,18 +173,19 @@ fn nonce() -> u64 {
 }
 
 /// Receives the body into an anonymous file, refusing it past `limit` bytes.
-async fn spool(app: &App, body: Body, limit: u64) -> Result<(File, u64), ApiError> {
+async fn spool(app: &App, body: Body, limit: u64) -> Result<(File, u64), ServiceError> {
     let dir = app.state_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let file = anonymous_file(&dir).map_err(|e| ApiError::exhausted(format!("no room to receive the archive: {e}")))?;
+    let file =
+        anonymous_file(&dir).map_err(|e| ServiceError::exhausted(format!("no room to receive the archive: {e}")))?;
     let writer = file
         .try_clone()
-        .map_err(|e| ApiError::exhausted(format!("no file descriptor left to receive the archive: {e}")))?;
+        .map_err(|e| ServiceError::exhausted(format!("no file descriptor left to receive the archive: {e}")))?;
     let mut writer = tokio::fs::File::from_std(writer);
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     while let Some(piece) = stream.next().await {
         let piece =
-            piece.map_err(|e| ApiError::bad_request("bad_body", format!("the archive could not be read: {e}")))?;
+            piece.map_err(|e| ServiceError::bad_request("bad_body", format!("the archive could not be read: {e}")))?;
         total += piece.len() as u64;
         if total > limit {
             return Err(too_large(limit));
@@ -192,12 +193,12 @@ async fn spool(app: &App, body: Body, limit: u64) -> Result<(File, u64), ApiErro
         writer
             .write_all(&piece)
             .await
-            .map_err(|e| ApiError::exhausted(format!("no room to receive the archive: {e}")))?;
+            .map_err(|e| ServiceError::exhausted(format!("no room to receive the archive: {e}")))?;
     }
     writer
         .flush()
         .await
-        .map_err(|e| ApiError::exhausted(format!("no room to receive the archive: {e}")))?;
+        .map_err(|e| ServiceError::exhausted(format!("no room to receive the archive: {e}")))?;
     Ok((file, total))
 }
 
@@ -213,7 +214,7 @@ pub async fn import_template(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<TemplateImported>), ApiError> {
+) -> Result<(StatusCode, Json<TemplateImported>), ServiceError> {
     let limit = app.limits.max_import_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -234,7 +235,7 @@ pub async fn import_template(
             .memory()
             .base()
             .populated_bytes()
-            .map_err(|e| ApiError::internal(format!("count the imported pages: {e}")))?;
+            .map_err(|e| ServiceError::internal(format!("count the imported pages: {e}")))?;
         if !commit.commit() {
             return Err(timeout_error(&service));
         }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::app::{App, Machine, VmEntry};
-use super::error::ApiError;
+use super::error::ServiceError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -61,8 +61,8 @@ impl Commit {
 }
 
 /// The 503 a timed-out request answers.
-pub fn timeout_error(app: &App) -> ApiError {
-    ApiError::Timeout(format!(
+pub fn timeout_error(app: &App) -> ServiceError {
+    ServiceError::Timeout(format!(
         "the request did not finish within {} ms; nothing was created",
         app.limits.request_timeout.as_millis()
     ))
@@ -73,8 +73,8 @@ pub fn timeout_error(app: &App) -> ApiError {
 /// nothing; see [`transaction`] for those that do.
 pub async fn blocking<T: Send + 'static>(
     app: &Arc<App>,
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+    f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
     transaction(app, move |_| f()).await
 }
 
@@ -83,8 +83,8 @@ pub async fn blocking<T: Send + 'static>(
 /// refused commit and undoes its work); one that has committed is waited for.
 pub async fn transaction<T: Send + 'static>(
     app: &Arc<App>,
-    f: impl FnOnce(&Commit) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+    f: impl FnOnce(&Commit) -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
     let limit = app.limits.request_timeout;
     let commit = Commit::new();
     let theirs = commit.clone();
@@ -95,7 +95,7 @@ pub async fn transaction<T: Send + 'static>(
         Err(_) => task.await,
     };
     match joined {
-        Err(join) => Err(ApiError::internal(format!("the operation panicked: {join}"))),
+        Err(join) => Err(ServiceError::internal(format!("the operation panicked: {join}"))),
         Ok(result) => result,
     }
 }
@@ -104,18 +104,18 @@ pub async fn transaction<T: Send + 'static>(
 pub async fn on_vm<T: Send + 'static>(
     app: &Arc<App>,
     id: &str,
-    op: impl FnOnce(&App, &VmEntry, &mut Machine, &Commit) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+    op: impl FnOnce(&App, &VmEntry, &mut Machine, &Commit) -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
     let entry = app.vm(id)?;
     if let Some(reason) = entry.failure() {
-        return Err(ApiError::VmFailed(format!("VM {id} has failed: {reason}")));
+        return Err(ServiceError::VmFailed(format!("VM {id} has failed: {reason}")));
     }
     let service = Arc::clone(app);
     transaction(app, move |commit| {
         let mut guard = entry.lock_machine();
-        let machine = guard.as_mut().ok_or_else(|| ApiError::not_found("VM", &entry.id))?;
+        let machine = guard.as_mut().ok_or_else(|| ServiceError::not_found("VM", &entry.id))?;
         let result = op(&service, &entry, machine, commit);
-        if let Err(ApiError::VmFailed(message)) = &result {
+        if let Err(ServiceError::VmFailed(message)) = &result {
             entry.fail(message.clone());
             service
                 .metrics

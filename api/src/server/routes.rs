@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 use utoipa::OpenApi;
 
 use super::app::App;
-use super::error::{ApiError, ErrorBody, ErrorDetail};
+use super::error::{ErrorBody, ErrorDetail, ServiceError};
 use super::handlers::{templates, vms};
 use super::model::*;
 use super::spec::{self, SpecOptions};
@@ -186,15 +186,15 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
-async fn route_not_found() -> ApiError {
-    ApiError::NotFound {
+async fn route_not_found() -> ServiceError {
+    ServiceError::NotFound {
         code: "route_not_found",
         message: "no such endpoint; see /openapi.json".into(),
     }
 }
 
-async fn method_not_allowed() -> ApiError {
-    ApiError::MethodNotAllowed("this endpoint does not take that method; see /openapi.json".into())
+async fn method_not_allowed() -> ServiceError {
+    ServiceError::MethodNotAllowed("this endpoint does not take that method; see /openapi.json".into())
 }
 
 /// The token of an `Authorization` header whose scheme is `Bearer`, in any case (RFC 9110 §11.1).
@@ -213,7 +213,7 @@ async fn require_token(State(token): State<Arc<String>>, request: Request, next:
         next.run(request).await
     } else {
         let mut response =
-            ApiError::Unauthorized("this server needs Authorization: Bearer <token>".into()).into_response();
+            ServiceError::Unauthorized("this server needs Authorization: Bearer <token>".into()).into_response();
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer realm=\"cowvm\""),
@@ -243,12 +243,12 @@ async fn require_object_body(State(limit): State<usize>, request: Request, next:
         Err(e) => {
             let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             return if too_large {
-                ApiError::PayloadTooLarge {
+                ServiceError::PayloadTooLarge {
                     code: "body_too_large",
                     message: format!("the request body is larger than {limit} bytes"),
                 }
             } else {
-                ApiError::bad_request("bad_body", "the request body could not be read")
+                ServiceError::bad_request("bad_body", "the request body could not be read")
             }
             .into_response();
         }
@@ -256,7 +256,8 @@ async fn require_object_body(State(limit): State<usize>, request: Request, next:
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     let valid_json = || serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
     if first.is_some_and(|&b| b != b'{') && valid_json() {
-        return ApiError::bad_request("body_not_an_object", "the request body must be a JSON object").into_response();
+        return ServiceError::bad_request("body_not_an_object", "the request body must be a JSON object")
+            .into_response();
     }
     next.run(Request::from_parts(parts, Body::from(bytes))).await
 }

@@ -11,7 +11,7 @@ use cowvm_vmm::persist::{self, Startup};
 use cowvm_vmm::Template;
 
 use super::app::{App, TemplateEntry};
-use super::error::ApiError;
+use super::error::ServiceError;
 use super::ServeError;
 
 /// Creates the directory if needed (0700), loads what it holds, and logs what was removed or
@@ -53,7 +53,7 @@ pub fn adopt(app: &App, startup: Startup) {
 /// Saves a template under the state directory, if there is one. A template layered on a saved
 /// template (a snapshot or live fork of a clone) is saved as its own overlay plus a reference
 /// to that parent; anything else is saved whole.
-pub fn save(app: &App, id: &str, template: &Template) -> Result<bool, ApiError> {
+pub fn save(app: &App, id: &str, template: &Template) -> Result<bool, ServiceError> {
     let Some(dir) = &app.state_dir else {
         return Ok(false);
     };
@@ -66,19 +66,19 @@ pub fn save(app: &App, id: &str, template: &Template) -> Result<bool, ApiError> 
         None => persist::save(dir, id, template),
     }
     .map(|()| true)
-    .map_err(ApiError::from)
+    .map_err(ServiceError::from)
 }
 
 /// A 409 if saved templates are layered on template `id` (its files are their base).
-pub fn refuse_if_parent(app: &App, id: &str) -> Result<(), ApiError> {
+pub fn refuse_if_parent(app: &App, id: &str) -> Result<(), ServiceError> {
     let Some(dir) = &app.state_dir else {
         return Ok(());
     };
-    let children = persist::dependents(dir, id).map_err(ApiError::from)?;
+    let children = persist::dependents(dir, id).map_err(ServiceError::from)?;
     if children.is_empty() {
         return Ok(());
     }
-    Err(ApiError::conflict(
+    Err(ServiceError::conflict(
         "template_in_use",
         format!(
             "saved templates {} are layered on template {id}; delete them first",
@@ -88,8 +88,8 @@ pub fn refuse_if_parent(app: &App, id: &str) -> Result<(), ApiError> {
 }
 
 /// Removes template `id`'s files and logs each removal.
-pub fn remove(dir: &Path, id: &str) -> Result<(), ApiError> {
-    for path in persist::remove(dir, id).map_err(ApiError::from)? {
+pub fn remove(dir: &Path, id: &str) -> Result<(), ServiceError> {
+    for path in persist::remove(dir, id).map_err(ServiceError::from)? {
         eprintln!("cowvm serve: removed {} (template {id} deleted)", path.display());
     }
     Ok(())

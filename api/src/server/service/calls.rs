@@ -11,22 +11,22 @@ use cowvm_vmm::call::{self, CallError};
 use cowvm_vmm::{BootReport, Vm};
 
 use crate::server::app::{App, Machine};
-use crate::server::error::ServiceError as ApiError;
+use crate::server::error::ServiceError;
 use crate::server::model::{CallRequest, CallResult};
 use crate::server::ops::{blocking, on_vm};
 use crate::server::templates::fd_budget;
 
 /// Decodes the input and checks the timeout.
-pub(in crate::server) fn parse(app: &App, req: &CallRequest) -> Result<(Vec<u8>, Duration), ApiError> {
+pub(in crate::server) fn parse(app: &App, req: &CallRequest) -> Result<(Vec<u8>, Duration), ServiceError> {
     let input = BASE64
         .decode(req.input.as_bytes())
-        .map_err(|e| ApiError::bad_request("invalid_field", format!("input is not valid base64: {e}")))?;
+        .map_err(|e| ServiceError::bad_request("invalid_field", format!("input is not valid base64: {e}")))?;
     let limit = app.limits.request_timeout.as_millis() as u64;
     let deadline = match req.timeout_ms {
         None => app.limits.guest_deadline,
         Some(ms) if (1..=limit).contains(&ms) => Duration::from_millis(ms),
         Some(ms) => {
-            return Err(ApiError::out_of_range(
+            return Err(ServiceError::out_of_range(
                 "timeout_out_of_range",
                 format!("timeout_ms must be 1..={limit} (got {ms})"),
             ))
@@ -37,14 +37,14 @@ pub(in crate::server) fn parse(app: &App, req: &CallRequest) -> Result<(Vec<u8>,
 
 /// Runs a booted user guest from its first exit to `ready()`, if it speaks guest ABI v1 (its
 /// first exit is a hypercall); other guests are left as they are.
-pub fn run_to_ready(app: &App, vm: &mut Vm, report: &BootReport) -> Result<(), ApiError> {
+pub fn run_to_ready(app: &App, vm: &mut Vm, report: &BootReport) -> Result<(), ServiceError> {
     if !cowvm_vmm::hypercall::is_hypercall(&report.first_exit) {
         return Ok(());
     }
     match call::run_to_ready(vm, report.first_exit.clone(), app.limits.guest_deadline) {
         Ok(_) => Ok(()),
         Err(CallError::Vm(e)) => Err(e.into()),
-        Err(e) => Err(ApiError::out_of_range(
+        Err(e) => Err(ServiceError::out_of_range(
             "boot_failed",
             format!("the guest failed before ready(): {e}"),
         )),
@@ -52,7 +52,7 @@ pub fn run_to_ready(app: &App, vm: &mut Vm, report: &BootReport) -> Result<(), A
 }
 
 /// Runs one call in a fresh clone of template `id` (torn down afterwards).
-pub async fn call_template(app: &Arc<App>, id: &str, req: CallRequest) -> Result<CallResult, ApiError> {
+pub async fn call_template(app: &Arc<App>, id: &str, req: CallRequest) -> Result<CallResult, ServiceError> {
     let (input, deadline) = parse(app, &req)?;
     // The call's clone counts against --max-vms and keeps the template from being deleted while
     // it lives, like any clone.
@@ -74,7 +74,7 @@ pub async fn call_template(app: &Arc<App>, id: &str, req: CallRequest) -> Result
 
 /// Runs one call in VM `id`, which keeps its state (a call that leaves the guest unusable marks
 /// the VM failed).
-pub async fn call_vm(app: &Arc<App>, id: &str, req: CallRequest) -> Result<CallResult, ApiError> {
+pub async fn call_vm(app: &Arc<App>, id: &str, req: CallRequest) -> Result<CallResult, ServiceError> {
     let (input, deadline) = parse(app, &req)?;
     let report = on_vm(app, id, move |app, entry, machine, _commit| {
         let (generation, seed) = match &*machine {
@@ -86,7 +86,7 @@ pub async fn call_vm(app: &Arc<App>, id: &str, req: CallRequest) -> Result<CallR
                 entry.fail(format!("a call failed: {e}"));
                 app.metrics.vms_failed.fetch_add(1, Ordering::Relaxed);
             }
-            ApiError::from(e)
+            ServiceError::from(e)
         })
     })
     .await?;

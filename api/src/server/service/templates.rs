@@ -10,7 +10,7 @@ use cowvm_vmm::{CloneBatch, Reservation, Template};
 
 use crate::server::app::{App, Machine, TemplateEntry, VmStatus};
 // Under the handlers' old name, so that the moved bodies stay line for line as they were.
-use crate::server::error::ServiceError as ApiError;
+use crate::server::error::ServiceError;
 use crate::server::model::*;
 use crate::server::ops::{blocking, timeout_error, transaction};
 
@@ -22,16 +22,16 @@ pub const SHELL_FD_RESERVE: u64 = 2 * FD_RESERVE;
 /// File descriptors one VM holds (its VM fd and its vCPU fd).
 pub const FDS_PER_VM: u64 = 2;
 
-fn fd_headroom() -> Result<u64, ApiError> {
+fn fd_headroom() -> Result<u64, ServiceError> {
     // Failing to count (the read of /proc/self/fd needs a descriptor itself) means none are left.
     cowvm_vmm::host::fd_headroom()
-        .map_err(|e| ApiError::exhausted(format!("no file descriptor left to count open files: {e}")))
+        .map_err(|e| ServiceError::exhausted(format!("no file descriptor left to count open files: {e}")))
 }
 
 /// How many of `count` new VMs the remaining file descriptors allow (keeping [`FD_RESERVE`] free),
 /// or a 503 when not even one fits. Warm shells give way first: as many are torn down as the
 /// request is short of.
-pub fn fd_budget(app: &App, count: usize) -> Result<usize, ApiError> {
+pub fn fd_budget(app: &App, count: usize) -> Result<usize, ServiceError> {
     let mut headroom = fd_headroom()?;
     let short = (count as u64 * FDS_PER_VM + FD_RESERVE).saturating_sub(headroom);
     if short > 0 && app.engine.shed_shells(short.div_ceil(FDS_PER_VM) as usize) > 0 {
@@ -39,7 +39,7 @@ pub fn fd_budget(app: &App, count: usize) -> Result<usize, ApiError> {
     }
     let fits = (headroom.saturating_sub(FD_RESERVE) / FDS_PER_VM) as usize;
     if fits == 0 {
-        return Err(ApiError::exhausted(format!(
+        return Err(ServiceError::exhausted(format!(
             "no file descriptors left for another VM ({headroom} free, {FD_RESERVE} kept in reserve); delete VMs or raise RLIMIT_NOFILE"
         )));
     }
@@ -57,10 +57,10 @@ pub fn fd_shortfall(made_or_tried: usize, count: usize) -> Vec<CloneFailed> {
 }
 
 /// Checks a clone count against the per-call limit (the total is admitted by [`App::admit`]).
-pub fn check_count(app: &App, count: u64) -> Result<usize, ApiError> {
+pub fn check_count(app: &App, count: u64) -> Result<usize, ServiceError> {
     let limit = app.limits.max_clones_per_call;
     if count == 0 || count > limit as u64 {
-        return Err(ApiError::out_of_range(
+        return Err(ServiceError::out_of_range(
             "count_out_of_range",
             format!("count must be 1..={limit} (got {count})"),
         ));
@@ -69,7 +69,7 @@ pub fn check_count(app: &App, count: u64) -> Result<usize, ApiError> {
 }
 
 /// Saves a template under the state directory, if there is one.
-pub fn save_template(app: &App, id: &str, template: &Template) -> Result<bool, ApiError> {
+pub fn save_template(app: &App, id: &str, template: &Template) -> Result<bool, ServiceError> {
     crate::server::state_dir::save(app, id, template)
 }
 
@@ -80,7 +80,7 @@ pub fn register_clones(
     template: &TemplateEntry,
     batch: CloneBatch,
     room: &mut Reservation,
-) -> Result<ClonesCreated, ApiError> {
+) -> Result<ClonesCreated, ServiceError> {
     let metrics = &app.metrics;
     metrics
         .clone_failures
@@ -92,9 +92,9 @@ pub fn register_clones(
         // anything else is the host's (503).
         let message = format!("no clone could be made: {reason}");
         return Err(if first.is_some_and(|f| f.guest_stopped) {
-            ApiError::out_of_range("clones_failed", message)
+            ServiceError::out_of_range("clones_failed", message)
         } else {
-            ApiError::unavailable("clones_failed", message)
+            ServiceError::unavailable("clones_failed", message)
         });
     }
     let memory_mib = bytes_to_mib(template.template.size());
@@ -149,7 +149,7 @@ pub fn register_clones(
 }
 
 /// Makes clones of a template.
-pub async fn clone_template(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<ClonesCreated, ApiError> {
+pub async fn clone_template(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<ClonesCreated, ServiceError> {
     let count = check_count(app, req.count)?;
     let (template, cloning) = app.begin_cloning(id)?;
     let admitted = app.admit(count, Some(&template.template))?;
@@ -183,13 +183,13 @@ pub fn list_templates(app: &App) -> Vec<TemplateInfo> {
 }
 
 /// One template.
-pub fn get_template(app: &App, id: &str) -> Result<TemplateInfo, ApiError> {
+pub fn get_template(app: &App, id: &str) -> Result<TemplateInfo, ServiceError> {
     let entry = app.template(id)?;
     Ok(app.template_info(&entry))
 }
 
 /// Sharing statistics of a template over its live clones, from the host kernel.
-pub async fn template_stats(app: &Arc<App>, id: &str) -> Result<TemplateStats, ApiError> {
+pub async fn template_stats(app: &Arc<App>, id: &str) -> Result<TemplateStats, ServiceError> {
     let entry = app.template(id)?;
     let service = Arc::clone(app);
     blocking(app, move || {
@@ -204,7 +204,7 @@ pub async fn template_stats(app: &Arc<App>, id: &str) -> Result<TemplateStats, A
 }
 
 /// Deletes a template (409 while clones of it are alive).
-pub async fn delete_template(app: &Arc<App>, id: &str) -> Result<(), ApiError> {
+pub async fn delete_template(app: &Arc<App>, id: &str) -> Result<(), ServiceError> {
     let check = (Arc::clone(app), id.to_owned());
     blocking(app, move || {
         crate::server::state_dir::refuse_if_parent(&check.0, &check.1)
@@ -221,10 +221,10 @@ pub async fn delete_template(app: &Arc<App>, id: &str) -> Result<(), ApiError> {
 }
 
 /// Sets how many warm shells the server keeps ready for a template (built in the background).
-pub fn warm_template(app: &App, id: &str, req: WarmRequest) -> Result<WarmStatus, ApiError> {
+pub fn warm_template(app: &App, id: &str, req: WarmRequest) -> Result<WarmStatus, ServiceError> {
     let limit = app.limits.max_vms as u64;
     if req.shells > limit {
-        return Err(ApiError::out_of_range(
+        return Err(ServiceError::out_of_range(
             "count_out_of_range",
             format!("shells must be 0..={limit} (got {})", req.shells),
         ));

@@ -13,14 +13,14 @@ use cowvm_vmm::{GuestCommand, Kernel, Template, Vm, VmConfig};
 
 use crate::server::app::{App, Machine, TemplateEntry, VmStatus};
 // Under the handlers' old name, so that the moved bodies stay line for line as they were.
-use crate::server::error::ServiceError as ApiError;
+use crate::server::error::ServiceError;
 use crate::server::model::*;
 use crate::server::ops::{blocking, destroy, on_vm, timeout_error, transaction};
 use crate::server::templates::{fd_budget, fd_shortfall, register_clones, save_template};
 
-fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
+fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ServiceError> {
     let dir = app.kernel_dir.as_ref().ok_or_else(|| {
-        ApiError::out_of_range(
+        ServiceError::out_of_range(
             "kernels_disabled",
             "this server boots only the built-in guest (start it with --kernel-dir to allow kernels)",
         )
@@ -30,7 +30,7 @@ fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
         && !name.starts_with('.')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !plain {
-        return Err(ApiError::out_of_range(
+        return Err(ServiceError::out_of_range(
             "bad_kernel",
             "kernel must be a plain file name inside the kernel directory",
         ));
@@ -38,12 +38,12 @@ fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
     let path = dir.join(name);
     let canonical = path
         .canonicalize()
-        .map_err(|_| ApiError::out_of_range("bad_kernel", format!("no kernel named {name:?}")))?;
+        .map_err(|_| ServiceError::out_of_range("bad_kernel", format!("no kernel named {name:?}")))?;
     let root = dir
         .canonicalize()
-        .map_err(|e| ApiError::internal(format!("kernel directory: {e}")))?;
+        .map_err(|e| ServiceError::internal(format!("kernel directory: {e}")))?;
     if !canonical.starts_with(&root) || !canonical.is_file() {
-        return Err(ApiError::out_of_range(
+        return Err(ServiceError::out_of_range(
             "bad_kernel",
             format!("{name:?} is not a file inside the kernel directory"),
         ));
@@ -52,16 +52,16 @@ fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ApiError> {
 }
 
 /// Checks a `POST /v1/vms` request against the server's limits; answers the kernel to boot.
-fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ApiError> {
+fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ServiceError> {
     let limits = &app.limits;
     if !(1..=limits.max_vcpus).contains(&(req.vcpus as usize)) {
-        return Err(ApiError::out_of_range(
+        return Err(ServiceError::out_of_range(
             "vcpus_out_of_range",
             format!("vcpus must be 1..={} (got {})", limits.max_vcpus, req.vcpus),
         ));
     }
     if !(4..=limits.max_memory_mib).contains(&req.memory_mib) {
-        return Err(ApiError::out_of_range(
+        return Err(ServiceError::out_of_range(
             "memory_out_of_range",
             format!(
                 "memory_mib must be 4..={} (got {})",
@@ -71,7 +71,7 @@ fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ApiError> {
     }
     let room = req.memory_mib.saturating_sub(bytes_to_mib(DATA_START.0));
     if req.warmup_mib > room {
-        return Err(ApiError::out_of_range(
+        return Err(ServiceError::out_of_range(
             "warmup_out_of_range",
             format!("warmup_mib must be at most {room} for {} MiB", req.memory_mib),
         ));
@@ -79,7 +79,7 @@ fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ApiError> {
     let kernel = match &req.kernel {
         None => Kernel::Builtin,
         Some(_) if req.warmup_mib > 0 => {
-            return Err(ApiError::out_of_range(
+            return Err(ServiceError::out_of_range(
                 "warmup_out_of_range",
                 "warm-up needs the built-in guest",
             ));
@@ -90,7 +90,7 @@ fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ApiError> {
 }
 
 /// Boots a VM (with its warm-up written) and registers it.
-pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError> {
+pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ServiceError> {
     let kernel = check_create(app, &req)?;
     let slot = app.admit(1, None)?;
     let service = Arc::clone(app);
@@ -106,7 +106,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ApiError
         let (mut vm, report) = Vm::boot_with_deadline(service.engine.kvm(), &config, deadline)?;
         if report.first_exit.is_fault() {
             service.engine.destroy_vm(vm);
-            return Err(ApiError::out_of_range(
+            return Err(ServiceError::out_of_range(
                 "boot_failed",
                 format!("the guest failed at boot: {}", report.first_exit),
             ));
@@ -150,13 +150,13 @@ pub fn list_vms(app: &App) -> Vec<VmInfo> {
 }
 
 /// One VM.
-pub fn get_vm(app: &App, id: &str) -> Result<VmInfo, ApiError> {
+pub fn get_vm(app: &App, id: &str) -> Result<VmInfo, ServiceError> {
     Ok(app.vm(id)?.info())
 }
 
 /// Destroys a VM: waits for an operation in progress on it, then tears it down in the
 /// background.
-pub async fn delete_vm(app: &Arc<App>, id: &str) -> Result<(), ApiError> {
+pub async fn delete_vm(app: &Arc<App>, id: &str) -> Result<(), ServiceError> {
     let entry = app.remove_vm(id)?;
     let service = Arc::clone(app);
     blocking(app, move || {
@@ -167,7 +167,7 @@ pub async fn delete_vm(app: &Arc<App>, id: &str) -> Result<(), ApiError> {
 }
 
 /// Freezes a VM into a template (the VM keeps running).
-pub async fn snapshot_vm(app: &Arc<App>, id: &str) -> Result<SnapshotCreated, ApiError> {
+pub async fn snapshot_vm(app: &Arc<App>, id: &str) -> Result<SnapshotCreated, ServiceError> {
     on_vm(app, id, move |app, entry, machine, commit| {
         fd_budget(app, 1)?;
         let started = Instant::now();
@@ -196,7 +196,7 @@ pub async fn snapshot_vm(app: &Arc<App>, id: &str) -> Result<SnapshotCreated, Ap
 }
 
 /// Live fork: freezes a running VM into a new template (a short pause) and clones it.
-pub async fn live_fork(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<ClonesCreated, ApiError> {
+pub async fn live_fork(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<ClonesCreated, ServiceError> {
     let count = crate::server::templates::check_count(app, req.count)?;
     let admitted = app.admit(count, None)?;
     on_vm(app, id, move |app, entry, machine, commit| {
@@ -244,9 +244,9 @@ pub async fn live_fork(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<Cl
 /// Returns a clone to its template's state: by swap (the VM id gets a warm shell of its
 /// template, `swapped: true`, and its used VM is recycled in the background) or, with no shell
 /// ready, in place.
-pub async fn reset_vm(app: &Arc<App>, id: &str) -> Result<ResetDone, ApiError> {
+pub async fn reset_vm(app: &Arc<App>, id: &str) -> Result<ResetDone, ServiceError> {
     on_vm(app, id, |app, entry, machine, _| match machine {
-        Machine::Booted(_) => Err(ApiError::conflict(
+        Machine::Booted(_) => Err(ServiceError::conflict(
             "not_a_clone",
             format!("{} was booted, not cloned; only clones can be reset", entry.id),
         )),
@@ -267,7 +267,7 @@ pub async fn reset_vm(app: &Arc<App>, id: &str) -> Result<ResetDone, ApiError> {
 
 /// Write probe: the guest writes the pages and the host kernel reports what each went through.
 /// A clone's probe also times host-only copy-on-write on a scratch clone of its template.
-pub async fn probe_write(app: &Arc<App>, id: &str, req: ProbeRequest) -> Result<ProbeReport, ApiError> {
+pub async fn probe_write(app: &Arc<App>, id: &str, req: ProbeRequest) -> Result<ProbeReport, ServiceError> {
     let targets = match req {
         ProbeRequest::List(list) => ProbeTargets::Addresses(list.gpas),
         ProbeRequest::Range(r) => ProbeTargets::Stride {
@@ -293,13 +293,13 @@ pub async fn probe_write(app: &Arc<App>, id: &str, req: ProbeRequest) -> Result<
         if let Some(scratch) = scratch {
             app.engine.drop_later(scratch);
         }
-        report.map_err(ApiError::from)
+        report.map_err(ServiceError::from)
     })
     .await
 }
 
 /// A VM's sharing statistics, from the host kernel.
-pub async fn vm_stats(app: &Arc<App>, id: &str) -> Result<VmStats, ApiError> {
+pub async fn vm_stats(app: &Arc<App>, id: &str) -> Result<VmStats, ServiceError> {
     on_vm(app, id, |app, entry, machine, _| {
         let host = app.host_view()?;
         Ok(VmStats::new(entry.id.clone(), vm_sharing(machine.vm(), host)?))
@@ -308,13 +308,13 @@ pub async fn vm_stats(app: &Arc<App>, id: &str) -> Result<VmStats, ApiError> {
 }
 
 /// Runs a command in the built-in guest, on the vCPU the request names.
-pub async fn run_command(app: &Arc<App>, id: &str, req: RunCommand) -> Result<RunResult, ApiError> {
+pub async fn run_command(app: &Arc<App>, id: &str, req: RunCommand) -> Result<RunResult, ServiceError> {
     let command = crate::server::cells::guest_command(&req)?;
     let vcpu = req.vcpu as usize;
     on_vm(app, id, move |app, _, machine, _| {
         let vm = machine.vm_mut();
         if vcpu >= vm.vcpu_count() {
-            return Err(ApiError::out_of_range(
+            return Err(ServiceError::out_of_range(
                 "vcpu_out_of_range",
                 format!("vcpu must be 0..{} for this VM (got {vcpu})", vm.vcpu_count()),
             ));
