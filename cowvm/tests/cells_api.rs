@@ -37,7 +37,27 @@ fn cells(vms_per_cell: u32, max_cells: usize) -> CellsConfig {
         args: vec!["cell".into()],
         vms_per_cell,
         max_cells,
+        idle_cells: 1,
+        idle_after: Duration::from_secs(3600),
     }
+}
+
+/// Waits (up to a generous bound) until `done` holds; whether it does.
+fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > Duration::from_secs(60) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Whether process `pid` is gone (or a zombie).
+fn process_gone(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_or(true, |s| s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
 }
 
 fn ok(client: &Client, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
@@ -721,4 +741,60 @@ fn test_calls_run_in_the_cell_of_an_in_cell_vm() {
     assert!(!code.is_empty());
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn test_cells_that_held_only_deleted_vms_are_stopped_once_idle() {
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(CellsConfig {
+            idle_cells: 0,
+            idle_after: Duration::from_millis(200),
+            ..cells(1, 3)
+        }),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 2);
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let pids: Vec<u64> = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["pid"].as_u64().expect("pid"))
+        .collect();
+    assert_eq!(pids.len(), 2, "one clone per cell: {listed}");
+    // Cells holding VMs are not idle, however long they hold them.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        ok(&client, "GET", "/v1/cells", None, 200).as_array().map(Vec::len),
+        Some(2)
+    );
+    let sum = run_checksum(&client, &clones[0]);
+    ok(&client, "DELETE", &format!("/v1/vms/{}", clones[0]), None, 204);
+    let cells_now = || {
+        ok(&client, "GET", "/v1/cells", None, 200)
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert!(eventually(|| cells_now() == 1), "the idle cell is stopped");
+    assert!(
+        eventually(|| pids.iter().filter(|&&p| process_gone(p)).count() == 1),
+        "its process ends"
+    );
+    ok(&client, "DELETE", &format!("/v1/vms/{}", clones[1]), None, 204);
+    assert!(eventually(|| cells_now() == 0), "no cell is kept beyond the pool of 0");
+    assert!(
+        eventually(|| pids.iter().all(|&p| process_gone(p))),
+        "the cells' processes end"
+    );
+    // New clones start new cells on demand.
+    let again = clone_ids(&client, &tpl, 1);
+    assert_eq!(run_checksum(&client, &again[0]), sum);
+    assert_eq!(cells_now(), 1);
 }

@@ -8,7 +8,8 @@
 //! `call` and `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) serve
 //! them; write probes, live forks and snapshots of an in-cell VM answer 409
 //! `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
-//! `vm_lost` on every operation but GET and DELETE); the pool starts new cells on demand. Booted
+//! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
+//! the pool starts new cells on demand. Booted
 //! VMs (`POST /v1/vms`) stay in the server's process.
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
@@ -64,7 +65,16 @@ pub struct CellsConfig {
     pub vms_per_cell: u32,
     /// Most cells at once (`--max-cells`).
     pub max_cells: usize,
+    /// Idle cells (no VM, no warm shell) kept started for the next clones; more are stopped.
+    pub idle_cells: usize,
+    /// How long a cell must stay idle before it is stopped.
+    pub idle_after: Duration,
 }
+
+/// Idle cells kept by default.
+pub const IDLE_CELLS: usize = 1;
+/// How long a cell stays idle by default before it is stopped.
+pub const IDLE_AFTER: Duration = Duration::from_secs(30);
 
 impl CellsConfig {
     /// Cells started as `<this executable> cell`.
@@ -74,6 +84,8 @@ impl CellsConfig {
             args: vec!["cell".into()],
             vms_per_cell,
             max_cells,
+            idle_cells: IDLE_CELLS,
+            idle_after: IDLE_AFTER,
         })
     }
 }
@@ -252,9 +264,10 @@ impl Cells {
             warm_wake: Condvar::new(),
         });
         let watched = Arc::downgrade(&service);
+        let idle = (config.idle_cells, config.idle_after);
         std::thread::Builder::new()
             .name("cowvm-cell-watch".into())
-            .spawn(move || watch(&watched))
+            .spawn(move || watch(&watched, idle))
             .map_err(|e| PoolError::Cell(CellError::Local(format!("cannot start the cell watcher: {e}"))))?;
         let kept = Arc::downgrade(&service);
         std::thread::Builder::new()
@@ -344,8 +357,9 @@ impl Drop for Cells {
     }
 }
 
-/// Marks the VMs of every dead cell lost, until the service is gone.
-fn watch(service: &Weak<CellService>) {
+/// Marks the VMs of every dead cell lost and stops the cells idle for `idle.1` beyond the
+/// `idle.0` kept, until the service is gone.
+fn watch(service: &Weak<CellService>, idle: (usize, Duration)) {
     loop {
         std::thread::sleep(WATCH_INTERVAL);
         let Some(cells) = service.upgrade() else { return };
@@ -358,6 +372,7 @@ fn watch(service: &Weak<CellService>) {
                 vm.mark_lost(reason.clone());
             }
         }
+        cells.pool.reap_idle(idle.0, idle.1);
     }
 }
 
