@@ -798,3 +798,52 @@ fn test_cells_that_held_only_deleted_vms_are_stopped_once_idle() {
     assert_eq!(run_checksum(&client, &again[0]), sum);
     assert_eq!(cells_now(), 1);
 }
+
+#[test]
+fn test_template_stats_count_the_in_cell_clones_as_their_per_vm_stats_do() {
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(cells(2, 3)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 3);
+    for clone in &clones {
+        run_checksum(&client, clone);
+    }
+    let write = json!({"command": "write", "start_gpa": 8 << 20, "count": 64, "stride": 4096, "value": 7});
+    ok(&client, "POST", &format!("/v1/vms/{}/run", clones[0]), Some(write), 200);
+    let stats = ok(&client, "GET", &format!("/v1/templates/{tpl}/stats"), None, 200);
+    let per_vm: Vec<Value> = clones
+        .iter()
+        .map(|c| ok(&client, "GET", &format!("/v1/vms/{c}/stats"), None, 200))
+        .collect();
+    let sum = |key: &str| -> u64 { per_vm.iter().map(|s| s["bytes"][key].as_u64().expect(key)).sum() };
+    assert_eq!(stats["clones"], 3, "{stats}");
+    assert_eq!(stats["warm_shells"], 0, "{stats}");
+    assert_eq!(stats["full_copy_bytes"], 3 * (64u64 << 20), "{stats}");
+    assert_eq!(stats["mapped_bytes"].as_u64(), Some(sum("template_backed")), "{stats}");
+    assert_eq!(stats["private_bytes"].as_u64(), Some(sum("private")), "{stats}");
+    assert_eq!(stats["zero_bytes"].as_u64(), Some(sum("zero")), "{stats}");
+    assert!(
+        stats["histogram"]["2"].as_u64().unwrap_or(0) >= 64,
+        "the 64 pages one clone wrote over stay mapped by the two others, in their cells: {stats}"
+    );
+    let copied = stats["copied_pages"].as_array().expect("copied_pages");
+    let written: Vec<&Value> = copied
+        .iter()
+        .filter(|p| (8 << 20..(8 << 20) + 64 * 4096).contains(&p["gpa"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(written.len(), 64, "{stats}");
+    assert!(
+        written
+            .iter()
+            .all(|p| p["clones_copied"] == 1 && p["clones_mapping"] == 2),
+        "{stats}"
+    );
+}

@@ -34,7 +34,7 @@ use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef, VmStatsFiles
 use cowvm_vmm::call::CALL_ERROR_CODES;
 use cowvm_vmm::kpage::KPages;
 use cowvm_vmm::pagemap::PageMap;
-use cowvm_vmm::stats::{region_sharing, HostView, RamRegion};
+use cowvm_vmm::stats::{region_sharing, CloneRam, HostView, RamRegion};
 use cowvm_vmm::{AdmitError, GuestCommand, Reservation, Template};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -334,6 +334,43 @@ impl Cells {
     /// In-cell VMs the server holds (lost ones included until deleted).
     pub fn vm_count(&self) -> usize {
         self.service().map_or(0, |cells| cells.read().len())
+    }
+
+    /// Runs `scan` over the RAM of the live in-cell clones of template `id` as the supervisor sees
+    /// it through each cell's `/proc/<pid>/pagemap`; each clone is held still (no operation runs
+    /// on it) meanwhile. Without cells, `scan` sees none.
+    pub fn scan_clones<R>(
+        &self,
+        id: &str,
+        scan: impl FnOnce(&[CloneRam<'_>]) -> Result<R, ApiError>,
+    ) -> Result<R, ApiError> {
+        let Some(cells) = self.service() else { return scan(&[]) };
+        let mut vms: Vec<Arc<CellVm>> = cells.read().values().filter(|v| v.template_id == id).cloned().collect();
+        // One order for every caller, so that two scans never wait on each other.
+        vms.sort_by_key(|v| id_number(&v.id));
+        let _busy: Vec<MutexGuard<'_, ()>> = vms.iter().map(|v| lock(&v.busy)).collect();
+        let live: Vec<&Arc<CellVm>> = vms.iter().filter(|v| lock(&v.status).lost.is_none()).collect();
+        let mut pagemaps: HashMap<u32, PageMap> = HashMap::new();
+        for vm in &live {
+            if let std::collections::hash_map::Entry::Vacant(entry) = pagemaps.entry(vm.pid) {
+                let pagemap = PageMap::open_process(vm.pid).map_err(|e| ApiError::Unavailable {
+                    code: "stats_unavailable",
+                    message: format!("cannot open /proc/{}/pagemap: {e}", vm.pid),
+                })?;
+                entry.insert(pagemap);
+            }
+        }
+        let rams: Vec<CloneRam<'_>> = live
+            .iter()
+            .filter_map(|vm| {
+                Some(CloneRam {
+                    host_address: vm.host_address,
+                    size: vm.memory_size,
+                    pagemap: pagemaps.get(&vm.pid)?,
+                })
+            })
+            .collect();
+        scan(&rams)
     }
 
     /// Live in-cell clones of template `id` (a template with clones cannot be deleted).
