@@ -791,9 +791,20 @@ impl CellPool {
         Ok(Arc::clone(&slot.cell))
     }
 
-    /// Runs `command` in VM `at`.
+    /// Runs `command` in VM `at` on vCPU 0.
     pub fn run(&self, at: VmRef, command: GuestCommand, deadline: Duration) -> Result<RunOutput, PoolError> {
-        Ok(self.cell_of(at)?.run(at.vm, command, deadline)?)
+        self.run_on(at, 0, command, deadline)
+    }
+
+    /// Runs `command` in VM `at` on vCPU `vcpu`.
+    pub fn run_on(
+        &self,
+        at: VmRef,
+        vcpu: u32,
+        command: GuestCommand,
+        deadline: Duration,
+    ) -> Result<RunOutput, PoolError> {
+        Ok(self.cell_of(at)?.run_on(at.vm, vcpu, command, deadline)?)
     }
 
     /// Runs one call (guest ABI v1) in VM `at`: its answer, or how the call failed.

@@ -847,3 +847,57 @@ fn test_template_stats_count_the_in_cell_clones_as_their_per_vm_stats_do() {
         "{stats}"
     );
 }
+
+#[test]
+fn test_in_cell_clones_of_a_multi_vcpu_template_run_commands_on_every_vcpu() {
+    let config = ServerConfig {
+        limits: Limits {
+            max_vcpus: 4,
+            ..limits()
+        },
+        cells: Some(cells(2, 2)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let boot = json!({"memory_mib": 32, "vcpus": 4, "warmup_mib": 0, "kernel": null});
+    let vm = ok(&client, "POST", "/v1/vms", Some(boot), 201)["id"]
+        .as_str()
+        .expect("vm id")
+        .to_owned();
+    for i in 0..4u64 {
+        let write = json!({"command": "write", "vcpu": i, "start_gpa": (16 + i) << 20, "count": 1, "value": 40 + i});
+        ok(&client, "POST", &format!("/v1/vms/{vm}/run"), Some(write), 200);
+    }
+    let tpl = ok(&client, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201)["template_id"]
+        .as_str()
+        .expect("template id")
+        .to_owned();
+    let clones = clone_ids(&client, &tpl, 2);
+    assert_eq!(
+        ok(&client, "GET", "/v1/cells", None, 200)
+            .as_array()
+            .map_or(0, |c| c.iter().map(|c| c["vms"].as_u64().unwrap_or(0)).sum::<u64>()),
+        2,
+        "the clones live in cells"
+    );
+    for clone in &clones {
+        for i in 0..4u64 {
+            let identity = json!({"command": "identity", "vcpu": i});
+            let out = ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(identity), 200);
+            assert_eq!(out["vcpu"], i, "clone {clone} vCPU {i} reads its own index: {out}");
+            let sum = json!({"command": "checksum", "vcpu": i, "start_gpa": (16 + i) << 20, "count": 1});
+            let out = ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(sum), 200);
+            assert_eq!(out["result"], 40 + i, "clone {clone} vCPU {i} reads the data");
+        }
+        let beyond = json!({"command": "exit", "vcpu": 4});
+        assert_eq!(
+            error_code(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(beyond), 422),
+            "vcpu_out_of_range"
+        );
+        assert_eq!(
+            ok(&client, "GET", &format!("/v1/vms/{clone}"), None, 200)["state"],
+            "running"
+        );
+    }
+}

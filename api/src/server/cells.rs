@@ -127,6 +127,8 @@ pub struct CellVm {
     /// KVM's statistics fds of the VM, handed over by its cell on the first stats request.
     kvm_stats: Mutex<Option<VmStatsFiles>>,
     memory_mib: u64,
+    /// vCPUs (its template's).
+    vcpus: usize,
     template_id: String,
     status: Mutex<CellVmStatus>,
     /// Held while an operation runs on the VM (one at a time, as for in-process VMs).
@@ -840,6 +842,7 @@ async fn clone_template(
                     memory_size: spawned.memory_size,
                     kvm_stats: Mutex::new(None),
                     memory_mib,
+                    vcpus: template.template.state().vcpus.len(),
                     template_id: template.id.clone(),
                     status: Mutex::new(CellVmStatus {
                         generation: spawned.generation,
@@ -941,12 +944,13 @@ async fn run(
     req: RunCommand,
 ) -> Result<Json<RunResult>, ApiError> {
     let command = guest_command(&req)?;
-    if req.vcpu != 0 {
+    if req.vcpu as usize >= vm.vcpus {
         return Err(ApiError::out_of_range(
             "vcpu_out_of_range",
-            format!("VMs in cells run commands on vCPU 0 only (got vcpu {})", req.vcpu),
+            format!("vcpu must be 0..{} for this VM (got {})", vm.vcpus, req.vcpu),
         ));
     }
+    let vcpu = req.vcpu;
     vm.usable()?;
     let deadline = app.limits.guest_deadline;
     let out = blocking(&app, move || {
@@ -954,7 +958,7 @@ async fn run(
         vm.usable()?;
         cells
             .pool
-            .run(vm.at, command, deadline)
+            .run_on(vm.at, vcpu, command, deadline)
             .map_err(|e| cells.vm_error(&vm, e))
     })
     .await?;
