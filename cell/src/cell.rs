@@ -377,10 +377,23 @@ impl Cell {
         }
     }
 
-    /// Runs `command` in VM `vm` with a guest deadline.
+    /// Runs `command` in VM `vm` on vCPU 0 with a guest deadline.
     pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<RunOutput, CellError> {
+        self.run_on(vm, 0, command, deadline)
+    }
+
+    /// Runs `command` in VM `vm` on vCPU `vcpu` with a guest deadline (the other vCPUs stay
+    /// where they stopped).
+    pub fn run_on(
+        &self,
+        vm: CellVmId,
+        vcpu: u32,
+        command: GuestCommand,
+        deadline: Duration,
+    ) -> Result<RunOutput, CellError> {
         let request = Request::Run {
             vm,
+            vcpu,
             command: WireCommand::from(command),
             deadline_ms: deadline.as_millis() as u64,
         };

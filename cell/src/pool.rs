@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cowvm_vmm::{GuestCommand, Template};
 
@@ -90,6 +90,8 @@ struct Slot {
     templates: BTreeSet<TemplateId>,
     /// Warm-shell targets and ready shells per template, as the cell last said.
     warm: BTreeMap<TemplateId, WarmCount>,
+    /// Since when [`CellPool::reap_idle`] has seen the cell idle (no VM, spawn or warm target).
+    idle_since: Option<Instant>,
 }
 
 impl Slot {
@@ -99,6 +101,10 @@ impl Slot {
 
     fn warm_target(&self) -> u32 {
         self.warm.values().map(|w| w.target).sum()
+    }
+
+    fn idle(&self) -> bool {
+        self.vms.is_empty() && self.reserved == 0 && self.warm_target() == 0
     }
 
     fn target_of(&self, template: TemplateId) -> u32 {
@@ -292,6 +298,7 @@ impl CellPool {
                 reserved_mappings,
                 templates: BTreeSet::new(),
                 warm: BTreeMap::new(),
+                idle_since: None,
             },
         );
         Ok(id)
@@ -784,9 +791,20 @@ impl CellPool {
         Ok(Arc::clone(&slot.cell))
     }
 
-    /// Runs `command` in VM `at`.
+    /// Runs `command` in VM `at` on vCPU 0.
     pub fn run(&self, at: VmRef, command: GuestCommand, deadline: Duration) -> Result<RunOutput, PoolError> {
-        Ok(self.cell_of(at)?.run(at.vm, command, deadline)?)
+        self.run_on(at, 0, command, deadline)
+    }
+
+    /// Runs `command` in VM `at` on vCPU `vcpu`.
+    pub fn run_on(
+        &self,
+        at: VmRef,
+        vcpu: u32,
+        command: GuestCommand,
+        deadline: Duration,
+    ) -> Result<RunOutput, PoolError> {
+        Ok(self.cell_of(at)?.run_on(at.vm, vcpu, command, deadline)?)
     }
 
     /// Runs one call (guest ABI v1) in VM `at`: its answer, or how the call failed.
@@ -869,22 +887,33 @@ impl CellPool {
         lost
     }
 
-    /// Stops every cell that holds no VM and keeps no warm shell (idle), keeping `keep` of them.
-    pub fn reap_idle(&self, keep: usize) -> usize {
+    /// Stops the cells that have held no VM and kept no warm shell (idle) for at least `after`
+    /// (as seen by the calls of this method), keeping the `keep` lowest of the idle ones; returns
+    /// how many were stopped. A cell counts as idle from the first call that sees it so.
+    pub fn reap_idle(&self, keep: usize, after: Duration) -> usize {
+        let now = Instant::now();
         let mut state = self.lock();
-        let mut idle: Vec<CellId> = state
+        let mut idle: Vec<(CellId, bool)> = state
             .cells
-            .iter()
-            .filter(|(_, s)| s.vms.is_empty() && s.reserved == 0 && s.warm_target() == 0)
-            .map(|(&id, _)| id)
+            .iter_mut()
+            .filter_map(|(&id, s)| {
+                if !s.idle() {
+                    s.idle_since = None;
+                    return None;
+                }
+                let since = *s.idle_since.get_or_insert(now);
+                Some((id, now.duration_since(since) >= after))
+            })
             .collect();
         idle.sort();
         let stop: Vec<Slot> = idle
             .into_iter()
             .skip(keep)
-            .filter_map(|id| state.cells.remove(&id))
+            .filter(|&(_, expired)| expired)
+            .filter_map(|(id, _)| state.cells.remove(&id))
             .collect();
         drop(state);
+        // Dropping a slot closes its cell (it ends its loop and exits).
         stop.len()
     }
 }

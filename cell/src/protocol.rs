@@ -187,6 +187,8 @@ pub enum Request {
     Run {
         /// The VM.
         vm: CellVmId,
+        /// The vCPU that runs it (0-based).
+        vcpu: u32,
         /// The command.
         command: WireCommand,
         /// Deadline for the guest, milliseconds.

@@ -170,15 +170,19 @@ impl Worker {
             Request::Spawn { template, count } => self.spawn(template, count),
             Request::Run {
                 vm,
+                vcpu,
                 command,
                 deadline_ms,
             } => {
                 let vm = self.vm(vm)?.vm_mut();
+                let deadline = Some(Duration::from_millis(deadline_ms));
                 let (out, took) = vm
-                    .execute_timed(GuestCommand::from(command), Some(Duration::from_millis(deadline_ms)))
+                    .execute_on_timed(vcpu as usize, GuestCommand::from(command), deadline)
                     .map_err(|e| {
                         let kind = match e {
-                            cowvm_vmm::VmError::Command(_) | cowvm_vmm::VmError::Translate(_) => Kind::Command,
+                            cowvm_vmm::VmError::Command(_)
+                            | cowvm_vmm::VmError::Translate(_)
+                            | cowvm_vmm::VmError::NoSuchVcpu { .. } => Kind::Command,
                             _ => Kind::Guest,
                         };
                         RemoteError::new(kind, e.to_string())

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::*;
 use cowvm_cell::inspect::ProcessPageMap;
@@ -213,10 +214,30 @@ fn test_idle_cells_beyond_the_pool_are_stopped() {
     assert_eq!(pool.cells().len(), 3);
     pool.destroy(batch.clones[0].at).expect("destroy");
     pool.destroy(batch.clones[1].at).expect("destroy");
-    assert_eq!(pool.reap_idle(1), 1, "two idle cells, one kept");
+    assert_eq!(pool.reap_idle(1, Duration::ZERO), 1, "two idle cells, one kept");
     let left: BTreeSet<_> = pool.cells().iter().map(|c| c.id).collect();
     assert!(left.contains(&batch.clones[2].at.cell), "the busy cell stays");
     assert_eq!(left.len(), 2);
+}
+
+#[test]
+fn test_idle_cells_are_stopped_only_after_the_idle_time() {
+    let template = template();
+    let pool = pool(1, 2, &template);
+    let batch = pool.spawn(1, 2).expect("spawn");
+    let hour = Duration::from_secs(3600);
+    assert_eq!(pool.reap_idle(0, Duration::ZERO), 0, "cells with VMs are not idle");
+    pool.destroy(batch.clones[0].at).expect("destroy");
+    assert_eq!(pool.reap_idle(0, hour), 0, "idle for less than an hour");
+    assert_eq!(pool.cells().len(), 2);
+    // A cell that is busy again starts its idle time anew.
+    let again = pool.spawn(1, 1).expect("spawn again");
+    assert_eq!(pool.reap_idle(0, Duration::ZERO), 0);
+    pool.destroy(again.clones[0].at).expect("destroy");
+    pool.destroy(batch.clones[1].at).expect("destroy");
+    assert_eq!(pool.reap_idle(0, hour), 0);
+    assert_eq!(pool.reap_idle(0, Duration::ZERO), 2, "both idle now");
+    assert!(pool.cells().is_empty());
 }
 
 #[test]

@@ -37,7 +37,27 @@ fn cells(vms_per_cell: u32, max_cells: usize) -> CellsConfig {
         args: vec!["cell".into()],
         vms_per_cell,
         max_cells,
+        idle_cells: 1,
+        idle_after: Duration::from_secs(3600),
     }
+}
+
+/// Waits (up to a generous bound) until `done` holds; whether it does.
+fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while !done() {
+        if started.elapsed() > Duration::from_secs(60) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// Whether process `pid` is gone (or a zombie).
+fn process_gone(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_or(true, |s| s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
 }
 
 fn ok(client: &Client, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
@@ -721,4 +741,163 @@ fn test_calls_run_in_the_cell_of_an_in_cell_vm() {
     assert!(!code.is_empty());
     drop(server);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn test_cells_that_held_only_deleted_vms_are_stopped_once_idle() {
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(CellsConfig {
+            idle_cells: 0,
+            idle_after: Duration::from_millis(200),
+            ..cells(1, 3)
+        }),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 2);
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let pids: Vec<u64> = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["pid"].as_u64().expect("pid"))
+        .collect();
+    assert_eq!(pids.len(), 2, "one clone per cell: {listed}");
+    // Cells holding VMs are not idle, however long they hold them.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        ok(&client, "GET", "/v1/cells", None, 200).as_array().map(Vec::len),
+        Some(2)
+    );
+    let sum = run_checksum(&client, &clones[0]);
+    ok(&client, "DELETE", &format!("/v1/vms/{}", clones[0]), None, 204);
+    let cells_now = || {
+        ok(&client, "GET", "/v1/cells", None, 200)
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert!(eventually(|| cells_now() == 1), "the idle cell is stopped");
+    assert!(
+        eventually(|| pids.iter().filter(|&&p| process_gone(p)).count() == 1),
+        "its process ends"
+    );
+    ok(&client, "DELETE", &format!("/v1/vms/{}", clones[1]), None, 204);
+    assert!(eventually(|| cells_now() == 0), "no cell is kept beyond the pool of 0");
+    assert!(
+        eventually(|| pids.iter().all(|&p| process_gone(p))),
+        "the cells' processes end"
+    );
+    // New clones start new cells on demand.
+    let again = clone_ids(&client, &tpl, 1);
+    assert_eq!(run_checksum(&client, &again[0]), sum);
+    assert_eq!(cells_now(), 1);
+}
+
+#[test]
+fn test_template_stats_count_the_in_cell_clones_as_their_per_vm_stats_do() {
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(cells(2, 3)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 3);
+    for clone in &clones {
+        run_checksum(&client, clone);
+    }
+    let write = json!({"command": "write", "start_gpa": 8 << 20, "count": 64, "stride": 4096, "value": 7});
+    ok(&client, "POST", &format!("/v1/vms/{}/run", clones[0]), Some(write), 200);
+    let stats = ok(&client, "GET", &format!("/v1/templates/{tpl}/stats"), None, 200);
+    let per_vm: Vec<Value> = clones
+        .iter()
+        .map(|c| ok(&client, "GET", &format!("/v1/vms/{c}/stats"), None, 200))
+        .collect();
+    let sum = |key: &str| -> u64 { per_vm.iter().map(|s| s["bytes"][key].as_u64().expect(key)).sum() };
+    assert_eq!(stats["clones"], 3, "{stats}");
+    assert_eq!(stats["warm_shells"], 0, "{stats}");
+    assert_eq!(stats["full_copy_bytes"], 3 * (64u64 << 20), "{stats}");
+    assert_eq!(stats["mapped_bytes"].as_u64(), Some(sum("template_backed")), "{stats}");
+    assert_eq!(stats["private_bytes"].as_u64(), Some(sum("private")), "{stats}");
+    assert_eq!(stats["zero_bytes"].as_u64(), Some(sum("zero")), "{stats}");
+    assert!(
+        stats["histogram"]["2"].as_u64().unwrap_or(0) >= 64,
+        "the 64 pages one clone wrote over stay mapped by the two others, in their cells: {stats}"
+    );
+    let copied = stats["copied_pages"].as_array().expect("copied_pages");
+    let written: Vec<&Value> = copied
+        .iter()
+        .filter(|p| (8 << 20..(8 << 20) + 64 * 4096).contains(&p["gpa"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(written.len(), 64, "{stats}");
+    assert!(
+        written
+            .iter()
+            .all(|p| p["clones_copied"] == 1 && p["clones_mapping"] == 2),
+        "{stats}"
+    );
+}
+
+#[test]
+fn test_in_cell_clones_of_a_multi_vcpu_template_run_commands_on_every_vcpu() {
+    let config = ServerConfig {
+        limits: Limits {
+            max_vcpus: 4,
+            ..limits()
+        },
+        cells: Some(cells(2, 2)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let boot = json!({"memory_mib": 32, "vcpus": 4, "warmup_mib": 0, "kernel": null});
+    let vm = ok(&client, "POST", "/v1/vms", Some(boot), 201)["id"]
+        .as_str()
+        .expect("vm id")
+        .to_owned();
+    for i in 0..4u64 {
+        let write = json!({"command": "write", "vcpu": i, "start_gpa": (16 + i) << 20, "count": 1, "value": 40 + i});
+        ok(&client, "POST", &format!("/v1/vms/{vm}/run"), Some(write), 200);
+    }
+    let tpl = ok(&client, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201)["template_id"]
+        .as_str()
+        .expect("template id")
+        .to_owned();
+    let clones = clone_ids(&client, &tpl, 2);
+    assert_eq!(
+        ok(&client, "GET", "/v1/cells", None, 200)
+            .as_array()
+            .map_or(0, |c| c.iter().map(|c| c["vms"].as_u64().unwrap_or(0)).sum::<u64>()),
+        2,
+        "the clones live in cells"
+    );
+    for clone in &clones {
+        for i in 0..4u64 {
+            let identity = json!({"command": "identity", "vcpu": i});
+            let out = ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(identity), 200);
+            assert_eq!(out["vcpu"], i, "clone {clone} vCPU {i} reads its own index: {out}");
+            let sum = json!({"command": "checksum", "vcpu": i, "start_gpa": (16 + i) << 20, "count": 1});
+            let out = ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(sum), 200);
+            assert_eq!(out["result"], 40 + i, "clone {clone} vCPU {i} reads the data");
+        }
+        let beyond = json!({"command": "exit", "vcpu": 4});
+        assert_eq!(
+            error_code(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(beyond), 422),
+            "vcpu_out_of_range"
+        );
+        assert_eq!(
+            ok(&client, "GET", &format!("/v1/vms/{clone}"), None, 200)["state"],
+            "running"
+        );
+    }
 }

@@ -8,7 +8,8 @@
 //! `call` and `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) serve
 //! them; write probes, live forks and snapshots of an in-cell VM answer 409
 //! `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
-//! `vm_lost` on every operation but GET and DELETE); the pool starts new cells on demand. Booted
+//! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
+//! the pool starts new cells on demand. Booted
 //! VMs (`POST /v1/vms`) stay in the server's process.
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
@@ -34,7 +35,7 @@ use cowvm_vmm::call::CALL_ERROR_CODES;
 use cowvm_vmm::kpage::KPages;
 use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::pagemap::PageMap;
-use cowvm_vmm::stats::{region_sharing, HostView, RamRegion};
+use cowvm_vmm::stats::{region_sharing, CloneRam, HostView, RamRegion};
 use cowvm_vmm::{AdmitError, GuestCommand, Reservation, Template};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -42,7 +43,7 @@ use vm_memory::GuestAddress;
 
 use super::app::App;
 use super::call::{CallRequest, CallResult};
-use super::error::ApiError;
+use super::error::ServiceError;
 use super::model::{
     CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo, VmStats,
 };
@@ -65,7 +66,16 @@ pub struct CellsConfig {
     pub vms_per_cell: u32,
     /// Most cells at once (`--max-cells`).
     pub max_cells: usize,
+    /// Idle cells (no VM, no warm shell) kept started for the next clones; more are stopped.
+    pub idle_cells: usize,
+    /// How long a cell must stay idle before it is stopped.
+    pub idle_after: Duration,
 }
+
+/// Idle cells kept by default.
+pub const IDLE_CELLS: usize = 1;
+/// How long a cell stays idle by default before it is stopped.
+pub const IDLE_AFTER: Duration = Duration::from_secs(30);
 
 impl CellsConfig {
     /// Cells started as `<this executable> cell`.
@@ -75,6 +85,8 @@ impl CellsConfig {
             args: vec!["cell".into()],
             vms_per_cell,
             max_cells,
+            idle_cells: IDLE_CELLS,
+            idle_after: IDLE_AFTER,
         })
     }
 }
@@ -116,8 +128,8 @@ pub struct CellVm {
     /// KVM's statistics fds of the VM, handed over by its cell on the first stats request.
     kvm_stats: Mutex<Option<VmStatsFiles>>,
     memory_mib: u64,
-    /// vCPUs of its template.
-    vcpus: u32,
+    /// vCPUs (its template's).
+    vcpus: usize,
     template_id: String,
     status: Mutex<CellVmStatus>,
     /// Held while an operation runs on the VM (one at a time, as for in-process VMs).
@@ -143,7 +155,7 @@ impl CellVm {
         VmInfo {
             id: self.id.clone(),
             memory_mib: self.memory_mib,
-            vcpus: self.vcpus,
+            vcpus: u32::try_from(self.vcpus).unwrap_or(u32::MAX),
             state: state.into(),
             kind: "clone".into(),
             template_id: Some(self.template_id.clone()),
@@ -154,16 +166,16 @@ impl CellVm {
     }
 
     /// 409 `vm_lost` or `vm_failed` if the VM cannot take operations.
-    fn usable(&self) -> Result<(), ApiError> {
+    fn usable(&self) -> Result<(), ServiceError> {
         let status = lock(&self.status);
         if let Some(reason) = &status.lost {
-            return Err(ApiError::conflict(
+            return Err(ServiceError::conflict(
                 "vm_lost",
                 format!("VM {} was lost: {reason}", self.id),
             ));
         }
         if let Some(reason) = &status.failure {
-            return Err(ApiError::conflict(
+            return Err(ServiceError::conflict(
                 "vm_failed",
                 format!("VM {} has failed: {reason}", self.id),
             ));
@@ -256,9 +268,10 @@ impl Cells {
             warm_wake: Condvar::new(),
         });
         let watched = Arc::downgrade(&service);
+        let idle = (config.idle_cells, config.idle_after);
         std::thread::Builder::new()
             .name("cowvm-cell-watch".into())
-            .spawn(move || watch(&watched))
+            .spawn(move || watch(&watched, idle))
             .map_err(|e| PoolError::Cell(CellError::Local(format!("cannot start the cell watcher: {e}"))))?;
         let kept = Arc::downgrade(&service);
         std::thread::Builder::new()
@@ -327,6 +340,43 @@ impl Cells {
         self.service().map_or(0, |cells| cells.read().len())
     }
 
+    /// Runs `scan` over the RAM of the live in-cell clones of template `id` as the supervisor sees
+    /// it through each cell's `/proc/<pid>/pagemap`; each clone is held still (no operation runs
+    /// on it) meanwhile. Without cells, `scan` sees none.
+    pub fn scan_clones<R>(
+        &self,
+        id: &str,
+        scan: impl FnOnce(&[CloneRam<'_>]) -> Result<R, ServiceError>,
+    ) -> Result<R, ServiceError> {
+        let Some(cells) = self.service() else { return scan(&[]) };
+        let mut vms: Vec<Arc<CellVm>> = cells.read().values().filter(|v| v.template_id == id).cloned().collect();
+        // One order for every caller, so that two scans never wait on each other.
+        vms.sort_by_key(|v| id_number(&v.id));
+        let _busy: Vec<MutexGuard<'_, ()>> = vms.iter().map(|v| lock(&v.busy)).collect();
+        let live: Vec<&Arc<CellVm>> = vms.iter().filter(|v| lock(&v.status).lost.is_none()).collect();
+        let mut pagemaps: HashMap<u32, PageMap> = HashMap::new();
+        for vm in &live {
+            if let std::collections::hash_map::Entry::Vacant(entry) = pagemaps.entry(vm.pid) {
+                let pagemap = PageMap::open_process(vm.pid).map_err(|e| ServiceError::Unavailable {
+                    code: "stats_unavailable",
+                    message: format!("cannot open /proc/{}/pagemap: {e}", vm.pid),
+                })?;
+                entry.insert(pagemap);
+            }
+        }
+        let rams: Vec<CloneRam<'_>> = live
+            .iter()
+            .filter_map(|vm| {
+                Some(CloneRam {
+                    host_address: vm.host_address,
+                    size: vm.memory_size,
+                    pagemap: pagemaps.get(&vm.pid)?,
+                })
+            })
+            .collect();
+        scan(&rams)
+    }
+
     /// Live in-cell clones of template `id` (a template with clones cannot be deleted).
     pub fn clones_of(&self, id: &str) -> usize {
         self.service().map_or(0, |cells| {
@@ -348,8 +398,9 @@ impl Drop for Cells {
     }
 }
 
-/// Marks the VMs of every dead cell lost, until the service is gone.
-fn watch(service: &Weak<CellService>) {
+/// Marks the VMs of every dead cell lost and stops the cells idle for `idle.1` beyond the
+/// `idle.0` kept, until the service is gone.
+fn watch(service: &Weak<CellService>, idle: (usize, Duration)) {
     loop {
         std::thread::sleep(WATCH_INTERVAL);
         let Some(cells) = service.upgrade() else { return };
@@ -362,6 +413,7 @@ fn watch(service: &Weak<CellService>) {
                 vm.mark_lost(reason.clone());
             }
         }
+        cells.pool.reap_idle(idle.0, idle.1);
     }
 }
 
@@ -507,7 +559,7 @@ impl CellService {
     /// Room under `--max-vms` for `count` clones of `template`: the room of its warm shells in
     /// cells first (the clones take those shells), the rest admitted now; other templates'
     /// shells give way when the limit is reached. On refusal the shell room is kept.
-    fn admit_clones(&self, app: &App, template: TemplateId, count: usize) -> Result<Vec<Reservation>, ApiError> {
+    fn admit_clones(&self, app: &App, template: TemplateId, count: usize) -> Result<Vec<Reservation>, ServiceError> {
         let mut parts = {
             let mut state = self.lock_warm();
             let mine = state.room.entry(template).or_default();
@@ -569,7 +621,7 @@ impl CellService {
 
     /// The answer for a pool error on VM `vm` (marking it lost or failed when that is what
     /// happened).
-    fn vm_error(&self, vm: &CellVm, e: PoolError) -> ApiError {
+    fn vm_error(&self, vm: &CellVm, e: PoolError) -> ServiceError {
         match e {
             PoolError::Lost { status, .. } => {
                 vm.mark_lost(format!("its cell {} {status}", vm.at.cell));
@@ -587,48 +639,48 @@ impl CellService {
             }
             PoolError::Cell(CellError::Remote { error, .. }) if error.kind == RemoteErrorKind::Guest => {
                 lock(&vm.status).failure.get_or_insert(error.message.clone());
-                ApiError::VmFailed(error.message)
+                ServiceError::VmFailed(error.message)
             }
             other => pool_error(other),
         }
     }
 
-    fn lost_error(&self, vm: &CellVm) -> ApiError {
+    fn lost_error(&self, vm: &CellVm) -> ServiceError {
         vm.usable()
             .err()
-            .unwrap_or_else(|| ApiError::conflict("vm_lost", format!("VM {} was lost", vm.id)))
+            .unwrap_or_else(|| ServiceError::conflict("vm_lost", format!("VM {} was lost", vm.id)))
     }
 }
 
 /// The answer for a pool error that concerns no VM in particular.
-fn pool_error(e: PoolError) -> ApiError {
+fn pool_error(e: PoolError) -> ServiceError {
     let message = e.to_string();
     match e {
-        PoolError::UnknownVm(_) => ApiError::NotFound {
+        PoolError::UnknownVm(_) => ServiceError::NotFound {
             code: "not_found",
             message,
         },
-        PoolError::UnknownTemplate(_) => ApiError::NotFound {
+        PoolError::UnknownTemplate(_) => ServiceError::NotFound {
             code: "not_found",
             message,
         },
-        PoolError::TooFragmented { .. } => ApiError::out_of_range("template_too_fragmented", message),
-        PoolError::Full { .. } => ApiError::TooManyVms(message),
-        PoolError::Lost { .. } => ApiError::conflict("vm_lost", message),
-        PoolError::Kvm(_) => ApiError::exhausted(message),
+        PoolError::TooFragmented { .. } => ServiceError::out_of_range("template_too_fragmented", message),
+        PoolError::Full { .. } => ServiceError::TooManyVms(message),
+        PoolError::Lost { .. } => ServiceError::conflict("vm_lost", message),
+        PoolError::Kvm(_) => ServiceError::exhausted(message),
         PoolError::Cell(cell) => match cell {
-            CellError::Start { .. } | CellError::Died { .. } => ApiError::exhausted(message),
-            CellError::Timeout { .. } => ApiError::Timeout(message),
+            CellError::Start { .. } | CellError::Died { .. } => ServiceError::exhausted(message),
+            CellError::Timeout { .. } => ServiceError::Timeout(message),
             CellError::Remote { error, .. } => match error.kind {
-                RemoteErrorKind::Command => ApiError::out_of_range("address_out_of_range", message),
-                RemoteErrorKind::UnknownVm | RemoteErrorKind::UnknownTemplate => ApiError::NotFound {
+                RemoteErrorKind::Command => ServiceError::out_of_range("address_out_of_range", message),
+                RemoteErrorKind::UnknownVm | RemoteErrorKind::UnknownTemplate => ServiceError::NotFound {
                     code: "not_found",
                     message,
                 },
-                RemoteErrorKind::Full => ApiError::TooManyVms(message),
-                _ => ApiError::internal(message),
+                RemoteErrorKind::Full => ServiceError::TooManyVms(message),
+                _ => ServiceError::internal(message),
             },
-            _ => ApiError::internal(message),
+            _ => ServiceError::internal(message),
         },
     }
 }
@@ -672,7 +724,7 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
             let body = Json::<CloneRequest>::from_request(request, &()).await;
             return match body {
                 Ok(Json(req)) => clone_template(app, cells, id.to_string(), req).await.into_response(),
-                Err(rejection) => ApiError::from(rejection).into_response(),
+                Err(rejection) => ServiceError::from(rejection).into_response(),
             };
         }
         _ => {}
@@ -700,7 +752,7 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
         },
         (&Method::POST, ["snapshot" | "clones"]) | (&Method::POST, ["probes", "write"]) => {
             Err(vm.usable().err().unwrap_or_else(|| {
-                ApiError::conflict(
+                ServiceError::conflict(
                     "not_supported_in_cell",
                     format!(
                     "VM {} lives in a cell; {} is not supported for in-cell VMs yet (start the server without --cells)",
@@ -727,7 +779,7 @@ async fn clone_template(
     cells: Arc<CellService>,
     id: String,
     req: CloneRequest,
-) -> Result<(StatusCode, Json<ClonesCreated>), ApiError> {
+) -> Result<(StatusCode, Json<ClonesCreated>), ServiceError> {
     let count = super::templates::check_count(&app, req.count)?;
     let (template, cloning) = app.begin_cloning(&id)?;
     let service = Arc::clone(&app);
@@ -768,13 +820,12 @@ async fn clone_template(
                 .failed
                 .first()
                 .map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
-            return Err(ApiError::unavailable(
+            return Err(ServiceError::unavailable(
                 "clones_failed",
                 format!("no clone could be made: {reason}"),
             ));
         }
         let memory_mib = bytes_to_mib(template.template.size());
-        let vcpus = u32::try_from(template.template.state().vcpus.len()).unwrap_or(u32::MAX);
         let mut vms = cells.vms.write().unwrap_or_else(|e| e.into_inner());
         let clones = batch
             .clones
@@ -793,7 +844,7 @@ async fn clone_template(
                     memory_size: spawned.memory_size,
                     kvm_stats: Mutex::new(None),
                     memory_mib,
-                    vcpus,
+                    vcpus: template.template.state().vcpus.len(),
                     template_id: template.id.clone(),
                     status: Mutex::new(CellVmStatus {
                         generation: spawned.generation,
@@ -837,10 +888,10 @@ fn next_room(parts: &mut Vec<Reservation>) -> Option<Reservation> {
     take_room(parts, 1).pop()
 }
 
-async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<StatusCode, ApiError> {
+async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<StatusCode, ServiceError> {
     let removed = cells.vms.write().unwrap_or_else(|e| e.into_inner()).remove(&vm.id);
     if removed.is_none() {
-        return Err(ApiError::not_found("VM", &vm.id));
+        return Err(ServiceError::not_found("VM", &vm.id));
     }
     blocking(&app, move || {
         let _busy = lock(&vm.busy);
@@ -859,7 +910,7 @@ async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> R
 }
 
 /// The guest command a `POST /v1/vms/{id}/run` body asks for (in-process and in-cell VMs alike).
-pub(super) fn guest_command(req: &RunCommand) -> Result<GuestCommand, ApiError> {
+pub(super) fn guest_command(req: &RunCommand) -> Result<GuestCommand, ServiceError> {
     let start = GuestAddress(req.start_gpa);
     Ok(match req.command.as_str() {
         "exit" => GuestCommand::Exit,
@@ -880,7 +931,7 @@ pub(super) fn guest_command(req: &RunCommand) -> Result<GuestCommand, ApiError> 
         "halt" => GuestCommand::Halt,
         other => {
             let shown: String = other.chars().take(32).collect();
-            return Err(ApiError::bad_request(
+            return Err(ServiceError::bad_request(
                 "invalid_field",
                 format!("unknown command {shown:?}"),
             ));
@@ -893,14 +944,15 @@ async fn run(
     cells: Arc<CellService>,
     vm: Arc<CellVm>,
     req: RunCommand,
-) -> Result<Json<RunResult>, ApiError> {
+) -> Result<Json<RunResult>, ServiceError> {
     let command = guest_command(&req)?;
-    if req.vcpu != 0 {
-        return Err(ApiError::out_of_range(
+    if req.vcpu as usize >= vm.vcpus {
+        return Err(ServiceError::out_of_range(
             "vcpu_out_of_range",
-            format!("VMs in cells run commands on vCPU 0 only (got vcpu {})", req.vcpu),
+            format!("vcpu must be 0..{} for this VM (got {})", vm.vcpus, req.vcpu),
         ));
     }
+    let vcpu = req.vcpu;
     vm.usable()?;
     let deadline = app.limits.guest_deadline;
     let out = blocking(&app, move || {
@@ -908,7 +960,7 @@ async fn run(
         vm.usable()?;
         cells
             .pool
-            .run(vm.at, command, deadline)
+            .run_on(vm.at, vcpu, command, deadline)
             .map_err(|e| cells.vm_error(&vm, e))
     })
     .await?;
@@ -921,7 +973,7 @@ async fn run(
     }))
 }
 
-async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<ResetDone>, ApiError> {
+async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<ResetDone>, ServiceError> {
     vm.usable()?;
     let done = blocking(&app, move || {
         let _busy = lock(&vm.busy);
@@ -946,7 +998,7 @@ async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Resul
 /// `GET /v1/vms/{id}/stats` of an in-cell VM: the supervisor reads the cell's
 /// `/proc/<pid>/pagemap` and smaps over the VM's RAM, `/proc/kpagecount` and `/proc/kpageflags`
 /// itself, and KVM's statistics from the fds the cell handed over; the cell needs no privilege.
-async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<VmStats>, ApiError> {
+async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<VmStats>, ServiceError> {
     vm.usable()?;
     let stats = blocking(&app, move || {
         // One operation at a time: the VM's RAM stays where it is while it is read.
@@ -957,12 +1009,14 @@ async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Re
             if files.is_none() {
                 *files = Some(cells.pool.kvm_stats_files(vm.at).map_err(|e| cells.vm_error(&vm, e))?);
             }
-            let files = files.as_ref().ok_or_else(|| ApiError::internal("no KVM stats fds"))?;
+            let files = files
+                .as_ref()
+                .ok_or_else(|| ServiceError::internal("no KVM stats fds"))?;
             files
                 .read()
-                .map_err(|e| ApiError::internal(format!("reading KVM statistics of {}: {e}", vm.id)))?
+                .map_err(|e| ServiceError::internal(format!("reading KVM statistics of {}: {e}", vm.id)))?
         };
-        let unavailable = |message: String| ApiError::Unavailable {
+        let unavailable = |message: String| ServiceError::Unavailable {
             code: "stats_unavailable",
             message,
         };
@@ -993,11 +1047,11 @@ async fn call(
     cells: Arc<CellService>,
     vm: Arc<CellVm>,
     req: CallRequest,
-) -> Result<Json<CallResult>, ApiError> {
+) -> Result<Json<CallResult>, ServiceError> {
     let (input, deadline) = super::service::calls::parse(&app, &req)?;
     let fits = cowvm_cell::wire::MAX_MESSAGE - CALL_MESSAGE_OVERHEAD;
     if input.len() > fits {
-        return Err(ApiError::out_of_range(
+        return Err(ServiceError::out_of_range(
             "input_too_large",
             format!(
                 "input of {} bytes exceeds the {fits} bytes a call to a VM in a cell carries",
@@ -1027,8 +1081,8 @@ async fn call(
                     .code
                     .and_then(|code| CALL_ERROR_CODES.iter().copied().find(|&known| known == code));
                 Err(match code {
-                    Some(code) => ApiError::out_of_range(code, failure.message),
-                    None => ApiError::internal(failure.message),
+                    Some(code) => ServiceError::out_of_range(code, failure.message),
+                    None => ServiceError::internal(failure.message),
                 })
             }
         }

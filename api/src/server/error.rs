@@ -101,9 +101,6 @@ pub enum ServiceError {
     Internal(String),
 }
 
-/// The name handlers used before the service boundary; the same type.
-pub type ApiError = ServiceError;
-
 /// The JSON body of every error.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

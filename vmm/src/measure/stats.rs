@@ -376,9 +376,9 @@ struct CloneScan {
 
 impl CloneScan {
     /// Adds one clone's present pages (`PAGEMAP_SCAN`, then pagemap for the template frames).
-    fn add(&mut self, vm: &Vm, pagemap: &PageMap) -> Result<(), StatsError> {
-        let base = vm.ram().host_address();
-        for run in pagemap.present_runs(base, vm.ram().size()).map_err(pagemap_err)? {
+    fn add(&mut self, clone: &CloneRam<'_>) -> Result<(), StatsError> {
+        let (base, pagemap) = (clone.host_address, clone.pagemap);
+        for run in pagemap.present_runs(base, clone.size).map_err(pagemap_err)? {
             let first = (run.range.start - base) / PAGE_SIZE;
             let n = (run.range.end - run.range.start) / PAGE_SIZE;
             if run.zero_page {
@@ -412,14 +412,47 @@ pub fn template_sharing(
     warm_shells: usize,
     pagemap: &PageMap,
 ) -> Result<TemplateSharing, StatsError> {
-    let started = Instant::now();
-    let memory = template.memory();
-    let mut scan = CloneScan::default();
+    let mut rams = Vec::with_capacity(clones.len());
     for (index, vm) in clones.iter().enumerate() {
         if vm.ram().size() != template.size() || vm.ram().template().is_none() {
             return Err(StatsError::NotAClone { index });
         }
-        scan.add(vm, pagemap)?;
+        rams.push(CloneRam {
+            host_address: vm.ram().host_address(),
+            size: vm.ram().size(),
+            pagemap,
+        });
+    }
+    template_sharing_of(template, &rams, warm_shells)
+}
+
+/// The RAM of one clone of a template as the host sees it: where it is mapped, and the pagemap
+/// of the process that maps it (this one, or a cell's).
+#[derive(Clone, Copy)]
+pub struct CloneRam<'a> {
+    /// Host virtual address of guest RAM byte 0 in that process.
+    pub host_address: u64,
+    /// Bytes (the template's size).
+    pub size: u64,
+    /// That process's pagemap.
+    pub pagemap: &'a PageMap,
+}
+
+/// Like [`template_sharing`] over clones given by where their RAM is mapped, in any process
+/// (frames are the host's, so clones in several processes count together).
+pub fn template_sharing_of(
+    template: &Template,
+    clones: &[CloneRam<'_>],
+    warm_shells: usize,
+) -> Result<TemplateSharing, StatsError> {
+    let started = Instant::now();
+    let memory = template.memory();
+    let mut scan = CloneScan::default();
+    for (index, clone) in clones.iter().enumerate() {
+        if clone.size != template.size() {
+            return Err(StatsError::NotAClone { index });
+        }
+        scan.add(clone)?;
     }
     let extents_err = |source| StatsError::Io {
         what: "the template memfd (SEEK_DATA)",

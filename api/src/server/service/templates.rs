@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use cowvm_vmm::layout::bytes_to_mib;
-use cowvm_vmm::stats::template_sharing;
+use cowvm_vmm::stats::{template_sharing_of, CloneRam, StatsError};
 use cowvm_vmm::{CloneBatch, Reservation, Template};
 
 use crate::server::app::{App, Machine, TemplateEntry, VmStatus};
@@ -196,8 +196,24 @@ pub async fn template_stats(app: &Arc<App>, id: &str) -> Result<TemplateStats, S
         let clones = service.clones_of(&entry.id);
         let guards: Vec<_> = clones.iter().map(|c| c.lock_machine()).collect();
         let vms: Vec<&cowvm_vmm::Vm> = guards.iter().filter_map(|g| g.as_ref().map(Machine::vm)).collect();
-        let shells = service.engine.warm_shells(&entry.template);
-        let sharing = template_sharing(&entry.template, &vms, shells, service.engine.pagemap())?;
+        let pagemap = service.engine.pagemap();
+        let mut rams: Vec<CloneRam<'_>> = Vec::with_capacity(vms.len());
+        for (index, vm) in vms.iter().enumerate() {
+            if vm.ram().template().is_none() {
+                return Err(StatsError::NotAClone { index }.into());
+            }
+            rams.push(CloneRam {
+                host_address: vm.ram().host_address(),
+                size: vm.ram().size(),
+                pagemap,
+            });
+        }
+        // With cells on, clones and warm shells of the template live in cells too.
+        let shells = service.engine.warm_shells(&entry.template) + service.cells.warm_ready(&entry.id);
+        let sharing = service.cells.scan_clones(&entry.id, |in_cells| {
+            let all: Vec<CloneRam<'_>> = rams.iter().chain(in_cells).copied().collect();
+            Ok(template_sharing_of(&entry.template, &all, shells)?)
+        })?;
         Ok(TemplateStats::new(entry.id.clone(), sharing))
     })
     .await
