@@ -385,17 +385,7 @@ impl From<PersistError> for ServiceError {
 
 impl From<CallError> for ServiceError {
     fn from(e: CallError) -> Self {
-        let code = match &e {
-            CallError::Vm(_) | CallError::Mailbox(_) => None,
-            CallError::InputTooLarge { .. } => Some("input_too_large"),
-            CallError::OutputTooLarge { .. } => Some("output_too_large"),
-            CallError::BadHypercall(_) | CallError::UnexpectedHypercall { .. } => Some("bad_hypercall"),
-            CallError::Aborted { .. } => Some("guest_aborted"),
-            CallError::Fault(_) => Some("guest_fault"),
-            CallError::Deadline { .. } => Some("deadline_exceeded"),
-            CallError::NotAbi(_) => Some("not_abi_guest"),
-        };
-        match (code, e) {
+        match (e.code(), e) {
             (Some(code), e) => Self::out_of_range(code, e.to_string()),
             (None, CallError::Vm(vm)) => vm.into(),
             (None, e) => Self::internal(e.to_string()),
