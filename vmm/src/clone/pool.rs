@@ -637,22 +637,9 @@ impl Pools {
 
     /// Waits until `template_id` has `shells` warm shells or `timeout` passes.
     pub(crate) fn wait_for(&self, template_id: u64, shells: usize, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        loop {
-            if state.pools.get(&template_id).is_some_and(|p| p.shells.len() >= shells) {
-                return true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            state = self
-                .changed
-                .wait_timeout(state, left.min(IDLE_POLL))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_until(timeout, |state| {
+            state.pools.get(&template_id).is_some_and(|p| p.shells.len() >= shells)
+        })
     }
 
     /// Stops the builder and returns every shell (and every used VM not yet recycled).
@@ -740,11 +727,18 @@ impl Pools {
 
     /// Waits until no used VM is waiting to be recycled, or `timeout` passes.
     pub(crate) fn wait_recycled(&self, timeout: Duration) -> bool {
+        self.wait_until(timeout, |state| {
+            state.recycle_queue.is_empty() && state.pools.values().all(|p| p.recycling + p.doomed_recycles == 0)
+        })
+    }
+
+    /// Waits until `done` holds for the pools' state (checked whenever it changes, and every
+    /// [`IDLE_POLL`]) or `timeout` passes; answers whether it held.
+    fn wait_until(&self, timeout: Duration, mut done: impl FnMut(&State) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         loop {
-            let idle = state.pools.values().all(|p| p.recycling + p.doomed_recycles == 0);
-            if idle && state.recycle_queue.is_empty() {
+            if done(&state) {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
