@@ -161,6 +161,11 @@ fn sweep(which: Sweep, args: &SweepArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
+/// Wraps an I/O error as [`BenchError::Io`] saying `what` was being done, for `map_err`.
+pub(crate) fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
+    move |source| BenchError::Io { what, source }
+}
+
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

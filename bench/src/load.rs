@@ -13,6 +13,7 @@ use clap::Args;
 use cowvm_vmm::host::{self, MemorySnapshot};
 use serde_json::{json, Value};
 
+use super::io_err;
 use super::stats::{median, Percentiles};
 use super::{write_json, BenchError};
 use cowvm::client::Client;
@@ -62,15 +63,11 @@ type Sample = (&'static str, u16, f64);
 /// Warm shells the load run keeps for its template.
 const WARM_SHELLS: usize = 64;
 
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
-    move |source| BenchError::Io { what, source }
-}
-
 /// Open fds, mappings, RSS (KiB) and kernel memory (KiB) of this process and host, now.
 fn resources() -> Result<[f64; 4], BenchError> {
-    let fds = host::open_fds().map_err(io("list /proc/self/fd"))?;
-    let maps = host::mappings().map_err(io("read /proc/self/maps"))?;
-    let memory = MemorySnapshot::take().map_err(io("read memory figures"))?;
+    let fds = host::open_fds().map_err(io_err("list /proc/self/fd"))?;
+    let maps = host::mappings().map_err(io_err("read /proc/self/maps"))?;
+    let memory = MemorySnapshot::take().map_err(io_err("read memory figures"))?;
     Ok([
         fds as f64,
         maps as f64,
@@ -178,7 +175,7 @@ pub(crate) fn wait_for_full_pool(client: &Client, template: &str, shells: usize)
 
 /// Measures the load run.
 pub fn measure_load(args: &LoadArgs) -> Result<Value, BenchError> {
-    cowvm_vmm::host::raise_fd_limit().map_err(io("raise RLIMIT_NOFILE"))?;
+    cowvm_vmm::host::raise_fd_limit().map_err(io_err("raise RLIMIT_NOFILE"))?;
     let (server, client) = start_server(WARM_SHELLS)?;
     let template = make_template(&client, args.memory_mib)?;
     let full_pool = |client: &Client| wait_for_full_pool(client, &template, WARM_SHELLS);
@@ -345,7 +342,7 @@ pub fn soak(args: &SoakArgs) -> Result<(), BenchError> {
 
 /// Measures the soak run.
 pub fn measure_soak(args: &SoakArgs) -> Result<Value, BenchError> {
-    cowvm_vmm::host::raise_fd_limit().map_err(io("raise RLIMIT_NOFILE"))?;
+    cowvm_vmm::host::raise_fd_limit().map_err(io_err("raise RLIMIT_NOFILE"))?;
     let (server, client) = start_server(0)?;
     let template = make_template(&client, 64)?;
     let started = Instant::now();

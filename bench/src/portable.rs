@@ -14,6 +14,7 @@ use cowvm_vmm::{GuestCommand, Kvm, Template, Vm, VmConfig, VmState};
 use serde_json::{json, Value};
 use vm_memory::GuestAddress;
 
+use super::io_err;
 use super::stats::median;
 use super::{prepare, write_json, BenchError, SweepArgs, DEADLINE};
 use cowvm::archive;
@@ -38,8 +39,7 @@ fn guest_template(kvm: &Kvm, memory_mib: u64, written_mib: u64) -> Result<Templa
 
 /// `template` with its written range overwritten by pseudo-random bytes (xorshift64).
 fn incompressible(template: &Template, written_mib: u64) -> Result<Template, BenchError> {
-    let io = |what| move |source| BenchError::Io { what, source };
-    let sources = template.memory().data_sources().map_err(io("list template data"))?;
+    let sources = template.memory().data_sources().map_err(io_err("list template data"))?;
     let memory = FrozenMemory::new_sealed_with(template.size(), |memfd| {
         let mut buf = vec![0u8; 1 << 20];
         for (range, source) in &sources {
@@ -72,20 +72,19 @@ fn incompressible(template: &Template, written_mib: u64) -> Result<Template, Ben
 /// Exports and imports `template` `runs` times through a file in `dir`.
 fn measure(template: &Template, dir: &std::path::Path, runs: usize) -> Result<Value, BenchError> {
     let path: PathBuf = dir.join(format!("cowvm-bench-portable-{}.oci.tar", std::process::id()));
-    let io = |what| move |source| BenchError::Io { what, source };
     let (mut export_ms, mut import_ms) = (Vec::new(), Vec::new());
     let mut summary = archive::ExportSummary::default();
     let mut archive_bytes = 0;
     for _ in 0..runs {
-        let file = std::fs::File::create(&path).map_err(io("create the archive"))?;
+        let file = std::fs::File::create(&path).map_err(io_err("create the archive"))?;
         let started = Instant::now();
         let mut out = BufWriter::with_capacity(1 << 20, &file);
         summary = archive::export(template, &mut out).map_err(|e| BenchError::Setup(e.to_string()))?;
-        out.flush().map_err(io("write the archive"))?;
+        out.flush().map_err(io_err("write the archive"))?;
         drop(out);
         export_ms.push(started.elapsed().as_secs_f64() * 1e3);
-        archive_bytes = file.metadata().map_err(io("stat the archive"))?.len();
-        let file = std::fs::File::open(&path).map_err(io("open the archive"))?;
+        archive_bytes = file.metadata().map_err(io_err("stat the archive"))?.len();
+        let file = std::fs::File::open(&path).map_err(io_err("open the archive"))?;
         let started = Instant::now();
         let imported = archive::import(&file, u64::MAX).map_err(|e| BenchError::Setup(e.to_string()))?;
         import_ms.push(started.elapsed().as_secs_f64() * 1e3);

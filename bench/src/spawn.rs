@@ -18,6 +18,7 @@ use serde_json::json;
 use vm_memory::GuestAddress;
 
 use super::fork::time_fork_to_child_exit;
+use super::io_err;
 use super::stats::Percentiles;
 use super::{make_template, write_json, BenchError, DEADLINE};
 
@@ -128,19 +129,18 @@ fn fresh_vm_baseline(engine: &CloneEngine, template: &Arc<Template>, samples: us
 /// Baseline (b): copy the whole template RAM into fresh anonymous memory.
 fn memcpy_baseline(template: &Template, samples: usize) -> Result<Vec<f64>, BenchError> {
     use std::os::fd::AsFd;
-    let io = |what| move |source| BenchError::Io { what, source };
     let fd = template
         .memory()
         .base()
         .as_fd()
         .try_clone_to_owned()
-        .map_err(io("dup template fd"))?;
+        .map_err(io_err("dup template fd"))?;
     let file = File::from(fd);
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
         let started = Instant::now();
         let mut copy = vec![0u8; template.size() as usize];
-        file.read_exact_at(&mut copy, 0).map_err(io("copy template RAM"))?;
+        file.read_exact_at(&mut copy, 0).map_err(io_err("copy template RAM"))?;
         times.push(micros(started.elapsed()));
         drop(copy);
     }
@@ -152,7 +152,7 @@ fn fork_baseline(memory_mib: u64, samples: usize) -> Result<Vec<f64>, BenchError
     let ram = vec![1u8; (memory_mib << 20) as usize];
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
-        let took = time_fork_to_child_exit().map_err(|source| BenchError::Io { what: "fork", source })?;
+        let took = time_fork_to_child_exit().map_err(io_err("fork"))?;
         times.push(micros(took));
     }
     drop(std::hint::black_box(ram));
@@ -368,19 +368,25 @@ pub fn run(args: &SpawnArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Measures everything; returns the JSON results and the raw samples.
-pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), BenchError> {
-    let io = |what| move |source| BenchError::Io { what, source };
-    let fd_limit = cowvm_vmm::host::raise_fd_limit().map_err(io("raise RLIMIT_NOFILE"))?;
-    let kvm = Arc::new(Kvm::open()?);
+/// The engine the spawn benchmarks measure, with `args`' batch size and slot policy, after
+/// raising the fd limit (returned: the JSON reports it).
+pub(crate) fn spawn_engine(args: &SpawnArgs) -> Result<(CloneEngine, u64), BenchError> {
+    let fd_limit = cowvm_vmm::host::raise_fd_limit().map_err(io_err("raise RLIMIT_NOFILE"))?;
     let engine = CloneEngine::new(
-        Arc::clone(&kvm),
+        Arc::new(Kvm::open()?),
         EngineConfig {
             max_clones_per_call: args.clones.max(1),
             slot_policy: slot_policy(args.eager_slots),
             ..EngineConfig::default()
         },
     )?;
+    Ok((engine, fd_limit))
+}
+
+/// Measures everything; returns the JSON results and the raw samples.
+pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), BenchError> {
+    let (engine, fd_limit) = spawn_engine(args)?;
+    let kvm = Arc::clone(engine.kvm());
     let samples = args.samples.max(1);
     let progress = |step: &str| eprintln!("[bench spawn] {step}");
 
@@ -399,7 +405,7 @@ pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), Be
 
     progress(&format!("building {} warm shells in the background", args.clones));
     engine.flush();
-    let before = MemorySnapshot::take().map_err(io("read memory figures"))?;
+    let before = MemorySnapshot::take().map_err(io_err("read memory figures"))?;
     let pool_fill = fill_pool(&engine, &template, args.clones)?;
     progress(&format!("spawning {} clones in one call", args.clones));
     let batch = engine.spawn(&template, args.clones)?;
@@ -409,7 +415,7 @@ pub fn measure(args: &SpawnArgs) -> Result<(serde_json::Value, SpawnSamples), Be
             failure.index, failure.reason
         )));
     }
-    let after = MemorySnapshot::take().map_err(io("read memory figures"))?;
+    let after = MemorySnapshot::take().map_err(io_err("read memory figures"))?;
     let spawn_times: Vec<f64> = batch.clones.iter().map(Clone::spawn_us).collect();
     let pooled = batch.clones.iter().filter(|c| c.pooled()).count();
     let spawn = Percentiles::of(&spawn_times);

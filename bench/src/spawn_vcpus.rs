@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cowvm_vmm::host::MemorySnapshot;
-use cowvm_vmm::{Clone, CloneEngine, EngineConfig, Kvm};
+use cowvm_vmm::{Clone, CloneEngine, Kvm};
 use serde_json::json;
 
-use super::spawn::{destroy_all, fill_pool, slot_policy, spawn_all, MemoryPerClone, SpawnArgs};
+use super::io_err;
+use super::spawn::{destroy_all, fill_pool, slot_policy, spawn_all, spawn_engine, MemoryPerClone, SpawnArgs};
 use super::stats::Percentiles;
 use super::{make_template_with_vcpus, BenchError};
 
@@ -27,16 +28,15 @@ struct Round {
 }
 
 fn round(engine: &CloneEngine, kvm: &Kvm, args: &SpawnArgs, vcpus: usize) -> Result<Round, BenchError> {
-    let io = |what| move |source| BenchError::Io { what, source };
     let template = make_template_with_vcpus(kvm, args.memory_mib, vcpus)?;
     engine.flush();
     // The kernel frees a destroyed VM's memory a little after its fds close: let the last
     // round's teardown settle before the baseline.
     std::thread::sleep(Duration::from_millis(500));
-    let before = MemorySnapshot::take().map_err(io("read memory figures"))?;
+    let before = MemorySnapshot::take().map_err(io_err("read memory figures"))?;
     fill_pool(engine, &template, args.clones)?;
     let clones = spawn_all(engine, &template, args.clones)?;
-    let after = MemorySnapshot::take().map_err(io("read memory figures"))?;
+    let after = MemorySnapshot::take().map_err(io_err("read memory figures"))?;
     if let Some(clone) = clones.iter().find(|c| c.vm().vcpu_count() != vcpus) {
         return Err(BenchError::Setup(format!(
             "a clone has {} vCPUs, expected {vcpus}",
@@ -69,17 +69,8 @@ fn round(engine: &CloneEngine, kvm: &Kvm, args: &SpawnArgs, vcpus: usize) -> Res
 
 /// Measures 1-vCPU and `args.vcpus`-vCPU clones; returns the JSON results.
 pub fn measure_vcpus(args: &SpawnArgs) -> Result<serde_json::Value, BenchError> {
-    let io = |what| move |source| BenchError::Io { what, source };
-    cowvm_vmm::host::raise_fd_limit().map_err(io("raise RLIMIT_NOFILE"))?;
-    let kvm = Arc::new(Kvm::open()?);
-    let engine = CloneEngine::new(
-        Arc::clone(&kvm),
-        EngineConfig {
-            max_clones_per_call: args.clones.max(1),
-            slot_policy: slot_policy(args.eager_slots),
-            ..EngineConfig::default()
-        },
-    )?;
+    let (engine, _) = spawn_engine(args)?;
+    let kvm = Arc::clone(engine.kvm());
     let counts = [1, args.vcpus];
     let mut rounds: Vec<Vec<Round>> = counts.iter().map(|_| Vec::new()).collect();
     for r in 0..ROUNDS {
