@@ -17,12 +17,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
-use cowvm_vmm::{GuestCommand, Template};
+use cowvm_vmm::{FrozenMemory, GuestCommand, Template};
 
 pub use crate::error::{CellError, ExitStatus};
 pub use crate::protocol::{CallDone, CallFailure};
 use crate::protocol::{
-    CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
+    CellCounts, CellVmId, Envelope, Frozen, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
     SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
 };
 use crate::sandbox::{self, Confinement};
@@ -336,8 +336,7 @@ impl Cell {
             fds.push(overlay.as_fd());
             overlay_runs.push(runs.to_vec());
         }
-        let state = postcard::to_allocvec(template.state())
-            .and_then(|bytes| postcard::from_bytes(&bytes))
+        let state = crate::protocol::copy_state(template.state())
             .map_err(|e| CellError::Local(format!("cannot encode the template's state: {e}")))?;
         let request = Request::LoadTemplate(Box::new(LoadTemplate {
             template: id,
@@ -471,6 +470,57 @@ impl Cell {
         }
     }
 
+    /// Freezes VM `vm`, a clone of template `parent_id` (which is `parent`), into template `id`,
+    /// which the cell keeps for clones placed there. Returns the same template built here (the
+    /// parent's memory plus the new layer's sealed memfd the cell sends, if it made one) and the
+    /// microseconds the VM was paused.
+    pub fn freeze(
+        &self,
+        vm: CellVmId,
+        parent_id: TemplateId,
+        parent: &Template,
+        id: TemplateId,
+    ) -> Result<(Template, f64), CellError> {
+        let request = Request::Freeze {
+            vm,
+            parent: parent_id,
+            template: id,
+        };
+        let (response, fds) = self.exchange(request, &[], self.config.request_timeout)?;
+        let Response::Frozen(frozen) = response else {
+            return Err(self.unexpected("freeze", &response));
+        };
+        let Frozen {
+            overlay_runs,
+            state,
+            pause_us,
+        } = *frozen;
+        let local = |e: cowvm_vmm::MemoryError| CellError::Local(format!("freeze: the new layer: {e}"));
+        let sent = fds.len();
+        let mut fds = fds.into_iter();
+        let memory = match (overlay_runs, fds.next(), fds.next()) {
+            (None, None, None) => parent.memory().clone(),
+            (Some(runs), Some(fd), None) => {
+                let layer = FrozenMemory::from_sealed(File::from(fd)).map_err(local)?;
+                parent.memory().with_layer(layer, runs).map_err(local)?
+            }
+            (runs, _, _) => {
+                return Err(CellError::Local(format!(
+                    "freeze: the cell sent {sent} fds for {} new layers",
+                    usize::from(runs.is_some())
+                )))
+            }
+        };
+        if memory.size() != state.memory_size {
+            return Err(CellError::Local(format!(
+                "freeze: memory of {} bytes for a state of {} bytes",
+                memory.size(),
+                state.memory_size
+            )));
+        }
+        Ok((Template::new(memory, state), pause_us))
+    }
+
     fn unexpected(&self, op: &'static str, got: &Response) -> CellError {
         if let Response::Error(error) = got {
             return CellError::Remote {
@@ -494,6 +544,7 @@ impl Cell {
                 Response::StatsFds => "StatsFds",
                 Response::Called(_) => "Called",
                 Response::CallFailed(_) => "CallFailed",
+                Response::Frozen(_) => "Frozen",
                 Response::Error(_) => "Error",
             },
         }

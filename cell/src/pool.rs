@@ -827,6 +827,28 @@ impl CellPool {
         Ok(self.cell_of(at)?.kvm_stats_files(at.vm)?)
     }
 
+    /// Freezes VM `at`, a clone of template `parent`, into template `id` (see [`Cell::freeze`]):
+    /// the new template and the microseconds the VM was paused. Its cell keeps the template for
+    /// clones placed there, so the pool records it there, also when the outcome is uncertain
+    /// (a timeout, a template the supervisor could not build): a caller that does not register
+    /// `id` afterwards drops it with [`CellPool::remove_template`].
+    pub fn freeze(&self, at: VmRef, parent: TemplateId, id: TemplateId) -> Result<(Template, f64), PoolError> {
+        let cell = self.cell_of(at)?;
+        let source = self
+            .lock()
+            .templates
+            .get(&parent)
+            .cloned()
+            .ok_or(PoolError::UnknownTemplate(parent))?;
+        let frozen = cell.freeze(at.vm, parent, &source, id);
+        if !matches!(frozen, Err(CellError::Remote { .. } | CellError::Died { .. })) {
+            if let Some(slot) = self.lock().cells.get_mut(&at.cell) {
+                slot.templates.insert(id);
+            }
+        }
+        Ok(frozen?)
+    }
+
     /// Destroys VM `at`.
     pub fn destroy(&self, at: VmRef) -> Result<(), PoolError> {
         self.cell_of(at)?.destroy(at.vm)?;

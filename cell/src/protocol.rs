@@ -64,6 +64,34 @@ impl std::fmt::Debug for LoadTemplate {
     }
 }
 
+/// What a freeze made: the new template is the parent's layers plus, when the VM had private
+/// pages, one new sealed overlay (its memfd travels beside the answer) mapped over them.
+#[derive(Serialize, Deserialize)]
+pub struct Frozen {
+    /// The runs of the new overlay mapped over the parent's layers (`None`: no new layer; the
+    /// VM had no private page, and the template's memory is its parent's).
+    pub overlay_runs: Option<Vec<Range<u64>>>,
+    /// The state clones resume from.
+    pub state: VmState,
+    /// Microseconds the VM was paused in the cell.
+    pub pause_us: f64,
+}
+
+impl std::fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frozen")
+            .field("overlay_runs", &self.overlay_runs)
+            .field("memory_size", &self.state.memory_size)
+            .field("pause_us", &self.pause_us)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A copy of `state` (a VM state is not `Clone`: it goes through its own encoding).
+pub fn copy_state(state: &VmState) -> Result<VmState, postcard::Error> {
+    postcard::from_bytes(&postcard::to_allocvec(state)?)
+}
+
 /// A guest command, as it crosses the process boundary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WireCommand {
@@ -226,6 +254,16 @@ pub enum Request {
         /// The VM.
         vm: CellVmId,
     },
+    /// Freeze a VM into a new template (the VM keeps running on a private view of it); the cell
+    /// keeps the template under `template` and answers [`Response::Frozen`].
+    Freeze {
+        /// The VM.
+        vm: CellVmId,
+        /// The template the VM was cloned from (the cell checks that it is).
+        parent: TemplateId,
+        /// The supervisor's id for the new template.
+        template: TemplateId,
+    },
 }
 
 impl Request {
@@ -243,6 +281,7 @@ impl Request {
             Request::Stats => "stats",
             Request::StatsFds { .. } => "stats_fds",
             Request::Call { .. } => "call",
+            Request::Freeze { .. } => "freeze",
         }
     }
 }
@@ -358,6 +397,8 @@ pub enum RemoteErrorKind {
     Vmm,
     /// The sandbox could not be entered.
     Sandbox,
+    /// A freeze would stack more layers or overlay runs than a template may have.
+    TooFragmented,
 }
 
 /// An error the cell reported for one request (the cell keeps serving).
@@ -452,6 +493,8 @@ pub enum Response {
     Called(CallDone),
     /// A call that failed (the cell keeps serving).
     CallFailed(CallFailure),
+    /// A VM frozen; sent with the new layer's sealed memfd when it made one.
+    Frozen(Box<Frozen>),
     /// The request failed.
     Error(RemoteError),
 }

@@ -20,6 +20,8 @@ use crate::protocol::{
 use crate::sandbox;
 use crate::wire::{self, WireError};
 
+mod freeze;
+
 /// Bytes an answer needs besides a call's output and log.
 const CALL_OVERHEAD: usize = 1024;
 
@@ -283,6 +285,7 @@ impl Worker {
                     },
                 )
             }
+            Request::Freeze { vm, parent, template } => self.freeze(vm, parent, template),
             Request::Stats => Ok(Response::Stats(CellCounts {
                 vms: self.vms.len() as u32,
                 warm_shells: self.warm_shells(),
