@@ -242,14 +242,9 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
     assert_eq!(run_checksum(&client, &clones[17]), reference);
 
     // What in-cell VMs cannot do yet is a clear 409.
-    for (method, suffix, body) in [
-        ("POST", "snapshot", None),
-        ("POST", "clones", Some(json!({"count": 1}))),
-        ("POST", "probes/write", Some(json!({"gpas": [8 << 20]}))),
-    ] {
-        let code = error_code(&client, method, &format!("/v1/vms/{first}/{suffix}"), body, 409);
-        assert_eq!(code, "not_supported_in_cell", "{method} {suffix}");
-    }
+    let probe = Some(json!({"gpas": [8 << 20]}));
+    let code = error_code(&client, "POST", &format!("/v1/vms/{first}/probes/write"), probe, 409);
+    assert_eq!(code, "not_supported_in_cell");
     assert_eq!(
         error_code(&client, "DELETE", &format!("/v1/templates/{tpl}"), None, 409),
         "template_in_use"
@@ -900,4 +895,438 @@ fn test_in_cell_clones_of_a_multi_vcpu_template_run_commands_on_every_vcpu() {
             "running"
         );
     }
+}
+
+/// The tests of in-cell snapshots look for the memfds of new template layers in this process
+/// (the server runs in it) and in the cells: one at a time.
+static LAYERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The 64 pages the warm-up wrote, written over by the guest with `value`.
+fn write_pages(client: &Client, vm: &str, value: u64) {
+    let write = json!({"command": "write", "start_gpa": 8 << 20, "count": 64, "stride": 4096, "value": value});
+    let out = ok(client, "POST", &format!("/v1/vms/{vm}/run"), Some(write), 200);
+    assert_eq!(out["status"], 0, "{out}");
+}
+
+/// The first qword of those pages (a checksum of one qword is the qword): tells the values
+/// written apart, which the checksum of 64 equal qwords does not.
+fn first_page(client: &Client, vm: &str) -> u64 {
+    let read = json!({"command": "checksum", "start_gpa": 8 << 20, "count": 1});
+    let out = ok(client, "POST", &format!("/v1/vms/{vm}/run"), Some(read), 200);
+    assert_eq!(out["status"], 0, "{out}");
+    out["result"].as_u64().expect("result")
+}
+
+/// Inodes of the new-layer memfds (`cowvm-template-overlay`) process `pid` holds open.
+fn layer_memfds(pid: u32) -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| {
+                let path = e.ok()?.path();
+                let target = std::fs::read_link(&path).ok()?;
+                target
+                    .to_string_lossy()
+                    .contains("memfd:cowvm-template-overlay")
+                    .then(|| std::fs::metadata(&path).ok().map(|m| m.ino()))
+                    .flatten()
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Host addresses where process `pid` maps byte `offset` of the memfd with inode `inode`
+/// (from `/proc/<pid>/maps`: start-end perms offset dev inode path).
+fn mapped_at(pid: u32, inode: u64, offset: u64) -> Vec<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (range, file_offset, ino) = (fields.first()?, fields.get(2)?, fields.get(4)?);
+            if ino.parse::<u64>().ok()? != inode {
+                return None;
+            }
+            let (start, end) = range.split_once('-')?;
+            let start = u64::from_str_radix(start, 16).ok()?;
+            let end = u64::from_str_radix(end, 16).ok()?;
+            let file_offset = u64::from_str_radix(file_offset, 16).ok()?;
+            let at = start + offset.checked_sub(file_offset)?;
+            (at < end).then_some(at)
+        })
+        .collect()
+}
+
+/// Whether process `pid` holds the memfd with inode `inode` open or mapped.
+fn holds(pid: u32, inode: u64) -> bool {
+    layer_memfds(pid).contains(&inode) || !mapped_at(pid, inode, 0).is_empty() || {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        maps.lines()
+            .any(|l| l.split_whitespace().nth(4).and_then(|i| i.parse::<u64>().ok()) == Some(inode))
+    }
+}
+
+/// The frame behind host address `at` in process `pid` (`/proc/<pid>/pagemap`), if present.
+fn frame(pid: u32, at: u64) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).expect("the cell's pagemap");
+    let mut entry = [0u8; 8];
+    pagemap.read_exact_at(&mut entry, at / 4096 * 8).expect("read pagemap");
+    let entry = u64::from_le_bytes(entry);
+    let pfn = entry & ((1 << 55) - 1);
+    (entry & (1 << 63) != 0 && pfn != 0).then_some(pfn)
+}
+
+/// `/proc/kpagecount` of frame `pfn`: how many mappings it has, over all processes.
+fn kpagecount(pfn: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let counts = std::fs::File::open("/proc/kpagecount").expect("/proc/kpagecount");
+    let mut count = [0u8; 8];
+    counts.read_exact_at(&mut count, pfn * 8).expect("read kpagecount");
+    u64::from_le_bytes(count)
+}
+
+fn cell_pids(client: &Client) -> Vec<u32> {
+    ok(client, "GET", "/v1/cells", None, 200)
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["pid"].as_u64().expect("pid") as u32)
+        .collect()
+}
+
+/// Waits until no process of `pids` holds the memfd with inode `inode`.
+fn released(pids: &[u32], inode: u64) -> bool {
+    eventually(|| pids.iter().all(|&pid| !holds(pid, inode)))
+}
+
+#[test]
+fn test_a_snapshot_of_an_in_cell_clone_keeps_its_writes_is_saved_and_its_clones_share_frames_across_cells() {
+    let _layers = LAYERS.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("cowvm-cells-snapshot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("state dir");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+    let config = || ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(cells(2, 4)),
+        state_dir: Some(dir.clone()),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config()).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let source = clone_ids(&client, &tpl, 1).remove(0);
+    let reference = run_checksum(&client, &source);
+    write_pages(&client, &source, 0x77);
+    let written = run_checksum(&client, &source);
+    assert_ne!(written, reference);
+
+    let ours = std::process::id();
+    let before = layer_memfds(ours);
+    let snap = ok(&client, "POST", &format!("/v1/vms/{source}/snapshot"), None, 201);
+    assert_eq!(
+        keys(&snap),
+        ["layers", "memory_mib", "pause_us", "persisted", "template_id"],
+        "{snap}"
+    );
+    assert_eq!(snap["layers"], 2, "the template's base plus the clone's pages: {snap}");
+    assert_eq!(snap["memory_mib"], 64);
+    assert_eq!(snap["persisted"], true);
+    assert!(snap["pause_us"].as_f64().is_some_and(|us| us > 0.0), "{snap}");
+    let snapped = snap["template_id"].as_str().expect("template id").to_owned();
+    let new: Vec<u64> = layer_memfds(ours).difference(&before).copied().collect();
+    assert_eq!(new.len(), 1, "the supervisor got the new layer's memfd: {new:?}");
+    let layer = new[0];
+    let info = ok(&client, "GET", &format!("/v1/templates/{snapped}"), None, 200);
+    assert_eq!(
+        (info["layers"].as_u64(), info["source_vm"].as_str()),
+        (Some(2), Some(source.as_str()))
+    );
+
+    // The VM keeps running on its own pages; the template keeps what it had when frozen.
+    assert_eq!(run_checksum(&client, &source), written);
+    assert_eq!(first_page(&client, &source), 0x77);
+    write_pages(&client, &source, 0x99);
+    assert_eq!(first_page(&client, &source), 0x99);
+
+    let clones = clone_ids(&client, &snapped, 3);
+    for clone in &clones {
+        assert_eq!(
+            run_checksum(&client, clone),
+            written,
+            "{clone} sees the snapshot's data"
+        );
+        assert_eq!(
+            first_page(&client, clone),
+            0x77,
+            "{clone}: not the source's later writes"
+        );
+    }
+    if running_as_root() {
+        // Each clone maps the written page from the new layer's memfd, in its cell: one frame.
+        let mut mappings = Vec::new();
+        for pid in cell_pids(&client) {
+            for at in mapped_at(pid, layer, 8 << 20) {
+                mappings.push((pid, frame(pid, at).expect("the page the checksum read is present")));
+            }
+        }
+        assert_eq!(mappings.len(), 3, "one mapping per clone: {mappings:?}");
+        let pids: std::collections::BTreeSet<u32> = mappings.iter().map(|m| m.0).collect();
+        assert!(pids.len() >= 2, "2 VMs per cell: the clones span cells {mappings:?}");
+        let frames: std::collections::BTreeSet<u64> = mappings.iter().map(|m| m.1).collect();
+        assert_eq!(frames.len(), 1, "every cell maps the same frame: {mappings:?}");
+        let pfn = frames.into_iter().next().expect("frame");
+        assert!(kpagecount(pfn) >= 3, "kpagecount {} of {pfn:#x}", kpagecount(pfn));
+    } else {
+        eprintln!("skipped the frame check: PFNs in another process's pagemap need root");
+    }
+
+    // Saved under --state-dir: a new server loads it, and its clones see the data.
+    server.stop().expect("stop");
+    let server = server::start(config()).expect("server starts again");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let info = ok(&client, "GET", &format!("/v1/templates/{snapped}"), None, 200);
+    assert_eq!(
+        (info["layers"].as_u64(), info["persisted"].as_bool()),
+        (Some(2), Some(true)),
+        "{info}"
+    );
+    let again = clone_ids(&client, &snapped, 1).remove(0);
+    assert_eq!(run_checksum(&client, &again), written);
+    assert_eq!(first_page(&client, &again), 0x77);
+    drop(server);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn test_a_live_fork_of_an_in_cell_clone_makes_clones_of_its_data_while_it_keeps_running() {
+    let _layers = LAYERS.lock().unwrap_or_else(|e| e.into_inner());
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            max_vms: 6,
+            ..limits()
+        },
+        cells: Some(cells(2, 4)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let source = clone_ids(&client, &tpl, 1).remove(0);
+    write_pages(&client, &source, 0x55);
+    let written = run_checksum(&client, &source);
+
+    let path = format!("/v1/vms/{source}/clones");
+    let fork = ok(&client, "POST", &path, Some(json!({"count": 3})), 201);
+    assert_eq!(fork["failed"], json!([]), "{fork}");
+    assert!(fork["pause_us"].as_f64().is_some_and(|us| us > 0.0), "{fork}");
+    assert!(fork["total_us"].as_f64().is_some_and(|us| us > 0.0), "{fork}");
+    let forked = fork["template_id"].as_str().expect("template id").to_owned();
+    assert_ne!(forked, tpl);
+    let clones: Vec<String> = fork["clones"]
+        .as_array()
+        .expect("clones")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(clones.len(), 3, "{fork}");
+    for clone in &clones {
+        let info = ok(&client, "GET", &format!("/v1/vms/{clone}"), None, 200);
+        assert_eq!(info["template_id"], forked.as_str(), "{info}");
+        assert_eq!(run_checksum(&client, clone), written, "{clone} sees the source's data");
+        assert_eq!(first_page(&client, clone), 0x55);
+    }
+    let info = ok(&client, "GET", &format!("/v1/templates/{forked}"), None, 200);
+    assert_eq!(
+        (
+            info["clones"].as_u64(),
+            info["layers"].as_u64(),
+            info["source_vm"].as_str()
+        ),
+        (Some(3), Some(2), Some(source.as_str())),
+        "{info}"
+    );
+
+    // The source goes on and answers; its later writes stay its own.
+    assert_eq!(
+        ok(&client, "GET", &format!("/v1/vms/{source}"), None, 200)["state"],
+        "running"
+    );
+    assert_eq!(run_checksum(&client, &source), written);
+    write_pages(&client, &source, 0x66);
+    assert_eq!(first_page(&client, &source), 0x66);
+    assert_eq!(first_page(&client, &clones[0]), 0x55);
+
+    // Bad counts and a full server are refused as in process, and freeze nothing.
+    let templates = || {
+        ok(&client, "GET", "/v1/templates", None, 200)
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let before = templates();
+    assert_eq!(
+        error_code(&client, "POST", &path, Some(json!({"count": 0})), 422),
+        "count_out_of_range"
+    );
+    // 5 of 6 VMs are held (the booted VM, the source and its 3 clones): 2 more do not fit.
+    assert_eq!(
+        error_code(&client, "POST", &path, Some(json!({"count": 2})), 429),
+        "too_many_vms"
+    );
+    assert_eq!(templates(), before, "a refused fork leaves no template");
+    let one = ok(&client, "POST", &path, Some(json!({"count": 1})), 201);
+    assert_eq!(one["clones"].as_array().map(Vec::len), Some(1), "{one}");
+}
+
+#[test]
+fn test_snapshots_and_live_forks_of_in_cell_vms_leave_no_memfd_behind_once_deleted() {
+    let _layers = LAYERS.lock().unwrap_or_else(|e| e.into_inner());
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(cells(2, 4)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let source = clone_ids(&client, &tpl, 1).remove(0);
+    write_pages(&client, &source, 0x11);
+    let ours = std::process::id();
+    for fork in [false, true] {
+        let before = layer_memfds(ours);
+        let (made, clones) = if fork {
+            let made = ok(
+                &client,
+                "POST",
+                &format!("/v1/vms/{source}/clones"),
+                Some(json!({"count": 3})),
+                201,
+            );
+            let ids = made["clones"]
+                .as_array()
+                .expect("clones")
+                .iter()
+                .map(|c| c["id"].as_str().expect("id").to_owned())
+                .collect();
+            (made["template_id"].as_str().expect("template").to_owned(), ids)
+        } else {
+            let snap = ok(&client, "POST", &format!("/v1/vms/{source}/snapshot"), None, 201);
+            let made = snap["template_id"].as_str().expect("template").to_owned();
+            let ids = clone_ids(&client, &made, 3);
+            (made, ids)
+        };
+        let new: Vec<u64> = layer_memfds(ours).difference(&before).copied().collect();
+        assert_eq!(new.len(), 1, "one new layer: {new:?}");
+        let layer = new[0];
+        let mut pids = cell_pids(&client);
+        assert!(
+            pids.iter().any(|&pid| holds(pid, layer)),
+            "the cells hold the new layer"
+        );
+        pids.push(ours);
+        for clone in &clones {
+            ok(&client, "DELETE", &format!("/v1/vms/{clone}"), None, 204);
+        }
+        ok(&client, "DELETE", &format!("/v1/templates/{made}"), None, 204);
+        assert!(
+            released(&pids, layer),
+            "the new layer's memfd is closed and unmapped in the server and every cell (fork: {fork})"
+        );
+        write_pages(&client, &source, 0x12);
+    }
+}
+
+#[test]
+fn test_snapshot_and_live_fork_of_a_lost_or_failed_in_cell_vm_answer_409_as_other_operations_do() {
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(cells(1, 3)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let lost = clone_ids(&client, &tpl, 1).remove(0);
+    let pids = cell_pids(&client);
+    assert_eq!(pids.len(), 1, "one cell holds the clone");
+    let killed = Command::new("kill")
+        .args(["-9", &pids[0].to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    assert!(eventually(|| ok(&client, "GET", &format!("/v1/vms/{lost}"), None, 200)
+        ["state"]
+        == "lost"));
+    let templates = || {
+        ok(&client, "GET", "/v1/templates", None, 200)
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let before = templates();
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{lost}/snapshot"), None, 409),
+        "vm_lost"
+    );
+    let fork = Some(json!({"count": 1}));
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{lost}/clones"), fork.clone(), 409),
+        "vm_lost"
+    );
+
+    let failed = clone_ids(&client, &tpl, 1).remove(0);
+    let spin = json!({"command": "spin"});
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{failed}/run"), Some(spin), 409),
+        "vm_failed"
+    );
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{failed}/snapshot"), None, 409),
+        "vm_failed"
+    );
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{failed}/clones"), fork, 409),
+        "vm_failed"
+    );
+    assert_eq!(templates(), before, "nothing was frozen");
+}
+
+#[test]
+fn test_snapshots_of_in_cell_clones_stack_layers_up_to_the_limit_then_answer_409_as_in_process() {
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(cells(10, 3)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, mut tpl) = template(&client);
+    for layers in 2..=cowvm_vmm::memory::MAX_TEMPLATE_LAYERS {
+        let clone = clone_ids(&client, &tpl, 1).remove(0);
+        write_pages(&client, &clone, layers as u64);
+        let snap = ok(&client, "POST", &format!("/v1/vms/{clone}/snapshot"), None, 201);
+        assert_eq!(snap["layers"], layers, "{snap}");
+        tpl = snap["template_id"].as_str().expect("template").to_owned();
+    }
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    write_pages(&client, &clone, 1);
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{clone}/snapshot"), None, 409),
+        "template_too_fragmented"
+    );
+    // The VM stays usable.
+    run_checksum(&client, &clone);
 }

@@ -6,7 +6,8 @@
 //! its clones in cells, taking the warm shells a keeper thread keeps there (counted against
 //! `--max-vms`); `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run`, `reset`,
 //! `call` and `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) serve
-//! them; write probes, live forks and snapshots of an in-cell VM answer 409
+//! them; `POST /v1/vms/{id}/snapshot` and live forks (`POST /v1/vms/{id}/clones`) freeze an
+//! in-cell VM in its cell ([`snapshot`]); write probes of an in-cell VM answer 409
 //! `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
 //! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
 //! the pool starts new cells on demand. Booted
@@ -30,7 +31,7 @@ use axum::Json;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
-use cowvm_cell::{CellConfig, CellError, CellPool, PoolError, VmRef, VmStatsFiles};
+use cowvm_cell::{CellConfig, CellError, CellPool, PoolBatch, PoolError, VmRef, VmStatsFiles};
 use cowvm_vmm::call::CALL_ERROR_CODES;
 use cowvm_vmm::kpage::KPages;
 use cowvm_vmm::layout::bytes_to_mib;
@@ -41,13 +42,15 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use vm_memory::GuestAddress;
 
-use super::app::App;
+use super::app::{App, TemplateEntry};
 use super::call::{CallRequest, CallResult};
 use super::error::ServiceError;
 use super::model::{
     CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo, VmStats,
 };
-use super::ops::{blocking, timeout_error, transaction};
+use super::ops::{blocking, timeout_error, transaction, Commit};
+
+mod snapshot;
 
 /// How often the watcher looks for dead cells.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
@@ -678,6 +681,7 @@ fn pool_error(e: PoolError) -> ServiceError {
                     message,
                 },
                 RemoteErrorKind::Full => ServiceError::TooManyVms(message),
+                RemoteErrorKind::TooFragmented => ServiceError::conflict("template_too_fragmented", message),
                 _ => ServiceError::internal(message),
             },
             _ => ServiceError::internal(message),
@@ -750,18 +754,25 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
             Ok(Json(req)) => call(app, cells, vm, req).await.map(IntoResponse::into_response),
             Err(rejection) => Err(rejection.into()),
         },
-        (&Method::POST, ["snapshot" | "clones"]) | (&Method::POST, ["probes", "write"]) => {
-            Err(vm.usable().err().unwrap_or_else(|| {
-                ServiceError::conflict(
-                    "not_supported_in_cell",
-                    format!(
+        (&Method::POST, ["snapshot"]) => snapshot::snapshot(app, cells, vm)
+            .await
+            .map(IntoResponse::into_response),
+        (&Method::POST, ["clones"]) => match Json::<CloneRequest>::from_request(request, &()).await {
+            Ok(Json(req)) => snapshot::live_fork(app, cells, vm, req)
+                .await
+                .map(IntoResponse::into_response),
+            Err(rejection) => Err(rejection.into()),
+        },
+        (&Method::POST, ["probes", "write"]) => Err(vm.usable().err().unwrap_or_else(|| {
+            ServiceError::conflict(
+                "not_supported_in_cell",
+                format!(
                     "VM {} lives in a cell; {} is not supported for in-cell VMs yet (start the server without --cells)",
                     vm.id,
                     rest.join("/")
                 ),
-                )
-            }))
-        }
+            )
+        })),
         _ => return next.run(request).await,
     };
     answer.unwrap_or_else(IntoResponse::into_response)
@@ -785,38 +796,71 @@ async fn clone_template(
     let service = Arc::clone(&app);
     let created = transaction(&app, move |commit| {
         let _cloning = cloning;
-        let number = id_number(&template.id);
+        let spawned = cells.spawn_clones(&service, id_number(&template.id), count, None, commit)?;
+        Ok(cells.add_clones(&service, &template, spawned))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+/// Clones made in cells, not yet registered as VMs.
+struct SpawnedClones {
+    batch: PoolBatch,
+    /// Their room under `--max-vms`.
+    admitted: Vec<Reservation>,
+    total_us: f64,
+}
+
+impl CellService {
+    /// Makes `count` clones of template `number` in cells and commits: on room `admitted`
+    /// beforehand when given, else on room admitted now (its warm shells' room first). Torn
+    /// down again if the request has timed out; none made is 503 `clones_failed`.
+    fn spawn_clones(
+        &self,
+        service: &App,
+        number: TemplateId,
+        count: usize,
+        admitted: Option<Vec<Reservation>>,
+        commit: &Commit,
+    ) -> Result<SpawnedClones, ServiceError> {
         let started = Instant::now();
         // In-cell VMs count against --max-vms with the in-process ones, each VM holding its room
         // until it is deleted. The room of the template's warm shells in cells moves to the
         // clones that take them; the rest is admitted now, atomically with the engine's count.
-        let gate = cells.warm_gate.read().unwrap_or_else(|e| e.into_inner());
-        let mut admitted = cells.admit_clones(&service, number, count)?;
-        let spawned = cells.pool.spawn(number, count);
+        let gate = self.warm_gate.read().unwrap_or_else(|e| e.into_inner());
+        let admitted = match admitted {
+            Some(admitted) => admitted,
+            None => self.admit_clones(service, number, count)?,
+        };
+        let spawned = self.pool.spawn(number, count);
         drop(gate);
-        cells.poke();
+        self.poke();
         let batch = match spawned {
             Ok(batch) => batch,
             Err(e) => {
                 // Nothing was placed: the room goes back to the shells (the keeper gives back
                 // what their targets do not use).
-                cells.lock_warm().room.entry(number).or_default().extend(admitted);
+                self.lock_warm().room.entry(number).or_default().extend(admitted);
                 return Err(pool_error(e));
             }
         };
         let total_us = started.elapsed().as_secs_f64() * 1e6;
+        let spawned = SpawnedClones {
+            batch,
+            admitted,
+            total_us,
+        };
         if !commit.commit() {
-            for clone in &batch.clones {
-                let _ = cells.pool.destroy(clone.at);
-            }
-            return Err(timeout_error(&service));
+            self.destroy_clones(&spawned);
+            return Err(timeout_error(service));
         }
-        let metrics = &service.metrics;
-        metrics
+        service
+            .metrics
             .clone_failures
-            .fetch_add(batch.failed.len() as u64, Ordering::Relaxed);
-        if batch.clones.is_empty() {
-            let reason = batch
+            .fetch_add(spawned.batch.failed.len() as u64, Ordering::Relaxed);
+        if spawned.batch.clones.is_empty() {
+            let reason = spawned
+                .batch
                 .failed
                 .first()
                 .map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
@@ -825,8 +869,27 @@ async fn clone_template(
                 format!("no clone could be made: {reason}"),
             ));
         }
+        Ok(spawned)
+    }
+
+    /// Tears down clones that will not be registered.
+    fn destroy_clones(&self, spawned: &SpawnedClones) {
+        for clone in &spawned.batch.clones {
+            let _ = self.pool.destroy(clone.at);
+        }
+    }
+
+    /// Registers the clones of `template` that [`CellService::spawn_clones`] made as VMs and
+    /// describes them.
+    fn add_clones(&self, service: &App, template: &TemplateEntry, spawned: SpawnedClones) -> ClonesCreated {
+        let SpawnedClones {
+            batch,
+            mut admitted,
+            total_us,
+        } = spawned;
+        let metrics = &service.metrics;
         let memory_mib = bytes_to_mib(template.template.size());
-        let mut vms = cells.vms.write().unwrap_or_else(|e| e.into_inner());
+        let mut vms = self.vms.write().unwrap_or_else(|e| e.into_inner());
         let clones = batch
             .clones
             .iter()
@@ -864,7 +927,7 @@ async fn clone_template(
                 }
             })
             .collect();
-        Ok(ClonesCreated {
+        ClonesCreated {
             template_id: template.id.clone(),
             clones,
             failed: batch
@@ -877,10 +940,8 @@ async fn clone_template(
                 .collect(),
             total_us,
             pause_us: None,
-        })
-    })
-    .await?;
-    Ok((StatusCode::CREATED, Json(created)))
+        }
+    }
 }
 
 /// Room for one VM out of `parts`.

@@ -176,23 +176,45 @@ pub async fn snapshot_vm(app: &Arc<App>, id: &str) -> Result<SnapshotCreated, Se
         if !commit.commit() {
             return Err(timeout_error(app));
         }
-        let template_id = app.new_template_id();
-        let persisted = save_template(app, &template_id, &template)?;
-        let entry = app.add_template(TemplateEntry {
-            id: template_id,
-            template: Arc::new(template),
-            source_vm: Some(entry.id.clone()),
-            persisted,
-        });
-        Ok(SnapshotCreated {
-            template_id: entry.id.clone(),
-            memory_mib: bytes_to_mib(entry.template.size()),
-            layers: entry.template.memory().depth(),
-            persisted,
-            pause_us,
-        })
+        keep_snapshot(app, app.new_template_id(), Arc::new(template), &entry.id, pause_us)
     })
     .await
+}
+
+/// Keeps a template frozen from VM `source_vm`: saves it under the state directory (if there
+/// is one) and registers it as `id` (with cells on, the cell pool gets it too).
+pub fn keep_frozen(
+    app: &App,
+    id: String,
+    template: Arc<Template>,
+    source_vm: &str,
+) -> Result<Arc<TemplateEntry>, ServiceError> {
+    let persisted = save_template(app, &id, &template)?;
+    Ok(app.add_template(TemplateEntry {
+        id,
+        template,
+        source_vm: Some(source_vm.to_owned()),
+        persisted,
+    }))
+}
+
+/// Keeps a snapshot (see [`keep_frozen`]) and answers it: the VM was paused `pause_us`.
+/// In-process and in-cell VMs alike.
+pub fn keep_snapshot(
+    app: &App,
+    id: String,
+    template: Arc<Template>,
+    source_vm: &str,
+    pause_us: f64,
+) -> Result<SnapshotCreated, ServiceError> {
+    let entry = keep_frozen(app, id, template, source_vm)?;
+    Ok(SnapshotCreated {
+        template_id: entry.id.clone(),
+        memory_mib: bytes_to_mib(entry.template.size()),
+        layers: entry.template.memory().depth(),
+        persisted: entry.persisted,
+        pause_us,
+    })
 }
 
 /// Live fork: freezes a running VM into a new template (a short pause) and clones it.
@@ -225,14 +247,7 @@ pub async fn live_fork(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<Cl
             pause_us,
             batch,
         };
-        let template_id = app.new_template_id();
-        let persisted = save_template(app, &template_id, &fork.template)?;
-        let template = app.add_template(TemplateEntry {
-            id: template_id,
-            template: fork.template,
-            source_vm: Some(entry.id.clone()),
-            persisted,
-        });
+        let template = keep_frozen(app, app.new_template_id(), fork.template, &entry.id)?;
         let mut created = register_clones(app, &template, fork.batch, &mut room)?;
         created.failed.extend(fd_shortfall(fits, count));
         created.pause_us = Some(fork.pause_us);
