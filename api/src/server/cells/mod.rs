@@ -7,7 +7,7 @@
 //! `--max-vms`); `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run`, `reset`,
 //! `call` and `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) serve
 //! them; `POST /v1/vms/{id}/snapshot` and live forks (`POST /v1/vms/{id}/clones`) freeze an
-//! in-cell VM in its cell ([`snapshot`]); write probes of an in-cell VM answer 409
+//! in-cell VM in its cell (`snapshot.rs`); write probes of an in-cell VM answer 409
 //! `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
 //! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
 //! the pool starts new cells on demand. Booted
