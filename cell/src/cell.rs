@@ -17,6 +17,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
+use cowvm_vmm::probe::{ProbeTargets, WRITE_DEADLINE};
+use cowvm_vmm::translate::GuestTranslation;
 use cowvm_vmm::{GuestCommand, Template};
 
 pub use crate::error::{CellError, ExitStatus};
@@ -25,6 +27,7 @@ use crate::protocol::{
     CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
     SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
 };
+use crate::protocol::ProbeWritten;
 use crate::sandbox::{self, Confinement};
 use crate::wire::{self, WireError};
 use crate::worker::CELL_FD;
@@ -471,6 +474,25 @@ impl Cell {
         }
     }
 
+    /// Translates and checks the targets of a write probe in VM `vm` (nothing is written).
+    pub fn probe_prepare(&self, vm: CellVmId, targets: ProbeTargets) -> Result<Vec<GuestTranslation>, CellError> {
+        match self.call(Request::ProbePrepare { vm, targets }, &[], self.config.request_timeout)? {
+            Response::ProbePrepared(translations) => Ok(translations),
+            other => Err(self.unexpected("probe_prepare", &other)),
+        }
+    }
+
+    /// Has the guest of VM `vm` write each of `gvas` twice, timed; with `baseline`, also times
+    /// host-only copy-on-write on a scratch clone the cell makes within its room.
+    pub fn probe_write(&self, vm: CellVmId, gvas: Vec<u64>, baseline: bool) -> Result<ProbeWritten, CellError> {
+        // One write may run to its deadline (the probe stops there); the scratch clone is one VM.
+        let timeout = self.config.request_timeout + WRITE_DEADLINE * 2 + self.config.per_vm_timeout;
+        match self.call(Request::ProbeWrite { vm, gvas, baseline }, &[], timeout)? {
+            Response::ProbeWritten(written) => Ok(written),
+            other => Err(self.unexpected("probe_write", &other)),
+        }
+    }
+
     fn unexpected(&self, op: &'static str, got: &Response) -> CellError {
         if let Response::Error(error) = got {
             return CellError::Remote {
@@ -494,6 +516,8 @@ impl Cell {
                 Response::StatsFds => "StatsFds",
                 Response::Called(_) => "Called",
                 Response::CallFailed(_) => "CallFailed",
+                Response::ProbePrepared(_) => "ProbePrepared",
+                Response::ProbeWritten(_) => "ProbeWritten",
                 Response::Error(_) => "Error",
             },
         }
