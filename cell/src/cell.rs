@@ -22,12 +22,12 @@ use cowvm_vmm::translate::GuestTranslation;
 use cowvm_vmm::{GuestCommand, Template};
 
 pub use crate::error::{CellError, ExitStatus};
+use crate::protocol::ProbeWritten;
 pub use crate::protocol::{CallDone, CallFailure};
 use crate::protocol::{
     CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
     SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
 };
-use crate::protocol::ProbeWritten;
 use crate::sandbox::{self, Confinement};
 use crate::wire::{self, WireError};
 use crate::worker::CELL_FD;

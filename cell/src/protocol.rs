@@ -506,7 +506,11 @@ mod tests {
                 stride: 8192,
             },
         ] {
-            let bytes = postcard::to_allocvec(&Request::ProbePrepare { vm: 4, targets: targets.clone() }).expect("encode");
+            let bytes = postcard::to_allocvec(&Request::ProbePrepare {
+                vm: 4,
+                targets: targets.clone(),
+            })
+            .expect("encode");
             match postcard::from_bytes(&bytes).expect("decode") {
                 Request::ProbePrepare { vm: 4, targets: back } => assert_eq!(back, targets),
                 other => panic!("{other:?}"),

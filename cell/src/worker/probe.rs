@@ -35,7 +35,12 @@ impl Worker {
     /// `ProbeWrite`: checks `gvas` again, makes the scratch clone (if `baseline`) before the
     /// guest writes anything, has the guest write each page twice, times host-only
     /// copy-on-write on the scratch clone and tears it down before answering.
-    pub(super) fn probe_write(&mut self, vm: CellVmId, gvas: Vec<u64>, baseline: bool) -> Result<Response, RemoteError> {
+    pub(super) fn probe_write(
+        &mut self,
+        vm: CellVmId,
+        gvas: Vec<u64>,
+        baseline: bool,
+    ) -> Result<Response, RemoteError> {
         let clone = self.vm(vm)?;
         let (addresses, translations) =
             check_targets(clone.vm_mut(), &ProbeTargets::Addresses(gvas)).map_err(probe_error)?;
@@ -74,7 +79,9 @@ impl Worker {
         let mut room = engine.reserve(1, Some(source)).map_err(|e| {
             RemoteError::new(
                 Kind::Full,
-                format!("no room in the cell for the probe's scratch clone (the host-only copy-on-write baseline): {e}"),
+                format!(
+                    "no room in the cell for the probe's scratch clone (the host-only copy-on-write baseline): {e}"
+                ),
             )
         })?;
         let mut batch = engine.spawn_reserved(source, &mut room, &|| false).map_err(vmm_error)?;

@@ -291,10 +291,7 @@ pub fn host_cow_times(vm: &Vm, gpas: &[u64]) -> Result<Vec<f64>, ProbeError> {
 /// The probe's addresses and their translations, each checked to land on writable guest RAM:
 /// the checks [`write_probe`] makes before the guest runs, for callers that want to refuse bad
 /// targets before they spend anything (a scratch clone) on the probe.
-pub fn check_targets(
-    vm: &mut Vm,
-    targets: &ProbeTargets,
-) -> Result<(Vec<u64>, Vec<GuestTranslation>), ProbeError> {
+pub fn check_targets(vm: &mut Vm, targets: &ProbeTargets) -> Result<(Vec<u64>, Vec<GuestTranslation>), ProbeError> {
     let addresses = targets.addresses()?;
     let mut translations = Vec::with_capacity(addresses.len());
     for &gva in &addresses {

@@ -43,11 +43,11 @@ use vm_memory::GuestAddress;
 use super::app::App;
 use super::call::{CallRequest, CallResult};
 use super::error::ServiceError;
+use super::model::ProbeRequest;
 use super::model::{
     CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo, VmStats,
 };
 use super::ops::{blocking, timeout_error, transaction};
-use super::model::ProbeRequest;
 use super::service::vms::probe_targets;
 
 mod probe;
@@ -759,18 +759,16 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
                 .map(|report| Json(report).into_response()),
             Err(rejection) => Err(rejection.into()),
         },
-        (&Method::POST, ["snapshot" | "clones"]) => {
-            Err(vm.usable().err().unwrap_or_else(|| {
-                ServiceError::conflict(
-                    "not_supported_in_cell",
-                    format!(
+        (&Method::POST, ["snapshot" | "clones"]) => Err(vm.usable().err().unwrap_or_else(|| {
+            ServiceError::conflict(
+                "not_supported_in_cell",
+                format!(
                     "VM {} lives in a cell; {} is not supported for in-cell VMs yet (start the server without --cells)",
                     vm.id,
                     rest.join("/")
                 ),
-                )
-            }))
-        }
+            )
+        })),
         _ => return next.run(request).await,
     };
     answer.unwrap_or_else(IntoResponse::into_response)

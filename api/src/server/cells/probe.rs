@@ -42,7 +42,10 @@ impl CellVm {
     fn check_translations(&self, addresses: &[u64], translations: &[GuestTranslation]) -> Result<(), ServiceError> {
         let fits = |t: &GuestTranslation| t.gpa.checked_add(8).is_some_and(|end| end <= self.memory_size);
         if translations.len() != addresses.len()
-            || !translations.iter().zip(addresses).all(|(t, &gva)| t.gva == gva && fits(t))
+            || !translations
+                .iter()
+                .zip(addresses)
+                .all(|(t, &gva)| t.gva == gva && fits(t))
         {
             return Err(ServiceError::internal(format!(
                 "the cell of VM {} answered {} translations that do not match the {} probe targets",
@@ -57,7 +60,9 @@ impl CellVm {
     /// Checks the cell's measurements: one pair of finite times per page.
     fn check_written(&self, pages: usize, written: &ProbeWritten) -> Result<(), ServiceError> {
         let finite = written.writes.times.iter().all(|(a, b)| a.is_finite() && b.is_finite())
-            && written.host_cow_us.is_none_or(|m| m.p50.is_finite() && m.p99.is_finite());
+            && written
+                .host_cow_us
+                .is_none_or(|m| m.p50.is_finite() && m.p99.is_finite());
         if written.writes.times.len() != pages || !finite {
             return Err(ServiceError::internal(format!(
                 "the cell of VM {} answered {} write times for {pages} pages",
@@ -97,7 +102,13 @@ impl CellService {
     /// The probe, on a blocking thread with the VM held still: prepare in the cell, read
     /// `before`, write in the cell (the scratch clone within room under `--max-vms` and in the
     /// cell), read `after`, assemble.
-    fn probe(&self, app: &App, vm: &CellVm, targets: ProbeTargets, addresses: Vec<u64>) -> Result<ProbeReport, ServiceError> {
+    fn probe(
+        &self,
+        app: &App,
+        vm: &CellVm,
+        targets: ProbeTargets,
+        addresses: Vec<u64>,
+    ) -> Result<ProbeReport, ServiceError> {
         let started = Instant::now();
         let _busy = lock(&vm.busy);
         vm.usable()?;
