@@ -88,9 +88,10 @@ fn add_statuses(path: &str, method: &str, operation: &mut Value, token: bool) {
         | ("post", "/v1/templates/{id}/clones")
         | ("post", "/v1/templates/{id}/call") => &[409, 429, 503][..],
         ("post", "/v1/vms/{id}/call") => &[409, 503][..],
+        // A clone's probe makes a scratch clone, which needs room under --max-vms.
+        ("post", "/v1/vms/{id}/probes/write") => &[409, 429, 503][..],
         ("post", "/v1/vms/{id}/snapshot")
         | ("post", "/v1/vms/{id}/reset")
-        | ("post", "/v1/vms/{id}/probes/write")
         | ("post", "/v1/vms/{id}/run")
         | ("get", "/v1/vms/{id}/stats")
         | ("delete", "/v1/templates/{id}") => &[409, 503][..],
