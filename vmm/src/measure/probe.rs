@@ -361,17 +361,8 @@ pub struct ProbeParts {
     pub host_cow_us: Option<Micros>,
 }
 
-impl ProbeParts {
-    /// Whether every per-page part has one entry per translation (parts from another process
-    /// are checked before they are assembled).
-    pub fn consistent(&self) -> bool {
-        let n = self.translations.len();
-        self.before.len() == n && self.after.len() == n && self.writes.times.len() == n
-    }
-}
-
-/// The report of a probe from its parts; `started` is when the probe began. Pages beyond the
-/// shortest per-page part are left out (see [`ProbeParts::consistent`]).
+/// The report of a probe from its parts; `started` is when the probe began. The per-page parts
+/// hold one entry per translation (a caller given parts by another process checks that first).
 pub fn assemble(parts: ProbeParts, started: Instant) -> ProbeReport {
     let ProbeParts {
         translations,
@@ -448,4 +439,69 @@ pub fn write_probe(
         host_cow_us,
     };
     Ok(assemble(parts, started))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(present: bool, file: bool, anon: bool, pfn: u64) -> PageState {
+        PageState {
+            present,
+            pfn,
+            kpagecount: u64::from(present),
+            anon,
+            exclusive: anon,
+            file_or_shmem: file,
+            thp: false,
+            zero_page: false,
+            ksm: false,
+        }
+    }
+
+    #[test]
+    fn test_assemble_builds_each_page_from_its_parts_and_counts_only_pages_that_became_private() {
+        let translations = [0x80_0000u64, 0x80_1000]
+            .map(|gpa| GuestTranslation {
+                gva: gpa,
+                gpa,
+                guest_page_size: 2 << 20,
+            })
+            .to_vec();
+        let parts = ProbeParts {
+            translations,
+            host_address: 0x7f00_0000_0000,
+            // A template page that gets copied; a page already private before.
+            before: vec![state(true, true, false, 10), state(true, false, true, 20)],
+            after: vec![state(true, false, true, 11), state(true, false, true, 20)],
+            writes: GuestWrites {
+                times: vec![(5.0, 2.0), (1.0, 3.0)],
+                kvm: KvmDeltas {
+                    pf_taken: Some(1),
+                    pf_fixed: Some(1),
+                    exits: Some(4),
+                    insn_emulation: None,
+                    pages_4k: Some(1),
+                    pages_2m: Some(0),
+                },
+            },
+            host_cow_us: None,
+        };
+        let report = assemble(parts, Instant::now());
+        assert_eq!((report.written, report.became_private), (2, 1));
+        let (first, second) = (&report.pages[0], &report.pages[1]);
+        assert_eq!(first.hva, 0x7f00_0080_0000);
+        assert_eq!(
+            (first.before_kind.as_ref(), second.before_kind.as_ref()),
+            ("template", "private")
+        );
+        assert!(first.shared_before && first.private_after && !second.shared_before);
+        assert_eq!(
+            (first.write_fault_us, second.write_fault_us),
+            (3.0, 0.0),
+            "never below zero"
+        );
+        assert_eq!(report.kvm.exits, Some(4));
+        assert!(report.host_cow_us.is_none());
+    }
 }
