@@ -15,9 +15,9 @@ use cowvm_vmm::pagemap::PageMap;
 use cowvm_vmm::probe::{assemble, page_states, ProbeParts, ProbeReport, ProbeTargets};
 use cowvm_vmm::stats::HostView;
 use cowvm_vmm::translate::GuestTranslation;
-use cowvm_vmm::Reservation;
+use cowvm_vmm::{AdmitError, Reservation};
 
-use super::{id_number, lock, CellService, CellVm};
+use super::{lock, CellService, CellVm};
 use crate::server::app::App;
 use crate::server::error::ServiceError;
 use crate::server::ops::blocking;
@@ -75,28 +75,19 @@ impl CellVm {
 }
 
 impl CellService {
-    /// Room under `--max-vms` for the probe's scratch clone, counted as a clone of the VM's
-    /// template (its warm shells' room first). The caller holds the warm gate shared until the
-    /// room goes back ([`CellService::give_back`]).
-    fn admit_scratch(&self, app: &App, vm: &CellVm) -> Result<Vec<Reservation>, ServiceError> {
-        self.admit_clones(app, id_number(&vm.template_id), 1)
-            .map_err(|e| match e {
-                ServiceError::TooManyVms(message) => ServiceError::TooManyVms(format!(
-                    "the probe's scratch clone (the host-only copy-on-write baseline) needs room for one more VM: {message}"
-                )),
-                other => other,
-            })
-    }
-
-    /// Returns the scratch clone's room to the template's shells (the warm keeper gives back
-    /// what their targets do not use).
-    fn give_back(&self, vm: &CellVm, room: Vec<Reservation>) {
-        self.lock_warm()
-            .room
-            .entry(id_number(&vm.template_id))
-            .or_default()
-            .extend(room);
-        self.poke();
+    /// Room under `--max-vms` for the probe's scratch clone while it lives, as the in-process
+    /// probe admits its own: warm shells in cells give way when the limit is reached.
+    fn admit_scratch(&self, app: &App) -> Result<Reservation, ServiceError> {
+        let admitted = app.engine.reserve_remote(1).or_else(|e| match e {
+            AdmitError::TooManyVms { .. } if self.shed(None, 1) > 0 => app.engine.reserve_remote(1),
+            e => Err(e),
+        });
+        admitted.map_err(|e| match app.admit_error(e) {
+            ServiceError::TooManyVms(message) => ServiceError::TooManyVms(format!(
+                "the probe's scratch clone (the host-only copy-on-write baseline) needs room for one more VM: {message}"
+            )),
+            other => other,
+        })
     }
 
     /// The probe, on a blocking thread with the VM held still: prepare in the cell, read
@@ -120,15 +111,12 @@ impl CellService {
         let host = vm.host_view()?;
         let gpas: Vec<u64> = translations.iter().map(|t| t.gpa).collect();
         let before = page_states(&host, vm.host_address, &gpas)?;
-        let written = {
-            // Every in-cell VM is a clone: its probe times the host-only baseline too.
-            let gate = self.warm_gate.read().unwrap_or_else(|e| e.into_inner());
-            let room = self.admit_scratch(app, vm)?;
-            let written = self.pool.probe_write(vm.at, addresses, true);
-            self.give_back(vm, room);
-            drop(gate);
-            written.map_err(|e| self.vm_error(vm, e))?
-        };
+        // Every in-cell VM is a clone: its probe times the host-only baseline too, on a scratch
+        // clone that holds this room until the cell has torn it down.
+        let room = self.admit_scratch(app)?;
+        let written = self.pool.probe_write(vm.at, addresses, true);
+        drop(room);
+        let written = written.map_err(|e| self.vm_error(vm, e))?;
         vm.check_written(gpas.len(), &written)?;
         let after = page_states(&host, vm.host_address, &gpas)?;
         let parts = ProbeParts {
