@@ -497,6 +497,66 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_the_largest_probe_fits_one_message_each_way() {
+        let pages = cowvm_vmm::probe::MAX_PROBE_PAGES as usize;
+        // Worst-case varints: addresses at the top of the address space, 1 GiB guest pages.
+        let gvas = vec![u64::MAX; pages];
+        let prepare = Request::ProbePrepare {
+            vm: u64::MAX,
+            targets: ProbeTargets::Addresses(gvas.clone()),
+        };
+        let translation = GuestTranslation {
+            gva: u64::MAX,
+            gpa: u64::MAX,
+            guest_page_size: 1 << 30,
+        };
+        let written = ProbeWritten {
+            writes: GuestWrites {
+                times: vec![(f64::MAX, f64::MAX); pages],
+                kvm: cowvm_vmm::probe::KvmDeltas {
+                    pf_taken: Some(i64::MIN),
+                    pf_fixed: Some(i64::MIN),
+                    exits: Some(i64::MIN),
+                    insn_emulation: Some(i64::MIN),
+                    pages_4k: Some(i64::MIN),
+                    pages_2m: Some(i64::MIN),
+                },
+            },
+            host_cow_us: Some(Micros { p50: 1.0, p99: 1.0 }),
+        };
+        let sizes = [
+            postcard::to_allocvec(&Envelope {
+                id: u64::MAX,
+                body: prepare,
+            })
+            .map(|b| b.len()),
+            postcard::to_allocvec(&Envelope {
+                id: u64::MAX,
+                body: Request::ProbeWrite {
+                    vm: u64::MAX,
+                    gvas,
+                    baseline: true,
+                },
+            })
+            .map(|b| b.len()),
+            postcard::to_allocvec(&Envelope {
+                id: u64::MAX,
+                body: Response::ProbePrepared(vec![translation; pages]),
+            })
+            .map(|b| b.len()),
+            postcard::to_allocvec(&Envelope {
+                id: u64::MAX,
+                body: Response::ProbeWritten(written),
+            })
+            .map(|b| b.len()),
+        ];
+        for size in sizes {
+            let size = size.expect("encode");
+            assert!(size <= crate::wire::MAX_MESSAGE, "{size} bytes");
+        }
+    }
+
+    #[test]
     fn test_probe_requests_and_answers_round_trip_through_postcard() {
         for targets in [
             ProbeTargets::Addresses(vec![8 << 20, (8 << 20) + 4096]),

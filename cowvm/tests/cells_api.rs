@@ -1077,6 +1077,11 @@ fn test_a_write_probe_of_an_in_cell_clone_refuses_bad_targets_as_in_process_and_
     let stats = ok(&client, "GET", &format!("/v1/vms/{first}/stats"), None, 200);
     assert_eq!(stats["pages"]["private"], 0, "a refused probe writes nothing: {stats}");
     ok(&client, "POST", &path, Some(eight_pages()), 200);
+    // The largest probe crosses the cell boundary in one message each way.
+    let most = json!({"start_gpa": 8 << 20, "pages": 4096, "stride": 4096});
+    let probe = ok(&client, "POST", &path, Some(most), 200);
+    assert_eq!(probe["written"], 4096);
+    assert_eq!(probe["pages"][4095]["gpa"], (8 << 20) + 4095 * 4096);
 
     // A failed VM: 409 vm_failed, as in process.
     let failed = &clones[1];

@@ -100,8 +100,9 @@ impl CellService {
         targets: ProbeTargets,
         addresses: Vec<u64>,
     ) -> Result<ProbeReport, ServiceError> {
-        let started = Instant::now();
         let _busy = lock(&vm.busy);
+        // Timed from here, as in process (where the probe starts with the VM in hand).
+        let started = Instant::now();
         vm.usable()?;
         let translations = self
             .pool
