@@ -6,10 +6,10 @@
 //! its clones in cells, taking the warm shells a keeper thread keeps there (counted against
 //! `--max-vms`); `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run`, `reset`,
 //! `call`, `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) and
-//! `POST /v1/vms/{id}/probes/write` (split between cell and supervisor, [`probe`]) serve them;
-//! live forks and snapshots of an in-cell VM answer 409 `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
-//! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
-//! the pool starts new cells on demand. Booted
+//! `POST /v1/vms/{id}/probes/write` (split between cell and supervisor, `probe.rs`) serve them;
+//! live forks and snapshots of an in-cell VM answer 409 `not_supported_in_cell`. A watcher
+//! notices dead cells and marks their VMs `lost` (409 `vm_lost` on every operation but GET and
+//! DELETE) and stops cells idle beyond a small pool; the pool starts new cells on demand. Booted
 //! VMs (`POST /v1/vms`) stay in the server's process.
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
