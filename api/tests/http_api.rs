@@ -438,7 +438,7 @@ fn test_openapi_tells_the_truth_statuses_bounds_security_and_unsigned_integers()
         (
             "/v1/vms/{id}/probes/write",
             "post",
-            &[200, 400, 401, 404, 409, 413, 415, 422, 503],
+            &[200, 400, 401, 404, 409, 413, 415, 422, 429, 503],
         ),
         ("/v1/vms/{id}/stats", "get", &[200, 400, 401, 404, 409, 503]),
         (

@@ -17,9 +17,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
+use cowvm_vmm::probe::{ProbeTargets, WRITE_DEADLINE};
+use cowvm_vmm::translate::GuestTranslation;
 use cowvm_vmm::{FrozenMemory, GuestCommand, Template};
 
 pub use crate::error::{CellError, ExitStatus};
+use crate::protocol::ProbeWritten;
 pub use crate::protocol::{CallDone, CallFailure};
 use crate::protocol::{
     CellCounts, CellVmId, Envelope, Frozen, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
@@ -521,6 +524,25 @@ impl Cell {
         Ok((Template::new(memory, state), pause_us))
     }
 
+    /// Translates and checks the targets of a write probe in VM `vm` (nothing is written).
+    pub fn probe_prepare(&self, vm: CellVmId, targets: ProbeTargets) -> Result<Vec<GuestTranslation>, CellError> {
+        match self.call(Request::ProbePrepare { vm, targets }, &[], self.config.request_timeout)? {
+            Response::ProbePrepared(translations) => Ok(translations),
+            other => Err(self.unexpected("probe_prepare", &other)),
+        }
+    }
+
+    /// Has the guest of VM `vm` write each of `gvas` twice, timed; with `baseline`, also times
+    /// host-only copy-on-write on a scratch clone the cell makes within its room.
+    pub fn probe_write(&self, vm: CellVmId, gvas: Vec<u64>, baseline: bool) -> Result<ProbeWritten, CellError> {
+        // One write may run to its deadline (the probe stops there); the scratch clone is one VM.
+        let timeout = self.config.request_timeout + WRITE_DEADLINE * 2 + self.config.per_vm_timeout;
+        match self.call(Request::ProbeWrite { vm, gvas, baseline }, &[], timeout)? {
+            Response::ProbeWritten(written) => Ok(written),
+            other => Err(self.unexpected("probe_write", &other)),
+        }
+    }
+
     fn unexpected(&self, op: &'static str, got: &Response) -> CellError {
         if let Response::Error(error) = got {
             return CellError::Remote {
@@ -545,6 +567,8 @@ impl Cell {
                 Response::Called(_) => "Called",
                 Response::CallFailed(_) => "CallFailed",
                 Response::Frozen(_) => "Frozen",
+                Response::ProbePrepared(_) => "ProbePrepared",
+                Response::ProbeWritten(_) => "ProbeWritten",
                 Response::Error(_) => "Error",
             },
         }

@@ -849,6 +849,27 @@ impl CellPool {
         Ok(frozen?)
     }
 
+    /// Translates and checks the targets of a write probe in VM `at` (see [`Cell::probe_prepare`]).
+    pub fn probe_prepare(
+        &self,
+        at: VmRef,
+        targets: cowvm_vmm::probe::ProbeTargets,
+    ) -> Result<Vec<cowvm_vmm::translate::GuestTranslation>, PoolError> {
+        Ok(self.cell_of(at)?.probe_prepare(at.vm, targets)?)
+    }
+
+    /// The guest writes of a write probe in VM `at` (see [`Cell::probe_write`]). The scratch
+    /// clone of a baseline lives only within the request, which its cell serves alone: it takes
+    /// room the cell has free and gives it back before any other request there.
+    pub fn probe_write(
+        &self,
+        at: VmRef,
+        gvas: Vec<u64>,
+        baseline: bool,
+    ) -> Result<crate::protocol::ProbeWritten, PoolError> {
+        Ok(self.cell_of(at)?.probe_write(at.vm, gvas, baseline)?)
+    }
+
     /// Destroys VM `at`.
     pub fn destroy(&self, at: VmRef) -> Result<(), PoolError> {
         self.cell_of(at)?.destroy(at.vm)?;

@@ -4,6 +4,8 @@
 
 use std::ops::Range;
 
+use cowvm_vmm::probe::{GuestWrites, Micros, ProbeTargets};
+use cowvm_vmm::translate::GuestTranslation;
 use cowvm_vmm::{CommandOutput, GuestCommand, VmState};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
@@ -264,6 +266,25 @@ pub enum Request {
         /// The supervisor's id for the new template.
         template: TemplateId,
     },
+    /// First half of a write probe: translate and check its targets (nothing is written).
+    ProbePrepare {
+        /// The VM.
+        vm: CellVmId,
+        /// The pages to write.
+        targets: ProbeTargets,
+    },
+    /// Second half of a write probe (after the supervisor has read the pages' states): the guest
+    /// writes each page twice, timed; with `baseline`, host-only copy-on-write is timed on a
+    /// scratch clone of the VM's template, made first (within the cell's room) and gone before
+    /// the answer.
+    ProbeWrite {
+        /// The VM.
+        vm: CellVmId,
+        /// Guest virtual addresses, one per page (checked again).
+        gvas: Vec<u64>,
+        /// Time the host-only baseline.
+        baseline: bool,
+    },
 }
 
 impl Request {
@@ -282,6 +303,8 @@ impl Request {
             Request::StatsFds { .. } => "stats_fds",
             Request::Call { .. } => "call",
             Request::Freeze { .. } => "freeze",
+            Request::ProbePrepare { .. } => "probe_prepare",
+            Request::ProbeWrite { .. } => "probe_write",
         }
     }
 }
@@ -495,13 +518,133 @@ pub enum Response {
     CallFailed(CallFailure),
     /// A VM frozen; sent with the new layer's sealed memfd when it made one.
     Frozen(Box<Frozen>),
+    /// The targets of a probe, translated and checked, in order.
+    ProbePrepared(Vec<GuestTranslation>),
+    /// What a probe's writes measured in the cell.
+    ProbeWritten(ProbeWritten),
     /// The request failed.
     Error(RemoteError),
+}
+
+/// The cell's half of a write probe's measurements.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeWritten {
+    /// The guest writes' times and KVM's counters over them.
+    pub writes: GuestWrites,
+    /// Host-only copy-on-write on the scratch clone (when a baseline was asked for).
+    pub host_cow_us: Option<Micros>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_the_largest_probe_fits_one_message_each_way() {
+        let pages = cowvm_vmm::probe::MAX_PROBE_PAGES as usize;
+        // Worst-case varints: addresses at the top of the address space, 1 GiB guest pages.
+        let gvas = vec![u64::MAX; pages];
+        let prepare = Request::ProbePrepare {
+            vm: u64::MAX,
+            targets: ProbeTargets::Addresses(gvas.clone()),
+        };
+        let translation = GuestTranslation {
+            gva: u64::MAX,
+            gpa: u64::MAX,
+            guest_page_size: 1 << 30,
+        };
+        let written = ProbeWritten {
+            writes: GuestWrites {
+                times: vec![(f64::MAX, f64::MAX); pages],
+                kvm: cowvm_vmm::probe::KvmDeltas {
+                    pf_taken: Some(i64::MIN),
+                    pf_fixed: Some(i64::MIN),
+                    exits: Some(i64::MIN),
+                    insn_emulation: Some(i64::MIN),
+                    pages_4k: Some(i64::MIN),
+                    pages_2m: Some(i64::MIN),
+                },
+            },
+            host_cow_us: Some(Micros { p50: 1.0, p99: 1.0 }),
+        };
+        let sizes = [
+            postcard::to_allocvec(&Envelope {
+                id: u64::MAX,
+                body: prepare,
+            })
+            .map(|b| b.len()),
+            postcard::to_allocvec(&Envelope {
+                id: u64::MAX,
+                body: Request::ProbeWrite {
+                    vm: u64::MAX,
+                    gvas,
+                    baseline: true,
+                },
+            })
+            .map(|b| b.len()),
+            postcard::to_allocvec(&Envelope {
+                id: u64::MAX,
+                body: Response::ProbePrepared(vec![translation; pages]),
+            })
+            .map(|b| b.len()),
+            postcard::to_allocvec(&Envelope {
+                id: u64::MAX,
+                body: Response::ProbeWritten(written),
+            })
+            .map(|b| b.len()),
+        ];
+        for size in sizes {
+            let size = size.expect("encode");
+            assert!(size <= crate::wire::MAX_MESSAGE, "{size} bytes");
+        }
+    }
+
+    #[test]
+    fn test_probe_requests_and_answers_round_trip_through_postcard() {
+        for targets in [
+            ProbeTargets::Addresses(vec![8 << 20, (8 << 20) + 4096]),
+            ProbeTargets::Stride {
+                start: 8 << 20,
+                pages: 3,
+                stride: 8192,
+            },
+        ] {
+            let bytes = postcard::to_allocvec(&Request::ProbePrepare {
+                vm: 4,
+                targets: targets.clone(),
+            })
+            .expect("encode");
+            match postcard::from_bytes(&bytes).expect("decode") {
+                Request::ProbePrepare { vm: 4, targets: back } => assert_eq!(back, targets),
+                other => panic!("{other:?}"),
+            }
+        }
+        let written = ProbeWritten {
+            writes: GuestWrites {
+                times: vec![(3.5, 1.25), (2.0, 1.0)],
+                kvm: cowvm_vmm::probe::KvmDeltas {
+                    pf_taken: Some(4),
+                    pf_fixed: None,
+                    exits: Some(-1),
+                    insn_emulation: Some(40),
+                    pages_4k: None,
+                    pages_2m: Some(0),
+                },
+            },
+            host_cow_us: Some(Micros { p50: 1.5, p99: 2.5 }),
+        };
+        for host_cow_us in [None, written.host_cow_us] {
+            let sent = ProbeWritten {
+                host_cow_us,
+                ..written.clone()
+            };
+            let bytes = postcard::to_allocvec(&Response::ProbeWritten(sent.clone())).expect("encode");
+            match postcard::from_bytes(&bytes).expect("decode") {
+                Response::ProbeWritten(back) => assert_eq!(back, sent),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn test_a_run_output_with_and_without_a_vcpu_index_round_trips_through_postcard() {

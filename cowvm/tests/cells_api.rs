@@ -241,10 +241,6 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
     ok(&client, "DELETE", &format!("/v1/vms/{spinner}"), None, 204);
     assert_eq!(run_checksum(&client, &clones[17]), reference);
 
-    // What in-cell VMs cannot do yet is a clear 409.
-    let probe = Some(json!({"gpas": [8 << 20]}));
-    let code = error_code(&client, "POST", &format!("/v1/vms/{first}/probes/write"), probe, 409);
-    assert_eq!(code, "not_supported_in_cell");
     assert_eq!(
         error_code(&client, "DELETE", &format!("/v1/templates/{tpl}"), None, 409),
         "template_in_use"
@@ -1329,4 +1325,253 @@ fn test_snapshots_of_in_cell_clones_stack_layers_up_to_the_limit_then_answer_409
     );
     // The VM stays usable.
     run_checksum(&client, &clone);
+}
+
+/// The probe the in-cell probe tests make: 8 pages of the template's data, one per page.
+fn eight_pages() -> Value {
+    json!({"start_gpa": 8 << 20, "pages": 8, "stride": 4096})
+}
+
+/// One 64-bit entry of `/proc/<pid>/<file>` (pagemap, kpagecount, kpageflags) at `index`.
+fn proc_u64(pid: Option<u64>, file: &str, index: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/{file}"),
+        None => format!("/proc/{file}"),
+    };
+    let mut word = [0u8; 8];
+    std::fs::File::open(&path)
+        .and_then(|f| f.read_exact_at(&mut word, index * 8))
+        .unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    u64::from_le_bytes(word)
+}
+
+/// The one cell that holds VMs, and its pid.
+fn only_cell_with_vms(client: &Client) -> u64 {
+    let listed = ok(client, "GET", "/v1/cells", None, 200);
+    let holding: Vec<&Value> = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .filter(|c| c["vms"].as_u64().unwrap_or(0) > 0)
+        .collect();
+    assert_eq!(holding.len(), 1, "{listed}");
+    holding[0]["pid"].as_u64().expect("pid")
+}
+
+#[test]
+fn test_a_write_probe_of_an_in_cell_clone_reports_what_an_independent_pagemap_reader_sees() {
+    // The answer of an in-process probe of a clone, for its keys.
+    let in_process = {
+        let (_server, client) = start(None);
+        let (_, tpl) = template(&client);
+        let clone = clone_ids(&client, &tpl, 1).remove(0);
+        run_checksum(&client, &clone);
+        ok(
+            &client,
+            "POST",
+            &format!("/v1/vms/{clone}/probes/write"),
+            Some(eight_pages()),
+            200,
+        )
+    };
+    let (_server, client) = start(Some(cells(10, 2)));
+    let (_, tpl) = template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    // The checksum reads the 8 pages: they map the template's frames.
+    let reference = run_checksum(&client, &clone);
+    let pid = only_cell_with_vms(&client);
+    let probe = ok(
+        &client,
+        "POST",
+        &format!("/v1/vms/{clone}/probes/write"),
+        Some(eight_pages()),
+        200,
+    );
+
+    assert_eq!(keys(&probe), keys(&in_process), "{probe}");
+    assert_eq!(keys(&probe["pages"][0]), keys(&in_process["pages"][0]));
+    assert_eq!(keys(&probe["kvm"]), keys(&in_process["kvm"]));
+    assert_eq!(
+        (probe["written"].as_u64(), probe["became_private"].as_u64()),
+        (Some(8), Some(8)),
+        "{probe}"
+    );
+    // KVM's counters come from the cell: two guest writes per page, each a KVM_RUN with exits.
+    assert!(probe["kvm"]["exits"].as_i64().is_some_and(|e| e >= 16), "{probe}");
+    assert!(probe["kvm"]["pf_taken"].is_i64(), "{probe}");
+    assert!(probe["host_cow_us"]["p50"].as_f64().is_some_and(|v| v > 0.0), "{probe}");
+    assert!(probe["guest_cow_us"]["p50"].is_f64(), "{probe}");
+    let pages = probe["pages"].as_array().expect("pages");
+    assert_eq!(pages.len(), 8);
+    for (i, page) in pages.iter().enumerate() {
+        let gpa = (8u64 << 20) + i as u64 * 4096;
+        assert_eq!(
+            (page["gva"].as_u64(), page["gpa"].as_u64()),
+            (Some(gpa), Some(gpa)),
+            "{page}"
+        );
+        assert_eq!(page["before_kind"], "template", "{page}");
+        assert_eq!(page["shared_before"], true, "{page}");
+        assert_eq!(page["private_after"], true, "{page}");
+        let (before, after) = (&page["before"], &page["after"]);
+        assert_eq!(
+            (before["present"].as_bool(), before["file_or_shmem"].as_bool()),
+            (Some(true), Some(true))
+        );
+        assert_eq!(
+            (after["anon"].as_bool(), after["exclusive"].as_bool()),
+            (Some(true), Some(true))
+        );
+        assert_ne!(before["pfn"], after["pfn"], "the write copied the page: {page}");
+
+        // Read independently: the cell's pagemap at the page's host address, then the frame.
+        let hva = page["hva"].as_u64().expect("hva");
+        let entry = proc_u64(Some(pid), "pagemap", hva / 4096);
+        let pfn = entry & ((1 << 55) - 1);
+        assert!(entry & (1 << 63) != 0, "page {i} present in the cell: {entry:#x}");
+        assert!(
+            entry & (1 << 56) != 0,
+            "page {i} mapped exclusively by the cell: {entry:#x}"
+        );
+        assert!(
+            entry & (1 << 61) == 0,
+            "page {i} is no longer the template's file page: {entry:#x}"
+        );
+        assert_eq!(after["pfn"].as_u64(), Some(pfn), "page {i}: {page}");
+        assert_eq!(
+            proc_u64(None, "kpagecount", pfn),
+            1,
+            "page {i}: one mapping of the copy"
+        );
+        assert_eq!(after["kpagecount"], 1, "{page}");
+        assert!(proc_u64(None, "kpageflags", pfn) & (1 << 12) != 0, "page {i}: KPF_ANON");
+        assert!(
+            before["kpagecount"].as_u64().is_some_and(|c| c >= 1),
+            "the clone mapped the template frame: {page}"
+        );
+    }
+
+    // The supervisor's stats agree, the scratch clone is gone, and the VM keeps answering.
+    let stats = ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200);
+    assert_eq!(stats["pages"]["private"], 8, "{stats}");
+    let listed = ok(&client, "GET", "/v1/cells", None, 200);
+    let vms: u64 = listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| c["vms"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(vms, 1, "{listed}");
+    assert_ne!(run_checksum(&client, &clone), reference, "the probe wrote the pages");
+    let info = ok(&client, "GET", &format!("/v1/vms/{clone}"), None, 200);
+    assert_eq!(info["state"], "running", "{info}");
+}
+
+#[test]
+fn test_a_write_probe_of_an_in_cell_clone_refuses_bad_targets_as_in_process_and_failed_or_lost_vms_with_409() {
+    let bad: [(Value, u16); 4] = [
+        (json!({"gpas": [64u64 << 20]}), 422),
+        (json!({"gpas": [0x9000]}), 422),
+        (json!({"gpas": [8 << 20, (8 << 20) + 8]}), 422),
+        (json!({"start_gpa": 8 << 20, "pages": 0}), 422),
+    ];
+    let in_process: Vec<String> = {
+        let (_server, client) = start(None);
+        let (_, tpl) = template(&client);
+        let clone = clone_ids(&client, &tpl, 1).remove(0);
+        let path = format!("/v1/vms/{clone}/probes/write");
+        bad.iter()
+            .map(|(body, status)| error_code(&client, "POST", &path, Some(body.clone()), *status))
+            .collect()
+    };
+    assert_eq!(in_process[0], "address_out_of_range");
+    let (_server, client) = start(Some(cells(10, 2)));
+    let (_, tpl) = template(&client);
+    let clones = clone_ids(&client, &tpl, 3);
+    let first = &clones[0];
+    let reference = run_checksum(&client, first);
+    let path = format!("/v1/vms/{first}/probes/write");
+    for ((body, status), expected) in bad.iter().zip(&in_process) {
+        let code = error_code(&client, "POST", &path, Some(body.clone()), *status);
+        assert_eq!(&code, expected, "{body}");
+        // Nothing was written and the VM keeps answering.
+        let info = ok(&client, "GET", &format!("/v1/vms/{first}"), None, 200);
+        assert_eq!(info["state"], "running", "{info}");
+        assert_eq!(run_checksum(&client, first), reference);
+    }
+    let stats = ok(&client, "GET", &format!("/v1/vms/{first}/stats"), None, 200);
+    assert_eq!(stats["pages"]["private"], 0, "a refused probe writes nothing: {stats}");
+    ok(&client, "POST", &path, Some(eight_pages()), 200);
+    // The largest probe crosses the cell boundary in one message each way.
+    let most = json!({"start_gpa": 8 << 20, "pages": 4096, "stride": 4096});
+    let probe = ok(&client, "POST", &path, Some(most), 200);
+    assert_eq!(probe["written"], 4096);
+    assert_eq!(probe["pages"][4095]["gpa"], (8 << 20) + 4095 * 4096);
+
+    // A failed VM: 409 vm_failed, as in process.
+    let failed = &clones[1];
+    let spin = json!({"command": "spin"});
+    assert_eq!(
+        error_code(&client, "POST", &format!("/v1/vms/{failed}/run"), Some(spin), 409),
+        "vm_failed"
+    );
+    let failed_probe = format!("/v1/vms/{failed}/probes/write");
+    assert_eq!(
+        error_code(&client, "POST", &failed_probe, Some(eight_pages()), 409),
+        "vm_failed"
+    );
+
+    // A VM lost with its cell: 409 vm_lost.
+    let lost = &clones[2];
+    let pid = only_cell_with_vms(&client);
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    assert!(eventually(|| ok(&client, "GET", &format!("/v1/vms/{lost}"), None, 200)
+        ["state"]
+        == "lost"));
+    let lost_probe = format!("/v1/vms/{lost}/probes/write");
+    assert_eq!(
+        error_code(&client, "POST", &lost_probe, Some(eight_pages()), 409),
+        "vm_lost"
+    );
+}
+
+#[test]
+fn test_a_write_probe_whose_scratch_clone_finds_no_room_is_refused_clearly_and_writes_nothing() {
+    let refused = |client: &Client, clone: &str| {
+        let reference = run_checksum(client, clone);
+        let path = format!("/v1/vms/{clone}/probes/write");
+        let body = ok(client, "POST", &path, Some(eight_pages()), 429);
+        assert_eq!(body["error"]["code"], "too_many_vms", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        assert!(message.contains("scratch clone"), "{body}");
+        let stats = ok(client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200);
+        assert_eq!(stats["pages"]["private"], 0, "nothing was written: {stats}");
+        assert_eq!(run_checksum(client, clone), reference);
+        message.to_owned()
+    };
+    // One VM per cell: the clone fills its cell, which has no room for the scratch clone.
+    {
+        let (_server, client) = start(Some(cells(1, 4)));
+        let (_, tpl) = template(&client);
+        let clone = clone_ids(&client, &tpl, 1).remove(0);
+        let message = refused(&client, &clone);
+        assert!(message.contains("no room in the cell"), "{message}");
+    }
+    // --max-vms 2: the booted VM and the clone hold it all.
+    let config = ServerConfig {
+        limits: Limits { max_vms: 2, ..limits() },
+        cells: Some(cells(10, 2)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_, tpl) = template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let message = refused(&client, &clone);
+    assert!(message.contains("room for one more VM"), "{message}");
 }

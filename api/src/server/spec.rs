@@ -88,9 +88,10 @@ fn add_statuses(path: &str, method: &str, operation: &mut Value, token: bool) {
         | ("post", "/v1/templates/{id}/clones")
         | ("post", "/v1/templates/{id}/call") => &[409, 429, 503][..],
         ("post", "/v1/vms/{id}/call") => &[409, 503][..],
+        // A clone's probe makes a scratch clone, which needs room under --max-vms.
+        ("post", "/v1/vms/{id}/probes/write") => &[409, 429, 503][..],
         ("post", "/v1/vms/{id}/snapshot")
         | ("post", "/v1/vms/{id}/reset")
-        | ("post", "/v1/vms/{id}/probes/write")
         | ("post", "/v1/vms/{id}/run")
         | ("get", "/v1/vms/{id}/stats")
         | ("delete", "/v1/templates/{id}") => &[409, 503][..],
@@ -133,7 +134,7 @@ fn error_response(status: u16) -> Value {
         400 => "malformed request: unparsable JSON, a body that is not an object, a wrong type or unknown field, a bad path",
         401 => "missing or wrong bearer token",
         404 => "no such VM or template",
-        409 => "the VM or template is in a state that forbids this (failed, lost with its cell, not a clone, has clones), or the VM lives in a cell and the operation is not supported there (`not_supported_in_cell`)",
+        409 => "the VM or template is in a state that forbids this (failed, lost with its cell, not a clone, has clones)",
         413 => "body larger than the server's limit",
         415 => "body without Content-Type: application/json",
         422 => "a well-formed value outside what is allowed",

@@ -21,6 +21,7 @@ use crate::sandbox;
 use crate::wire::{self, WireError};
 
 mod freeze;
+mod probe;
 
 /// Bytes an answer needs besides a call's output and log.
 const CALL_OVERHEAD: usize = 1024;
@@ -286,6 +287,8 @@ impl Worker {
                 )
             }
             Request::Freeze { vm, parent, template } => self.freeze(vm, parent, template),
+            Request::ProbePrepare { vm, targets } => self.probe_prepare(vm, targets),
+            Request::ProbeWrite { vm, gvas, baseline } => self.probe_write(vm, gvas, baseline),
             Request::Stats => Ok(Response::Stats(CellCounts {
                 vms: self.vms.len() as u32,
                 warm_shells: self.warm_shells(),

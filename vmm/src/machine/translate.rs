@@ -42,7 +42,7 @@ pub enum TranslateError {
 }
 
 /// A guest virtual address resolved by the guest's page tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestTranslation {
     /// Guest virtual address.
     pub gva: u64,

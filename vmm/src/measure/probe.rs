@@ -1,6 +1,10 @@
 //! Write probes: the guest writes to chosen pages, one at a time, and for each page the host
 //! kernel reports what changed (frame, kpagecount, flags) and the VMM times that page's own
 //! copy-on-write fault. Around the probe: KVM's own counters; beside it, a host-only COW baseline.
+//!
+//! The probe is made of parts that may run in different processes: [`check_targets`] and
+//! [`guest_writes`] where the VM lives, [`page_states`] wherever the VM's pagemap can be read with
+//! `/proc/kpagecount` (a sandboxed cell cannot), and one [`assemble`] of the report.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
@@ -15,17 +19,18 @@ use crate::pagemap::PageMapEntry;
 use crate::percentile;
 use crate::percentile::micros;
 use crate::stats::{HostView, StatsError};
+use crate::translate::GuestTranslation;
 use crate::vm::{Vm, VmError};
 
 /// Most pages one probe may write.
 pub const MAX_PROBE_PAGES: u64 = 4096;
 /// Deadline for each guest write.
-const WRITE_DEADLINE: Duration = Duration::from_secs(5);
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(5);
 /// Pages timed for the host-only baseline.
 const HOST_BASELINE_PAGES: usize = 16;
 
 /// Which pages to write, as guest virtual addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProbeTargets {
     /// These addresses (each on its own page).
     Addresses(Vec<u64>),
@@ -163,7 +168,7 @@ pub struct PageProbe {
 }
 
 /// Changes of KVM's own counters over the probe (`None`, null in JSON, where KVM does not publish one).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct KvmDeltas {
     /// vCPU page faults taken.
@@ -181,7 +186,7 @@ pub struct KvmDeltas {
 }
 
 /// Median and 99th percentile, microseconds.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct Micros {
     /// Median.
@@ -222,15 +227,30 @@ pub struct ProbeReport {
     pub total_us: f64,
 }
 
-fn states(vm: &Vm, host: &HostView, gpas: &[u64]) -> Result<Vec<PageState>, ProbeError> {
-    let base = vm.ram().host_address();
+/// What the guest's writes measured: each page's two `KVM_RUN` times and KVM's counters over
+/// them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestWrites {
+    /// Per page, in the order written: (first write, the same write again), microseconds.
+    pub times: Vec<(f64, f64)>,
+    /// KVM's counters over the writes.
+    pub kvm: KvmDeltas,
+}
+
+/// The states of the pages at `gpas` of guest RAM that starts at `host_address` in the process
+/// whose pagemap `host` reads (this one, or a cell read by its supervisor).
+pub fn page_states(host: &HostView, host_address: u64, gpas: &[u64]) -> Result<Vec<PageState>, ProbeError> {
     let io = |source| StatsError::Io {
-        what: "/proc/self/pagemap",
+        what: "the pagemap of the VM's process",
         source,
     };
     let entries: Vec<PageMapEntry> = gpas
         .iter()
-        .map(|gpa| host.pagemap.read(base + gpa / PAGE_SIZE * PAGE_SIZE, 1).map(|e| e[0]))
+        .map(|gpa| {
+            host.pagemap
+                .read(host_address + gpa / PAGE_SIZE * PAGE_SIZE, 1)
+                .map(|e| e[0])
+        })
         .collect::<Result<_, _>>()
         .map_err(io)?;
     let pfns: Vec<u64> = entries.iter().filter_map(|e| e.pfn()).collect();
@@ -271,10 +291,7 @@ pub fn host_cow_times(vm: &Vm, gpas: &[u64]) -> Result<Vec<f64>, ProbeError> {
 /// The probe's addresses and their translations, each checked to land on writable guest RAM:
 /// the checks [`write_probe`] makes before the guest runs, for callers that want to refuse bad
 /// targets before they spend anything (a scratch clone) on the probe.
-pub fn check_targets(
-    vm: &mut Vm,
-    targets: &ProbeTargets,
-) -> Result<(Vec<u64>, Vec<crate::translate::GuestTranslation>), ProbeError> {
+pub fn check_targets(vm: &mut Vm, targets: &ProbeTargets) -> Result<(Vec<u64>, Vec<GuestTranslation>), ProbeError> {
     let addresses = targets.addresses()?;
     let mut translations = Vec::with_capacity(addresses.len());
     for &gva in &addresses {
@@ -294,20 +311,10 @@ pub fn check_targets(
     Ok((addresses, translations))
 }
 
-/// Runs a write probe on `vm` (which must run cowvm's built-in guest). For each target, in turn:
-/// translate it through the guest's page tables, read the page's state from the kernel, have the
-/// guest write it twice (timing each `KVM_RUN`), and read the state again. `baseline`, another
-/// clone of the same template, gets the host-only COW comparison.
-pub fn write_probe(
-    vm: &mut Vm,
-    targets: &ProbeTargets,
-    host: &HostView,
-    baseline: Option<&Vm>,
-) -> Result<ProbeReport, ProbeError> {
-    let started = Instant::now();
-    let (addresses, translations) = check_targets(vm, targets)?;
-    let gpas: Vec<u64> = translations.iter().map(|t| t.gpa).collect();
-    let before = states(vm, host, &gpas)?;
+/// Has the guest write each of `addresses` (checked by [`check_targets`]) twice, in turn, timing
+/// each `KVM_RUN`: the first write takes the page's copy-on-write fault, the second does not.
+/// KVM's counters are read around the writes.
+pub fn guest_writes(vm: &mut Vm, addresses: &[u64]) -> Result<GuestWrites, ProbeError> {
     let stats_before = vm.kvm_stats()?;
     let mut times = Vec::with_capacity(addresses.len());
     for (i, &gva) in addresses.iter().enumerate() {
@@ -323,17 +330,56 @@ pub fn write_probe(
         times.push((micros(first), micros(again)));
     }
     let stats_after = vm.kvm_stats()?;
-    let after = states(vm, host, &gpas)?;
+    let delta = |name, vcpu| stats_after.delta(&stats_before, name, vcpu);
+    Ok(GuestWrites {
+        times,
+        kvm: KvmDeltas {
+            pf_taken: delta("pf_taken", true),
+            pf_fixed: delta("pf_fixed", true),
+            exits: delta("exits", true),
+            insn_emulation: delta("insn_emulation", true),
+            pages_4k: delta("pages_4k", false),
+            pages_2m: delta("pages_2m", false),
+        },
+    })
+}
 
-    let base = vm.ram().host_address();
+/// Everything a probe measured, wherever each part was measured.
+#[derive(Debug, Clone)]
+pub struct ProbeParts {
+    /// The targets' translations (from [`check_targets`]), in the order written.
+    pub translations: Vec<GuestTranslation>,
+    /// Host virtual address of guest RAM byte 0 in the VM's process.
+    pub host_address: u64,
+    /// Each page's state before the writes.
+    pub before: Vec<PageState>,
+    /// And after them.
+    pub after: Vec<PageState>,
+    /// The writes.
+    pub writes: GuestWrites,
+    /// The host-only copy-on-write baseline, if one was timed.
+    pub host_cow_us: Option<Micros>,
+}
+
+/// The report of a probe from its parts; `started` is when the probe began. The per-page parts
+/// hold one entry per translation (a caller given parts by another process checks that first).
+pub fn assemble(parts: ProbeParts, started: Instant) -> ProbeReport {
+    let ProbeParts {
+        translations,
+        host_address,
+        before,
+        after,
+        writes,
+        host_cow_us,
+    } = parts;
     let pages: Vec<PageProbe> = translations
         .iter()
         .zip(before.iter().zip(&after))
-        .zip(&times)
-        .map(|((t, (b, a)), (first, again))| PageProbe {
+        .zip(&writes.times)
+        .map(|((t, (b, a)), &(first, again))| PageProbe {
             gva: t.gva,
             gpa: t.gpa,
-            hva: base + t.gpa,
+            hva: host_address + t.gpa,
             before: *b,
             after: *a,
             before_kind: Cow::Borrowed(match (b.present, b.zero_page, b.file_or_shmem) {
@@ -344,33 +390,118 @@ pub fn write_probe(
             }),
             shared_before: b.present && b.file_or_shmem && !b.zero_page,
             private_after: a.present && a.anon && a.exclusive,
-            first_write_us: *first,
-            private_write_us: *again,
+            first_write_us: first,
+            private_write_us: again,
             // Two timed runs on a shared, noisy host: a second run slower than the first says
             // nothing about the fault, so the difference is never reported below zero.
             write_fault_us: (first - again).max(0.0),
         })
         .collect();
     let faults: Vec<f64> = pages.iter().map(|p| p.write_fault_us).collect();
-    let delta = |name, vcpu| stats_after.delta(&stats_before, name, vcpu);
-    let host_cow_us = match baseline {
-        Some(other) => Some(host_cow_baseline(other, &gpas)?),
-        None => None,
-    };
-    Ok(ProbeReport {
+    ProbeReport {
         written: pages.len(),
         became_private: pages.iter().filter(|p| !p.before.anon && p.private_after).count(),
         guest_cow_us: Micros::of(&faults),
         host_cow_us,
-        kvm: KvmDeltas {
-            pf_taken: delta("pf_taken", true),
-            pf_fixed: delta("pf_fixed", true),
-            exits: delta("exits", true),
-            insn_emulation: delta("insn_emulation", true),
-            pages_4k: delta("pages_4k", false),
-            pages_2m: delta("pages_2m", false),
-        },
+        kvm: writes.kvm,
         pages,
         total_us: micros(started.elapsed()),
-    })
+    }
+}
+
+/// Runs a write probe on `vm` (which must run cowvm's built-in guest), in this process: check
+/// the targets, read the pages' states from the kernel, have the guest write each page twice
+/// ([`guest_writes`]), and read the states again. `baseline`, another clone of the same
+/// template, gets the host-only COW comparison.
+pub fn write_probe(
+    vm: &mut Vm,
+    targets: &ProbeTargets,
+    host: &HostView,
+    baseline: Option<&Vm>,
+) -> Result<ProbeReport, ProbeError> {
+    let started = Instant::now();
+    let (addresses, translations) = check_targets(vm, targets)?;
+    let gpas: Vec<u64> = translations.iter().map(|t| t.gpa).collect();
+    let host_address = vm.ram().host_address();
+    let before = page_states(host, host_address, &gpas)?;
+    let writes = guest_writes(vm, &addresses)?;
+    let after = page_states(host, host_address, &gpas)?;
+    let host_cow_us = match baseline {
+        Some(other) => Some(host_cow_baseline(other, &gpas)?),
+        None => None,
+    };
+    let parts = ProbeParts {
+        translations,
+        host_address,
+        before,
+        after,
+        writes,
+        host_cow_us,
+    };
+    Ok(assemble(parts, started))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(present: bool, file: bool, anon: bool, pfn: u64) -> PageState {
+        PageState {
+            present,
+            pfn,
+            kpagecount: u64::from(present),
+            anon,
+            exclusive: anon,
+            file_or_shmem: file,
+            thp: false,
+            zero_page: false,
+            ksm: false,
+        }
+    }
+
+    #[test]
+    fn test_assemble_builds_each_page_from_its_parts_and_counts_only_pages_that_became_private() {
+        let translations = [0x80_0000u64, 0x80_1000]
+            .map(|gpa| GuestTranslation {
+                gva: gpa,
+                gpa,
+                guest_page_size: 2 << 20,
+            })
+            .to_vec();
+        let parts = ProbeParts {
+            translations,
+            host_address: 0x7f00_0000_0000,
+            // A template page that gets copied; a page already private before.
+            before: vec![state(true, true, false, 10), state(true, false, true, 20)],
+            after: vec![state(true, false, true, 11), state(true, false, true, 20)],
+            writes: GuestWrites {
+                times: vec![(5.0, 2.0), (1.0, 3.0)],
+                kvm: KvmDeltas {
+                    pf_taken: Some(1),
+                    pf_fixed: Some(1),
+                    exits: Some(4),
+                    insn_emulation: None,
+                    pages_4k: Some(1),
+                    pages_2m: Some(0),
+                },
+            },
+            host_cow_us: None,
+        };
+        let report = assemble(parts, Instant::now());
+        assert_eq!((report.written, report.became_private), (2, 1));
+        let (first, second) = (&report.pages[0], &report.pages[1]);
+        assert_eq!(first.hva, 0x7f00_0080_0000);
+        assert_eq!(
+            (first.before_kind.as_ref(), second.before_kind.as_ref()),
+            ("template", "private")
+        );
+        assert!(first.shared_before && first.private_after && !second.shared_before);
+        assert_eq!(
+            (first.write_fault_us, second.write_fault_us),
+            (3.0, 0.0),
+            "never below zero"
+        );
+        assert_eq!(report.kvm.exits, Some(4));
+        assert!(report.host_cow_us.is_none());
+    }
 }

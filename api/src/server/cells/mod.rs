@@ -5,10 +5,10 @@
 //! directory) are handed to the pool as they are added; `POST /v1/templates/{id}/clones` places
 //! its clones in cells, taking the warm shells a keeper thread keeps there (counted against
 //! `--max-vms`); `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run`, `reset`,
-//! `call` and `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) serve
-//! them; `POST /v1/vms/{id}/snapshot` and live forks (`POST /v1/vms/{id}/clones`) freeze an
-//! in-cell VM in its cell (`snapshot.rs`); write probes of an in-cell VM answer 409
-//! `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
+//! `call`, `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) and
+//! `POST /v1/vms/{id}/probes/write` (split between cell and supervisor, `probe.rs`) serve them;
+//! `POST /v1/vms/{id}/snapshot` and live forks (`POST /v1/vms/{id}/clones`) freeze an in-cell VM
+//! in its cell (`snapshot.rs`). A watcher notices dead cells and marks their VMs `lost` (409
 //! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
 //! the pool starts new cells on demand. Booted
 //! VMs (`POST /v1/vms`) stay in the server's process.
@@ -33,10 +33,9 @@ use base64::Engine as _;
 use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
 use cowvm_cell::{CellConfig, CellError, CellPool, PoolBatch, PoolError, VmRef, VmStatsFiles};
 use cowvm_vmm::call::CALL_ERROR_CODES;
-use cowvm_vmm::kpage::KPages;
 use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::pagemap::PageMap;
-use cowvm_vmm::stats::{region_sharing, CloneRam, HostView, RamRegion};
+use cowvm_vmm::stats::{region_sharing, CloneRam, RamRegion};
 use cowvm_vmm::{AdmitError, GuestCommand, Reservation, Template};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -45,11 +44,14 @@ use vm_memory::GuestAddress;
 use super::app::{App, TemplateEntry};
 use super::call::{CallRequest, CallResult};
 use super::error::ServiceError;
+use super::model::ProbeRequest;
 use super::model::{
     CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo, VmStats,
 };
 use super::ops::{blocking, timeout_error, transaction, Commit};
+use super::service::vms::probe_targets;
 
+mod probe;
 mod snapshot;
 
 /// How often the watcher looks for dead cells.
@@ -763,16 +765,12 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
                 .map(IntoResponse::into_response),
             Err(rejection) => Err(rejection.into()),
         },
-        (&Method::POST, ["probes", "write"]) => Err(vm.usable().err().unwrap_or_else(|| {
-            ServiceError::conflict(
-                "not_supported_in_cell",
-                format!(
-                    "VM {} lives in a cell; {} is not supported for in-cell VMs yet (start the server without --cells)",
-                    vm.id,
-                    rest.join("/")
-                ),
-            )
-        })),
+        (&Method::POST, ["probes", "write"]) => match Json::<ProbeRequest>::from_request(request, &()).await {
+            Ok(Json(req)) => probe::probe_write(app, cells, vm, probe_targets(req))
+                .await
+                .map(|report| Json(report).into_response()),
+            Err(rejection) => Err(rejection.into()),
+        },
         _ => return next.run(request).await,
     };
     answer.unwrap_or_else(IntoResponse::into_response)
@@ -1077,15 +1075,7 @@ async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Re
                 .read()
                 .map_err(|e| ServiceError::internal(format!("reading KVM statistics of {}: {e}", vm.id)))?
         };
-        let unavailable = |message: String| ServiceError::Unavailable {
-            code: "stats_unavailable",
-            message,
-        };
-        let host = HostView {
-            pagemap: PageMap::open_process(vm.pid)
-                .map_err(|e| unavailable(format!("cannot open /proc/{}/pagemap: {e}", vm.pid)))?,
-            kpages: KPages::open().map_err(|e| unavailable(e.to_string()))?,
-        };
+        let host = vm.host_view()?;
         let region = RamRegion {
             host_address: vm.host_address,
             size: vm.memory_size,

@@ -280,17 +280,22 @@ pub async fn reset_vm(app: &Arc<App>, id: &str) -> Result<ResetDone, ServiceErro
     .await
 }
 
-/// Write probe: the guest writes the pages and the host kernel reports what each went through.
-/// A clone's probe also times host-only copy-on-write on a scratch clone of its template.
-pub async fn probe_write(app: &Arc<App>, id: &str, req: ProbeRequest) -> Result<ProbeReport, ServiceError> {
-    let targets = match req {
+/// The pages a probe request names (in-process and in-cell VMs alike).
+pub(crate) fn probe_targets(req: ProbeRequest) -> ProbeTargets {
+    match req {
         ProbeRequest::List(list) => ProbeTargets::Addresses(list.gpas),
         ProbeRequest::Range(r) => ProbeTargets::Stride {
             start: r.start_gpa,
             pages: r.pages,
             stride: r.stride,
         },
-    };
+    }
+}
+
+/// Write probe: the guest writes the pages and the host kernel reports what each went through.
+/// A clone's probe also times host-only copy-on-write on a scratch clone of its template.
+pub async fn probe_write(app: &Arc<App>, id: &str, req: ProbeRequest) -> Result<ProbeReport, ServiceError> {
+    let targets = probe_targets(req);
     on_vm(app, id, move |app, _, machine, _| {
         let host = app.host_view()?;
         // Bad targets are refused before the scratch clone takes any room.
