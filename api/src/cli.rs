@@ -179,9 +179,13 @@ pub struct ServeArgs {
     /// connections are closed.
     #[arg(long, default_value_t = server::DEFAULT_HEADER_TIMEOUT.as_millis() as u64)]
     header_timeout_ms: u64,
-    /// Run clones of templates in sandboxed cell processes (`cowvm cell`) instead of this one.
-    #[arg(long)]
+    /// Run VMs in sandboxed cell processes (`cowvm cell`): the default, kept for scripts that
+    /// name it.
+    #[arg(long, conflicts_with = "in_process")]
     cells: bool,
+    /// Run every VM in this process instead of in cells.
+    #[arg(long)]
+    in_process: bool,
     /// With --cells: most VMs one cell holds.
     #[arg(long, default_value_t = cowvm_cell::DEFAULT_VMS_PER_CELL, value_parser = clap::value_parser!(u32).range(1..))]
     vms_per_cell: u32,
@@ -192,7 +196,7 @@ pub struct ServeArgs {
 
 /// The cells configuration of `--cells`, `--vms-per-cell`, `--max-cells`.
 fn cells_config(args: &ServeArgs) -> Result<Option<server::CellsConfig>, CliError> {
-    if !args.cells {
+    if args.in_process {
         return Ok(None);
     }
     let max_cells = args
