@@ -901,3 +901,88 @@ fn test_in_cell_clones_of_a_multi_vcpu_template_run_commands_on_every_vcpu() {
         );
     }
 }
+
+/// `cowvm serve --listen 127.0.0.1:0 --cells <args>` and a client for it.
+fn serve_cells(args: &[&str]) -> (std::process::Child, Client) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cells"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start cowvm serve --cells");
+    let stdout = child.stdout.take().expect("stdout");
+    let first = BufReader::new(stdout).lines().next().expect("a line").expect("read");
+    let url = first.rsplit(' ').next().expect("url").to_owned();
+    (child, Client::new(&url, None))
+}
+
+/// Stops a server started by [`serve_cells`] with SIGTERM; whether it exited cleanly.
+fn stop_server(mut child: std::process::Child) -> bool {
+    // SAFETY: sending SIGTERM to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    child.wait().expect("wait").success()
+}
+
+/// The cells `GET /v1/cells` lists, as (id, pid).
+fn cell_ids(client: &Client) -> Vec<(u64, u64)> {
+    ok(client, "GET", "/v1/cells", None, 200)
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| (c["id"].as_u64().expect("id"), c["pid"].as_u64().expect("pid")))
+        .collect()
+}
+
+#[test]
+fn test_serve_idle_cells_flags_stop_a_cell_whose_last_vm_is_deleted_and_start_a_new_one_on_demand() {
+    let (child, client) = serve_cells(&["--warm-shells", "0", "--idle-cells", "0", "--cell-idle-ms", "200"]);
+    let (_, tpl) = template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let sum = run_checksum(&client, &clone);
+    let cells = cell_ids(&client);
+    assert_eq!(cells.len(), 1, "one clone, one cell: {cells:?}");
+    let (cell, pid) = cells[0];
+    ok(&client, "DELETE", &format!("/v1/vms/{clone}"), None, 204);
+    // No verdict on timing: the cell only has to go within a generous bound.
+    let started = Instant::now();
+    while cell_ids(&client).iter().any(|&(id, _)| id == cell) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "with --idle-cells 0 --cell-idle-ms 200 the idle cell {cell} is never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        eventually(|| process_gone(pid)),
+        "the stopped cell's process (pid {pid}) ends"
+    );
+    // The next clone call starts a new cell, and its clone works.
+    let again = clone_ids(&client, &tpl, 1).remove(0);
+    assert_eq!(run_checksum(&client, &again), sum);
+    let now = cell_ids(&client);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0].0, cell, "a new cell, not the stopped one");
+    assert!(stop_server(child), "the server stops cleanly");
+}
+
+#[test]
+fn test_serve_refuses_idle_cells_beyond_max_cells_and_too_long_an_idle_time_with_a_clear_error() {
+    for (args, says) in [
+        (
+            &["--max-cells", "2", "--idle-cells", "3"][..],
+            "--idle-cells must be 0..=2",
+        ),
+        (&["--cell-idle-ms", "86400001"][..], "--cell-idle-ms"),
+        (&["--idle-cells=-1"][..], "--idle-cells"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--cells"])
+            .args(args)
+            .stdout(Stdio::null())
+            .output()
+            .expect("run cowvm serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} is refused");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
