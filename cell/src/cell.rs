@@ -29,19 +29,25 @@ use crate::sandbox::{self, Confinement};
 use crate::wire::{self, WireError};
 use crate::worker::CELL_FD;
 
-/// KVM's statistics files of one VM in a cell, readable by the supervisor.
+/// KVM's statistics files of one VM in a cell and of each of its vCPUs, readable by the
+/// supervisor.
 pub struct VmStatsFiles {
     vm: StatsFile,
-    vcpu: StatsFile,
+    vcpus: Vec<StatsFile>,
 }
 
 impl VmStatsFiles {
-    /// Reads every statistic now.
+    /// Reads every statistic now (the same shape as an in-process VM's: one entry per vCPU).
     pub fn read(&self) -> std::io::Result<KvmStats> {
         Ok(KvmStats {
             vm: self.vm.read()?,
-            vcpus: vec![self.vcpu.read()?],
+            vcpus: self.vcpus.iter().map(StatsFile::read).collect::<Result<_, _>>()?,
         })
+    }
+
+    /// vCPUs whose statistics [`VmStatsFiles::read`] returns.
+    pub fn vcpus(&self) -> usize {
+        self.vcpus.len()
     }
 }
 
@@ -455,20 +461,29 @@ impl Cell {
     }
 
     /// KVM's binary statistics of VM `vm`, as files the supervisor reads whenever it likes
-    /// (the cell hands over `KVM_GET_STATS_FD` fds of the VM and its vCPU).
+    /// (the cell hands over `KVM_GET_STATS_FD` fds of the VM and of each of its vCPUs).
     pub fn kvm_stats_files(&self, vm: CellVmId) -> Result<VmStatsFiles, CellError> {
         let (response, fds) = self.exchange(Request::StatsFds { vm }, &[], self.config.request_timeout)?;
-        if !matches!(response, Response::StatsFds) {
+        let Response::StatsFds { vcpus } = response else {
             return Err(self.unexpected("stats_fds", &response));
+        };
+        if vcpus == 0 || fds.len() != 1 + vcpus as usize {
+            return Err(CellError::Local(format!(
+                "stats_fds: the cell sent {} fds for a VM of {vcpus} vCPUs (expected {})",
+                fds.len(),
+                1 + vcpus as usize
+            )));
         }
         let mut files = fds.into_iter().map(|fd| StatsFile::from_file(File::from(fd)));
-        match (files.next(), files.next(), files.next()) {
-            (Some(vm), Some(vcpu), None) => Ok(VmStatsFiles {
-                vm: vm.map_err(|e| CellError::Local(format!("VM stats fd: {e}")))?,
-                vcpu: vcpu.map_err(|e| CellError::Local(format!("vCPU stats fd: {e}")))?,
-            }),
-            _ => Err(CellError::Local("stats_fds: the cell did not send two fds".into())),
-        }
+        let vm = files
+            .next()
+            .ok_or_else(|| CellError::Local("stats_fds: no VM stats fd".into()))?
+            .map_err(|e| CellError::Local(format!("VM stats fd: {e}")))?;
+        let vcpus = files
+            .enumerate()
+            .map(|(i, file)| file.map_err(|e| CellError::Local(format!("stats fd of vCPU {i}: {e}"))))
+            .collect::<Result<_, _>>()?;
+        Ok(VmStatsFiles { vm, vcpus })
     }
 
     fn unexpected(&self, op: &'static str, got: &Response) -> CellError {
@@ -491,7 +506,7 @@ impl Cell {
                 Response::Reset(_) => "Reset",
                 Response::Done => "Done",
                 Response::Stats(_) => "Stats",
-                Response::StatsFds => "StatsFds",
+                Response::StatsFds { .. } => "StatsFds",
                 Response::Called(_) => "Called",
                 Response::CallFailed(_) => "CallFailed",
                 Response::Error(_) => "Error",

@@ -220,8 +220,8 @@ pub enum Request {
         /// Deadline for the guest, milliseconds.
         deadline_ms: u64,
     },
-    /// Binary-stats fds of a VM and its vCPU (`KVM_GET_STATS_FD`), so that the supervisor reads
-    /// KVM's statistics itself.
+    /// Binary-stats fds of a VM and of each of its vCPUs (`KVM_GET_STATS_FD`), so that the
+    /// supervisor reads KVM's statistics itself.
     StatsFds {
         /// The VM.
         vm: CellVmId,
@@ -446,8 +446,11 @@ pub enum Response {
     Done,
     /// Counts.
     Stats(CellCounts),
-    /// Sent with two fds: the VM's and its vCPU's binary statistics.
-    StatsFds,
+    /// Sent with `1 + vcpus` fds: the VM's binary statistics, then each vCPU's in vCPU order.
+    StatsFds {
+        /// vCPUs whose fds follow the VM's.
+        vcpus: u32,
+    },
     /// A call's answer.
     Called(CallDone),
     /// A call that failed (the cell keeps serving).

@@ -986,3 +986,70 @@ fn test_serve_refuses_idle_cells_beyond_max_cells_and_too_long_an_idle_time_with
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// Boots a 4-vCPU VM (32 MiB) and snapshots it; the template id.
+fn four_vcpu_template(client: &Client) -> String {
+    let boot = json!({"memory_mib": 32, "vcpus": 4, "warmup_mib": 0, "kernel": null});
+    let vm = ok(client, "POST", "/v1/vms", Some(boot), 201)["id"]
+        .as_str()
+        .expect("vm id")
+        .to_owned();
+    ok(client, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201)["template_id"]
+        .as_str()
+        .expect("template id")
+        .to_owned()
+}
+
+/// The KVM statistics of a VM's `GET /v1/vms/{id}/stats`, one key list per vCPU.
+fn vcpu_stat_keys(stats: &Value) -> Vec<Vec<String>> {
+    stats["kvm"]["vcpus"]
+        .as_array()
+        .expect("kvm.vcpus")
+        .iter()
+        .map(keys)
+        .collect()
+}
+
+#[test]
+fn test_stats_of_an_in_cell_multi_vcpu_clone_show_every_vcpu_as_in_process() {
+    let server_limits = Limits {
+        max_vcpus: 4,
+        ..limits()
+    };
+    let in_process = {
+        let config = ServerConfig {
+            limits: server_limits.clone(),
+            ..ServerConfig::local(0)
+        };
+        let server = server::start(config).expect("server starts");
+        let client = Client::new(&format!("http://{}", server.addr), None);
+        let tpl = four_vcpu_template(&client);
+        let clone = clone_ids(&client, &tpl, 1).remove(0);
+        ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200)
+    };
+    let config = ServerConfig {
+        limits: server_limits,
+        cells: Some(cells(2, 2)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let tpl = four_vcpu_template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let stats = || ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200);
+    let before = stats();
+    let shape = vcpu_stat_keys(&before);
+    assert_eq!(shape.len(), 4, "one entry per vCPU: {before}");
+    assert!(shape.iter().all(|k| k.contains(&"exits".to_owned())), "{before}");
+    assert_eq!(shape, vcpu_stat_keys(&in_process), "the same shape as in process");
+    let exits = |s: &Value, vcpu: usize| s["kvm"]["vcpus"][vcpu]["exits"]["value"].as_u64().expect("exits");
+    let identity = json!({"command": "identity", "vcpu": 1});
+    let out = ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(identity), 200);
+    assert_eq!(out["vcpu"], 1, "{out}");
+    let after = stats();
+    assert!(
+        exits(&after, 1) > exits(&before, 1),
+        "vCPU 1 ran: before {before}\nafter {after}"
+    );
+    assert_eq!(exits(&after, 2), exits(&before, 2), "vCPU 2 did not run: {after}");
+}

@@ -241,8 +241,9 @@ impl Worker {
             }
             Request::StatsFds { vm } => {
                 let (vm_stats, vcpu_stats) = self.vm(vm)?.vm().stats_fds().map_err(vmm_error)?;
-                self.outgoing = vec![OwnedFd::from(vm_stats), OwnedFd::from(vcpu_stats)];
-                Ok(Response::StatsFds)
+                let vcpus = vcpu_stats.len() as u32;
+                self.outgoing = std::iter::once(vm_stats).chain(vcpu_stats).map(OwnedFd::from).collect();
+                Ok(Response::StatsFds { vcpus })
             }
             Request::Call { vm, input, deadline_ms } => {
                 let clone = self.vm(vm)?;
