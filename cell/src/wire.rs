@@ -17,7 +17,7 @@ pub const MAX_MESSAGE: usize = 192 << 10;
 pub const MAX_FDS: usize = 64;
 
 const _: () = assert!(
-    1 + cowvm_vmm::layout::MAX_VCPUS <= MAX_FDS,
+    cowvm_vmm::layout::MAX_VCPUS < MAX_FDS,
     "a VM's stats fd and one per vCPU fit one message"
 );
 
