@@ -16,14 +16,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use cowvm_vmm::clone::CloneFailure;
 use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
-use cowvm_vmm::{GuestCommand, Template};
+use cowvm_vmm::{CommandOutput, GuestCommand, ResetReport, Template};
 
 pub use crate::error::{CellError, ExitStatus};
 pub use crate::protocol::{CallDone, CallFailure};
 use crate::protocol::{
-    CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
-    SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
+    CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, Response, SandboxConfig, SpawnedVm, TemplateId,
+    WarmCount, WireCommand,
 };
 use crate::sandbox::{self, Confinement};
 use crate::wire::{self, WireError};
@@ -57,7 +58,7 @@ pub struct Spawned {
     /// Clones made, in request order.
     pub clones: Vec<SpawnedVm>,
     /// Positions not made.
-    pub failed: Vec<SpawnFailure>,
+    pub failed: Vec<CloneFailure>,
     /// The warm-shell targets the cell keeps afterwards.
     pub warm: Vec<WarmCount>,
 }
@@ -383,20 +384,22 @@ impl Cell {
         }
     }
 
-    /// Runs `command` in VM `vm` on vCPU 0 with a guest deadline.
-    pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<RunOutput, CellError> {
-        self.run_on(vm, 0, command, deadline)
+    /// Runs `command` in VM `vm` on vCPU 0 with a guest deadline: what the guest returned (as
+    /// [`cowvm_vmm::Vm::execute`]).
+    pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<CommandOutput, CellError> {
+        Ok(self.run_on(vm, 0, command, deadline)?.0)
     }
 
     /// Runs `command` in VM `vm` on vCPU `vcpu` with a guest deadline (the other vCPUs stay
-    /// where they stopped).
+    /// where they stopped): what the guest returned and how long `KVM_RUN` took (as
+    /// [`cowvm_vmm::Vm::execute_on_timed`]).
     pub fn run_on(
         &self,
         vm: CellVmId,
         vcpu: u32,
         command: GuestCommand,
         deadline: Duration,
-    ) -> Result<RunOutput, CellError> {
+    ) -> Result<(CommandOutput, Duration), CellError> {
         let request = Request::Run {
             vm,
             vcpu,
@@ -404,7 +407,7 @@ impl Cell {
             deadline_ms: deadline.as_millis() as u64,
         };
         match self.call(request, &[], self.config.request_timeout + deadline)? {
-            Response::Ran(out) => Ok(out),
+            Response::Ran { output, took } => Ok((output, took)),
             other => Err(self.unexpected("run", &other)),
         }
     }
@@ -429,7 +432,7 @@ impl Cell {
     }
 
     /// Resets VM `vm` to its template's state.
-    pub fn reset(&self, vm: CellVmId) -> Result<ResetDone, CellError> {
+    pub fn reset(&self, vm: CellVmId) -> Result<ResetReport, CellError> {
         match self.call(Request::Reset { vm }, &[], self.config.request_timeout)? {
             Response::Reset(done) => Ok(done),
             other => Err(self.unexpected("reset", &other)),
@@ -502,7 +505,7 @@ impl Cell {
                 Response::Loaded => "Loaded",
                 Response::Warm { .. } => "Warm",
                 Response::Spawned { .. } => "Spawned",
-                Response::Ran(_) => "Ran",
+                Response::Ran { .. } => "Ran",
                 Response::Reset(_) => "Reset",
                 Response::Done => "Done",
                 Response::Stats(_) => "Stats",

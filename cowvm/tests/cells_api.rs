@@ -1053,3 +1053,47 @@ fn test_stats_of_an_in_cell_multi_vcpu_clone_show_every_vcpu_as_in_process() {
     );
     assert_eq!(exits(&after, 2), exits(&before, 2), "vCPU 2 did not run: {after}");
 }
+
+/// A clone's answers to a clone call, `identity`, a write and a reset, on `client`'s server.
+fn clone_answers(client: &Client) -> [Value; 4] {
+    let (_, tpl) = template(client);
+    let made = ok(
+        client,
+        "POST",
+        &format!("/v1/templates/{tpl}/clones"),
+        Some(json!({"count": 1})),
+        201,
+    );
+    let clone = made["clones"][0]["id"].as_str().expect("clone id").to_owned();
+    let run = |body: Value| ok(client, "POST", &format!("/v1/vms/{clone}/run"), Some(body), 200);
+    let identity = run(json!({"command": "identity"}));
+    let write = run(json!({"command": "write", "start_gpa": 8 << 20, "count": 3, "stride": 4096, "value": 5}));
+    let reset = ok(client, "POST", &format!("/v1/vms/{clone}/reset"), None, 200);
+    [made, identity, write, reset]
+}
+
+#[test]
+fn test_in_cell_clone_run_and_reset_answers_have_the_keys_of_in_process_ones() {
+    let in_process = {
+        let (_server, client) = start(None);
+        clone_answers(&client)
+    };
+    let (_server, client) = start(Some(cells(4, 2)));
+    let [made, identity, write, reset] = clone_answers(&client);
+    let [made_p, identity_p, write_p, reset_p] = &in_process;
+    assert_eq!(keys(&made), keys(made_p), "{made}");
+    assert_eq!(keys(&made["clones"][0]), keys(&made_p["clones"][0]), "{made}");
+    assert_eq!(keys(&identity), keys(identity_p), "{identity}");
+    assert_eq!(keys(&write), keys(write_p), "{write}");
+    assert!(write.get("vcpu").is_none(), "no vcpu key but for identity: {write}");
+    assert_eq!(identity["vcpu"], 0, "{identity}");
+    assert_eq!(identity["result"], made["clones"][0]["generation"], "{identity}");
+    assert_eq!(identity["extra"], made["clones"][0]["seed"], "{identity}");
+    assert!(identity["run_us"].as_f64().is_some_and(|us| us > 0.0), "{identity}");
+    assert_eq!(keys(&reset), keys(reset_p), "{reset}");
+    // A cell resets in place: the 3 pages written are dropped, and its steps are its time.
+    assert_eq!(reset["swapped"], false, "{reset}");
+    assert_eq!(reset["pages_dropped"], 3, "{reset}");
+    assert_eq!(reset["steps"]["in_cell_us"], reset["reset_us"], "{reset}");
+    assert_ne!(reset["generation"], made["clones"][0]["generation"], "{reset}");
+}

@@ -930,7 +930,7 @@ pub const TSC_RESYNC_WINDOW: Duration = Duration::from_secs(1);
 const REHEARSAL_DEADLINE: Duration = Duration::from_millis(100);
 
 /// Where the time of a reset went.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct ResetSteps {
     /// Private pages dropped.

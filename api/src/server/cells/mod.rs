@@ -44,9 +44,7 @@ use vm_memory::GuestAddress;
 use super::app::App;
 use super::call::{CallRequest, CallResult};
 use super::error::ServiceError;
-use super::model::{
-    CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo, VmStats,
-};
+use super::model::{CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand, RunResult, VmInfo, VmStats};
 use super::ops::{blocking, timeout_error, transaction};
 
 /// How often the watcher looks for dead cells.
@@ -811,20 +809,6 @@ async fn clone_template(
             }
             return Err(timeout_error(&service));
         }
-        let metrics = &service.metrics;
-        metrics
-            .clone_failures
-            .fetch_add(batch.failed.len() as u64, Ordering::Relaxed);
-        if batch.clones.is_empty() {
-            let reason = batch
-                .failed
-                .first()
-                .map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
-            return Err(ServiceError::unavailable(
-                "clones_failed",
-                format!("no clone could be made: {reason}"),
-            ));
-        }
         let memory_mib = bytes_to_mib(template.template.size());
         let mut vms = cells.vms.write().unwrap_or_else(|e| e.into_inner());
         let clones = batch
@@ -832,10 +816,6 @@ async fn clone_template(
             .iter()
             .map(|placed| {
                 let spawned = placed.spawned;
-                metrics.clones_spawned.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .spawn_us_sum
-                    .fetch_add(spawned.spawn_us as u64, Ordering::Relaxed);
                 let vm = Arc::new(CellVm {
                     id: service.new_vm_id(),
                     at: placed.at,
@@ -864,20 +844,8 @@ async fn clone_template(
                 }
             })
             .collect();
-        Ok(ClonesCreated {
-            template_id: template.id.clone(),
-            clones,
-            failed: batch
-                .failed
-                .into_iter()
-                .map(|f| CloneFailed {
-                    index: f.index as usize,
-                    reason: f.reason,
-                })
-                .collect(),
-            total_us,
-            pause_us: None,
-        })
+        drop(vms);
+        super::templates::clones_created(&service, &template.id, clones, batch.failed, total_us)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(created)))
@@ -955,7 +923,7 @@ async fn run(
     let vcpu = req.vcpu;
     vm.usable()?;
     let deadline = app.limits.guest_deadline;
-    let out = blocking(&app, move || {
+    let (out, took) = blocking(&app, move || {
         let _busy = lock(&vm.busy);
         vm.usable()?;
         cells
@@ -964,35 +932,20 @@ async fn run(
             .map_err(|e| cells.vm_error(&vm, e))
     })
     .await?;
-    Ok(Json(RunResult {
-        status: out.status,
-        result: out.result,
-        extra: out.extra,
-        vcpu: out.vcpu,
-        run_us: out.run_ns as f64 / 1e3,
-    }))
+    Ok(Json(RunResult::new(out, took)))
 }
 
 async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<ResetDone>, ServiceError> {
     vm.usable()?;
-    let done = blocking(&app, move || {
+    let report = blocking(&app, move || {
         let _busy = lock(&vm.busy);
         vm.usable()?;
-        let done = cells.pool.reset(vm.at).map_err(|e| cells.vm_error(&vm, e))?;
-        lock(&vm.status).generation = done.generation;
-        Ok(done)
+        let report = cells.pool.reset(vm.at).map_err(|e| cells.vm_error(&vm, e))?;
+        lock(&vm.status).generation = report.generation;
+        Ok(report)
     })
     .await?;
-    Ok(Json(ResetDone {
-        reset_us: done.reset_us,
-        pages_dropped: done.pages_dropped,
-        generation: done.generation,
-        steps: ResetSteps::InCell {
-            in_cell_us: done.reset_us,
-        },
-        // A cell resets its VM in place.
-        swapped: false,
-    }))
+    Ok(Json(ResetDone::in_cell(&report)))
 }
 
 /// `GET /v1/vms/{id}/stats` of an in-cell VM: the supervisor reads the cell's
