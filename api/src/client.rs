@@ -1,6 +1,7 @@
-//! A small blocking client for the cowvm API (used by the CLI, `cowvm demo` and the benchmarks). Its typed
-//! calls ([`Client::get`], [`Client::post`]…) send and parse the server's own request and answer
-//! types (`crate::server::model`), so client and server cannot drift apart.
+//! A small blocking client for the cowvm API (used by the CLI, `cowvm demo` and the
+//! benchmarks). Its typed calls ([`Client::get`], [`Client::post`], and one method per endpoint
+//! the tools drive such as [`Client::clone_template`]) send and parse the server's own request
+//! and answer types (`crate::server::model`), so client and server cannot drift apart.
 
 use std::time::Duration;
 
