@@ -192,24 +192,47 @@ pub struct ServeArgs {
     /// With --cells: most cells at once (default: enough for --max-vms).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_cells: Option<u64>,
+    /// With --cells: idle cells (no VM, no warm shell) kept started for the next clones; more
+    /// are stopped (at most --max-cells).
+    #[arg(long, default_value_t = server::IDLE_CELLS as u64)]
+    idle_cells: u64,
+    /// With --cells: how long a cell stays idle before it is stopped, ms (at most one day).
+    #[arg(long, default_value_t = server::IDLE_AFTER.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(..=MAX_CELL_IDLE_MS))]
+    cell_idle_ms: u64,
 }
 
-/// The cells configuration of `--cells`, `--vms-per-cell`, `--max-cells`.
+/// Longest `--cell-idle-ms`: one day.
+const MAX_CELL_IDLE_MS: u64 = 24 * 3600 * 1000;
+
+/// The cells configuration of `--cells`, `--vms-per-cell`, `--max-cells`, `--idle-cells` and
+/// `--cell-idle-ms`.
 fn cells_config(args: &ServeArgs) -> Result<Option<server::CellsConfig>, CliError> {
     if args.in_process {
         return Ok(None);
     }
     let max_cells = args
         .max_cells
-        .map_or_else(|| args.max_vms.div_ceil(args.vms_per_cell as usize), |n| n as usize);
-    server::CellsConfig::current_exe(args.vms_per_cell, max_cells.max(1))
-        .map(Some)
-        .map_err(|source| {
-            CliError::Serve(server::ServeError::Io {
-                what: "find this executable to run cells".into(),
-                source,
-            })
+        .map_or_else(|| args.max_vms.div_ceil(args.vms_per_cell as usize), |n| n as usize)
+        .max(1);
+    let idle_cells = usize::try_from(args.idle_cells)
+        .ok()
+        .filter(|&n| n <= max_cells)
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--idle-cells must be 0..={max_cells} (at most --max-cells; got {})",
+                args.idle_cells
+            ))
+        })?;
+    let mut config = server::CellsConfig::current_exe(args.vms_per_cell, max_cells).map_err(|source| {
+        CliError::Serve(server::ServeError::Io {
+            what: "find this executable to run cells".into(),
+            source,
         })
+    })?;
+    config.idle_cells = idle_cells;
+    config.idle_after = Duration::from_millis(args.cell_idle_ms);
+    Ok(Some(config))
 }
 
 /// Runs `cowvm serve` until SIGINT or SIGTERM.

@@ -1,6 +1,7 @@
-//! A small blocking client for the cowvm API (used by the CLI and `cowvm demo`). Its typed
-//! calls ([`Client::get`], [`Client::post`]…) send and parse the server's own request and answer
-//! types (`crate::server::model`), so client and server cannot drift apart.
+//! A small blocking client for the cowvm API (used by the CLI, `cowvm demo` and the
+//! benchmarks). Its typed calls ([`Client::get`], [`Client::post`], and one method per endpoint
+//! the tools drive such as [`Client::clone_template`]) send and parse the server's own request
+//! and answer types (`crate::server::model`), so client and server cannot drift apart.
 
 use std::time::Duration;
 
@@ -8,7 +9,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::server::ErrorBody;
+use crate::server::model::{
+    CloneRequest, ClonesCreated, CreateVm, RunCommand, RunResult, SnapshotCreated, TemplateInfo, VmInfo, VmStats,
+    WarmRequest, WarmStatus,
+};
+use crate::server::{CellView, ErrorBody};
 
 /// Default server URL.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
@@ -223,6 +228,69 @@ impl Client {
             path: path.to_owned(),
             reason: e.to_string(),
         })
+    }
+}
+
+/// Typed calls of single endpoints (for the benchmarks and tools that drive a server): each
+/// sends the API's request type and parses its answer type.
+impl Client {
+    /// `POST /v1/vms`: boots a VM.
+    pub fn create_vm(&self, body: &CreateVm) -> Result<VmInfo, ClientError> {
+        self.post("/v1/vms", body)
+    }
+
+    /// `POST /v1/vms/{vm}/snapshot`: freezes VM `vm` into a template.
+    pub fn snapshot(&self, vm: &str) -> Result<SnapshotCreated, ClientError> {
+        self.post_empty(&format!("/v1/vms/{vm}/snapshot"))
+    }
+
+    /// `POST /v1/templates/{template}/clones`: makes `count` clones.
+    pub fn clone_template(&self, template: &str, count: u64) -> Result<ClonesCreated, ClientError> {
+        self.post(&format!("/v1/templates/{template}/clones"), &CloneRequest { count })
+    }
+
+    /// `POST /v1/vms/{vm}/run`: runs a guest command.
+    pub fn run(&self, vm: &str, command: &RunCommand) -> Result<RunResult, ClientError> {
+        self.post(&format!("/v1/vms/{vm}/run"), command)
+    }
+
+    /// `GET /v1/vms/{vm}/stats`: the VM's sharing, read from the host kernel.
+    pub fn vm_stats(&self, vm: &str) -> Result<VmStats, ClientError> {
+        self.get(&format!("/v1/vms/{vm}/stats"))
+    }
+
+    /// `DELETE /v1/vms/{vm}`.
+    pub fn delete_vm(&self, vm: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/vms/{vm}"))
+    }
+
+    /// `GET /v1/templates/{template}`.
+    pub fn template(&self, template: &str) -> Result<TemplateInfo, ClientError> {
+        self.get(&format!("/v1/templates/{template}"))
+    }
+
+    /// `POST /v1/templates/{template}/warm`: keeps `shells` warm shells.
+    pub fn set_warm(&self, template: &str, shells: u64) -> Result<WarmStatus, ClientError> {
+        self.post(&format!("/v1/templates/{template}/warm"), &WarmRequest { shells })
+    }
+
+    /// `DELETE /v1/templates/{template}`.
+    pub fn delete_template(&self, template: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/templates/{template}"))
+    }
+
+    /// `GET /v1/cells`: the cell processes (empty without `--cells`).
+    pub fn cells(&self) -> Result<Vec<CellView>, ClientError> {
+        self.get("/v1/cells")
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let (status, text) = self.exchange("GET", "/metrics", None::<&()>)?;
+        if status >= 300 {
+            return Err(api_error(status, &text));
+        }
+        Ok(text)
     }
 }
 

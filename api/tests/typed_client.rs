@@ -88,3 +88,55 @@ fn test_typed_answers_round_trip_through_the_client() {
         .expect("delete template");
     server.stop().expect("stop");
 }
+
+#[test]
+fn test_the_clients_endpoint_methods_send_and_read_the_api_types() {
+    let server = server::start(ServerConfig::local(0)).expect("server");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let vm = client
+        .create_vm(&CreateVm {
+            memory_mib: 32,
+            vcpus: 1,
+            warmup_mib: 4,
+            kernel: None,
+        })
+        .expect("create");
+    let template = client.snapshot(&vm.id).expect("snapshot").template_id;
+    let warm = client.set_warm(&template, 3).expect("warm");
+    assert_eq!((warm.template_id.as_str(), warm.target), (template.as_str(), 3));
+    let made = client.clone_template(&template, 2).expect("clone");
+    assert_eq!(made.clones.len(), 2, "{:?}", made.failed);
+    assert_eq!(client.template(&template).expect("template").clones, 2);
+    let clone = &made.clones[0].id;
+    let write = RunCommand {
+        command: "write".into(),
+        start_gpa: 8 << 20,
+        count: 5,
+        stride: 4096,
+        value: 9,
+        vcpu: 0,
+    };
+    assert_eq!(client.run(clone, &write).expect("write").status, 0);
+    let identity = RunCommand {
+        command: "identity".into(),
+        count: 0,
+        value: 0,
+        ..write
+    };
+    let out = client.run(clone, &identity).expect("identity");
+    assert_eq!((out.result, out.vcpu), (made.clones[0].generation, Some(0)));
+    let stats = client.vm_stats(clone).expect("stats");
+    assert_eq!((stats.id.as_str(), stats.pages.private), (clone.as_str(), 5));
+    assert!(client.cells().expect("cells").is_empty(), "no cells without --cells");
+    assert!(client.metrics().expect("metrics").contains("cowvm_"), "Prometheus text");
+    for c in &made.clones {
+        client.delete_vm(&c.id).expect("delete clone");
+    }
+    client.delete_vm(&vm.id).expect("delete vm");
+    client.set_warm(&template, 0).expect("no shells");
+    client.delete_template(&template).expect("delete template");
+    match client.template(&template) {
+        Err(ClientError::Api { status: 404, .. }) => {}
+        other => panic!("a deleted template answered {other:?}"),
+    }
+}

@@ -17,6 +17,7 @@ use super::spawn::fill_pool;
 use super::stats::Percentiles;
 use super::{write_json, BenchError};
 use cowvm::client::Client;
+use cowvm::server::model::{CallRequest, CallResult, CreateVm};
 use cowvm::server::{self, Limits, ServerConfig};
 
 /// How long one benchmark call may run.
@@ -157,30 +158,30 @@ fn http_throughput(args: &CallArgs, dir: &std::path::Path) -> Result<f64, BenchE
     .map_err(|e| setup("start the server")(e.to_string()))?;
     let url = format!("http://{}", server.addr);
     let client = Client::new(&url, None);
-    let post = |client: &Client, path: &str, body: Value| {
-        client
-            .call("POST", path, Some(&body))
-            .map_err(|e| format!("POST {path}: {e}"))
+    let vm = client
+        .create_vm(&CreateVm {
+            memory_mib: args.memory_mib,
+            vcpus: 1,
+            warmup_mib: 0,
+            kernel: Some("empty.elf".into()),
+        })
+        .map_err(|e| setup("boot the empty guest")(e.to_string()))?;
+    let made = client.snapshot(&vm.id).map_err(|e| setup("snapshot")(e.to_string()))?;
+    let path = format!("/v1/templates/{}/call", made.template_id);
+    let empty = CallRequest {
+        input: String::new(),
+        timeout_ms: None,
     };
-    let vm = post(
-        &client,
-        "/v1/vms",
-        json!({"memory_mib": args.memory_mib, "kernel": "empty.elf"}),
-    )
-    .map_err(setup("boot the empty guest"))?;
-    let vm = vm["id"].as_str().unwrap_or_default().to_owned();
-    let made = post(&client, &format!("/v1/vms/{vm}/snapshot"), json!({})).map_err(setup("snapshot"))?;
-    let path = format!(
-        "/v1/templates/{}/call",
-        made["template_id"].as_str().unwrap_or_default()
-    );
     // Let the server's warm shells fill before the clock starts.
     std::thread::sleep(Duration::from_millis(500));
     let clients: Vec<Client> = (0..args.clients.max(1)).map(|_| Client::new(&url, None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let rate = throughput(args.clients, args.calls, || {
         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        post(&clients[i % clients.len()], &path, json!({"input": ""})).map(drop)
+        clients[i % clients.len()]
+            .post::<CallResult>(&path, &empty)
+            .map(drop)
+            .map_err(|e| format!("POST {path}: {e}"))
     })?;
     server.stop().map_err(|e| setup("stop the server")(e.to_string()))?;
     Ok(rate)

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::load::{call, make_template};
+use super::load::{api_err, make_template};
 use super::stats::Percentiles;
 use super::BenchError;
 use cowvm::client::Client;
+use cowvm::server::model::ClonesCreated;
 use cowvm::server::{self, CellsConfig, Limits, ServerConfig};
 
 /// How long the shells may take to be built.
@@ -19,11 +20,8 @@ const WAIT: Duration = Duration::from_secs(300);
 
 /// Warm shells ready over all cells (`GET /v1/cells`).
 fn cell_shells(client: &Client) -> Result<u64, BenchError> {
-    let listed = call(client, "GET", "/v1/cells", None)?;
-    Ok(listed
-        .as_array()
-        .map(|all| all.iter().filter_map(|c| c["warm_shells"].as_u64()).sum())
-        .unwrap_or(0))
+    let listed = client.cells().map_err(api_err("list the cells"))?;
+    Ok(listed.iter().map(|c| u64::from(c.warm_shells)).sum())
 }
 
 fn wait_for_cell_shells(client: &Client, shells: u64) -> Result<(), BenchError> {
@@ -39,17 +37,15 @@ fn wait_for_cell_shells(client: &Client, shells: u64) -> Result<(), BenchError> 
     Ok(())
 }
 
-fn ids(made: &Value) -> Vec<String> {
-    made["clones"]
-        .as_array()
-        .map(|all| all.iter().filter_map(|c| c["id"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
+fn pooled(made: &ClonesCreated) -> usize {
+    made.clones.iter().filter(|c| c.pooled).count()
 }
 
-fn pooled(made: &Value) -> usize {
-    made["clones"]
-        .as_array()
-        .map_or(0, |all| all.iter().filter(|c| c["pooled"] == true).count())
+fn delete_clones(client: &Client, made: &ClonesCreated) -> Result<(), BenchError> {
+    for clone in &made.clones {
+        client.delete_vm(&clone.id).map_err(api_err("delete a clone"))?;
+    }
+    Ok(())
 }
 
 /// The rows (see the module comment).
@@ -72,38 +68,38 @@ pub fn api_rows(memory_mib: u64, samples: usize, batch: usize, vms_per_cell: u32
     .map_err(|e| BenchError::Setup(e.to_string()))?;
     let client = Client::new(&format!("http://{}", server.addr), None);
     let template = make_template(&client, memory_mib)?;
-    let clones_path = format!("/v1/templates/{template}/clones");
     let mut single = Vec::with_capacity(samples);
     let mut single_pooled = 0;
     for _ in 0..samples {
         wait_for_cell_shells(&client, 1)?;
         let started = Instant::now();
-        let made = call(&client, "POST", &clones_path, Some(json!({"count": 1})))?;
+        let made = client.clone_template(&template, 1).map_err(api_err("clone"))?;
         single.push(started.elapsed().as_secs_f64() * 1e6);
         single_pooled += pooled(&made);
-        for id in ids(&made) {
-            call(&client, "DELETE", &format!("/v1/vms/{id}"), None)?;
-        }
+        delete_clones(&client, &made)?;
     }
-    let warm_path = format!("/v1/templates/{template}/warm");
-    call(&client, "POST", &warm_path, Some(json!({"shells": batch})))?;
+    client
+        .set_warm(&template, batch as u64)
+        .map_err(api_err("set the warm shells"))?;
     let warm_started = Instant::now();
     wait_for_cell_shells(&client, batch as u64)?;
     let warm_s = warm_started.elapsed().as_secs_f64();
-    let cells_before = call(&client, "GET", "/v1/cells", None)?.as_array().map_or(0, Vec::len);
+    let cells_before = client.cells().map_err(api_err("list the cells"))?.len();
     let started = Instant::now();
-    let made = call(&client, "POST", &clones_path, Some(json!({"count": batch})))?;
+    let made = client
+        .clone_template(&template, batch as u64)
+        .map_err(api_err("clone"))?;
     let batch_ms = started.elapsed().as_secs_f64() * 1e3;
-    let inside_ms = made["total_us"].as_f64().unwrap_or(f64::NAN) / 1e3;
-    let made_ids = ids(&made);
-    if made_ids.len() != batch {
-        return Err(BenchError::Setup(format!("{} of {batch} clones made", made_ids.len())));
+    let inside_ms = made.total_us / 1e3;
+    if made.clones.len() != batch {
+        return Err(BenchError::Setup(format!(
+            "{} of {batch} clones made",
+            made.clones.len()
+        )));
     }
     let batch_pooled = pooled(&made);
-    call(&client, "POST", &warm_path, Some(json!({"shells": 0})))?;
-    for id in made_ids {
-        call(&client, "DELETE", &format!("/v1/vms/{id}"), None)?;
-    }
+    client.set_warm(&template, 0).map_err(api_err("stop the warm shells"))?;
+    delete_clones(&client, &made)?;
     server.stop().map_err(|e| BenchError::Setup(e.to_string()))?;
     Ok(json!({
         "cells": true,

@@ -8,46 +8,47 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::load::{call, make_template, start_server, wait_for_full_pool};
+use super::load::{api_err, make_template, start_server, wait_for_full_pool};
 use super::BenchError;
 use cowvm::client::Client;
+use cowvm::server::model::RunCommand;
 
 /// Warm shells the server keeps for the loop's template.
 const WARM_SHELLS: usize = 64;
 
+/// A guest command over `count` pages from `start_gpa` (one qword per page).
+fn over_pages(command: &str, start_gpa: u64, count: u64, value: u64) -> RunCommand {
+    RunCommand {
+        command: command.into(),
+        start_gpa,
+        count,
+        stride: 4096,
+        value,
+        vcpu: 0,
+    }
+}
+
 /// One iteration over the API: clone → checksum → write 16 pages → stats → delete.
 fn iteration(client: &Client, template: &str) -> Result<(), BenchError> {
-    let made = call(
-        client,
-        "POST",
-        &format!("/v1/templates/{template}/clones"),
-        Some(json!({"count": 1})),
-    )?;
-    let id = made["clones"][0]["id"]
-        .as_str()
-        .ok_or_else(|| BenchError::Setup(format!("no clone id in {made}")))?
-        .to_owned();
-    let run = format!("/v1/vms/{id}/run");
-    call(
-        client,
-        "POST",
-        &run,
-        Some(json!({"command": "checksum", "start_gpa": 8 << 20, "count": 64, "stride": 4096})),
-    )?;
-    call(
-        client,
-        "POST",
-        &run,
-        Some(json!({"command": "write", "start_gpa": 16 << 20, "count": 16, "stride": 4096, "value": 1})),
-    )?;
-    let stats = call(client, "GET", &format!("/v1/vms/{id}/stats"), None)?;
-    let private = stats["pages"]["private"].as_u64().unwrap_or(0);
+    let made = client.clone_template(template, 1).map_err(api_err("clone"))?;
+    let id = &made
+        .clones
+        .first()
+        .ok_or_else(|| BenchError::Setup(format!("no clone made: {:?}", made.failed)))?
+        .id;
+    client
+        .run(id, &over_pages("checksum", 8 << 20, 64, 0))
+        .map_err(api_err("checksum"))?;
+    client
+        .run(id, &over_pages("write", 16 << 20, 16, 1))
+        .map_err(api_err("write"))?;
+    let private = client.vm_stats(id).map_err(api_err("stats"))?.pages.private;
     if private != 16 {
         return Err(BenchError::Setup(format!(
             "expected 16 private pages, the kernel says {private}"
         )));
     }
-    call(client, "DELETE", &format!("/v1/vms/{id}"), None)?;
+    client.delete_vm(id).map_err(api_err("delete the clone"))?;
     Ok(())
 }
 
@@ -87,7 +88,9 @@ pub fn ci_loop_http(memory_mib: u64, seconds: f64) -> Result<Vec<Value>, BenchEr
         rows.push(json!({"via": "http", "workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
         server.wait_for_teardowns();
     }
-    call(&client, "DELETE", &format!("/v1/templates/{template}"), None)?;
+    client
+        .delete_template(&template)
+        .map_err(api_err("delete the template"))?;
     server.stop().map_err(|e| BenchError::Setup(e.to_string()))?;
     Ok(rows)
 }

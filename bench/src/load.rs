@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 use super::io_err;
 use super::stats::{median, Percentiles};
 use super::{write_json, BenchError};
-use cowvm::client::Client;
+use cowvm::client::{Client, ClientError};
+use cowvm::server::model::CreateVm;
 use cowvm::server::{self, Limits, RunningServer, ServerConfig};
 
 /// Arguments of `cowvm bench load`.
@@ -98,19 +99,22 @@ pub(super) fn call(client: &Client, method: &str, path: &str, body: Option<Value
         .map_err(|e| BenchError::Setup(format!("{method} {path}: {e}")))
 }
 
+/// The benchmark error for a typed client call that failed while doing `what`.
+pub(super) fn api_err(what: &str) -> impl Fn(ClientError) -> BenchError + '_ {
+    move |e| BenchError::Setup(format!("{what}: {e}"))
+}
+
 pub(super) fn make_template(client: &Client, memory_mib: u64) -> Result<String, BenchError> {
-    let vm = call(
-        client,
-        "POST",
-        "/v1/vms",
-        Some(json!({"memory_mib": memory_mib, "warmup_mib": 4})),
-    )?;
-    let id = vm["id"].as_str().unwrap_or_default().to_owned();
-    let template = call(client, "POST", &format!("/v1/vms/{id}/snapshot"), None)?["template_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    call(client, "DELETE", &format!("/v1/vms/{id}"), None)?;
+    let vm = client
+        .create_vm(&CreateVm {
+            memory_mib,
+            vcpus: 1,
+            warmup_mib: 4,
+            kernel: None,
+        })
+        .map_err(api_err("boot the template's VM"))?;
+    let template = client.snapshot(&vm.id).map_err(api_err("snapshot"))?.template_id;
+    client.delete_vm(&vm.id).map_err(api_err("delete the template's VM"))?;
     Ok(template)
 }
 
@@ -158,10 +162,11 @@ pub fn load(args: &LoadArgs) -> Result<(), BenchError> {
 /// Waits (up to 60 s) until `template` has `shells` warm shells, as the server reports them.
 pub(crate) fn wait_for_full_pool(client: &Client, template: &str, shells: usize) -> Result<(), BenchError> {
     let started = Instant::now();
-    while call(client, "GET", &format!("/v1/templates/{template}"), None)?["warm_shells"]
-        .as_u64()
-        .unwrap_or(0)
-        < shells as u64
+    while client
+        .template(template)
+        .map_err(api_err("read the template"))?
+        .warm_shells
+        < shells
     {
         if started.elapsed() > Duration::from_secs(60) {
             return Err(BenchError::Setup(
@@ -355,16 +360,9 @@ pub fn measure_soak(args: &SoakArgs) -> Result<Value, BenchError> {
     server.wait_for_teardowns();
     let mut before = resources()?;
     while started.elapsed() < duration {
-        let made = call(
-            &client,
-            "POST",
-            &format!("/v1/templates/{template}/clones"),
-            Some(json!({"count": args.batch})),
-        )?;
-        for clone in made["clones"].as_array().map_or(&[][..], |c| c) {
-            if let Some(id) = clone["id"].as_str() {
-                call(&client, "DELETE", &format!("/v1/vms/{id}"), None)?;
-            }
+        let made = client.clone_template(&template, args.batch).map_err(api_err("clone"))?;
+        for clone in &made.clones {
+            client.delete_vm(&clone.id).map_err(api_err("delete a clone"))?;
         }
         cycles += 1;
         // Sample at a quiescent point: DELETE answers before the reaper has torn the clone down,
@@ -376,7 +374,9 @@ pub fn measure_soak(args: &SoakArgs) -> Result<Value, BenchError> {
         samples.push((now, after));
         before = after;
     }
-    call(&client, "DELETE", &format!("/v1/templates/{template}"), None)?;
+    client
+        .delete_template(&template)
+        .map_err(api_err("delete the template"))?;
     server.stop().map_err(|e| BenchError::Setup(e.to_string()))?;
     let second_half: Vec<&(f64, [f64; 4])> = samples.iter().filter(|s| s.0 >= duration.as_secs_f64() / 2.0).collect();
     let per_minute = |i: usize| slope(&second_half.iter().map(|s| (s.0, s.1[i])).collect::<Vec<_>>()) * 60.0;

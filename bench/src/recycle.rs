@@ -10,10 +10,11 @@ use cowvm_vmm::{CloneEngine, GuestCommand, Template};
 use serde_json::{json, Value};
 use vm_memory::GuestAddress;
 
-use super::load::{call, make_template, start_server};
+use super::load::{api_err, make_template, start_server};
 use super::stats::Percentiles;
 use super::{BenchError, DEADLINE};
 use cowvm::client::Client;
+use cowvm::server::model::ClonesCreated;
 
 const WAIT: Duration = Duration::from_secs(600);
 /// Warm shells kept while resets by swap are measured.
@@ -106,11 +107,10 @@ pub fn swap_resets(
 }
 
 fn warm_shells(client: &Client, template: &str) -> Result<u64, BenchError> {
-    Ok(
-        call(client, "GET", &format!("/v1/templates/{template}"), None)?["warm_shells"]
-            .as_u64()
-            .unwrap_or(0),
-    )
+    Ok(client
+        .template(template)
+        .map_err(api_err("read the template"))?
+        .warm_shells as u64)
 }
 
 fn wait_for_shells(client: &Client, template: &str, shells: u64) -> Result<(), BenchError> {
@@ -126,11 +126,11 @@ fn wait_for_shells(client: &Client, template: &str, shells: u64) -> Result<(), B
     Ok(())
 }
 
-fn clone_ids(made: &Value) -> Vec<String> {
-    made["clones"]
-        .as_array()
-        .map(|all| all.iter().filter_map(|c| c["id"].as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
+fn delete_clones(client: &Client, made: &ClonesCreated) -> Result<(), BenchError> {
+    for clone in &made.clones {
+        client.delete_vm(&clone.id).map_err(api_err("delete a clone"))?;
+    }
+    Ok(())
 }
 
 /// Clone calls through the API of a server started in this process, from a loopback client:
@@ -141,53 +141,41 @@ fn clone_ids(made: &Value) -> Vec<String> {
 pub fn api_clones(memory_mib: u64, samples: usize, batch: usize) -> Result<Value, BenchError> {
     let (server, client) = start_server(8)?;
     let template = make_template(&client, memory_mib)?;
-    let clones_path = format!("/v1/templates/{template}/clones");
     let mut single = Vec::with_capacity(samples);
     for _ in 0..samples {
         wait_for_shells(&client, &template, 1)?;
         let started = Instant::now();
-        let made = call(&client, "POST", &clones_path, Some(json!({"count": 1})))?;
+        let made = client.clone_template(&template, 1).map_err(api_err("clone"))?;
         single.push(started.elapsed().as_secs_f64() * 1e6);
-        for id in clone_ids(&made) {
-            call(&client, "DELETE", &format!("/v1/vms/{id}"), None)?;
-        }
+        delete_clones(&client, &made)?;
     }
     let batch = batch.max(1);
-    call(
-        &client,
-        "POST",
-        &format!("/v1/templates/{template}/warm"),
-        Some(json!({"shells": batch})),
-    )?;
+    client
+        .set_warm(&template, batch as u64)
+        .map_err(api_err("set the warm shells"))?;
     let (mut calls, mut inside) = (Vec::new(), Vec::new());
     for _ in 0..2 {
         wait_for_shells(&client, &template, batch as u64)?;
         let started = Instant::now();
-        let made = call(&client, "POST", &clones_path, Some(json!({"count": batch})))?;
+        let made = client
+            .clone_template(&template, batch as u64)
+            .map_err(api_err("clone"))?;
         calls.push(started.elapsed().as_secs_f64() * 1e3);
-        inside.push(made["total_us"].as_f64().unwrap_or(f64::NAN) / 1e3);
-        let ids = clone_ids(&made);
-        if ids.len() != batch {
-            return Err(BenchError::Setup(format!("{} of {batch} clones made", ids.len())));
+        inside.push(made.total_us / 1e3);
+        if made.clones.len() != batch {
+            return Err(BenchError::Setup(format!(
+                "{} of {batch} clones made",
+                made.clones.len()
+            )));
         }
-        for id in ids {
-            call(&client, "DELETE", &format!("/v1/vms/{id}"), None)?;
-        }
+        delete_clones(&client, &made)?;
     }
-    let metrics = cowvm::client::Client::new(&format!("http://{}", server.addr), None)
-        .request("GET", "/metrics", None)
-        .map(|a| a.body.as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default();
+    let metrics = client.metrics().unwrap_or_default();
     let recycled = metrics.lines().find_map(|l| {
         l.strip_prefix("cowvm_vms_recycled_total ")
             .and_then(|v| v.trim().parse::<u64>().ok())
     });
-    call(
-        &client,
-        "POST",
-        &format!("/v1/templates/{template}/warm"),
-        Some(json!({"shells": 0})),
-    )?;
+    client.set_warm(&template, 0).map_err(api_err("stop the warm shells"))?;
     server.stop().map_err(|e| BenchError::Setup(e.to_string()))?;
     Ok(json!({
         "api_clone_us": Percentiles::of(&single),

@@ -16,35 +16,42 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use cowvm_vmm::clone::CloneFailure;
 use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
 use cowvm_vmm::probe::{ProbeTargets, WRITE_DEADLINE};
 use cowvm_vmm::translate::GuestTranslation;
-use cowvm_vmm::{FrozenMemory, GuestCommand, Template};
+use cowvm_vmm::{CommandOutput, FrozenMemory, GuestCommand, ResetReport, Template};
 
 pub use crate::error::{CellError, ExitStatus};
 use crate::protocol::ProbeWritten;
 pub use crate::protocol::{CallDone, CallFailure};
 use crate::protocol::{
-    CellCounts, CellVmId, Envelope, Frozen, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
-    SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
+    CellCounts, CellVmId, Envelope, Frozen, Init, LoadTemplate, Request, Response, SandboxConfig, SpawnedVm,
+    TemplateId, WarmCount, WireCommand,
 };
 use crate::sandbox::{self, Confinement};
 use crate::wire::{self, WireError};
 use crate::worker::CELL_FD;
 
-/// KVM's statistics files of one VM in a cell, readable by the supervisor.
+/// KVM's statistics files of one VM in a cell and of each of its vCPUs, readable by the
+/// supervisor.
 pub struct VmStatsFiles {
     vm: StatsFile,
-    vcpu: StatsFile,
+    vcpus: Vec<StatsFile>,
 }
 
 impl VmStatsFiles {
-    /// Reads every statistic now.
+    /// Reads every statistic now (the same shape as an in-process VM's: one entry per vCPU).
     pub fn read(&self) -> std::io::Result<KvmStats> {
         Ok(KvmStats {
             vm: self.vm.read()?,
-            vcpus: vec![self.vcpu.read()?],
+            vcpus: self.vcpus.iter().map(StatsFile::read).collect::<Result<_, _>>()?,
         })
+    }
+
+    /// vCPUs whose statistics [`VmStatsFiles::read`] returns.
+    pub fn vcpus(&self) -> usize {
+        self.vcpus.len()
     }
 }
 
@@ -54,7 +61,7 @@ pub struct Spawned {
     /// Clones made, in request order.
     pub clones: Vec<SpawnedVm>,
     /// Positions not made.
-    pub failed: Vec<SpawnFailure>,
+    pub failed: Vec<CloneFailure>,
     /// The warm-shell targets the cell keeps afterwards.
     pub warm: Vec<WarmCount>,
 }
@@ -379,20 +386,22 @@ impl Cell {
         }
     }
 
-    /// Runs `command` in VM `vm` on vCPU 0 with a guest deadline.
-    pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<RunOutput, CellError> {
-        self.run_on(vm, 0, command, deadline)
+    /// Runs `command` in VM `vm` on vCPU 0 with a guest deadline: what the guest returned (as
+    /// [`cowvm_vmm::Vm::execute`]).
+    pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<CommandOutput, CellError> {
+        Ok(self.run_on(vm, 0, command, deadline)?.0)
     }
 
     /// Runs `command` in VM `vm` on vCPU `vcpu` with a guest deadline (the other vCPUs stay
-    /// where they stopped).
+    /// where they stopped): what the guest returned and how long `KVM_RUN` took (as
+    /// [`cowvm_vmm::Vm::execute_on_timed`]).
     pub fn run_on(
         &self,
         vm: CellVmId,
         vcpu: u32,
         command: GuestCommand,
         deadline: Duration,
-    ) -> Result<RunOutput, CellError> {
+    ) -> Result<(CommandOutput, Duration), CellError> {
         let request = Request::Run {
             vm,
             vcpu,
@@ -400,7 +409,7 @@ impl Cell {
             deadline_ms: deadline.as_millis() as u64,
         };
         match self.call(request, &[], self.config.request_timeout + deadline)? {
-            Response::Ran(out) => Ok(out),
+            Response::Ran { output, took } => Ok((output, took)),
             other => Err(self.unexpected("run", &other)),
         }
     }
@@ -425,7 +434,7 @@ impl Cell {
     }
 
     /// Resets VM `vm` to its template's state.
-    pub fn reset(&self, vm: CellVmId) -> Result<ResetDone, CellError> {
+    pub fn reset(&self, vm: CellVmId) -> Result<ResetReport, CellError> {
         match self.call(Request::Reset { vm }, &[], self.config.request_timeout)? {
             Response::Reset(done) => Ok(done),
             other => Err(self.unexpected("reset", &other)),
@@ -457,20 +466,29 @@ impl Cell {
     }
 
     /// KVM's binary statistics of VM `vm`, as files the supervisor reads whenever it likes
-    /// (the cell hands over `KVM_GET_STATS_FD` fds of the VM and its vCPU).
+    /// (the cell hands over `KVM_GET_STATS_FD` fds of the VM and of each of its vCPUs).
     pub fn kvm_stats_files(&self, vm: CellVmId) -> Result<VmStatsFiles, CellError> {
         let (response, fds) = self.exchange(Request::StatsFds { vm }, &[], self.config.request_timeout)?;
-        if !matches!(response, Response::StatsFds) {
+        let Response::StatsFds { vcpus } = response else {
             return Err(self.unexpected("stats_fds", &response));
+        };
+        if vcpus == 0 || fds.len() != 1 + vcpus as usize {
+            return Err(CellError::Local(format!(
+                "stats_fds: the cell sent {} fds for a VM of {vcpus} vCPUs (expected {})",
+                fds.len(),
+                1 + vcpus as usize
+            )));
         }
         let mut files = fds.into_iter().map(|fd| StatsFile::from_file(File::from(fd)));
-        match (files.next(), files.next(), files.next()) {
-            (Some(vm), Some(vcpu), None) => Ok(VmStatsFiles {
-                vm: vm.map_err(|e| CellError::Local(format!("VM stats fd: {e}")))?,
-                vcpu: vcpu.map_err(|e| CellError::Local(format!("vCPU stats fd: {e}")))?,
-            }),
-            _ => Err(CellError::Local("stats_fds: the cell did not send two fds".into())),
-        }
+        let vm = files
+            .next()
+            .ok_or_else(|| CellError::Local("stats_fds: no VM stats fd".into()))?
+            .map_err(|e| CellError::Local(format!("VM stats fd: {e}")))?;
+        let vcpus = files
+            .enumerate()
+            .map(|(i, file)| file.map_err(|e| CellError::Local(format!("stats fd of vCPU {i}: {e}"))))
+            .collect::<Result<_, _>>()?;
+        Ok(VmStatsFiles { vm, vcpus })
     }
 
     /// Freezes VM `vm`, a clone of template `parent_id` (which is `parent`), into template `id`,
@@ -559,11 +577,11 @@ impl Cell {
                 Response::Loaded => "Loaded",
                 Response::Warm { .. } => "Warm",
                 Response::Spawned { .. } => "Spawned",
-                Response::Ran(_) => "Ran",
+                Response::Ran { .. } => "Ran",
                 Response::Reset(_) => "Reset",
                 Response::Done => "Done",
                 Response::Stats(_) => "Stats",
-                Response::StatsFds => "StatsFds",
+                Response::StatsFds { .. } => "StatsFds",
                 Response::Called(_) => "Called",
                 Response::CallFailed(_) => "CallFailed",
                 Response::Frozen(_) => "Frozen",

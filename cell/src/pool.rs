@@ -7,10 +7,11 @@ use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cowvm_vmm::{GuestCommand, Template};
+use cowvm_vmm::clone::CloneFailure;
+use cowvm_vmm::{CommandOutput, GuestCommand, ResetReport, Template};
 
 use crate::cell::{Cell, CellConfig, CellError, ExitStatus, Liveness, Spawned};
-use crate::protocol::{CellVmId, ResetDone, RunOutput, SpawnFailure, SpawnedVm, TemplateId, WarmCount};
+use crate::protocol::{CellVmId, SpawnedVm, TemplateId, WarmCount};
 use crate::sandbox::Confinement;
 
 /// A cell's id in the pool (never reused).
@@ -42,7 +43,7 @@ pub struct PoolBatch {
     /// Made.
     pub clones: Vec<PlacedVm>,
     /// Not made (index in the call, reason).
-    pub failed: Vec<SpawnFailure>,
+    pub failed: Vec<CloneFailure>,
 }
 
 /// A cell that died, with the VMs that were in it.
@@ -760,16 +761,17 @@ impl CellPool {
                         pid: cell.pid(),
                         spawned,
                     }));
-                    batch.failed.extend(failed.into_iter().map(|f| SpawnFailure {
-                        index: first + f.index,
-                        reason: f.reason,
+                    batch.failed.extend(failed.into_iter().map(|f| CloneFailure {
+                        index: *first as usize + f.index,
+                        ..f
                     }));
                 }
                 Err(e) => {
                     let reason = e.to_string();
-                    batch.failed.extend((*first..first + n).map(|index| SpawnFailure {
-                        index,
+                    batch.failed.extend((*first..first + n).map(|index| CloneFailure {
+                        index: index as usize,
                         reason: reason.clone(),
+                        guest_stopped: false,
                     }));
                 }
             }
@@ -791,19 +793,20 @@ impl CellPool {
         Ok(Arc::clone(&slot.cell))
     }
 
-    /// Runs `command` in VM `at` on vCPU 0.
-    pub fn run(&self, at: VmRef, command: GuestCommand, deadline: Duration) -> Result<RunOutput, PoolError> {
-        self.run_on(at, 0, command, deadline)
+    /// Runs `command` in VM `at` on vCPU 0: what the guest returned.
+    pub fn run(&self, at: VmRef, command: GuestCommand, deadline: Duration) -> Result<CommandOutput, PoolError> {
+        Ok(self.run_on(at, 0, command, deadline)?.0)
     }
 
-    /// Runs `command` in VM `at` on vCPU `vcpu`.
+    /// Runs `command` in VM `at` on vCPU `vcpu`: what the guest returned and how long
+    /// `KVM_RUN` took.
     pub fn run_on(
         &self,
         at: VmRef,
         vcpu: u32,
         command: GuestCommand,
         deadline: Duration,
-    ) -> Result<RunOutput, PoolError> {
+    ) -> Result<(CommandOutput, Duration), PoolError> {
         Ok(self.cell_of(at)?.run_on(at.vm, vcpu, command, deadline)?)
     }
 
@@ -818,7 +821,7 @@ impl CellPool {
     }
 
     /// Resets VM `at` in place.
-    pub fn reset(&self, at: VmRef) -> Result<ResetDone, PoolError> {
+    pub fn reset(&self, at: VmRef) -> Result<ResetReport, PoolError> {
         Ok(self.cell_of(at)?.reset(at.vm)?)
     }
 

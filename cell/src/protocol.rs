@@ -1,12 +1,19 @@
 //! The typed protocol between the supervisor and a cell: one request and one response per
 //! `SOCK_SEQPACKET` message, each carrying a request id, encoded with postcard. File descriptors
 //! (the KVM device, a template's sealed memfds) travel beside the message with `SCM_RIGHTS`.
+//!
+//! Where the VMM has a type for an answer (a command's output, a reset's report, a clone not
+//! made) the protocol carries that type itself, so nothing is copied field by field. postcard is
+//! not self-describing: a type that crosses here must serialise every field, always, in order
+//! (no `skip_serializing_if`, `untagged` or `flatten`); the tests below round-trip each one.
 
 use std::ops::Range;
+use std::time::Duration;
 
+use cowvm_vmm::clone::CloneFailure;
 use cowvm_vmm::probe::{GuestWrites, Micros, ProbeTargets};
 use cowvm_vmm::translate::GuestTranslation;
-use cowvm_vmm::{CommandOutput, GuestCommand, VmState};
+use cowvm_vmm::{CommandOutput, GuestCommand, ResetReport, VmState};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 
@@ -250,8 +257,8 @@ pub enum Request {
         /// Deadline for the guest, milliseconds.
         deadline_ms: u64,
     },
-    /// Binary-stats fds of a VM and its vCPU (`KVM_GET_STATS_FD`), so that the supervisor reads
-    /// KVM's statistics itself.
+    /// Binary-stats fds of a VM and of each of its vCPUs (`KVM_GET_STATS_FD`), so that the
+    /// supervisor reads KVM's statistics itself.
     StatsFds {
         /// The VM.
         vm: CellVmId,
@@ -326,55 +333,6 @@ pub struct SpawnedVm {
     pub host_address: u64,
     /// Guest RAM size in bytes.
     pub memory_size: u64,
-}
-
-/// One clone a cell could not make.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SpawnFailure {
-    /// Position in the request (0-based).
-    pub index: u32,
-    /// Why.
-    pub reason: String,
-}
-
-/// A guest command's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunOutput {
-    /// Status from the done port (0 = ok).
-    pub status: u32,
-    /// rbx.
-    pub result: u64,
-    /// rcx.
-    pub extra: u64,
-    /// `KVM_RUN` time, nanoseconds.
-    pub run_ns: u64,
-    /// The vCPU index the guest reported (identity only). Always encoded: postcard is not
-    /// self-describing, so a skipped field would shift every field after it.
-    pub vcpu: Option<u64>,
-}
-
-impl From<RunOutput> for CommandOutput {
-    fn from(out: RunOutput) -> Self {
-        CommandOutput {
-            status: out.status,
-            result: out.result,
-            extra: out.extra,
-            vcpu: out.vcpu,
-        }
-    }
-}
-
-/// What a reset did.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct ResetDone {
-    /// Microseconds in the cell.
-    pub reset_us: f64,
-    /// Private pages dropped.
-    pub pages_dropped: u64,
-    /// New generation id.
-    pub generation: u64,
-    /// New seed.
-    pub seed: u64,
 }
 
 /// Counts of a cell.
@@ -497,21 +455,29 @@ pub enum Response {
     Spawned {
         /// Made, in request order.
         clones: Vec<SpawnedVm>,
-        /// Not made.
-        failed: Vec<SpawnFailure>,
+        /// Not made (positions in this request).
+        failed: Vec<CloneFailure>,
         /// The warm-shell targets the cell keeps afterwards, per template.
         warm: Vec<WarmCount>,
     },
-    /// A guest command's answer.
-    Ran(RunOutput),
-    /// A reset's report.
-    Reset(ResetDone),
+    /// A guest command's answer, as [`cowvm_vmm::Vm::execute_on_timed`] returns it.
+    Ran {
+        /// What the guest returned.
+        output: CommandOutput,
+        /// How long `KVM_RUN` took.
+        took: Duration,
+    },
+    /// A reset's report (the cell resets in place: `swapped` is false).
+    Reset(ResetReport),
     /// Done (destroy, drop template).
     Done,
     /// Counts.
     Stats(CellCounts),
-    /// Sent with two fds: the VM's and its vCPU's binary statistics.
-    StatsFds,
+    /// Sent with `1 + vcpus` fds: the VM's binary statistics, then each vCPU's in vCPU order.
+    StatsFds {
+        /// vCPUs whose fds follow the VM's.
+        vcpus: u32,
+    },
     /// A call's answer.
     Called(CallDone),
     /// A call that failed (the cell keeps serving).
@@ -538,6 +504,14 @@ pub struct ProbeWritten {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Encodes `response` in an envelope and decodes it back, as the wire does.
+    fn round_trip(response: Response) -> Response {
+        let bytes = postcard::to_allocvec(&Envelope { id: 5, body: response }).expect("encode");
+        let back: Envelope<Response> = postcard::from_bytes(&bytes).expect("decode");
+        assert_eq!(back.id, 5);
+        back.body
+    }
 
     #[test]
     fn test_the_largest_probe_fits_one_message_each_way() {
@@ -647,18 +621,84 @@ mod tests {
     }
 
     #[test]
-    fn test_a_run_output_with_and_without_a_vcpu_index_round_trips_through_postcard() {
+    fn test_a_command_output_with_and_without_a_vcpu_index_round_trips_through_postcard() {
         for vcpu in [None, Some(3)] {
-            let out = RunOutput {
-                status: 0,
+            let output = CommandOutput {
+                status: 1,
                 result: 7,
                 extra: 9,
-                run_ns: 11,
                 vcpu,
             };
-            let bytes = postcard::to_allocvec(&out).expect("encode");
-            let back: RunOutput = postcard::from_bytes(&bytes).expect("decode");
-            assert_eq!(back, out);
+            let took = Duration::from_nanos(11_017);
+            match round_trip(Response::Ran { output, took }) {
+                Response::Ran { output: o, took: t } => assert_eq!((o, t), (output, took)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn test_a_reset_report_with_its_steps_round_trips_through_postcard() {
+        let report = ResetReport {
+            reset_us: 12.5,
+            pages_dropped: 1000,
+            steps: cowvm_vmm::vm::ResetSteps {
+                pages_dropped: 1000,
+                runs: 3,
+                scan_us: 1.5,
+                discard_us: 8.25,
+                restore_us: 2.75,
+            },
+            generation: u64::MAX,
+            seed: 0x1234_5678_9abc_def0,
+            swapped: true,
+        };
+        match round_trip(Response::Reset(report.clone())) {
+            Response::Reset(back) => assert_eq!(back, report),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_a_spawn_answer_with_failures_round_trips_through_postcard() {
+        let clones = vec![SpawnedVm {
+            vm: 4,
+            generation: 2,
+            seed: 3,
+            spawn_us: 17.5,
+            pooled: true,
+            host_address: 0x7f00_0000_0000,
+            memory_size: 64 << 20,
+        }];
+        let failed = vec![
+            CloneFailure {
+                index: 1,
+                reason: "guest stopped".into(),
+                guest_stopped: true,
+            },
+            CloneFailure {
+                index: usize::MAX,
+                reason: String::new(),
+                guest_stopped: false,
+            },
+        ];
+        let warm = vec![WarmCount {
+            template: 9,
+            target: 2,
+            ready: 1,
+        }];
+        let answer = Response::Spawned {
+            clones: clones.clone(),
+            failed: failed.clone(),
+            warm: warm.clone(),
+        };
+        match round_trip(answer) {
+            Response::Spawned {
+                clones: c,
+                failed: f,
+                warm: w,
+            } => assert_eq!((c, f, w), (clones, failed, warm)),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -12,8 +12,14 @@ use crate::protocol::Envelope;
 
 /// Largest message either side sends (below the default unix socket send buffer, 208 KiB; a spawn answer is ~50 bytes per clone).
 pub const MAX_MESSAGE: usize = 192 << 10;
-/// Most descriptors one message carries (the KVM device, or a template's layers).
-pub const MAX_FDS: usize = 32;
+/// Most descriptors one message carries (the KVM device, a template's layers, or the stats fds
+/// of a VM and each of its vCPUs).
+pub const MAX_FDS: usize = 64;
+
+const _: () = assert!(
+    cowvm_vmm::layout::MAX_VCPUS < MAX_FDS,
+    "a VM's stats fd and one per vCPU fit one message"
+);
 
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]

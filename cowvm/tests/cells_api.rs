@@ -1575,3 +1575,199 @@ fn test_a_write_probe_whose_scratch_clone_finds_no_room_is_refused_clearly_and_w
     let message = refused(&client, &clone);
     assert!(message.contains("room for one more VM"), "{message}");
 }
+
+/// `cowvm serve --listen 127.0.0.1:0 --cells <args>` and a client for it.
+fn serve_cells(args: &[&str]) -> (std::process::Child, Client) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cells"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start cowvm serve --cells");
+    let stdout = child.stdout.take().expect("stdout");
+    let first = BufReader::new(stdout).lines().next().expect("a line").expect("read");
+    let url = first.rsplit(' ').next().expect("url").to_owned();
+    (child, Client::new(&url, None))
+}
+
+/// Stops a server started by [`serve_cells`] with SIGTERM; whether it exited cleanly.
+fn stop_server(mut child: std::process::Child) -> bool {
+    // SAFETY: sending SIGTERM to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    child.wait().expect("wait").success()
+}
+
+/// The cells `GET /v1/cells` lists, as (id, pid).
+fn cell_ids(client: &Client) -> Vec<(u64, u64)> {
+    ok(client, "GET", "/v1/cells", None, 200)
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| (c["id"].as_u64().expect("id"), c["pid"].as_u64().expect("pid")))
+        .collect()
+}
+
+#[test]
+fn test_serve_idle_cells_flags_stop_a_cell_whose_last_vm_is_deleted_and_start_a_new_one_on_demand() {
+    let (child, client) = serve_cells(&["--warm-shells", "0", "--idle-cells", "0", "--cell-idle-ms", "200"]);
+    let (_, tpl) = template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let sum = run_checksum(&client, &clone);
+    let cells = cell_ids(&client);
+    assert_eq!(cells.len(), 1, "one clone, one cell: {cells:?}");
+    let (cell, pid) = cells[0];
+    ok(&client, "DELETE", &format!("/v1/vms/{clone}"), None, 204);
+    // No verdict on timing: the cell only has to go within a generous bound.
+    let started = Instant::now();
+    while cell_ids(&client).iter().any(|&(id, _)| id == cell) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "with --idle-cells 0 --cell-idle-ms 200 the idle cell {cell} is never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        eventually(|| process_gone(pid)),
+        "the stopped cell's process (pid {pid}) ends"
+    );
+    // The next clone call starts a new cell, and its clone works.
+    let again = clone_ids(&client, &tpl, 1).remove(0);
+    assert_eq!(run_checksum(&client, &again), sum);
+    let now = cell_ids(&client);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0].0, cell, "a new cell, not the stopped one");
+    assert!(stop_server(child), "the server stops cleanly");
+}
+
+#[test]
+fn test_serve_refuses_idle_cells_beyond_max_cells_and_too_long_an_idle_time_with_a_clear_error() {
+    for (args, says) in [
+        (
+            &["--max-cells", "2", "--idle-cells", "3"][..],
+            "--idle-cells must be 0..=2",
+        ),
+        (&["--cell-idle-ms", "86400001"][..], "--cell-idle-ms"),
+        (&["--idle-cells=-1"][..], "--idle-cells"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--cells"])
+            .args(args)
+            .stdout(Stdio::null())
+            .output()
+            .expect("run cowvm serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} is refused");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+/// Boots a 4-vCPU VM (32 MiB) and snapshots it; the template id.
+fn four_vcpu_template(client: &Client) -> String {
+    let boot = json!({"memory_mib": 32, "vcpus": 4, "warmup_mib": 0, "kernel": null});
+    let vm = ok(client, "POST", "/v1/vms", Some(boot), 201)["id"]
+        .as_str()
+        .expect("vm id")
+        .to_owned();
+    ok(client, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201)["template_id"]
+        .as_str()
+        .expect("template id")
+        .to_owned()
+}
+
+/// The KVM statistics of a VM's `GET /v1/vms/{id}/stats`, one key list per vCPU.
+fn vcpu_stat_keys(stats: &Value) -> Vec<Vec<String>> {
+    stats["kvm"]["vcpus"]
+        .as_array()
+        .expect("kvm.vcpus")
+        .iter()
+        .map(keys)
+        .collect()
+}
+
+#[test]
+fn test_stats_of_an_in_cell_multi_vcpu_clone_show_every_vcpu_as_in_process() {
+    let server_limits = Limits {
+        max_vcpus: 4,
+        ..limits()
+    };
+    let in_process = {
+        let config = ServerConfig {
+            limits: server_limits.clone(),
+            ..ServerConfig::local(0)
+        };
+        let server = server::start(config).expect("server starts");
+        let client = Client::new(&format!("http://{}", server.addr), None);
+        let tpl = four_vcpu_template(&client);
+        let clone = clone_ids(&client, &tpl, 1).remove(0);
+        ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200)
+    };
+    let config = ServerConfig {
+        limits: server_limits,
+        cells: Some(cells(2, 2)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let tpl = four_vcpu_template(&client);
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let stats = || ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200);
+    let before = stats();
+    let shape = vcpu_stat_keys(&before);
+    assert_eq!(shape.len(), 4, "one entry per vCPU: {before}");
+    assert!(shape.iter().all(|k| k.contains(&"exits".to_owned())), "{before}");
+    assert_eq!(shape, vcpu_stat_keys(&in_process), "the same shape as in process");
+    let exits = |s: &Value, vcpu: usize| s["kvm"]["vcpus"][vcpu]["exits"]["value"].as_u64().expect("exits");
+    let identity = json!({"command": "identity", "vcpu": 1});
+    let out = ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(identity), 200);
+    assert_eq!(out["vcpu"], 1, "{out}");
+    let after = stats();
+    assert!(
+        exits(&after, 1) > exits(&before, 1),
+        "vCPU 1 ran: before {before}\nafter {after}"
+    );
+    assert_eq!(exits(&after, 2), exits(&before, 2), "vCPU 2 did not run: {after}");
+}
+
+/// A clone's answers to a clone call, `identity`, a write and a reset, on `client`'s server.
+fn clone_answers(client: &Client) -> [Value; 4] {
+    let (_, tpl) = template(client);
+    let made = ok(
+        client,
+        "POST",
+        &format!("/v1/templates/{tpl}/clones"),
+        Some(json!({"count": 1})),
+        201,
+    );
+    let clone = made["clones"][0]["id"].as_str().expect("clone id").to_owned();
+    let run = |body: Value| ok(client, "POST", &format!("/v1/vms/{clone}/run"), Some(body), 200);
+    let identity = run(json!({"command": "identity"}));
+    let write = run(json!({"command": "write", "start_gpa": 8 << 20, "count": 3, "stride": 4096, "value": 5}));
+    let reset = ok(client, "POST", &format!("/v1/vms/{clone}/reset"), None, 200);
+    [made, identity, write, reset]
+}
+
+#[test]
+fn test_in_cell_clone_run_and_reset_answers_have_the_keys_of_in_process_ones() {
+    let in_process = {
+        let (_server, client) = start(None);
+        clone_answers(&client)
+    };
+    let (_server, client) = start(Some(cells(4, 2)));
+    let [made, identity, write, reset] = clone_answers(&client);
+    let [made_p, identity_p, write_p, reset_p] = &in_process;
+    assert_eq!(keys(&made), keys(made_p), "{made}");
+    assert_eq!(keys(&made["clones"][0]), keys(&made_p["clones"][0]), "{made}");
+    assert_eq!(keys(&identity), keys(identity_p), "{identity}");
+    assert_eq!(keys(&write), keys(write_p), "{write}");
+    assert!(write.get("vcpu").is_none(), "no vcpu key but for identity: {write}");
+    assert_eq!(identity["vcpu"], 0, "{identity}");
+    assert_eq!(identity["result"], made["clones"][0]["generation"], "{identity}");
+    assert_eq!(identity["extra"], made["clones"][0]["seed"], "{identity}");
+    assert!(identity["run_us"].as_f64().is_some_and(|us| us > 0.0), "{identity}");
+    assert_eq!(keys(&reset), keys(reset_p), "{reset}");
+    // A cell resets in place: the 3 pages written are dropped, and its steps are its time.
+    assert_eq!(reset["swapped"], false, "{reset}");
+    assert_eq!(reset["pages_dropped"], 3, "{reset}");
+    assert_eq!(reset["steps"]["in_cell_us"], reset["reset_us"], "{reset}");
+    assert_ne!(reset["generation"], made["clones"][0]["generation"], "{reset}");
+}

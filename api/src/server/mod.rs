@@ -26,7 +26,7 @@ use cowvm_vmm::{CloneEngine, EngineConfig, Kvm};
 use tokio::sync::oneshot;
 
 pub use app::Limits;
-pub use cells::CellsConfig;
+pub use cells::{CellView, CellsConfig, IDLE_AFTER, IDLE_CELLS};
 pub use error::{ErrorBody, ErrorDetail, ServiceError};
 pub use routes::ApiDoc;
 pub use spec::{document as openapi_document, SpecOptions};

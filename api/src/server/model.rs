@@ -237,6 +237,20 @@ pub struct RunResult {
     pub run_us: f64,
 }
 
+impl RunResult {
+    /// The answer for what the VMM's guest command returned after `took` of `KVM_RUN` (in
+    /// this process or in a cell alike).
+    pub fn new(output: cowvm_vmm::CommandOutput, took: std::time::Duration) -> Self {
+        RunResult {
+            status: output.status,
+            result: output.result,
+            extra: output.extra,
+            vcpu: output.vcpu,
+            run_us: took.as_secs_f64() * 1e6,
+        }
+    }
+}
+
 /// Answer of a reset.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ResetDone {
@@ -251,6 +265,33 @@ pub struct ResetDone {
     /// Whether the VM got a warm shell of its template (its used VM is recycled in the
     /// background; `pages_dropped` is then 0) rather than being reset in place.
     pub swapped: bool,
+}
+
+impl ResetDone {
+    /// The answer for the VMM's report of a reset in this process, with its steps.
+    pub fn local(report: &cowvm_vmm::ResetReport) -> Self {
+        Self::with_steps(report, report.steps.into())
+    }
+
+    /// The answer for the VMM's report of a reset in a cell (its steps are the cell's time).
+    pub fn in_cell(report: &cowvm_vmm::ResetReport) -> Self {
+        Self::with_steps(
+            report,
+            ResetSteps::InCell {
+                in_cell_us: report.reset_us,
+            },
+        )
+    }
+
+    fn with_steps(report: &cowvm_vmm::ResetReport, steps: ResetSteps) -> Self {
+        ResetDone {
+            reset_us: report.reset_us,
+            pages_dropped: report.pages_dropped,
+            generation: report.generation,
+            steps,
+            swapped: report.swapped,
+        }
+    }
 }
 
 /// `GET /healthz`.

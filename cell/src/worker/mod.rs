@@ -15,7 +15,7 @@ use cowvm_vmm::{
 
 use crate::protocol::{
     CallDone, CallFailure, CellCounts, CellVmId, Envelope, Init, LoadTemplate, RemoteError, RemoteErrorKind, Request,
-    ResetDone, Response, RunOutput, SpawnFailure, SpawnedVm, TemplateId, WarmCount,
+    Response, SpawnedVm, TemplateId, WarmCount,
 };
 use crate::sandbox;
 use crate::wire::{self, WireError};
@@ -179,7 +179,7 @@ impl Worker {
             } => {
                 let vm = self.vm(vm)?.vm_mut();
                 let deadline = Some(Duration::from_millis(deadline_ms));
-                let (out, took) = vm
+                let (output, took) = vm
                     .execute_on_timed(vcpu as usize, GuestCommand::from(command), deadline)
                     .map_err(|e| {
                         let kind = match e {
@@ -190,13 +190,7 @@ impl Worker {
                         };
                         RemoteError::new(kind, e.to_string())
                     })?;
-                Ok(Response::Ran(RunOutput {
-                    status: out.status,
-                    result: out.result,
-                    extra: out.extra,
-                    run_ns: took.as_nanos() as u64,
-                    vcpu: out.vcpu,
-                }))
+                Ok(Response::Ran { output, took })
             }
             Request::Reset { vm } => {
                 let mut held = self
@@ -205,13 +199,7 @@ impl Worker {
                     .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
                 let report = self.engine()?.reset(&mut held.clone);
                 self.vms.insert(vm, held);
-                let report = report.map_err(vmm_error)?;
-                Ok(Response::Reset(ResetDone {
-                    reset_us: report.reset_us,
-                    pages_dropped: report.pages_dropped,
-                    generation: report.generation,
-                    seed: report.seed,
-                }))
+                Ok(Response::Reset(report.map_err(vmm_error)?))
             }
             Request::Destroy { vm } => {
                 let held = self
@@ -244,8 +232,9 @@ impl Worker {
             }
             Request::StatsFds { vm } => {
                 let (vm_stats, vcpu_stats) = self.vm(vm)?.vm().stats_fds().map_err(vmm_error)?;
-                self.outgoing = vec![OwnedFd::from(vm_stats), OwnedFd::from(vcpu_stats)];
-                Ok(Response::StatsFds)
+                let vcpus = vcpu_stats.len() as u32;
+                self.outgoing = std::iter::once(vm_stats).chain(vcpu_stats).map(OwnedFd::from).collect();
+                Ok(Response::StatsFds { vcpus })
             }
             Request::Call { vm, input, deadline_ms } => {
                 let clone = self.vm(vm)?;
@@ -414,17 +403,9 @@ impl Worker {
         let target = self.targets.get(&template).copied().unwrap_or(0);
         self.apply_target(template, target.saturating_sub(count));
         self.fit_targets();
-        let failed = batch
-            .failed
-            .into_iter()
-            .map(|f| SpawnFailure {
-                index: f.index as u32,
-                reason: f.reason,
-            })
-            .collect();
         Ok(Response::Spawned {
             clones,
-            failed,
+            failed: batch.failed,
             warm: self.warm_counts(),
         })
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::kvm::Kvm;
 use crate::memory::MemoryError;
@@ -122,8 +122,8 @@ impl Clone {
     }
 }
 
-/// One clone that could not be made.
-#[derive(Debug, Clone, Serialize)]
+/// One clone that could not be made (it crosses the cell protocol as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloneFailure {
     /// Its position in the request (0-based).
     pub index: usize,
@@ -144,8 +144,8 @@ pub struct CloneBatch {
     pub total_us: f64,
 }
 
-/// What a reset did.
-#[derive(Debug, Clone, Serialize)]
+/// What a reset did (it crosses the cell protocol as it is).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResetReport {
     /// Microseconds for the reset.
     pub reset_us: f64,

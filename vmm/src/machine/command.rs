@@ -3,7 +3,7 @@
 
 use cowvm_guest::protocol::*;
 use kvm_bindings::kvm_regs;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 
 use crate::layout::APIC_PAGE;
@@ -95,8 +95,9 @@ pub enum CommandError {
     },
 }
 
-/// What the guest returned for a command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What the guest returned for a command. It crosses the cell protocol (postcard, which is
+/// not self-describing): no field may be skipped when serialising.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandOutput {
     /// Status from the done port (0 = ok).
     pub status: u32,
@@ -106,7 +107,6 @@ pub struct CommandOutput {
     pub extra: u64,
     /// rdx for [`GuestCommand::Identity`]: the index of the vCPU that ran it, as the guest read
     /// it from its own GS base; `None` for other commands.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub vcpu: Option<u64>,
 }
 

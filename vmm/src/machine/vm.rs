@@ -790,12 +790,12 @@ impl Vm {
         Ok(KvmStats { vm, vcpus })
     }
 
-    /// New binary-stats fds of the VM and of its vCPU 0 (`KVM_GET_STATS_FD`), e.g. to hand to
-    /// another process that reads the statistics with [`StatsFile::from_file`].
-    pub fn stats_fds(&self) -> Result<(std::fs::File, std::fs::File), VmError> {
+    /// New binary-stats fds of the VM and of each of its vCPUs in vCPU order
+    /// (`KVM_GET_STATS_FD`), e.g. to hand to another process that reads the statistics with
+    /// [`StatsFile::from_file`] (the same shape as [`Vm::kvm_stats`]).
+    pub fn stats_fds(&self) -> Result<(std::fs::File, Vec<std::fs::File>), VmError> {
         let vm = crate::kvm_stats::stats_fd(&self.vm_fd).map_err(VmError::Stats)?;
-        let vcpu = crate::kvm_stats::stats_fd(self.vcpus[0].fd()).map_err(VmError::Stats)?;
-        Ok((vm, vcpu))
+        Ok((vm, self.vcpu_stats_fds()?))
     }
 
     /// New binary-stats fds of every vCPU, in vCPU order.
@@ -936,7 +936,7 @@ pub const TSC_RESYNC_WINDOW: Duration = Duration::from_secs(1);
 const REHEARSAL_DEADLINE: Duration = Duration::from_millis(100);
 
 /// Where the time of a reset went.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct ResetSteps {
     /// Private pages dropped.

@@ -45,9 +45,7 @@ use super::app::{App, TemplateEntry};
 use super::call::{CallRequest, CallResult};
 use super::error::ServiceError;
 use super::model::ProbeRequest;
-use super::model::{
-    CloneFailed, CloneMade, CloneRequest, ClonesCreated, ResetDone, ResetSteps, RunCommand, RunResult, VmInfo, VmStats,
-};
+use super::model::{CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand, RunResult, VmInfo, VmStats};
 use super::ops::{blocking, timeout_error, transaction, Commit};
 use super::service::vms::probe_targets;
 
@@ -795,7 +793,7 @@ async fn clone_template(
     let created = transaction(&app, move |commit| {
         let _cloning = cloning;
         let spawned = cells.spawn_clones(&service, id_number(&template.id), count, None, commit)?;
-        Ok(cells.add_clones(&service, &template, spawned))
+        cells.add_clones(&service, &template, spawned)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(created)))
@@ -852,20 +850,12 @@ impl CellService {
             self.destroy_clones(&spawned);
             return Err(timeout_error(service));
         }
-        service
-            .metrics
-            .clone_failures
-            .fetch_add(spawned.batch.failed.len() as u64, Ordering::Relaxed);
         if spawned.batch.clones.is_empty() {
-            let reason = spawned
-                .batch
-                .failed
-                .first()
-                .map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
-            return Err(ServiceError::unavailable(
-                "clones_failed",
-                format!("no clone could be made: {reason}"),
-            ));
+            service
+                .metrics
+                .clone_failures
+                .fetch_add(spawned.batch.failed.len() as u64, Ordering::Relaxed);
+            return Err(super::templates::none_made(&spawned.batch.failed));
         }
         Ok(spawned)
     }
@@ -879,13 +869,17 @@ impl CellService {
 
     /// Registers the clones of `template` that [`CellService::spawn_clones`] made as VMs and
     /// describes them.
-    fn add_clones(&self, service: &App, template: &TemplateEntry, spawned: SpawnedClones) -> ClonesCreated {
+    fn add_clones(
+        &self,
+        service: &App,
+        template: &TemplateEntry,
+        spawned: SpawnedClones,
+    ) -> Result<ClonesCreated, ServiceError> {
         let SpawnedClones {
             batch,
             mut admitted,
             total_us,
         } = spawned;
-        let metrics = &service.metrics;
         let memory_mib = bytes_to_mib(template.template.size());
         let mut vms = self.vms.write().unwrap_or_else(|e| e.into_inner());
         let clones = batch
@@ -893,10 +887,6 @@ impl CellService {
             .iter()
             .map(|placed| {
                 let spawned = placed.spawned;
-                metrics.clones_spawned.fetch_add(1, Ordering::Relaxed);
-                metrics
-                    .spawn_us_sum
-                    .fetch_add(spawned.spawn_us as u64, Ordering::Relaxed);
                 let vm = Arc::new(CellVm {
                     id: service.new_vm_id(),
                     at: placed.at,
@@ -925,20 +915,8 @@ impl CellService {
                 }
             })
             .collect();
-        ClonesCreated {
-            template_id: template.id.clone(),
-            clones,
-            failed: batch
-                .failed
-                .into_iter()
-                .map(|f| CloneFailed {
-                    index: f.index as usize,
-                    reason: f.reason,
-                })
-                .collect(),
-            total_us,
-            pause_us: None,
-        }
+        drop(vms);
+        super::templates::clones_created(service, &template.id, clones, batch.failed, total_us)
     }
 }
 
@@ -1014,7 +992,7 @@ async fn run(
     let vcpu = req.vcpu;
     vm.usable()?;
     let deadline = app.limits.guest_deadline;
-    let out = blocking(&app, move || {
+    let (out, took) = blocking(&app, move || {
         let _busy = lock(&vm.busy);
         vm.usable()?;
         cells
@@ -1023,35 +1001,20 @@ async fn run(
             .map_err(|e| cells.vm_error(&vm, e))
     })
     .await?;
-    Ok(Json(RunResult {
-        status: out.status,
-        result: out.result,
-        extra: out.extra,
-        vcpu: out.vcpu,
-        run_us: out.run_ns as f64 / 1e3,
-    }))
+    Ok(Json(RunResult::new(out, took)))
 }
 
 async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<ResetDone>, ServiceError> {
     vm.usable()?;
-    let done = blocking(&app, move || {
+    let report = blocking(&app, move || {
         let _busy = lock(&vm.busy);
         vm.usable()?;
-        let done = cells.pool.reset(vm.at).map_err(|e| cells.vm_error(&vm, e))?;
-        lock(&vm.status).generation = done.generation;
-        Ok(done)
+        let report = cells.pool.reset(vm.at).map_err(|e| cells.vm_error(&vm, e))?;
+        lock(&vm.status).generation = report.generation;
+        Ok(report)
     })
     .await?;
-    Ok(Json(ResetDone {
-        reset_us: done.reset_us,
-        pages_dropped: done.pages_dropped,
-        generation: done.generation,
-        steps: ResetSteps::InCell {
-            in_cell_us: done.reset_us,
-        },
-        // A cell resets its VM in place.
-        swapped: false,
-    }))
+    Ok(Json(ResetDone::in_cell(&report)))
 }
 
 /// `GET /v1/vms/{id}/stats` of an in-cell VM: the supervisor reads the cell's

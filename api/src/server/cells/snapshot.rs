@@ -131,7 +131,7 @@ pub(super) async fn live_fork(
             }
         };
         frozen.unkept.keep();
-        let mut created = cells.add_clones(&service, &entry, spawned);
+        let mut created = cells.add_clones(&service, &entry, spawned)?;
         created.pause_us = Some(frozen.pause_us);
         Ok(created)
     })

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use cowvm_vmm::clone::CloneFailure;
 use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::stats::{template_sharing_of, CloneRam, StatsError};
 use cowvm_vmm::{CloneBatch, Reservation, Template};
@@ -73,39 +74,67 @@ pub fn save_template(app: &App, id: &str, template: &Template) -> Result<bool, S
     crate::server::state_dir::save(app, id, template)
 }
 
+/// The error of a clone call that made no clone: 422 when the template's guest stopped (every
+/// clone would), 503 otherwise; both `clones_failed` with the first reason.
+pub fn none_made(failed: &[CloneFailure]) -> ServiceError {
+    let first = failed.first();
+    let reason = first.map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
+    let message = format!("no clone could be made: {reason}");
+    if first.is_some_and(|f| f.guest_stopped) {
+        ServiceError::out_of_range("clones_failed", message)
+    } else {
+        ServiceError::unavailable("clones_failed", message)
+    }
+}
+
+/// The answer of a clone call of template `template_id`, in this process or in cells alike:
+/// counts the clones made and not made in the metrics, and refuses a call that made none (422
+/// when the template's guest stopped on a clone's first run, the template's fault; 503 for
+/// anything else, the host's).
+pub fn clones_created(
+    app: &App,
+    template_id: &str,
+    clones: Vec<CloneMade>,
+    failed: Vec<CloneFailure>,
+    total_us: f64,
+) -> Result<ClonesCreated, ServiceError> {
+    let metrics = &app.metrics;
+    metrics.clone_failures.fetch_add(failed.len() as u64, Ordering::Relaxed);
+    if clones.is_empty() {
+        return Err(none_made(&failed));
+    }
+    for made in &clones {
+        metrics.clones_spawned.fetch_add(1, Ordering::Relaxed);
+        metrics.spawn_us_sum.fetch_add(made.spawn_us as u64, Ordering::Relaxed);
+    }
+    Ok(ClonesCreated {
+        template_id: template_id.to_owned(),
+        clones,
+        failed: failed
+            .into_iter()
+            .map(|f| CloneFailed {
+                index: f.index,
+                reason: f.reason,
+            })
+            .collect(),
+        total_us,
+        pause_us: None,
+    })
+}
+
 /// Adds the clones of `batch` as VMs, each holding room for one VM from `room`, and describes
-/// the result.
+/// the result ([`clones_created`]).
 pub fn register_clones(
     app: &App,
     template: &TemplateEntry,
     batch: CloneBatch,
     room: &mut Reservation,
 ) -> Result<ClonesCreated, ServiceError> {
-    let metrics = &app.metrics;
-    metrics
-        .clone_failures
-        .fetch_add(batch.failed.len() as u64, Ordering::Relaxed);
-    if batch.clones.is_empty() {
-        let first = batch.failed.first();
-        let reason = first.map_or_else(|| "no clone was made".to_owned(), |f| f.reason.clone());
-        // A template whose guest stops on a clone's first run is the template's fault (422);
-        // anything else is the host's (503).
-        let message = format!("no clone could be made: {reason}");
-        return Err(if first.is_some_and(|f| f.guest_stopped) {
-            ServiceError::out_of_range("clones_failed", message)
-        } else {
-            ServiceError::unavailable("clones_failed", message)
-        });
-    }
     let memory_mib = bytes_to_mib(template.template.size());
     let clones = batch
         .clones
         .into_iter()
         .map(|clone| {
-            metrics.clones_spawned.fetch_add(1, Ordering::Relaxed);
-            metrics
-                .spawn_us_sum
-                .fetch_add(clone.spawn_us() as u64, Ordering::Relaxed);
             let made = CloneMade {
                 id: String::new(),
                 spawn_us: clone.spawn_us(),
@@ -132,20 +161,7 @@ pub fn register_clones(
             }
         })
         .collect();
-    Ok(ClonesCreated {
-        template_id: template.id.clone(),
-        clones,
-        failed: batch
-            .failed
-            .into_iter()
-            .map(|f| CloneFailed {
-                index: f.index,
-                reason: f.reason,
-            })
-            .collect(),
-        total_us: batch.total_us,
-        pause_us: None,
-    })
+    clones_created(app, &template.id, clones, batch.failed, batch.total_us)
 }
 
 /// Makes clones of a template.

@@ -268,13 +268,7 @@ pub async fn reset_vm(app: &Arc<App>, id: &str) -> Result<ResetDone, ServiceErro
         Machine::Clone(clone) => {
             let report = app.engine.reset_by_swap(clone)?;
             entry.set_generation(report.generation);
-            Ok(ResetDone {
-                reset_us: report.reset_us,
-                pages_dropped: report.pages_dropped,
-                generation: report.generation,
-                steps: report.steps.into(),
-                swapped: report.swapped,
-            })
+            Ok(ResetDone::local(&report))
         }
     })
     .await
@@ -340,13 +334,7 @@ pub async fn run_command(app: &Arc<App>, id: &str, req: RunCommand) -> Result<Ru
             ));
         }
         let (out, took) = vm.execute_on_timed(vcpu, command, Some(app.limits.guest_deadline))?;
-        Ok(RunResult {
-            status: out.status,
-            result: out.result,
-            extra: out.extra,
-            vcpu: out.vcpu,
-            run_us: took.as_secs_f64() * 1e6,
-        })
+        Ok(RunResult::new(out, took))
     })
     .await
 }
