@@ -20,7 +20,7 @@ use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
 use cowvm_vmm::{GuestCommand, Template};
 
 pub use crate::error::{CellError, ExitStatus};
-pub use crate::protocol::{CallDone, CallFailure};
+pub use crate::protocol::{BootFailure, BootVm, BootedVm, CallDone, CallFailure};
 use crate::protocol::{
     CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
     SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
@@ -377,6 +377,24 @@ impl Cell {
         }
     }
 
+    /// Boots `boot` (its kernel image in `kernel`, a sealed memfd, unless it is the built-in
+    /// guest): the VM, or how the boot failed in the VMM or the guest.
+    pub fn boot(
+        &self,
+        boot: BootVm,
+        kernel: Option<BorrowedFd<'_>>,
+    ) -> Result<Result<BootedVm, BootFailure>, CellError> {
+        // The boot, the run to ready() and the warm-up each run the guest up to its deadline.
+        let timeout =
+            self.config.request_timeout + self.config.per_vm_timeout + Duration::from_millis(boot.deadline_ms) * 3;
+        let fds: Vec<BorrowedFd<'_>> = kernel.into_iter().collect();
+        match self.call(Request::Boot(boot), &fds, timeout)? {
+            Response::Booted(booted) => Ok(Ok(booted)),
+            Response::BootFailed(failure) => Ok(Err(failure)),
+            other => Err(self.unexpected("boot", &other)),
+        }
+    }
+
     /// Runs `command` in VM `vm` on vCPU 0 with a guest deadline.
     pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<RunOutput, CellError> {
         self.run_on(vm, 0, command, deadline)
@@ -495,6 +513,8 @@ impl Cell {
                 Response::Called(_) => "Called",
                 Response::CallFailed(_) => "CallFailed",
                 Response::Error(_) => "Error",
+                Response::Booted(_) => "Booted",
+                Response::BootFailed(_) => "BootFailed",
             },
         }
     }

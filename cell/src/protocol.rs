@@ -4,6 +4,10 @@
 
 use std::ops::Range;
 
+mod boot;
+
+pub use boot::{BootFailure, BootVm, BootedVm};
+
 use cowvm_vmm::{CommandOutput, GuestCommand, VmState};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
@@ -226,6 +230,8 @@ pub enum Request {
         /// The VM.
         vm: CellVmId,
     },
+    /// Boot a VM (with no fd, or the sealed memfd of its kernel).
+    Boot(BootVm),
 }
 
 impl Request {
@@ -243,6 +249,7 @@ impl Request {
             Request::Stats => "stats",
             Request::StatsFds { .. } => "stats_fds",
             Request::Call { .. } => "call",
+            Request::Boot(_) => "boot",
         }
     }
 }
@@ -454,6 +461,10 @@ pub enum Response {
     CallFailed(CallFailure),
     /// The request failed.
     Error(RemoteError),
+    /// A VM booted.
+    Booted(BootedVm),
+    /// A boot that failed (the cell keeps serving).
+    BootFailed(BootFailure),
 }
 
 #[cfg(test)]

@@ -1,0 +1,61 @@
+//! Booting a VM in a cell (`POST /v1/vms` with `--cells`): placed like one clone, in a cell with
+//! room under its VM limit and mapping budget (a new cell if none has), and counted there
+//! until it is destroyed.
+
+use std::os::fd::BorrowedFd;
+
+use super::{CellId, CellPool, PoolError, VmRef};
+use crate::protocol::{BootFailure, BootVm, BootedVm};
+
+/// A VM the pool booted.
+#[derive(Debug, Clone)]
+pub struct PlacedBoot {
+    /// Where it lives.
+    pub at: VmRef,
+    /// The cell's process id (for `/proc/<pid>/pagemap`).
+    pub pid: u32,
+    /// What the cell reported.
+    pub booted: BootedVm,
+}
+
+impl CellPool {
+    /// Boots `boot` in a cell with room, its kernel image in `kernel` (a sealed memfd) unless it
+    /// is the built-in guest: the VM, or how the boot failed in the VMM or the guest.
+    pub fn boot(
+        &self,
+        boot: BootVm,
+        kernel: Option<BorrowedFd<'_>>,
+    ) -> Result<Result<PlacedBoot, BootFailure>, PoolError> {
+        // A booted VM maps its own RAM: the mappings of a VM without template pieces.
+        let each = cowvm_vmm::pool::MAPPINGS_PER_VM;
+        let mut plan = self.place(1, None, each)?;
+        let (id, cell, n): (CellId, _, u32) = match plan.pop() {
+            Some(share) => share,
+            None => {
+                return Err(PoolError::Full {
+                    wanted: 1,
+                    max_cells: self.max_cells,
+                    vms_per_cell: self.config.vms_per_cell.max(1),
+                })
+            }
+        };
+        for (other, _, n) in plan {
+            self.release(other, n, n as usize * each);
+        }
+        let result = cell.boot(boot, kernel);
+        let mut state = self.lock();
+        if let Some(slot) = state.cells.get_mut(&id) {
+            slot.reserved = slot.reserved.saturating_sub(n);
+            slot.reserved_mappings = slot.reserved_mappings.saturating_sub(n as usize * each);
+            if let Ok(Ok(booted)) = &result {
+                slot.vms.insert(booted.vm, each);
+                slot.set_warm(&booted.warm);
+            }
+        }
+        Ok(result?.map(|booted| PlacedBoot {
+            at: VmRef { cell: id, vm: booted.vm },
+            pid: cell.pid(),
+            booted,
+        }))
+    }
+}

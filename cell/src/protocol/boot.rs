@@ -1,0 +1,51 @@
+//! The protocol's part for VMs booted in a cell (`POST /v1/vms` with `--cells`): the request,
+//! its answer and how a boot failed.
+
+use serde::{Deserialize, Serialize};
+
+use super::{CellVmId, WarmCount};
+
+/// A VM to boot, as the supervisor checked it (sizes, vCPUs, kernel). Sent with no fd for the
+/// built-in guest, or with one: a sealed memfd holding the kernel's ELF image (a cell opens no
+/// files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootVm {
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// `None`: the built-in guest. `Some(name)`: the ELF in the memfd, named so in errors.
+    pub kernel: Option<String>,
+    /// MiB of the built-in guest's data pages written at boot.
+    pub warmup_mib: u64,
+    /// Deadline of every guest run of the boot, milliseconds.
+    pub deadline_ms: u64,
+}
+
+/// A VM a cell booted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootedVm {
+    /// Its id in the cell.
+    pub vm: CellVmId,
+    /// Host virtual address of guest RAM byte 0 in the cell (for `/proc/<pid>/pagemap`).
+    pub host_address: u64,
+    /// Guest RAM size in bytes.
+    pub memory_size: u64,
+    /// Microseconds from the start of the boot to its answer (in the cell).
+    pub boot_us: f64,
+    /// The warm-shell targets the cell keeps afterwards (shells give way to the VM).
+    pub warm: Vec<WarmCount>,
+}
+
+/// A boot that failed in the VMM or the guest (the cell keeps serving), classified as the
+/// server answers the same failure in its own process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFailure {
+    /// The API's error code (one of `cowvm_vmm::call::ready::BOOT_ERROR_CODES`); `None`: the
+    /// host failed.
+    pub code: Option<String>,
+    /// A sentence for people.
+    pub message: String,
+    /// The errno of a host failure, if one caused it.
+    pub errno: Option<i32>,
+}
