@@ -22,6 +22,10 @@ pub const SYSCALLS: &[i64] = &[
     libc::SYS_madvise,
     libc::SYS_mremap,
     libc::SYS_brk,
+    // A booted VM's RAM (worker/boot.rs): a memfd of its own, sized with ftruncate (found by
+    // booting in a cell: SIGSYS on syscall 319, memfd_create).
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
     // Template memfds arriving: seals (fcntl F_GET_SEALS) and size (statx).
     libc::SYS_fcntl,
     // SEEK_DATA/SEEK_HOLE: a template memfd's data runs, found when it is received.

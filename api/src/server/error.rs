@@ -176,6 +176,14 @@ impl ServiceError {
             message: message.into(),
         }
     }
+    /// 409 `not_a_clone`: VM `id` was booted, and only clones can be reset (in the server's
+    /// process and in cells alike).
+    pub fn not_a_clone(id: &str) -> Self {
+        Self::conflict(
+            "not_a_clone",
+            format!("{id} was booted, not cloned; only clones can be reset"),
+        )
+    }
     /// 422: a well-formed value outside what is allowed.
     pub fn out_of_range(code: &'static str, message: impl Into<String>) -> Self {
         Self::OutOfRange {

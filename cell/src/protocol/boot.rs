@@ -49,3 +49,42 @@ pub struct BootFailure {
     /// The errno of a host failure, if one caused it.
     pub errno: Option<i32>,
 }
+
+impl From<&cowvm_vmm::call::ready::BootToReadyError> for BootFailure {
+    fn from(e: &cowvm_vmm::call::ready::BootToReadyError) -> Self {
+        BootFailure {
+            code: e.code().map(str::to_owned),
+            message: e.client_message(),
+            errno: e.errno(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_boot_messages_with_and_without_optional_fields_round_trip_through_postcard() {
+        for kernel in [None, Some("hello.elf".to_owned())] {
+            let boot = BootVm {
+                memory_mib: 64,
+                vcpus: 2,
+                kernel,
+                warmup_mib: 8,
+                deadline_ms: 2000,
+            };
+            let bytes = postcard::to_allocvec(&boot).expect("encode");
+            assert_eq!(postcard::from_bytes::<BootVm>(&bytes).expect("decode"), boot);
+        }
+        for (code, errno) in [(None, Some(12)), (Some("bad_kernel".to_owned()), None)] {
+            let failure = BootFailure {
+                code,
+                message: "m".into(),
+                errno,
+            };
+            let bytes = postcard::to_allocvec(&failure).expect("encode");
+            assert_eq!(postcard::from_bytes::<BootFailure>(&bytes).expect("decode"), failure);
+        }
+    }
+}

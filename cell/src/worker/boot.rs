@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use cowvm_vmm::call::ready::{boot_to_ready, BootToReadyError};
+use cowvm_vmm::call::ready::boot_to_ready;
 use cowvm_vmm::loader::KernelImage;
 use cowvm_vmm::{FrozenMemory, Kernel, VmConfig};
 
@@ -41,7 +41,7 @@ impl Worker {
         let deadline = Duration::from_millis(boot.deadline_ms);
         let vm = match boot_to_ready(engine.kvm(), &config, boot.warmup_mib, deadline) {
             Ok((vm, _)) => vm,
-            Err(e) => return Ok(Response::BootFailed(failure(&e))),
+            Err(e) => return Ok(Response::BootFailed(BootFailure::from(&e))),
         };
         let id = engine.new_vm_id();
         let (host_address, memory_size) = (vm.ram().host_address(), vm.ram().size());
@@ -73,13 +73,4 @@ fn read_image(name: String, fd: OwnedFd) -> Result<KernelImage, RemoteError> {
         .read_at(&mut bytes, 0)
         .map_err(|e| RemoteError::new(Kind::Vmm, format!("reading the kernel's memfd: {e}")))?;
     Ok(KernelImage::new(name, bytes))
-}
-
-/// How a boot failed, as the server answers the same failure in its own process.
-fn failure(e: &BootToReadyError) -> BootFailure {
-    BootFailure {
-        code: e.code().map(str::to_owned),
-        message: e.client_message(),
-        errno: e.errno(),
-    }
 }

@@ -370,6 +370,10 @@ impl Worker {
             // on its own thread, which must happen before `open` is forbidden.
             wait_for_open_files("pagemap", 2, THREADS_READY).map_err(|e| RemoteError::new(Kind::Sandbox, e))?;
             let program = sandbox::cell_filter().map_err(sandbox_error)?;
+            // First the filter that turns clone3 into ENOSYS (installing it later would need the
+            // seccomp call the cell filter forbids), then the cell filter.
+            let fallback = sandbox::clone3_fallback_filter().map_err(sandbox_error)?;
+            sandbox::install(&fallback).map_err(sandbox_error)?;
             sandbox::install(&program).map_err(sandbox_error)?;
         } else {
             sandbox::set_no_new_privs().map_err(sandbox_error)?;

@@ -226,10 +226,7 @@ pub async fn live_fork(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<Cl
 /// ready, in place.
 pub async fn reset_vm(app: &Arc<App>, id: &str) -> Result<ResetDone, ServiceError> {
     on_vm(app, id, |app, entry, machine, _| match machine {
-        Machine::Booted(_) => Err(ServiceError::conflict(
-            "not_a_clone",
-            format!("{} was booted, not cloned; only clones can be reset", entry.id),
-        )),
+        Machine::Booted(_) => Err(ServiceError::not_a_clone(&entry.id)),
         Machine::Clone(clone) => {
             let report = app.engine.reset_by_swap(clone)?;
             entry.set_generation(report.generation);
