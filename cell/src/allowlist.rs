@@ -22,10 +22,6 @@ pub const SYSCALLS: &[i64] = &[
     libc::SYS_madvise,
     libc::SYS_mremap,
     libc::SYS_brk,
-    // A booted VM's RAM (worker/boot.rs): a memfd of its own, sized with ftruncate (found by
-    // booting in a cell: SIGSYS on syscall 319, memfd_create).
-    libc::SYS_memfd_create,
-    libc::SYS_ftruncate,
     // Template memfds arriving: seals (fcntl F_GET_SEALS) and size (statx).
     libc::SYS_fcntl,
     // SEEK_DATA/SEEK_HOLE: a template memfd's data runs, found when it is received.
@@ -69,6 +65,12 @@ pub const SYSCALLS: &[i64] = &[
     // Clocks (vDSO fallback) and fresh seeds for clones.
     libc::SYS_clock_gettime,
     libc::SYS_getrandom,
+    // Freezing a VM into a template (worker/freeze.rs): its private pages are copied into a
+    // new memfd, which is sized, written and then sealed with fcntl (above) before anything
+    // maps it (audit log of the freeze tests: SIGSYS on syscalls 319, 77, 18 in turn).
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_pwrite64,
 ];
 
 const IOC_NONE: u64 = 0;
@@ -143,8 +145,16 @@ mod tests {
     fn test_system_calls_the_vmm_makes_after_the_filter_are_allowed() {
         // Each of these is made by vmm code a cell runs under the filter: SEEK_DATA on a template
         // received (memory.rs), msync after a failed MAP_FIXED (fixed_map.rs), pread64 of the
-        // pagemap fallback (pagemap.rs). A missing one kills the cell with SIGSYS.
-        for call in [libc::SYS_lseek, libc::SYS_msync, libc::SYS_pread64] {
+        // pagemap fallback (pagemap.rs), memfd_create/ftruncate/pwrite64 of a layered freeze
+        // (memory.rs). A missing one kills the cell with SIGSYS.
+        for call in [
+            libc::SYS_lseek,
+            libc::SYS_msync,
+            libc::SYS_pread64,
+            libc::SYS_memfd_create,
+            libc::SYS_ftruncate,
+            libc::SYS_pwrite64,
+        ] {
             assert!(SYSCALLS.contains(&call), "system call {call} is not allowed");
         }
     }

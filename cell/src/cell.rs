@@ -20,7 +20,7 @@ use cowvm_vmm::kvm_stats::{KvmStats, StatsFile};
 use cowvm_vmm::{GuestCommand, Template};
 
 pub use crate::error::{CellError, ExitStatus};
-pub use crate::protocol::{BootFailure, BootVm, BootedVm, CallDone, CallFailure};
+pub use crate::protocol::{BootFailure, BootVm, BootedVm, CallDone, CallFailure, FrozenBooted};
 use crate::protocol::{
     CellCounts, CellVmId, Envelope, Init, LoadTemplate, Request, ResetDone, Response, RunOutput, SandboxConfig,
     SpawnFailure, SpawnedVm, TemplateId, WarmCount, WireCommand,
@@ -395,6 +395,24 @@ impl Cell {
         }
     }
 
+    /// Freezes VM `vm`, which the cell booted, into a template the cell keeps under `template`:
+    /// what it answered and the template's memfds (base first, then the overlays).
+    pub fn freeze_booted(
+        &self,
+        vm: CellVmId,
+        template: TemplateId,
+    ) -> Result<(FrozenBooted, Vec<OwnedFd>), CellError> {
+        let (response, fds) = self.exchange(
+            Request::FreezeBooted { vm, template },
+            &[],
+            self.config.request_timeout,
+        )?;
+        match response {
+            Response::FrozenBooted(frozen) => Ok((*frozen, fds)),
+            other => Err(self.unexpected("freeze_booted", &other)),
+        }
+    }
+
     /// Runs `command` in VM `vm` on vCPU 0 with a guest deadline.
     pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<RunOutput, CellError> {
         self.run_on(vm, 0, command, deadline)
@@ -515,6 +533,7 @@ impl Cell {
                 Response::Error(_) => "Error",
                 Response::Booted(_) => "Booted",
                 Response::BootFailed(_) => "BootFailed",
+                Response::FrozenBooted(_) => "FrozenBooted",
             },
         }
     }

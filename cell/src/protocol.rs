@@ -6,7 +6,7 @@ use std::ops::Range;
 
 mod boot;
 
-pub use boot::{BootFailure, BootVm, BootedVm};
+pub use boot::{BootFailure, BootVm, BootedVm, FrozenBooted};
 
 use cowvm_vmm::{CommandOutput, GuestCommand, VmState};
 use serde::{Deserialize, Serialize};
@@ -232,6 +232,14 @@ pub enum Request {
     },
     /// Boot a VM (with no fd, or the sealed memfd of its kernel).
     Boot(BootVm),
+    /// Freeze a VM the cell booted into a template, which the cell keeps under `template`;
+    /// answered [`Response::FrozenBooted`] with the template's memfds.
+    FreezeBooted {
+        /// The VM.
+        vm: CellVmId,
+        /// The supervisor's id for the new template.
+        template: TemplateId,
+    },
 }
 
 impl Request {
@@ -250,6 +258,7 @@ impl Request {
             Request::StatsFds { .. } => "stats_fds",
             Request::Call { .. } => "call",
             Request::Boot(_) => "boot",
+            Request::FreezeBooted { .. } => "freeze_booted",
         }
     }
 }
@@ -465,6 +474,8 @@ pub enum Response {
     Booted(BootedVm),
     /// A boot that failed (the cell keeps serving).
     BootFailed(BootFailure),
+    /// A booted VM frozen (sent with the template's memfds).
+    FrozenBooted(Box<FrozenBooted>),
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
 //! Booting a VM in a cell (`POST /v1/vms` with `--cells`): placed like one clone, in a cell with
 //! room under its VM limit and mapping budget (a new cell if none has), and counted there
-//! until it is destroyed.
+//! until it is destroyed. Frozen into a template, it leaves the template loaded in its cell.
 
+use std::fs::File;
 use std::os::fd::BorrowedFd;
 
+use cowvm_vmm::{FrozenMemory, Template, TemplateMemory};
+
 use super::{CellId, CellPool, PoolError, VmRef};
-use crate::protocol::{BootFailure, BootVm, BootedVm};
+use crate::cell::CellError;
+use crate::protocol::{BootFailure, BootVm, BootedVm, TemplateId};
 
 /// A VM the pool booted.
 #[derive(Debug, Clone)]
@@ -57,5 +61,42 @@ impl CellPool {
             pid: cell.pid(),
             booted,
         }))
+    }
+}
+
+impl CellPool {
+    /// Freezes VM `at`, which its cell booted, into a template: the cell keeps it as template
+    /// `template` (clones of it placed in that cell need no load); the supervisor's copy is built
+    /// over the same sealed memfds. Returns it with the microseconds the VM was paused.
+    pub fn freeze_booted(&self, at: VmRef, template: TemplateId) -> Result<(Template, f64), PoolError> {
+        let cell = self.cell_of(at)?;
+        let (frozen, fds) = cell.freeze_booted(at.vm, template)?;
+        let local = |what: String| PoolError::Cell(CellError::Local(what));
+        if fds.len() != 1 + frozen.overlay_runs.len() {
+            return Err(local(format!(
+                "freeze_booted: {} fds for a template of {} layers",
+                fds.len(),
+                1 + frozen.overlay_runs.len()
+            )));
+        }
+        let sealed = |fd| FrozenMemory::from_sealed(File::from(fd)).map_err(|e| local(format!("freeze_booted: {e}")));
+        let mut fds = fds.into_iter();
+        let base = sealed(fds.next().ok_or_else(|| local("freeze_booted: no base memfd".into()))?)?;
+        let overlays = fds
+            .zip(frozen.overlay_runs)
+            .map(|(fd, runs)| sealed(fd).map(|memory| (memory, runs)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let memory = TemplateMemory::layered(base, overlays).map_err(|e| local(format!("freeze_booted: {e}")))?;
+        if memory.size() != frozen.state.memory_size {
+            return Err(local(format!(
+                "freeze_booted: memfds of {} bytes for a state of {} bytes",
+                memory.size(),
+                frozen.state.memory_size
+            )));
+        }
+        if let Some(slot) = self.lock().cells.get_mut(&at.cell) {
+            slot.templates.insert(template);
+        }
+        Ok((Template::new(memory, frozen.state), frozen.pause_us))
     }
 }

@@ -1,6 +1,9 @@
 //! The protocol's part for VMs booted in a cell (`POST /v1/vms` with `--cells`): the request,
 //! its answer and how a boot failed.
 
+use std::ops::Range;
+
+use cowvm_vmm::VmState;
 use serde::{Deserialize, Serialize};
 
 use super::{CellVmId, WarmCount};
@@ -48,6 +51,29 @@ pub struct BootFailure {
     pub message: String,
     /// The errno of a host failure, if one caused it.
     pub errno: Option<i32>,
+}
+
+/// A booted VM frozen into a template (`POST /v1/vms/{id}/snapshot` of a VM booted in a cell).
+/// Sent with the template's sealed memfds: the base first, then each overlay in order (as
+/// `LoadTemplate` sends them the other way).
+#[derive(Serialize, Deserialize)]
+pub struct FrozenBooted {
+    /// For each overlay memfd, the byte ranges of it mapped over the layers below.
+    pub overlay_runs: Vec<Vec<Range<u64>>>,
+    /// The state clones resume from.
+    pub state: VmState,
+    /// Microseconds the VM was paused (in the cell).
+    pub pause_us: f64,
+}
+
+impl std::fmt::Debug for FrozenBooted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrozenBooted")
+            .field("overlay_runs", &self.overlay_runs)
+            .field("memory_size", &self.state.memory_size)
+            .field("pause_us", &self.pause_us)
+            .finish_non_exhaustive()
+    }
 }
 
 impl From<&cowvm_vmm::call::ready::BootToReadyError> for BootFailure {

@@ -328,6 +328,7 @@ impl Worker {
                 )
             }
             Request::Boot(boot) => self.boot(boot, fds),
+            Request::FreezeBooted { vm, template } => self.freeze_booted(vm, template),
             Request::Stats => Ok(Response::Stats(CellCounts {
                 vms: self.vms.len() as u32,
                 warm_shells: self.warm_shells(),

@@ -570,10 +570,16 @@ impl Vm {
     /// owns is sealed in place without a copy; a clone's RAM becomes a layered template holding
     /// only its private pages. The VM itself goes on running on a private view of that memory.
     pub fn freeze(&mut self, kvm: &Kvm) -> Result<(TemplateMemory, VmState), VmError> {
+        let pagemap = PageMap::open().map_err(MemoryError::PageMap)?;
+        self.freeze_with(kvm, &pagemap)
+    }
+
+    /// [`Vm::freeze`] reading the host's page tables through `pagemap` (this process's, already
+    /// open: a sandboxed cell may no longer open files).
+    pub fn freeze_with(&mut self, kvm: &Kvm, pagemap: &PageMap) -> Result<(TemplateMemory, VmState), VmError> {
         self.check_ram()?;
         let state = self.capture_state(kvm)?;
-        let pagemap = PageMap::open().map_err(MemoryError::PageMap)?;
-        let memory = self.ram.freeze(&pagemap)?;
+        let memory = self.ram.freeze(pagemap)?;
         Ok((memory, state))
     }
 

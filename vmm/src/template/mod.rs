@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::kvm::Kvm;
 use crate::memory::TemplateMemory;
+use crate::pagemap::PageMap;
 use crate::vm::{Vm, VmError, VmState};
 
 static NEXT_TEMPLATE_ID: AtomicU64 = AtomicU64::new(1);
@@ -24,6 +25,13 @@ impl Template {
     /// The VM keeps running afterwards, on a private view of that memory.
     pub fn freeze(kvm: &Kvm, vm: &mut Vm) -> Result<Template, VmError> {
         let (memory, state) = vm.freeze(kvm)?;
+        Ok(Template::new(memory, state))
+    }
+
+    /// [`Template::freeze`] reading the host's page tables through `pagemap` (this process's
+    /// `/proc/self/pagemap`, already open; a sandboxed cell cannot open it again).
+    pub fn freeze_with(kvm: &Kvm, vm: &mut Vm, pagemap: &PageMap) -> Result<Template, VmError> {
+        let (memory, state) = vm.freeze_with(kvm, pagemap)?;
         Ok(Template::new(memory, state))
     }
 

@@ -3,23 +3,29 @@
 //! the other VMs, copies a user kernel into a sealed memfd that goes to the cell with the
 //! request (the cell opens no files), and registers the VM the cell booted as a [`CellVm`]
 //! without a template: a booted VM, which answers like one in the server's own process.
+//! `POST /v1/vms/{id}/snapshot` of such a VM freezes it in its cell ([`snapshot`]).
 
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use axum::http::StatusCode;
+use axum::Json;
+
 use cowvm_cell::protocol::{BootFailure, BootVm, RemoteErrorKind};
 use cowvm_cell::{CellError, PoolError};
 use cowvm_vmm::call::ready::BOOT_ERROR_CODES;
 use cowvm_vmm::loader::LoadError;
+use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::{AdmitError, FrozenMemory, Kernel, Reservation, VmError};
 
-use super::{CellService, CellVm, CellVmStatus};
-use crate::server::app::App;
+use super::{id_number, lock, CellService, CellVm, CellVmStatus};
+use crate::server::app::{App, TemplateEntry};
 use crate::server::error::ServiceError;
-use crate::server::model::{CreateVm, VmInfo};
+use crate::server::model::{CreateVm, SnapshotCreated, VmInfo};
 use crate::server::ops::{timeout_error, transaction};
+use crate::server::templates::{fd_budget, save_template};
 
 /// Boots the VM `req` asks for (its kernel resolved and checked to `kernel`) in a cell and
 /// registers it.
@@ -73,6 +79,54 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm, kernel: Kernel) -> Result<
         Ok(vm.info())
     })
     .await
+}
+
+/// `POST /v1/vms/{id}/snapshot` of VM `vm`, booted in a cell: the cell freezes it (the VM
+/// keeps running on a private view of the template) and keeps the template for clones placed
+/// there; the server builds the same template over the memfds the cell sends back, then saves
+/// and registers it as it does a snapshot in its own process.
+pub(super) async fn snapshot(
+    app: Arc<App>,
+    cells: Arc<CellService>,
+    vm: Arc<CellVm>,
+) -> Result<(StatusCode, Json<SnapshotCreated>), ServiceError> {
+    vm.usable()?;
+    let service = Arc::clone(&app);
+    let created = transaction(&app, move |commit| {
+        let _busy = lock(&vm.busy);
+        vm.usable()?;
+        // The template's memfds come to this process.
+        fd_budget(&service, 1)?;
+        let template_id = service.new_template_id();
+        let number = id_number(&template_id);
+        let (template, pause_us) = cells
+            .pool
+            .freeze_booted(vm.at, number)
+            .map_err(|e| cells.vm_error(&vm, e))?;
+        // Its RAM is a private view of the template now, as after a snapshot in process.
+        lock(&vm.status).frozen = true;
+        if !commit.commit() {
+            // The cell keeps the template until it is dropped; nothing else knows it.
+            let _ = cells.pool.remove_template(number);
+            return Err(timeout_error(&service));
+        }
+        let persisted = save_template(&service, &template_id, &template)?;
+        let entry = service.add_template(TemplateEntry {
+            id: template_id,
+            template: Arc::new(template),
+            source_vm: Some(vm.id.clone()),
+            persisted,
+        });
+        Ok(SnapshotCreated {
+            template_id: entry.id.clone(),
+            memory_mib: bytes_to_mib(entry.template.size()),
+            layers: entry.template.memory().depth(),
+            persisted,
+            pause_us,
+        })
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 /// Room for one VM under `--max-vms`, counted with every other VM (in cells or not); warm

@@ -118,6 +118,8 @@ struct CellVmStatus {
     spawn_us: f64,
     failure: Option<String>,
     lost: Option<String>,
+    /// A booted VM's RAM is a private view of a template it was frozen into (as a clone's is).
+    frozen: bool,
 }
 
 /// A VM that lives in a cell: a clone, or a VM booted there.
@@ -759,6 +761,9 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
             Ok(Json(req)) => call(app, cells, vm, req).await.map(IntoResponse::into_response),
             Err(rejection) => Err(rejection.into()),
         },
+        (&Method::POST, ["snapshot"]) if vm.template_id.is_none() => boot::snapshot(app, cells, vm)
+            .await
+            .map(IntoResponse::into_response),
         (&Method::POST, ["snapshot" | "clones"]) | (&Method::POST, ["probes", "write"]) => {
             Err(vm.usable().err().unwrap_or_else(|| {
                 ServiceError::conflict(
@@ -1040,7 +1045,7 @@ async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Re
         let region = RamRegion {
             host_address: vm.host_address,
             size: vm.memory_size,
-            from_template: vm.template_id.is_some(),
+            from_template: vm.template_id.is_some() || lock(&vm.status).frozen,
             pid: Some(vm.pid),
         };
         let sharing = region_sharing(&region, &host, kvm)?;
