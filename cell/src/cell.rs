@@ -397,16 +397,9 @@ impl Cell {
 
     /// Freezes VM `vm`, which the cell booted, into a template the cell keeps under `template`:
     /// what it answered and the template's memfds (base first, then the overlays).
-    pub fn freeze_booted(
-        &self,
-        vm: CellVmId,
-        template: TemplateId,
-    ) -> Result<(FrozenBooted, Vec<OwnedFd>), CellError> {
-        let (response, fds) = self.exchange(
-            Request::FreezeBooted { vm, template },
-            &[],
-            self.config.request_timeout,
-        )?;
+    pub fn freeze_booted(&self, vm: CellVmId, template: TemplateId) -> Result<(FrozenBooted, Vec<OwnedFd>), CellError> {
+        let (response, fds) =
+            self.exchange(Request::FreezeBooted { vm, template }, &[], self.config.request_timeout)?;
         match response {
             Response::FrozenBooted(frozen) => Ok((*frozen, fds)),
             other => Err(self.unexpected("freeze_booted", &other)),

@@ -275,7 +275,16 @@ mod tests {
                 }
                 if fork {
                     // SAFETY: a fork-like clone (no CLONE_VM); the filter kills before it runs.
-                    unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) };
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_clone,
+                            libc::SIGCHLD as libc::c_ulong,
+                            0usize,
+                            0usize,
+                            0usize,
+                            0usize,
+                        )
+                    };
                 }
                 // SAFETY: _exit never returns.
                 unsafe { libc::_exit(0) };
@@ -288,8 +297,16 @@ mod tests {
                 libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
             )
         };
-        assert_eq!(run(false), (None, Some(0)), "clone3 must fail with ENOSYS under the filters");
-        assert_eq!(run(true), (Some(libc::SIGSYS), None), "a clone without CLONE_THREAD must be killed");
+        assert_eq!(
+            run(false),
+            (None, Some(0)),
+            "clone3 must fail with ENOSYS under the filters"
+        );
+        assert_eq!(
+            run(true),
+            (Some(libc::SIGSYS), None),
+            "a clone without CLONE_THREAD must be killed"
+        );
     }
 
     #[test]

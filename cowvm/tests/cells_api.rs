@@ -950,7 +950,8 @@ fn booted_answers(client: &Client, boot: &Value) -> (String, Value, Value, u64, 
     assert_eq!(info, made, "POST and GET answer the same VM");
     let identity = json!({"command": "identity", "vcpu": 1});
     let who = ok(client, "POST", &format!("/v1/vms/{id}/run"), Some(identity), 200);
-    let write = json!({"command": "write", "start_gpa": 16 << 20, "count": 32, "stride": 4096, "value": 0x5eed_0001_u64});
+    let write =
+        json!({"command": "write", "start_gpa": 16 << 20, "count": 32, "stride": 4096, "value": 0x5eed_0001_u64});
     let wrote = ok(client, "POST", &format!("/v1/vms/{id}/run"), Some(write), 200);
     assert_eq!(wrote["status"], 0, "{wrote}");
     let check = json!({"command": "checksum", "start_gpa": 16 << 20, "count": 32, "stride": 4096});
@@ -992,13 +993,26 @@ fn test_post_vms_with_cells_boots_the_vm_in_a_cell_and_answers_as_in_process() {
     let tpl = tpl["template_id"].as_str().expect("template").to_owned();
     let clone = clone_ids(&client, &tpl, 1).remove(0);
     let check = json!({"command": "checksum", "start_gpa": 16 << 20, "count": 32, "stride": 4096});
-    let cloned = ok(&client, "POST", &format!("/v1/vms/{clone}/run"), Some(check.clone()), 200);
+    let cloned = ok(
+        &client,
+        "POST",
+        &format!("/v1/vms/{clone}/run"),
+        Some(check.clone()),
+        200,
+    );
     assert_eq!(cloned["result"].as_u64(), Some(sum), "{cloned}");
     let after = ok(&client, "POST", &format!("/v1/vms/{id}/run"), Some(check), 200);
-    assert_eq!(after["result"].as_u64(), Some(sum), "the frozen VM keeps running: {after}");
+    assert_eq!(
+        after["result"].as_u64(),
+        Some(sum),
+        "the frozen VM keeps running: {after}"
+    );
     // Deleting it destroys it in its cell (booted VMs are not recycled into warm pools).
     ok(&client, "DELETE", &format!("/v1/vms/{id}"), None, 204);
-    assert_eq!(error_code(&client, "GET", &format!("/v1/vms/{id}"), None, 404), "not_found");
+    assert_eq!(
+        error_code(&client, "GET", &format!("/v1/vms/{id}"), None, 404),
+        "not_found"
+    );
     assert!(
         eventually(|| guest_ram_mappings(cell_pid, bytes) == 0 || process_gone(cell_pid)),
         "the cell unmapped the deleted VM's RAM"
@@ -1010,7 +1024,10 @@ fn test_post_vms_with_cells_boots_the_vm_in_a_cell_and_answers_as_in_process() {
     assert_eq!(info, local_info);
     assert_eq!(who["vcpu"], local_who["vcpu"]);
     assert_eq!(sum, local_sum);
-    assert_eq!(stats["pages"], local_stats["pages"], "the same pages, read from the cell's pagemap");
+    assert_eq!(
+        stats["pages"], local_stats["pages"],
+        "the same pages, read from the cell's pagemap"
+    );
     assert_eq!(keys(&stats), keys(&local_stats));
 }
 
@@ -1080,7 +1097,11 @@ fn test_a_user_kernel_boots_in_a_cell_and_bad_requests_fail_as_in_process() {
         );
     }
     let listed = ok(&client, "GET", "/v1/vms", None, 200);
-    assert_eq!(listed.as_array().map(Vec::len), Some(1), "refused boots leave nothing: {listed}");
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "refused boots leave nothing: {listed}"
+    );
     drop(_celled);
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -1103,10 +1124,7 @@ fn test_a_booted_vm_is_lost_with_its_killed_cell_and_boots_go_on() {
         "the booted VM is reported lost"
     );
     let info = ok(&client, "GET", &format!("/v1/vms/{id}"), None, 200);
-    assert!(
-        info["failure"].as_str().is_some_and(|f| f.contains("killed")),
-        "{info}"
-    );
+    assert!(info["failure"].as_str().is_some_and(|f| f.contains("killed")), "{info}");
     let code = error_code(&client, "POST", &format!("/v1/vms/{id}/run"), Some(checksum()), 409);
     assert_eq!(code, "vm_lost");
     ok(&client, "DELETE", &format!("/v1/vms/{id}"), None, 204);
@@ -1130,13 +1148,20 @@ fn test_booted_vms_in_cells_count_against_max_vms_and_the_cells_room() {
     for _ in 0..2 {
         ok(&client, "POST", "/v1/vms", Some(boot.clone()), 201);
     }
-    assert_eq!(cells_holding_vms(&client).len(), 2, "one VM per cell (--vms-per-cell 1)");
+    assert_eq!(
+        cells_holding_vms(&client).len(),
+        2,
+        "one VM per cell (--vms-per-cell 1)"
+    );
     let code = error_code(&client, "POST", "/v1/vms", Some(boot.clone()), 429);
     assert_eq!(code, "too_many_vms");
     drop(server);
     // Room under --max-vms but none in the cells (one cell of one VM): 503.
     let config = ServerConfig {
-        limits: Limits { max_vms: 10, ..limits() },
+        limits: Limits {
+            max_vms: 10,
+            ..limits()
+        },
         cells: Some(cells(1, 1)),
         ..ServerConfig::local(0)
     };
@@ -1148,6 +1173,12 @@ fn test_booted_vms_in_cells_count_against_max_vms_and_the_cells_room() {
     let listed = ok(&client, "GET", "/v1/vms", None, 200);
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     // Deleting the VM makes room again.
-    ok(&client, "DELETE", &format!("/v1/vms/{}", first["id"].as_str().expect("id")), None, 204);
+    ok(
+        &client,
+        "DELETE",
+        &format!("/v1/vms/{}", first["id"].as_str().expect("id")),
+        None,
+        204,
+    );
     ok(&client, "POST", "/v1/vms", Some(boot), 201);
 }

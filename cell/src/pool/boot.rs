@@ -57,7 +57,10 @@ impl CellPool {
             }
         }
         Ok(result?.map(|booted| PlacedBoot {
-            at: VmRef { cell: id, vm: booted.vm },
+            at: VmRef {
+                cell: id,
+                vm: booted.vm,
+            },
             pid: cell.pid(),
             booted,
         }))

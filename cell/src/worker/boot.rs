@@ -86,7 +86,10 @@ impl Worker {
             .get_mut(&vm)
             .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
         let Machine::Booted(booted) = &mut held.machine else {
-            return Err(RemoteError::new(Kind::Protocol, format!("VM {vm} is a clone, not a booted VM")));
+            return Err(RemoteError::new(
+                Kind::Protocol,
+                format!("VM {vm} is a clone, not a booted VM"),
+            ));
         };
         let started = Instant::now();
         // The pagemap the engine opened before the sandbox: the cell cannot open files now.

@@ -16,8 +16,8 @@ use axum::Json;
 use cowvm_cell::protocol::{BootFailure, BootVm, RemoteErrorKind};
 use cowvm_cell::{CellError, PoolError};
 use cowvm_vmm::call::ready::BOOT_ERROR_CODES;
-use cowvm_vmm::loader::LoadError;
 use cowvm_vmm::layout::bytes_to_mib;
+use cowvm_vmm::loader::LoadError;
 use cowvm_vmm::{AdmitError, FrozenMemory, Kernel, Reservation, VmError};
 
 use super::{id_number, lock, CellService, CellVm, CellVmStatus};
@@ -166,10 +166,11 @@ fn pool_error(e: PoolError) -> ServiceError {
     match e {
         PoolError::Full { .. }
         | PoolError::Cell(CellError::Remote {
-            error: cowvm_cell::protocol::RemoteError {
-                kind: RemoteErrorKind::Full,
-                ..
-            },
+            error:
+                cowvm_cell::protocol::RemoteError {
+                    kind: RemoteErrorKind::Full,
+                    ..
+                },
             ..
         }) => ServiceError::exhausted(e.to_string()),
         other => super::pool_error(other),

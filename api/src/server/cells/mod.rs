@@ -761,9 +761,9 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
             Ok(Json(req)) => call(app, cells, vm, req).await.map(IntoResponse::into_response),
             Err(rejection) => Err(rejection.into()),
         },
-        (&Method::POST, ["snapshot"]) if vm.template_id.is_none() => boot::snapshot(app, cells, vm)
-            .await
-            .map(IntoResponse::into_response),
+        (&Method::POST, ["snapshot"]) if vm.template_id.is_none() => {
+            boot::snapshot(app, cells, vm).await.map(IntoResponse::into_response)
+        }
         (&Method::POST, ["snapshot" | "clones"]) | (&Method::POST, ["probes", "write"]) => {
             Err(vm.usable().err().unwrap_or_else(|| {
                 ServiceError::conflict(
