@@ -6,12 +6,13 @@
 //! its clones in cells, taking the warm shells a keeper thread keeps there (counted against
 //! `--max-vms`); `GET`/`DELETE /v1/vms/{id}`, `GET /v1/vms`, `POST /v1/vms/{id}/run`, `reset`,
 //! `call` and `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) serve
-//! them; write probes, live forks and snapshots of an in-cell VM answer 409
+//! them; write probes, live forks and snapshots of an in-cell clone answer 409
 //! `not_supported_in_cell`. A watcher notices dead cells and marks their VMs `lost` (409
 //! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
 //! the pool starts new cells on demand. `POST /v1/vms` boots its VM in a cell too ([`boot`]):
 //! the server checks the request as without cells, sends a user kernel as a sealed memfd, and
-//! the VM answers as a booted VM (`reset` 409 `not_a_clone`; deleting it destroys it).
+//! the VM answers as a booted VM (`reset` 409 `not_a_clone`; deleting it destroys it;
+//! `snapshot` freezes it in its cell).
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
 //! in-process handlers, so that those handlers stay as they are when cells are off.
