@@ -130,3 +130,29 @@ pub fn boot_to_ready(
     }
     Ok((vm, report))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_every_code_a_boot_error_gives_is_listed() {
+        let errors = [
+            BootToReadyError::Fault(GuestExit::Shutdown),
+            BootToReadyError::NotReady(CallError::Deadline { after_ms: 1 }),
+            BootToReadyError::Vm(VmError::GuestStopped(GuestExit::Shutdown)),
+            BootToReadyError::Vm(VmError::MemorySize { memory_mib: 1 }),
+            BootToReadyError::Vm(VmError::VcpuCount { count: 0 }),
+            BootToReadyError::Vm(VmError::NoSuchVcpu { vcpu: 3, count: 1 }),
+        ];
+        for e in &errors {
+            let code = e.code().expect("a request or guest failure has a code");
+            assert!(BOOT_ERROR_CODES.contains(&code), "{code}");
+            assert_eq!(e.errno(), None);
+        }
+        let host = BootToReadyError::Vm(VmError::Memory(MemoryError::CreateMemfd(
+            std::io::Error::from_raw_os_error(libc::EMFILE),
+        )));
+        assert_eq!((host.code(), host.errno()), (None, Some(libc::EMFILE)));
+    }
+}

@@ -129,3 +129,26 @@ pub fn load_file(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, Loa
 pub fn load_bytes(mem: &GuestMemoryMmap, image: &KernelImage) -> Result<LoadedKernel, LoadError> {
     load_image(mem, image.name(), &mut Cursor::new(image.bytes()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_an_image_in_memory_loads_where_the_same_bytes_from_a_file_would() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("guest memory");
+        let builtin = load_builtin(&mem).expect("built-in guest");
+        let image = KernelImage::new("guest.elf", cowvm_guest::GUEST_ELF.to_vec());
+        let in_memory = load_bytes(&mem, &image).expect("the same image from memory");
+        assert_eq!((builtin.entry, builtin.end), (in_memory.entry, in_memory.end));
+    }
+
+    #[test]
+    fn test_a_bad_image_is_named_by_its_file_name_only() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("guest memory");
+        let junk = KernelImage::new("/srv/kernels/junk.elf", b"not an ELF".to_vec());
+        let message = load_bytes(&mem, &junk).expect_err("junk").client_message();
+        assert!(message.contains("\"junk.elf\""), "{message}");
+        assert!(!message.contains("/srv"), "{message}");
+    }
+}
