@@ -103,7 +103,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, VmError> {
     let (mut vm, boot) = Vm::boot(&kvm, &config)?;
     let check = match kernel {
         Kernel::Builtin => Some(self_check(&mut vm, mib(args.memory_mib), deadline)?),
-        Kernel::Elf(_) => None,
+        Kernel::Elf(_) | Kernel::Image(_) => None,
     };
     let report = RunReport {
         memory_mib: args.memory_mib,

@@ -24,7 +24,7 @@ use cowvm_vmm::{CommandOutput, FrozenMemory, GuestCommand, ResetReport, Template
 
 pub use crate::error::{CellError, ExitStatus};
 use crate::protocol::ProbeWritten;
-pub use crate::protocol::{CallDone, CallFailure};
+pub use crate::protocol::{BootFailure, BootVm, BootedVm, CallDone, CallFailure, FrozenBooted};
 use crate::protocol::{
     CellCounts, CellVmId, Envelope, Frozen, Init, LoadTemplate, Request, Response, SandboxConfig, SpawnedVm,
     TemplateId, WarmCount, WireCommand,
@@ -386,6 +386,35 @@ impl Cell {
         }
     }
 
+    /// Boots `boot` (its kernel image in `kernel`, a sealed memfd, unless it is the built-in
+    /// guest): the VM, or how the boot failed in the VMM or the guest.
+    pub fn boot(
+        &self,
+        boot: BootVm,
+        kernel: Option<BorrowedFd<'_>>,
+    ) -> Result<Result<BootedVm, BootFailure>, CellError> {
+        // The boot, the run to ready() and the warm-up each run the guest up to its deadline.
+        let timeout =
+            self.config.request_timeout + self.config.per_vm_timeout + Duration::from_millis(boot.deadline_ms) * 3;
+        let fds: Vec<BorrowedFd<'_>> = kernel.into_iter().collect();
+        match self.call(Request::Boot(boot), &fds, timeout)? {
+            Response::Booted(booted) => Ok(Ok(booted)),
+            Response::BootFailed(failure) => Ok(Err(failure)),
+            other => Err(self.unexpected("boot", &other)),
+        }
+    }
+
+    /// Freezes VM `vm`, which the cell booted, into a template the cell keeps under `template`:
+    /// what it answered and the template's memfds (base first, then the overlays).
+    pub fn freeze_booted(&self, vm: CellVmId, template: TemplateId) -> Result<(FrozenBooted, Vec<OwnedFd>), CellError> {
+        let (response, fds) =
+            self.exchange(Request::FreezeBooted { vm, template }, &[], self.config.request_timeout)?;
+        match response {
+            Response::FrozenBooted(frozen) => Ok((*frozen, fds)),
+            other => Err(self.unexpected("freeze_booted", &other)),
+        }
+    }
+
     /// Runs `command` in VM `vm` on vCPU 0 with a guest deadline: what the guest returned (as
     /// [`cowvm_vmm::Vm::execute`]).
     pub fn run(&self, vm: CellVmId, command: GuestCommand, deadline: Duration) -> Result<CommandOutput, CellError> {
@@ -588,6 +617,9 @@ impl Cell {
                 Response::ProbePrepared(_) => "ProbePrepared",
                 Response::ProbeWritten(_) => "ProbeWritten",
                 Response::Error(_) => "Error",
+                Response::Booted(_) => "Booted",
+                Response::BootFailed(_) => "BootFailed",
+                Response::FrozenBooted(_) => "FrozenBooted",
             },
         }
     }

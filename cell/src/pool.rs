@@ -14,6 +14,10 @@ use crate::cell::{Cell, CellConfig, CellError, ExitStatus, Liveness, Spawned};
 use crate::protocol::{CellVmId, SpawnedVm, TemplateId, WarmCount};
 use crate::sandbox::Confinement;
 
+mod boot;
+
+pub use boot::PlacedBoot;
+
 /// A cell's id in the pool (never reused).
 pub type CellId = u64;
 
@@ -366,13 +370,14 @@ impl CellPool {
         per_cell.min((self.mapping_budget / each.max(1)).min(u32::MAX as usize) as u32)
     }
 
-    /// Plans where `count` clones of `template` (costing `each` mappings) go: (cell, how many),
-    /// cells with warm shells of the template first (most first), then cells with room, then new
-    /// cells, which it starts. The room is reserved until [`CellPool::release`].
+    /// Plans where `count` VMs (clones of `template`, or booted VMs with `None`) costing `each`
+    /// mappings go: (cell, how many), cells with warm shells of the template first (most first),
+    /// then cells with room, then new cells, which it starts.
+    /// The room is reserved until [`CellPool::release`].
     fn place(
         &self,
         count: usize,
-        template: TemplateId,
+        template: Option<TemplateId>,
         each: usize,
     ) -> Result<Vec<(CellId, Arc<Cell>, u32)>, PoolError> {
         let per_new = self.empty_room(each).max(1);
@@ -415,7 +420,10 @@ impl CellPool {
             state.starting += needed;
             let mut order: Vec<(u32, CellId)> = alive
                 .iter()
-                .filter_map(|&id| Some((state.cells.get(&id)?.target_of(template), id)))
+                .filter_map(|&id| {
+                    let slot = state.cells.get(&id)?;
+                    Some((template.map_or(0, |t| slot.target_of(t)), id))
+                })
                 .collect();
             order.sort_by_key(|&(warm, id)| (std::cmp::Reverse(warm), id));
             for (_, id) in order {
@@ -726,7 +734,7 @@ impl CellPool {
     /// their positions in the call. The cells' warm-shell targets drop by the shells taken.
     pub fn spawn(&self, template: TemplateId, count: usize) -> Result<PoolBatch, PoolError> {
         let each = self.mappings_each(template)?;
-        let plan = self.place(count, template, each)?;
+        let plan = self.place(count, Some(template), each)?;
         let mut first = 0u32;
         let shares: Vec<(CellId, Arc<Cell>, u32, u32)> = plan
             .into_iter()

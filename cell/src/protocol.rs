@@ -10,6 +10,10 @@
 use std::ops::Range;
 use std::time::Duration;
 
+mod boot;
+
+pub use boot::{BootFailure, BootVm, BootedVm, FrozenBooted};
+
 use cowvm_vmm::clone::CloneFailure;
 use cowvm_vmm::probe::{GuestWrites, Micros, ProbeTargets};
 use cowvm_vmm::translate::GuestTranslation;
@@ -292,6 +296,16 @@ pub enum Request {
         /// Time the host-only baseline.
         baseline: bool,
     },
+    /// Boot a VM (with no fd, or the sealed memfd of its kernel).
+    Boot(BootVm),
+    /// Freeze a VM the cell booted into a template, which the cell keeps under `template`;
+    /// answered [`Response::FrozenBooted`] with the template's memfds.
+    FreezeBooted {
+        /// The VM.
+        vm: CellVmId,
+        /// The supervisor's id for the new template.
+        template: TemplateId,
+    },
 }
 
 impl Request {
@@ -312,6 +326,8 @@ impl Request {
             Request::Freeze { .. } => "freeze",
             Request::ProbePrepare { .. } => "probe_prepare",
             Request::ProbeWrite { .. } => "probe_write",
+            Request::Boot(_) => "boot",
+            Request::FreezeBooted { .. } => "freeze_booted",
         }
     }
 }
@@ -490,6 +506,12 @@ pub enum Response {
     ProbeWritten(ProbeWritten),
     /// The request failed.
     Error(RemoteError),
+    /// A VM booted.
+    Booted(BootedVm),
+    /// A boot that failed (the cell keeps serving).
+    BootFailed(BootFailure),
+    /// A booted VM frozen (sent with the template's memfds).
+    FrozenBooted(Box<FrozenBooted>),
 }
 
 /// The cell's half of a write probe's measurements.

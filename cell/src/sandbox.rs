@@ -103,7 +103,32 @@ pub fn cell_filter() -> Result<BpfProgram, SandboxError> {
     let mut rules = unconditional(allowlist::SYSCALLS);
     rules.insert(libc::SYS_ioctl, ioctl);
     rules.insert(libc::SYS_prctl, prctl);
+    // Threads (the vCPUs of a VM booted in the cell run to their first exit at once), never
+    // processes: `clone` only with CLONE_THREAD. `clone3` passes its flags in memory, out of
+    // seccomp's sight: this filter lets it through to [`clone3_fallback_filter`], which answers
+    // ENOSYS, and glibc then creates the thread with `clone`.
+    let thread = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+        libc::CLONE_THREAD as u64,
+    )?;
+    rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![thread])?]);
+    rules.insert(libc::SYS_clone3, Vec::new());
     compile(rules)
+}
+
+/// The filter installed before [`cell_filter`]: `clone3` fails with ENOSYS (so that glibc
+/// falls back to `clone`, whose flags the cell filter checks); everything else is left to the
+/// cell filter. (Of two filters the kernel takes the stricter answer: ERRNO over ALLOW.)
+pub fn clone3_fallback_filter() -> Result<BpfProgram, SandboxError> {
+    let filter = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )?;
+    Ok(filter.try_into()?)
 }
 
 /// A filter allowing exactly `syscalls`; any other call kills the whole process (`SIGSYS`).
@@ -218,6 +243,70 @@ mod tests {
     fn test_cell_filter_kills_a_syscall_outside_its_list() {
         let program = cell_filter().expect("build the filter");
         assert_eq!(child_status(&program, true), (Some(libc::SIGSYS), None));
+    }
+
+    #[test]
+    fn test_cell_filters_allow_threads_but_no_process_and_turn_clone3_into_enosys() {
+        let fallback = clone3_fallback_filter().expect("build the clone3 filter");
+        let cell = cell_filter().expect("build the filter");
+        // (signal, exit code) of a child that installs both filters, as a cell does, then makes
+        // clone3 (must fail with ENOSYS, exit 0) and, if `fork`, a fork-like clone.
+        let run = |fork: bool| {
+            // SAFETY: the child only makes raw system calls and leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork failed: {}", io::Error::last_os_error());
+            if pid == 0 {
+                // SAFETY: prctl with integer arguments; _exit never returns.
+                unsafe {
+                    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                        libc::_exit(90);
+                    }
+                }
+                if seccompiler::apply_filter(&fallback).is_err() || seccompiler::apply_filter(&cell).is_err() {
+                    // SAFETY: _exit never returns.
+                    unsafe { libc::_exit(91) };
+                }
+                // SAFETY: clone3 with a null argument: refused before it is read.
+                let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+                let errno = io::Error::last_os_error().raw_os_error();
+                if rc != -1 || errno != Some(libc::ENOSYS) {
+                    // SAFETY: _exit never returns.
+                    unsafe { libc::_exit(92) };
+                }
+                if fork {
+                    // SAFETY: a fork-like clone (no CLONE_VM); the filter kills before it runs.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_clone,
+                            libc::SIGCHLD as libc::c_ulong,
+                            0usize,
+                            0usize,
+                            0usize,
+                            0usize,
+                        )
+                    };
+                }
+                // SAFETY: _exit never returns.
+                unsafe { libc::_exit(0) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for our own child; `status` is valid output storage.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            (
+                libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+                libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+            )
+        };
+        assert_eq!(
+            run(false),
+            (None, Some(0)),
+            "clone3 must fail with ENOSYS under the filters"
+        );
+        assert_eq!(
+            run(true),
+            (Some(libc::SIGSYS), None),
+            "a clone without CLONE_THREAD must be killed"
+        );
     }
 
     #[test]

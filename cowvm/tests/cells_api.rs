@@ -98,6 +98,14 @@ fn template(client: &Client) -> (String, String) {
     (vm, snap["template_id"].as_str().expect("template id").to_owned())
 }
 
+/// A template as [`template`] makes it, its booted source VM deleted: with cells the source
+/// lives in a cell too, and the tests that use this count only clones there.
+fn clones_template(client: &Client) -> String {
+    let (vm, tpl) = template(client);
+    ok(client, "DELETE", &format!("/v1/vms/{vm}"), None, 204);
+    tpl
+}
+
 fn clone_ids(client: &Client, template: &str, count: u64) -> Vec<String> {
     let made = ok(
         client,
@@ -155,6 +163,13 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
     let reference = in_process_checksum();
     let (_server, client) = start(Some(cells(10, 4)));
     let (source, tpl) = template(&client);
+    assert_eq!(
+        run_checksum(&client, &source),
+        reference,
+        "the VM frozen (in its cell) answers as an in-process clone"
+    );
+    // The booted VM lives in a cell too; only the clones are counted below.
+    ok(&client, "DELETE", &format!("/v1/vms/{source}"), None, 204);
     let clones = clone_ids(&client, &tpl, 20);
     assert_eq!(clones.len(), 20);
 
@@ -176,10 +191,10 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
         }
     }
 
-    // The VM list holds the booted VM and every clone; a clone answers like one in-process.
+    // The VM list holds every clone; a clone answers like one in-process.
     let all = ok(&client, "GET", "/v1/vms", None, 200);
-    assert_eq!(all.as_array().map(Vec::len), Some(21), "{all}");
-    assert_eq!(ok(&client, "GET", "/healthz", None, 200)["vms"], 21);
+    assert_eq!(all.as_array().map(Vec::len), Some(20), "{all}");
+    assert_eq!(ok(&client, "GET", "/healthz", None, 200)["vms"], 20);
     assert_eq!(
         ok(&client, "GET", &format!("/v1/templates/{tpl}"), None, 200)["clones"],
         20
@@ -195,11 +210,6 @@ fn test_clones_in_cells_run_reset_delete_and_a_killed_cell_loses_only_its_vms() 
         run_checksum(&client, first),
         reference,
         "same data as an in-process clone"
-    );
-    assert_eq!(
-        run_checksum(&client, &source),
-        reference,
-        "and as the VM it was frozen from"
     );
 
     // A write changes the clone only; a reset takes it back to the template.
@@ -348,7 +358,7 @@ fn test_serve_with_cells_flag_runs_clones_in_cowvm_cell_processes_up_to_max_cell
     let first = lines.next().expect("a line").expect("read");
     let url = first.rsplit(' ').next().expect("url").to_owned();
     let client = Client::new(&url, None);
-    let (_, tpl) = template(&client);
+    let tpl = clones_template(&client);
     let clones = clone_ids(&client, &tpl, 3);
     let listed = ok(&client, "GET", "/v1/cells", None, 200);
     let pids: Vec<u64> = listed
@@ -409,7 +419,7 @@ fn memfds_held(pid: u64) -> usize {
 #[test]
 fn test_deleting_a_template_drops_its_memfds_from_the_cells() {
     let (_server, client) = start(Some(cells(10, 2)));
-    let (_, tpl) = template(&client);
+    let tpl = clones_template(&client);
     let clones = clone_ids(&client, &tpl, 2);
     let listed = ok(&client, "GET", "/v1/cells", None, 200);
     let pid = listed[0]["pid"].as_u64().expect("pid");
@@ -522,7 +532,7 @@ fn wait_for_cell_shells(client: &Client, shells: u64) -> u64 {
 #[test]
 fn test_cells_keep_warm_shells_that_clone_calls_take() {
     let (_server, client) = start(Some(cells(10, 4)));
-    let (_, tpl) = template(&client);
+    let tpl = clones_template(&client);
     // --warm-shells 2: kept in cells, not in the server.
     assert_eq!(wait_for_cell_shells(&client, 2), 2);
     let info = ok(&client, "GET", &format!("/v1/templates/{tpl}"), None, 200);
@@ -695,7 +705,7 @@ fn test_calls_run_in_the_cell_of_an_in_cell_vm() {
         .iter()
         .map(|c| c["vms"].as_u64().expect("vms"))
         .sum();
-    assert_eq!(held, 1, "the clone lives in a cell: {listed}");
+    assert_eq!(held, 2, "the booted VM and its clone live in cells: {listed}");
     for _ in 0..2 {
         let answer = ok(
             &client,
@@ -750,7 +760,7 @@ fn test_cells_that_held_only_deleted_vms_are_stopped_once_idle() {
     };
     let server = server::start(config).expect("server starts");
     let client = Client::new(&format!("http://{}", server.addr), None);
-    let (_, tpl) = template(&client);
+    let tpl = clones_template(&client);
     let clones = clone_ids(&client, &tpl, 2);
     let listed = ok(&client, "GET", "/v1/cells", None, 200);
     let pids: Vec<u64> = listed
@@ -864,6 +874,8 @@ fn test_in_cell_clones_of_a_multi_vcpu_template_run_commands_on_every_vcpu() {
         .as_str()
         .expect("template id")
         .to_owned();
+    // The booted VM lives in a cell too; only the clones are counted below.
+    ok(&client, "DELETE", &format!("/v1/vms/{vm}"), None, 204);
     let clones = clone_ids(&client, &tpl, 2);
     assert_eq!(
         ok(&client, "GET", "/v1/cells", None, 200)
@@ -1252,7 +1264,7 @@ fn test_snapshot_and_live_fork_of_a_lost_or_failed_in_cell_vm_answer_409_as_othe
     };
     let server = server::start(config).expect("server starts");
     let client = Client::new(&format!("http://{}", server.addr), None);
-    let (_, tpl) = template(&client);
+    let tpl = clones_template(&client);
     let lost = clone_ids(&client, &tpl, 1).remove(0);
     let pids = cell_pids(&client);
     assert_eq!(pids.len(), 1, "one cell holds the clone");
@@ -1364,7 +1376,7 @@ fn test_a_write_probe_of_an_in_cell_clone_reports_what_an_independent_pagemap_re
     // The answer of an in-process probe of a clone, for its keys.
     let in_process = {
         let (_server, client) = start(None);
-        let (_, tpl) = template(&client);
+        let tpl = clones_template(&client);
         let clone = clone_ids(&client, &tpl, 1).remove(0);
         run_checksum(&client, &clone);
         ok(
@@ -1376,7 +1388,7 @@ fn test_a_write_probe_of_an_in_cell_clone_reports_what_an_independent_pagemap_re
         )
     };
     let (_server, client) = start(Some(cells(10, 2)));
-    let (_, tpl) = template(&client);
+    let tpl = clones_template(&client);
     let clone = clone_ids(&client, &tpl, 1).remove(0);
     // The checksum reads the 8 pages: they map the template's frames.
     let reference = run_checksum(&client, &clone);
@@ -1577,7 +1589,7 @@ fn test_a_write_probe_whose_scratch_clone_finds_no_room_is_refused_clearly_and_w
 }
 
 /// `cowvm serve --listen 127.0.0.1:0 --cells <args>` and a client for it.
-fn serve_cells(args: &[&str]) -> (std::process::Child, Client) {
+fn serve_cells(args: &[&str]) -> (Served, Client) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cowvm"))
         .args(["serve", "--listen", "127.0.0.1:0", "--cells"])
         .args(args)
@@ -1585,13 +1597,28 @@ fn serve_cells(args: &[&str]) -> (std::process::Child, Client) {
         .spawn()
         .expect("start cowvm serve --cells");
     let stdout = child.stdout.take().expect("stdout");
+    let served = Served(Some(child));
     let first = BufReader::new(stdout).lines().next().expect("a line").expect("read");
     let url = first.rsplit(' ').next().expect("url").to_owned();
-    (child, Client::new(&url, None))
+    (served, Client::new(&url, None))
+}
+
+/// A server process that is killed if the test ends (or panics) before [`stop_server`]: an
+/// orphaned server would keep the test harness's output open.
+struct Served(Option<std::process::Child>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Stops a server started by [`serve_cells`] with SIGTERM; whether it exited cleanly.
-fn stop_server(mut child: std::process::Child) -> bool {
+fn stop_server(mut served: Served) -> bool {
+    let mut child = served.0.take().expect("a running server");
     // SAFETY: sending SIGTERM to our own child process.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
     child.wait().expect("wait").success()
@@ -1610,7 +1637,7 @@ fn cell_ids(client: &Client) -> Vec<(u64, u64)> {
 #[test]
 fn test_serve_idle_cells_flags_stop_a_cell_whose_last_vm_is_deleted_and_start_a_new_one_on_demand() {
     let (child, client) = serve_cells(&["--warm-shells", "0", "--idle-cells", "0", "--cell-idle-ms", "200"]);
-    let (_, tpl) = template(&client);
+    let tpl = clones_template(&client);
     let clone = clone_ids(&client, &tpl, 1).remove(0);
     let sum = run_checksum(&client, &clone);
     let cells = cell_ids(&client);
@@ -1770,4 +1797,273 @@ fn test_in_cell_clone_run_and_reset_answers_have_the_keys_of_in_process_ones() {
     assert_eq!(reset["pages_dropped"], 3, "{reset}");
     assert_eq!(reset["steps"]["in_cell_us"], reset["reset_us"], "{reset}");
     assert_ne!(reset["generation"], made["clones"][0]["generation"], "{reset}");
+}
+
+/// Guest RAM mappings of booted VMs (`memfd:cowvm-guest-ram`) of exactly `bytes` in process
+/// `pid`, from its `/proc/<pid>/maps`.
+fn guest_ram_mappings(pid: u64, bytes: u64) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    maps.lines()
+        .filter(|l| l.contains("cowvm-guest-ram"))
+        .filter(|l| {
+            let range = l.split_whitespace().next().unwrap_or("");
+            let (start, end) = range.split_once('-').unwrap_or(("0", "0"));
+            let size = u64::from_str_radix(end, 16).unwrap_or(0) - u64::from_str_radix(start, 16).unwrap_or(0);
+            size == bytes
+        })
+        .count()
+}
+
+/// The cells that hold VMs, as (pid, vms).
+fn cells_holding_vms(client: &Client) -> Vec<(u64, u64)> {
+    let listed = ok(client, "GET", "/v1/cells", None, 200);
+    listed
+        .as_array()
+        .expect("cells")
+        .iter()
+        .map(|c| (c["pid"].as_u64().expect("pid"), c["vms"].as_u64().expect("vms")))
+        .filter(|&(_, vms)| vms > 0)
+        .collect()
+}
+
+/// The same requests on a booted VM, answered by one server: its GET, identity on vCPU 1, the
+/// checksum after a write, and its stats.
+fn booted_answers(client: &Client, boot: &Value) -> (String, Value, Value, u64, Value) {
+    let made = ok(client, "POST", "/v1/vms", Some(boot.clone()), 201);
+    let id = made["id"].as_str().expect("id").to_owned();
+    let info = ok(client, "GET", &format!("/v1/vms/{id}"), None, 200);
+    assert_eq!(info, made, "POST and GET answer the same VM");
+    let identity = json!({"command": "identity", "vcpu": 1});
+    let who = ok(client, "POST", &format!("/v1/vms/{id}/run"), Some(identity), 200);
+    let write =
+        json!({"command": "write", "start_gpa": 16 << 20, "count": 32, "stride": 4096, "value": 0x5eed_0001_u64});
+    let wrote = ok(client, "POST", &format!("/v1/vms/{id}/run"), Some(write), 200);
+    assert_eq!(wrote["status"], 0, "{wrote}");
+    let check = json!({"command": "checksum", "start_gpa": 16 << 20, "count": 32, "stride": 4096});
+    let sum = ok(client, "POST", &format!("/v1/vms/{id}/run"), Some(check), 200);
+    assert_eq!(sum["status"], 0, "{sum}");
+    let stats = ok(client, "GET", &format!("/v1/vms/{id}/stats"), None, 200);
+    (id, info, who, sum["result"].as_u64().expect("result"), stats)
+}
+
+#[test]
+fn test_post_vms_with_cells_boots_the_vm_in_a_cell_and_answers_as_in_process() {
+    // 72 MiB: a size no other test boots, so that its RAM mapping can be looked for.
+    let boot = json!({"memory_mib": 72, "vcpus": 2, "warmup_mib": 8, "kernel": null});
+    let bytes = 72 << 20;
+    let (_server, client) = start(Some(cells(10, 2)));
+    let (id, info, who, sum, stats) = booted_answers(&client, &boot);
+    assert_eq!(info["kind"], "vm", "{info}");
+    assert_eq!(info["vcpus"], 2, "{info}");
+    // The VM is in a cell: the cell maps its RAM, the server's process does not.
+    let holding = cells_holding_vms(&client);
+    assert_eq!(holding.len(), 1, "one cell holds the booted VM: {holding:?}");
+    let (cell_pid, vms) = holding[0];
+    assert_eq!(vms, 1);
+    assert_eq!(guest_ram_mappings(cell_pid, bytes), 1, "the cell maps the guest's RAM");
+    assert_eq!(
+        guest_ram_mappings(std::process::id() as u64, bytes),
+        0,
+        "the server's process maps no guest RAM of the VM"
+    );
+    assert_eq!(who["vcpu"], 1, "identity on vCPU 1 answers vCPU 1: {who}");
+    assert_eq!(stats["id"], id.as_str(), "{stats}");
+    assert_eq!(stats["pages"]["total"], bytes / 4096, "{stats}");
+    // A booted VM is not a clone, in a cell as in process.
+    let code = error_code(&client, "POST", &format!("/v1/vms/{id}/reset"), None, 409);
+    assert_eq!(code, "not_a_clone");
+    // Its snapshot is a template whose clones see its writes.
+    let tpl = ok(&client, "POST", &format!("/v1/vms/{id}/snapshot"), None, 201);
+    assert_eq!(tpl["memory_mib"], 72, "{tpl}");
+    let tpl = tpl["template_id"].as_str().expect("template").to_owned();
+    let clone = clone_ids(&client, &tpl, 1).remove(0);
+    let check = json!({"command": "checksum", "start_gpa": 16 << 20, "count": 32, "stride": 4096});
+    let cloned = ok(
+        &client,
+        "POST",
+        &format!("/v1/vms/{clone}/run"),
+        Some(check.clone()),
+        200,
+    );
+    assert_eq!(cloned["result"].as_u64(), Some(sum), "{cloned}");
+    let after = ok(&client, "POST", &format!("/v1/vms/{id}/run"), Some(check), 200);
+    assert_eq!(
+        after["result"].as_u64(),
+        Some(sum),
+        "the frozen VM keeps running: {after}"
+    );
+    // Deleting it destroys it in its cell (booted VMs are not recycled into warm pools).
+    ok(&client, "DELETE", &format!("/v1/vms/{id}"), None, 204);
+    assert_eq!(
+        error_code(&client, "GET", &format!("/v1/vms/{id}"), None, 404),
+        "not_found"
+    );
+    assert!(
+        eventually(|| guest_ram_mappings(cell_pid, bytes) == 0 || process_gone(cell_pid)),
+        "the cell unmapped the deleted VM's RAM"
+    );
+
+    // The same VM in the server's own process answers the same.
+    let (_local_server, local) = start(None);
+    let (_, local_info, local_who, local_sum, local_stats) = booted_answers(&local, &boot);
+    assert_eq!(info, local_info);
+    assert_eq!(who["vcpu"], local_who["vcpu"]);
+    assert_eq!(sum, local_sum);
+    assert_eq!(
+        stats["pages"], local_stats["pages"],
+        "the same pages, read from the cell's pagemap"
+    );
+    assert_eq!(keys(&stats), keys(&local_stats));
+}
+
+#[test]
+fn test_a_user_kernel_boots_in_a_cell_and_bad_requests_fail_as_in_process() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let dir = std::env::temp_dir().join(format!("cowvm-cells-boot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("kernel dir");
+    std::fs::write(dir.join("hello.elf"), cowvm_guest::HELLO_ELF).expect("hello");
+    std::fs::write(dir.join("junk.elf"), b"not an ELF image at all").expect("junk");
+    let server_with = |cells: Option<CellsConfig>| {
+        let config = ServerConfig {
+            limits: limits(),
+            cells,
+            kernel_dir: Some(dir.clone()),
+            ..ServerConfig::local(0)
+        };
+        let server = server::start(config).expect("server starts");
+        let client = Client::new(&format!("http://{}", server.addr), None);
+        (server, client)
+    };
+    let (_celled, client) = server_with(Some(cells(10, 2)));
+    let vm = ok(
+        &client,
+        "POST",
+        "/v1/vms",
+        Some(json!({"memory_mib": 64, "kernel": "hello.elf"})),
+        201,
+    );
+    assert_eq!(vm["kind"], "vm", "{vm}");
+    let id = vm["id"].as_str().expect("id").to_owned();
+    let holding = cells_holding_vms(&client);
+    assert_eq!(holding.iter().map(|&(_, n)| n).sum::<u64>(), 1, "{holding:?}");
+    assert_eq!(guest_ram_mappings(std::process::id() as u64, 64 << 20), 0);
+    // It booted to ready() in its cell: a call answers.
+    let answer = ok(
+        &client,
+        "POST",
+        &format!("/v1/vms/{id}/call"),
+        Some(json!({"input": b64.encode(b"world")})),
+        200,
+    );
+    let output = b64.decode(answer["output"].as_str().expect("output")).expect("base64");
+    assert_eq!(output, b"hello, world", "{answer}");
+
+    // Bad requests: the same status, code and message with and without cells.
+    let (_local, local) = server_with(None);
+    let bad = [
+        json!({"memory_mib": 64, "kernel": "junk.elf"}),
+        json!({"memory_mib": 64, "kernel": "missing.elf"}),
+        json!({"memory_mib": 64, "kernel": "../hello.elf"}),
+        json!({"memory_mib": 64, "kernel": "hello.elf", "warmup_mib": 1}),
+        json!({"memory_mib": 64, "vcpus": 0}),
+        json!({"memory_mib": 100_000}),
+        json!({"memory_mib": 64, "warmup_mib": 64}),
+    ];
+    for body in bad {
+        let in_cell = client.request("POST", "/v1/vms", Some(&body)).expect("request");
+        let in_process = local.request("POST", "/v1/vms", Some(&body)).expect("request");
+        assert_eq!(in_cell.status, 422, "{body}: {}", in_cell.body);
+        assert_eq!(
+            (in_cell.status, &in_cell.body),
+            (in_process.status, &in_process.body),
+            "{body}"
+        );
+    }
+    let listed = ok(&client, "GET", "/v1/vms", None, 200);
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "refused boots leave nothing: {listed}"
+    );
+    drop(_celled);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn test_a_booted_vm_is_lost_with_its_killed_cell_and_boots_go_on() {
+    let (_server, client) = start(Some(cells(10, 2)));
+    let boot = json!({"memory_mib": 32, "vcpus": 1, "warmup_mib": 0, "kernel": null});
+    let vm = ok(&client, "POST", "/v1/vms", Some(boot.clone()), 201);
+    let id = vm["id"].as_str().expect("id").to_owned();
+    let holding = cells_holding_vms(&client);
+    assert_eq!(holding.len(), 1, "{holding:?}");
+    let killed = Command::new("kill")
+        .args(["-9", &holding[0].0.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    assert!(
+        eventually(|| ok(&client, "GET", &format!("/v1/vms/{id}"), None, 200)["state"] == "lost"),
+        "the booted VM is reported lost"
+    );
+    let info = ok(&client, "GET", &format!("/v1/vms/{id}"), None, 200);
+    assert!(info["failure"].as_str().is_some_and(|f| f.contains("killed")), "{info}");
+    let code = error_code(&client, "POST", &format!("/v1/vms/{id}/run"), Some(checksum()), 409);
+    assert_eq!(code, "vm_lost");
+    ok(&client, "DELETE", &format!("/v1/vms/{id}"), None, 204);
+    // The next boot gets a cell again.
+    let again = ok(&client, "POST", "/v1/vms", Some(boot), 201);
+    assert_eq!(again["state"], "running", "{again}");
+    assert_eq!(cells_holding_vms(&client).len(), 1);
+}
+
+#[test]
+fn test_booted_vms_in_cells_count_against_max_vms_and_the_cells_room() {
+    // --max-vms 2: the third boot is refused as in process (429), wherever the VMs are.
+    let config = ServerConfig {
+        limits: Limits { max_vms: 2, ..limits() },
+        cells: Some(cells(1, 4)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let boot = json!({"memory_mib": 16, "vcpus": 1, "warmup_mib": 0, "kernel": null});
+    for _ in 0..2 {
+        ok(&client, "POST", "/v1/vms", Some(boot.clone()), 201);
+    }
+    assert_eq!(
+        cells_holding_vms(&client).len(),
+        2,
+        "one VM per cell (--vms-per-cell 1)"
+    );
+    let code = error_code(&client, "POST", "/v1/vms", Some(boot.clone()), 429);
+    assert_eq!(code, "too_many_vms");
+    drop(server);
+    // Room under --max-vms but none in the cells (one cell of one VM): 503.
+    let config = ServerConfig {
+        limits: Limits {
+            max_vms: 10,
+            ..limits()
+        },
+        cells: Some(cells(1, 1)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let first = ok(&client, "POST", "/v1/vms", Some(boot.clone()), 201);
+    let code = error_code(&client, "POST", "/v1/vms", Some(boot.clone()), 503);
+    assert_eq!(code, "resources_exhausted");
+    let listed = ok(&client, "GET", "/v1/vms", None, 200);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    // Deleting the VM makes room again.
+    ok(
+        &client,
+        "DELETE",
+        &format!("/v1/vms/{}", first["id"].as_str().expect("id")),
+        None,
+        204,
+    );
+    ok(&client, "POST", "/v1/vms", Some(boot), 201);
 }

@@ -7,12 +7,11 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use cowvm_vmm::boot::layout::KERNEL_START;
+use cowvm_vmm::call::ready::BootToReadyError;
 use cowvm_vmm::call::CallError;
 use cowvm_vmm::clone::CloneError;
 use cowvm_vmm::command::CommandError;
 use cowvm_vmm::kvm::KvmError;
-use cowvm_vmm::loader::LoadError;
 use cowvm_vmm::memory::MemoryError;
 use cowvm_vmm::persist::PersistError;
 use cowvm_vmm::probe::ProbeError;
@@ -177,6 +176,14 @@ impl ServiceError {
             message: message.into(),
         }
     }
+    /// 409 `not_a_clone`: VM `id` was booted, and only clones can be reset (in the server's
+    /// process and in cells alike).
+    pub fn not_a_clone(id: &str) -> Self {
+        Self::conflict(
+            "not_a_clone",
+            format!("{id} was booted, not cloned; only clones can be reset"),
+        )
+    }
     /// 422: a well-formed value outside what is allowed.
     pub fn out_of_range(code: &'static str, message: impl Into<String>) -> Self {
         Self::OutOfRange {
@@ -200,7 +207,7 @@ impl ServiceError {
         Self::Internal(message.into())
     }
     /// An errno from the host: 503 when the host ran out of something, 500 otherwise.
-    fn host(errno: Option<i32>, message: String) -> Self {
+    pub(crate) fn host(errno: Option<i32>, message: String) -> Self {
         if errno.is_some_and(exhausted_errno) {
             Self::Exhausted(message)
         } else {
@@ -262,23 +269,6 @@ impl From<PathRejection> for ServiceError {
     }
 }
 
-/// Why a kernel did not load, naming the kernel by the file name the client gave.
-fn kernel_message(e: &LoadError) -> String {
-    let file_name = |p: &std::path::Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    match e {
-        LoadError::Open { path, source } => format!("cannot open kernel {:?}: {}", file_name(path), source.kind()),
-        LoadError::Elf { name, source } => format!(
-            "kernel {:?} is not a 64-bit ELF whose segments load at or above {:#x} inside the guest's RAM ({source})",
-            file_name(std::path::Path::new(name)),
-            KERNEL_START.0
-        ),
-    }
-}
-
 /// Errors that mean the host ran out of something (fds, memory), not that the request was bad.
 fn exhausted_errno(errno: i32) -> bool {
     matches!(
@@ -333,7 +323,7 @@ impl From<VmError> for ServiceError {
             VmError::Command(CommandError::TooMany { .. }) => Self::out_of_range("count_out_of_range", message),
             VmError::Command(CommandError::Misaligned { .. }) => Self::out_of_range("misaligned", message),
             VmError::Command(_) | VmError::Translate(_) => Self::out_of_range("address_out_of_range", message),
-            VmError::Load(load) => Self::out_of_range("bad_kernel", kernel_message(&load)),
+            VmError::Load(load) => Self::out_of_range("bad_kernel", load.client_message()),
             VmError::GuestStopped(_) | VmError::Failed(_) => Self::VmFailed(message),
             VmError::VcpuCount { .. } => Self::out_of_range("vcpus_out_of_range", message),
             VmError::NoSuchVcpu { .. } | VmError::DuplicateVcpu { .. } => {
@@ -342,6 +332,15 @@ impl From<VmError> for ServiceError {
             VmError::VcpuThread(io) => Self::host(io.raw_os_error(), message),
             VmError::NotAClone => Self::conflict("not_a_clone", message),
             _ => Self::internal(message),
+        }
+    }
+}
+
+impl From<BootToReadyError> for ServiceError {
+    fn from(e: BootToReadyError) -> Self {
+        match e {
+            BootToReadyError::Vm(vm) => vm.into(),
+            other => Self::out_of_range("boot_failed", other.to_string()),
         }
     }
 }

@@ -38,7 +38,11 @@ impl Worker {
             ));
         }
         let parent_template = Arc::clone(self.template(parent)?);
-        if !Arc::ptr_eq(self.vm(vm)?.template(), &parent_template) {
+        if !self
+            .vm(vm)?
+            .as_clone()
+            .is_some_and(|c| Arc::ptr_eq(c.template(), &parent_template))
+        {
             return Err(RemoteError::new(
                 Kind::Protocol,
                 format!("VM {vm} is not a clone of template {parent}"),

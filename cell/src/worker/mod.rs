@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cowvm_vmm::{
     AdmitError, Clone, CloneEngine, EngineConfig, FrozenMemory, GuestCommand, Kvm, Reservation, Template,
-    TemplateMemory,
+    TemplateMemory, Vm,
 };
 
 use crate::protocol::{
@@ -35,9 +35,45 @@ const THREADS_READY: Duration = Duration::from_secs(10);
 
 use RemoteErrorKind as Kind;
 
-/// A live clone and its room under the cell's limits (VMs and mappings), held until it goes.
+mod boot;
+
+/// A VM the cell holds: a clone of a template, or a VM it booted (`Request::Boot`).
+enum Machine {
+    /// A clone.
+    Clone(Clone),
+    /// A booted VM (never recycled into a warm pool).
+    Booted(Vm),
+}
+
+impl Machine {
+    /// The VM.
+    fn vm(&self) -> &Vm {
+        match self {
+            Machine::Clone(clone) => clone.vm(),
+            Machine::Booted(vm) => vm,
+        }
+    }
+
+    /// The VM, mutably.
+    fn vm_mut(&mut self) -> &mut Vm {
+        match self {
+            Machine::Clone(clone) => clone.vm_mut(),
+            Machine::Booted(vm) => vm,
+        }
+    }
+
+    /// The clone, if it is one.
+    fn as_clone(&self) -> Option<&Clone> {
+        match self {
+            Machine::Clone(clone) => Some(clone),
+            Machine::Booted(_) => None,
+        }
+    }
+}
+
+/// A live VM and its room under the cell's limits (VMs and mappings), held until it goes.
 struct Held {
-    clone: Clone,
+    machine: Machine,
     room: Reservation,
 }
 
@@ -78,10 +114,10 @@ impl Worker {
         })
     }
 
-    fn vm(&mut self, id: CellVmId) -> Result<&mut Clone, RemoteError> {
+    fn vm(&mut self, id: CellVmId) -> Result<&mut Machine, RemoteError> {
         self.vms
             .get_mut(&id)
-            .map(|held| &mut held.clone)
+            .map(|held| &mut held.machine)
             .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {id} in this cell")))
     }
 
@@ -197,9 +233,15 @@ impl Worker {
                     .vms
                     .remove(&vm)
                     .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
-                let report = self.engine()?.reset(&mut held.clone);
+                let report = match &mut held.machine {
+                    Machine::Clone(clone) => self.engine()?.reset(clone).map_err(vmm_error),
+                    Machine::Booted(_) => Err(RemoteError::new(
+                        Kind::Protocol,
+                        format!("VM {vm} was booted, not cloned; only clones can be reset"),
+                    )),
+                };
                 self.vms.insert(vm, held);
-                Ok(Response::Reset(report.map_err(vmm_error)?))
+                Ok(Response::Reset(report?))
             }
             Request::Destroy { vm } => {
                 let held = self
@@ -208,8 +250,8 @@ impl Worker {
                     .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
                 // Torn down here, the VM first, then its room: the room is free when the answer
                 // goes out, so the supervisor's count of the cell is exact for the next spawn.
-                let Held { clone, room } = held;
-                drop(clone);
+                let Held { machine, room } = held;
+                drop(machine);
                 drop(room);
                 Ok(Response::Done)
             }
@@ -217,7 +259,8 @@ impl Worker {
                 if self
                     .vms
                     .values()
-                    .any(|h| h.clone.template().id() == self.template(template).map_or(0, |t| t.id()))
+                    .filter_map(|h| h.machine.as_clone())
+                    .any(|c| c.template().id() == self.template(template).map_or(0, |t| t.id()))
                 {
                     return Err(RemoteError::new(
                         Kind::Protocol,
@@ -237,11 +280,12 @@ impl Worker {
                 Ok(Response::StatsFds { vcpus })
             }
             Request::Call { vm, input, deadline_ms } => {
-                let clone = self.vm(vm)?;
-                let (generation, seed) = (clone.generation(), clone.seed());
+                let machine = self.vm(vm)?;
+                // A booted VM has no generation or seed (0, as in the server's own process).
+                let (generation, seed) = machine.as_clone().map_or((0, 0), |c| (c.generation(), c.seed()));
                 let deadline = Duration::from_millis(deadline_ms);
                 Ok(
-                    match cowvm_vmm::call::call_vm(clone.vm_mut(), &input, generation, seed, deadline) {
+                    match cowvm_vmm::call::call_vm(machine.vm_mut(), &input, generation, seed, deadline) {
                         Ok(report) => {
                             let log = report.log.text();
                             if report.output.len() + log.len() + CALL_OVERHEAD > wire::MAX_MESSAGE {
@@ -278,6 +322,8 @@ impl Worker {
             Request::Freeze { vm, parent, template } => self.freeze(vm, parent, template),
             Request::ProbePrepare { vm, targets } => self.probe_prepare(vm, targets),
             Request::ProbeWrite { vm, gvas, baseline } => self.probe_write(vm, gvas, baseline),
+            Request::Boot(boot) => self.boot(boot, fds),
+            Request::FreezeBooted { vm, template } => self.freeze_booted(vm, template),
             Request::Stats => Ok(Response::Stats(CellCounts {
                 vms: self.vms.len() as u32,
                 warm_shells: self.warm_shells(),
@@ -320,6 +366,10 @@ impl Worker {
             // on its own thread, which must happen before `open` is forbidden.
             wait_for_open_files("pagemap", 2, THREADS_READY).map_err(|e| RemoteError::new(Kind::Sandbox, e))?;
             let program = sandbox::cell_filter().map_err(sandbox_error)?;
+            // First the filter that turns clone3 into ENOSYS (installing it later would need the
+            // seccomp call the cell filter forbids), then the cell filter.
+            let fallback = sandbox::clone3_fallback_filter().map_err(sandbox_error)?;
+            sandbox::install(&fallback).map_err(sandbox_error)?;
             sandbox::install(&program).map_err(sandbox_error)?;
         } else {
             sandbox::set_no_new_privs().map_err(sandbox_error)?;
@@ -395,7 +445,13 @@ impl Worker {
                 self.engine()?.destroy(clone);
                 continue;
             };
-            self.vms.insert(made.vm, Held { clone, room: one });
+            self.vms.insert(
+                made.vm,
+                Held {
+                    machine: Machine::Clone(clone),
+                    room: one,
+                },
+            );
             clones.push(made);
         }
         drop(room);

@@ -44,12 +44,17 @@ impl Worker {
         let clone = self.vm(vm)?;
         let (addresses, translations) =
             check_targets(clone.vm_mut(), &ProbeTargets::Addresses(gvas)).map_err(probe_error)?;
-        let source = Arc::clone(clone.template());
+        let source = clone.as_clone().map(|c| Arc::clone(c.template()));
         // Without room for the scratch clone the probe stops here, with nothing written.
-        let scratch = if baseline {
-            Some(self.scratch_clone(&source)?)
-        } else {
-            None
+        let scratch = match (baseline, source) {
+            (true, Some(source)) => Some(self.scratch_clone(&source)?),
+            (true, None) => {
+                return Err(RemoteError::new(
+                    Kind::Protocol,
+                    format!("VM {vm} was booted, not cloned: it has no template for a baseline"),
+                ))
+            }
+            (false, _) => None,
         };
         let writes = self
             .vm(vm)

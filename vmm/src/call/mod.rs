@@ -8,6 +8,7 @@
 //! a typed [`CallError`], never a panic.
 
 pub mod hypercall;
+pub mod ready;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

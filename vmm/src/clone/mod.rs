@@ -598,6 +598,12 @@ impl CloneEngine {
         self.reaper.drop_later(clone);
     }
 
+    /// A fresh id from the sequence clone ids come from, for a VM the engine did not make (e.g.
+    /// one a cell booted), so that it never equals a clone's id.
+    pub fn new_vm_id(&self) -> u64 {
+        self.next_clone.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Tears `vm` down on the background thread.
     pub fn destroy_vm(&self, vm: Vm) {
         self.reaper.drop_later(vm);

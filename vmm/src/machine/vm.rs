@@ -143,6 +143,9 @@ pub enum Kernel {
     Builtin,
     /// A 64-bit ELF from a file, entered the same way.
     Elf(PathBuf),
+    /// A 64-bit ELF held in memory (what a cell boots), entered the same way. Never serialized.
+    #[serde(skip)]
+    Image(loader::KernelImage),
 }
 
 /// How to build a VM.
@@ -330,6 +333,7 @@ impl Vm {
         let kernel = match &config.kernel {
             Kernel::Builtin => loader::load_builtin(slotted.ram.guest_memory())?,
             Kernel::Elf(path) => loader::load_file(slotted.ram.guest_memory(), path)?,
+            Kernel::Image(image) => loader::load_bytes(slotted.ram.guest_memory(), image)?,
         };
         let load_kernel_us = micros_since(step);
 

@@ -1,5 +1,5 @@
-//! `cowvm serve --cells`: clones of templates live in sandboxed cell processes
-//! ([`cowvm_cell::CellPool`]) instead of the server's own process.
+//! `cowvm serve --cells`: VMs live in sandboxed cell processes ([`cowvm_cell::CellPool`])
+//! instead of the server's own process.
 //!
 //! What it covers today: templates (snapshots, live forks, templates loaded from the state
 //! directory) are handed to the pool as they are added; `POST /v1/templates/{id}/clones` places
@@ -10,8 +10,10 @@
 //! `POST /v1/vms/{id}/snapshot` and live forks (`POST /v1/vms/{id}/clones`) freeze an in-cell VM
 //! in its cell (`snapshot.rs`). A watcher notices dead cells and marks their VMs `lost` (409
 //! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
-//! the pool starts new cells on demand. Booted
-//! VMs (`POST /v1/vms`) stay in the server's process.
+//! the pool starts new cells on demand. `POST /v1/vms` boots its VM in a cell too ([`boot`]):
+//! the server checks the request as without cells, sends a user kernel as a sealed memfd, and
+//! the VM answers as a booted VM (`reset` 409 `not_a_clone`; deleting it destroys it;
+//! `snapshot` freezes it in its cell).
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
 //! in-process handlers, so that those handlers stay as they are when cells are off.
@@ -51,6 +53,8 @@ use super::service::vms::probe_targets;
 
 mod probe;
 mod snapshot;
+
+pub mod boot;
 
 /// How often the watcher looks for dead cells.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
@@ -118,9 +122,11 @@ struct CellVmStatus {
     spawn_us: f64,
     failure: Option<String>,
     lost: Option<String>,
+    /// A booted VM's RAM is a private view of a template it was frozen into (as a clone's is).
+    frozen: bool,
 }
 
-/// A clone that lives in a cell.
+/// A VM that lives in a cell: a clone, or a VM booted there.
 pub struct CellVm {
     id: String,
     at: VmRef,
@@ -131,9 +137,10 @@ pub struct CellVm {
     /// KVM's statistics fds of the VM, handed over by its cell on the first stats request.
     kvm_stats: Mutex<Option<VmStatsFiles>>,
     memory_mib: u64,
-    /// vCPUs (its template's).
+    /// vCPUs.
     vcpus: usize,
-    template_id: String,
+    /// The template of a clone (`None`: a booted VM).
+    template_id: Option<String>,
     status: Mutex<CellVmStatus>,
     /// Held while an operation runs on the VM (one at a time, as for in-process VMs).
     busy: Mutex<()>,
@@ -160,11 +167,11 @@ impl CellVm {
             memory_mib: self.memory_mib,
             vcpus: u32::try_from(self.vcpus).unwrap_or(u32::MAX),
             state: state.into(),
-            kind: "clone".into(),
-            template_id: Some(self.template_id.clone()),
+            kind: if self.template_id.is_some() { "clone" } else { "vm" }.into(),
+            template_id: self.template_id.clone(),
             failure: status.lost.or(status.failure),
-            generation: Some(status.generation),
-            spawn_us: Some(status.spawn_us),
+            generation: self.template_id.as_ref().map(|_| status.generation),
+            spawn_us: self.template_id.as_ref().map(|_| status.spawn_us),
         }
     }
 
@@ -352,7 +359,12 @@ impl Cells {
         scan: impl FnOnce(&[CloneRam<'_>]) -> Result<R, ServiceError>,
     ) -> Result<R, ServiceError> {
         let Some(cells) = self.service() else { return scan(&[]) };
-        let mut vms: Vec<Arc<CellVm>> = cells.read().values().filter(|v| v.template_id == id).cloned().collect();
+        let mut vms: Vec<Arc<CellVm>> = cells
+            .read()
+            .values()
+            .filter(|v| v.template_id.as_deref() == Some(id))
+            .cloned()
+            .collect();
         // One order for every caller, so that two scans never wait on each other.
         vms.sort_by_key(|v| id_number(&v.id));
         let _busy: Vec<MutexGuard<'_, ()>> = vms.iter().map(|v| lock(&v.busy)).collect();
@@ -386,7 +398,7 @@ impl Cells {
             cells
                 .read()
                 .values()
-                .filter(|v| v.template_id == id && lock(&v.status).lost.is_none())
+                .filter(|v| v.template_id.as_deref() == Some(id) && lock(&v.status).lost.is_none())
                 .count()
         })
     }
@@ -896,7 +908,7 @@ impl CellService {
                     kvm_stats: Mutex::new(None),
                     memory_mib,
                     vcpus: template.template.state().vcpus.len(),
-                    template_id: template.id.clone(),
+                    template_id: Some(template.id.clone()),
                     status: Mutex::new(CellVmStatus {
                         generation: spawned.generation,
                         spawn_us: spawned.spawn_us,
@@ -1006,6 +1018,9 @@ async fn run(
 
 async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Result<Json<ResetDone>, ServiceError> {
     vm.usable()?;
+    if vm.template_id.is_none() {
+        return Err(ServiceError::not_a_clone(&vm.id));
+    }
     let report = blocking(&app, move || {
         let _busy = lock(&vm.busy);
         vm.usable()?;
@@ -1042,7 +1057,7 @@ async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Re
         let region = RamRegion {
             host_address: vm.host_address,
             size: vm.memory_size,
-            from_template: true,
+            from_template: vm.template_id.is_some() || lock(&vm.status).frozen,
             pid: Some(vm.pid),
         };
         let sharing = region_sharing(&region, &host, kvm)?;

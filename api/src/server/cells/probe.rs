@@ -112,10 +112,12 @@ impl CellService {
         let host = vm.host_view()?;
         let gpas: Vec<u64> = translations.iter().map(|t| t.gpa).collect();
         let before = page_states(&host, vm.host_address, &gpas)?;
-        // Every in-cell VM is a clone: its probe times the host-only baseline too, on a scratch
-        // clone that holds this room until the cell has torn it down.
-        let room = self.admit_scratch(app)?;
-        let written = self.pool.probe_write(vm.at, addresses, true);
+        // A clone's probe times the host-only baseline too, on a scratch clone of its template
+        // that holds this room until the cell has torn it down (a booted VM has none, as in
+        // process).
+        let baseline = vm.template_id.is_some();
+        let room = if baseline { Some(self.admit_scratch(app)?) } else { None };
+        let written = self.pool.probe_write(vm.at, addresses, baseline);
         drop(room);
         let written = written.map_err(|e| self.vm_error(vm, e))?;
         vm.check_written(gpas.len(), &written)?;

@@ -54,7 +54,8 @@ struct Frozen<'a> {
     unkept: Unkept<'a>,
 }
 
-/// Freezes `vm` in its cell into template `id` (the caller holds the VM busy).
+/// Freezes `vm` in its cell into template `id` (the caller holds the VM busy): a clone into a
+/// new layer over its template, a booted VM into a template of its own.
 fn freeze<'a>(cells: &'a CellService, vm: &CellVm, id: String) -> Result<Frozen<'a>, ServiceError> {
     let number = id_number(&id);
     let unkept = Unkept {
@@ -62,10 +63,14 @@ fn freeze<'a>(cells: &'a CellService, vm: &CellVm, id: String) -> Result<Frozen<
         number,
         kept: false,
     };
-    let (template, pause_us) = cells
-        .pool
-        .freeze(vm.at, id_number(&vm.template_id), number)
-        .map_err(|e| cells.vm_error(vm, e))?;
+    let frozen = match &vm.template_id {
+        Some(parent) => cells.pool.freeze(vm.at, id_number(parent), number),
+        // A booted VM's RAM becomes the template's base: its memfds come to the supervisor.
+        None => cells.pool.freeze_booted(vm.at, number),
+    };
+    let (template, pause_us) = frozen.map_err(|e| cells.vm_error(vm, e))?;
+    // Its RAM is a private view of the template now, as after a snapshot in process.
+    lock(&vm.status).frozen = true;
     Ok(Frozen {
         id,
         template: Arc::new(template),

@@ -1,5 +1,5 @@
 //! The call service: one call into a user's guest (guest ABI v1) in a fresh clone of a template
-//! or in an existing VM, and the run of a booted user guest to `ready()` used by `POST /v1/vms`.
+//! or in an existing VM (booting a user guest to `ready()` is [`cowvm_vmm::call::ready`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use cowvm_vmm::call::{self, CallError};
-use cowvm_vmm::{BootReport, Vm};
+use cowvm_vmm::call;
 
 use crate::server::app::{App, Machine};
 use crate::server::error::ServiceError;
@@ -33,22 +32,6 @@ pub(in crate::server) fn parse(app: &App, req: &CallRequest) -> Result<(Vec<u8>,
         }
     };
     Ok((input, deadline))
-}
-
-/// Runs a booted user guest from its first exit to `ready()`, if it speaks guest ABI v1 (its
-/// first exit is a hypercall); other guests are left as they are.
-pub fn run_to_ready(app: &App, vm: &mut Vm, report: &BootReport) -> Result<(), ServiceError> {
-    if !cowvm_vmm::hypercall::is_hypercall(&report.first_exit) {
-        return Ok(());
-    }
-    match call::run_to_ready(vm, report.first_exit.clone(), app.limits.guest_deadline) {
-        Ok(_) => Ok(()),
-        Err(CallError::Vm(e)) => Err(e.into()),
-        Err(e) => Err(ServiceError::out_of_range(
-            "boot_failed",
-            format!("the guest failed before ready(): {e}"),
-        )),
-    }
 }
 
 /// Runs one call in a fresh clone of template `id` (torn down afterwards).

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cowvm_vmm::layout::{bytes_to_mib, mib, DATA_START, PAGE_SIZE};
+use cowvm_vmm::call::ready::boot_to_ready;
+use cowvm_vmm::layout::{bytes_to_mib, DATA_START};
 use cowvm_vmm::probe::{write_probe, ProbeTargets};
 use cowvm_vmm::stats::vm_sharing;
-use cowvm_vmm::{GuestCommand, Kernel, Template, Vm, VmConfig};
+use cowvm_vmm::{Kernel, Template, VmConfig};
 
 use crate::server::app::{App, Machine, TemplateEntry, VmStatus};
 // Under the handlers' old name, so that the moved bodies stay line for line as they were.
@@ -52,7 +53,7 @@ fn resolve_kernel(app: &App, name: &str) -> Result<PathBuf, ServiceError> {
 }
 
 /// Checks a `POST /v1/vms` request against the server's limits; answers the kernel to boot.
-fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ServiceError> {
+pub(crate) fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ServiceError> {
     let limits = &app.limits;
     if !(1..=limits.max_vcpus).contains(&(req.vcpus as usize)) {
         return Err(ServiceError::out_of_range(
@@ -89,9 +90,12 @@ fn check_create(app: &App, req: &CreateVm) -> Result<Kernel, ServiceError> {
     Ok(kernel)
 }
 
-/// Boots a VM (with its warm-up written) and registers it.
+/// Boots a VM (with its warm-up written) and registers it; with cells on, in a cell.
 pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ServiceError> {
     let kernel = check_create(app, &req)?;
+    if app.cells.enabled() {
+        return crate::server::cells::boot::create_vm(app, req, kernel).await;
+    }
     let slot = app.admit(1, None)?;
     let service = Arc::clone(app);
     transaction(app, move |commit| {
@@ -103,31 +107,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm) -> Result<VmInfo, ServiceE
             vcpus: req.vcpus as usize,
         };
         let deadline = service.limits.guest_deadline;
-        let (mut vm, report) = Vm::boot_with_deadline(service.engine.kvm(), &config, deadline)?;
-        if report.first_exit.is_fault() {
-            service.engine.destroy_vm(vm);
-            return Err(ServiceError::out_of_range(
-                "boot_failed",
-                format!("the guest failed at boot: {}", report.first_exit),
-            ));
-        }
-        if let Err(e) = super::calls::run_to_ready(&service, &mut vm, &report) {
-            service.engine.destroy_vm(vm);
-            return Err(e);
-        }
-        if req.warmup_mib > 0 {
-            let pages = mib(req.warmup_mib) / PAGE_SIZE;
-            let write = GuestCommand::Write {
-                start: DATA_START,
-                count: pages,
-                stride: 4096,
-                value: 0x3a3a_0000_0000_0001,
-            };
-            if let Err(e) = vm.execute(write, Some(service.limits.guest_deadline)) {
-                service.engine.destroy_vm(vm);
-                return Err(e.into());
-            }
-        }
+        let (vm, _) = boot_to_ready(service.engine.kvm(), &config, req.warmup_mib, deadline)?;
         if !commit.commit() {
             service.engine.destroy_vm(vm);
             return Err(timeout_error(&service));
@@ -261,10 +241,7 @@ pub async fn live_fork(app: &Arc<App>, id: &str, req: CloneRequest) -> Result<Cl
 /// ready, in place.
 pub async fn reset_vm(app: &Arc<App>, id: &str) -> Result<ResetDone, ServiceError> {
     on_vm(app, id, |app, entry, machine, _| match machine {
-        Machine::Booted(_) => Err(ServiceError::conflict(
-            "not_a_clone",
-            format!("{} was booted, not cloned; only clones can be reset", entry.id),
-        )),
+        Machine::Booted(_) => Err(ServiceError::not_a_clone(&entry.id)),
         Machine::Clone(clone) => {
             let report = app.engine.reset_by_swap(clone)?;
             entry.set_generation(report.generation);
