@@ -84,6 +84,43 @@ pub struct CellConfig {
     pub request_timeout: Duration,
     /// Extra time a spawn or warm-up may take per VM.
     pub per_vm_timeout: Duration,
+    /// Where each new cell's block of generation ids comes from.
+    pub generations: GenerationBlocks,
+}
+
+/// Hands out the first generation id of each new cell's block (`block << 32`), so that the
+/// ids of different cells never collide. By default the blocks come from a counter in this
+/// process; a server with a state directory takes them from its persisted counters, so that they
+/// never repeat across restarts either.
+#[derive(Clone)]
+pub struct GenerationBlocks(Arc<dyn Fn() -> Result<u64, String> + Send + Sync>);
+
+/// Blocks handed out by [`GenerationBlocks::in_process`] (block 0 stays with the process itself).
+static NEXT_BLOCK: AtomicU64 = AtomicU64::new(1);
+
+impl GenerationBlocks {
+    /// Blocks 1, 2, 3, ... of this process.
+    pub fn in_process() -> Self {
+        GenerationBlocks(Arc::new(|| {
+            Ok(NEXT_BLOCK.fetch_add(1, Ordering::Relaxed) << cowvm_vmm::persist::counters::GENERATION_BLOCK_SHIFT)
+        }))
+    }
+
+    /// Blocks from `next`, which returns the first generation id of a new block or why not.
+    pub fn from_fn(next: impl Fn() -> Result<u64, String> + Send + Sync + 'static) -> Self {
+        GenerationBlocks(Arc::new(next))
+    }
+
+    /// The first generation id of a new block.
+    pub fn next(&self) -> Result<u64, String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for GenerationBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GenerationBlocks")
+    }
 }
 
 impl CellConfig {
@@ -100,6 +137,7 @@ impl CellConfig {
             mapping_budget: None,
             request_timeout: Duration::from_secs(30),
             per_vm_timeout: Duration::from_millis(50),
+            generations: GenerationBlocks::in_process(),
         })
     }
 }
@@ -254,6 +292,7 @@ impl Cell {
             sandbox: config.sandbox,
             max_vms: config.vms_per_cell,
             mapping_budget: config.mapping_budget,
+            generation_floor: config.generations.next().map_err(CellError::Local)?,
         });
         match cell.call(init, &[kvm.as_fd()], config.request_timeout)? {
             Response::Ready { uid, .. } => cell.uid = uid,

@@ -23,7 +23,7 @@ pub mod sandbox;
 pub mod wire;
 pub mod worker;
 
-pub use cell::{Cell, CellConfig, CellError, ExitStatus, Liveness, VmStatsFiles};
+pub use cell::{Cell, CellConfig, CellError, ExitStatus, GenerationBlocks, Liveness, VmStatsFiles};
 pub use pool::{CellId, CellInfo, CellPool, LostCell, PlacedVm, PoolBatch, PoolError, VmRef};
 
 /// VMs per cell unless configured otherwise (see docs/architecture.md, "Cells", for the

@@ -54,6 +54,10 @@ pub struct Init {
     /// Most memory mappings its VMs may cost (`None`: `vm.max_map_count` less what the process
     /// keeps for itself). Each cell is a process of its own with a budget of its own.
     pub mapping_budget: Option<u64>,
+    /// The lowest generation id the cell hands out: each cell gets a block of 2^32 ids of its
+    /// own, so clones in different cells (and in different runs of a server with a state
+    /// directory) never share one.
+    pub generation_floor: u64,
 }
 
 /// Sent with the template's memfds: the base first, then each overlay in order.

@@ -2067,3 +2067,38 @@ fn test_booted_vms_in_cells_count_against_max_vms_and_the_cells_room() {
     );
     ok(&client, "POST", "/v1/vms", Some(boot), 201);
 }
+
+#[test]
+fn test_clones_in_different_cells_never_share_a_generation_id() {
+    let config = ServerConfig {
+        limits: Limits {
+            warm_shells: 0,
+            ..limits()
+        },
+        cells: Some(cells(1, 4)),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    let tpl = clones_template(&client);
+    let made = ok(
+        &client,
+        "POST",
+        &format!("/v1/templates/{tpl}/clones"),
+        Some(json!({"count": 3})),
+        201,
+    );
+    assert_eq!(cells_holding_vms(&client).len(), 3, "one clone per cell");
+    let mut generations: Vec<u64> = made["clones"]
+        .as_array()
+        .expect("clones")
+        .iter()
+        .map(|c| c["generation"].as_u64().expect("generation"))
+        .collect();
+    // A reset takes a new one in the clone's own cell.
+    let first = made["clones"][0]["id"].as_str().expect("id");
+    let reset = ok(&client, "POST", &format!("/v1/vms/{first}/reset"), None, 200);
+    generations.push(reset["generation"].as_u64().expect("generation"));
+    let distinct: std::collections::BTreeSet<u64> = generations.iter().copied().collect();
+    assert_eq!(distinct.len(), generations.len(), "{generations:?}");
+}

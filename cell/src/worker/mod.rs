@@ -347,6 +347,7 @@ impl Worker {
             // SAFETY: getuid has no arguments and cannot fail.
             None => unsafe { libc::getuid() },
         };
+        cowvm_vmm::clone::reserve_generations(init.generation_floor);
         let kvm = Kvm::from_file(File::from(kvm_fd), Path::new("/dev/kvm (from the supervisor)")).map_err(vmm_error)?;
         // Probe the saveable MSRs now (a throw-away VM), not on the first request.
         kvm.saveable_msrs().map_err(vmm_error)?;

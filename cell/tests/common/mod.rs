@@ -54,6 +54,7 @@ pub fn config(vms_per_cell: u32) -> CellConfig {
         mapping_budget: None,
         request_timeout: Duration::from_secs(30),
         per_vm_timeout: Duration::from_millis(50),
+        generations: cowvm_cell::GenerationBlocks::in_process(),
     }
 }
 

@@ -33,7 +33,7 @@ use axum::Json;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
-use cowvm_cell::{CellConfig, CellError, CellPool, PoolBatch, PoolError, VmRef, VmStatsFiles};
+use cowvm_cell::{CellConfig, CellError, CellPool, GenerationBlocks, PoolBatch, PoolError, VmRef, VmStatsFiles};
 use cowvm_vmm::call::CALL_ERROR_CODES;
 use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::pagemap::PageMap;
@@ -269,6 +269,14 @@ impl Cells {
         cell_config.program = config.program.clone();
         cell_config.args = config.args.clone();
         cell_config.vms_per_cell = config.vms_per_cell.max(1);
+        // With a state directory each cell's generation ids come from a persisted block, so they
+        // repeat neither across cells nor across restarts.
+        if let Some(dir) = app.upgrade().and_then(|app| app.state_dir.clone()) {
+            cell_config.generations = GenerationBlocks::from_fn(move || {
+                cowvm_vmm::persist::counters::take_block(&dir)
+                    .map_err(|e| format!("cannot take a block of generation ids: {e}"))
+            });
+        }
         let service = Arc::new(CellService {
             pool: CellPool::new(cell_config, config.max_cells.max(1))?,
             vms: RwLock::new(HashMap::new()),

@@ -3,7 +3,8 @@
 //! - `next_template`: the lowest template number not yet handed out. A deleted template's
 //!   number is recorded before its files go, so no id is ever given out twice;
 //! - `generation_block`: generation ids are `block << 32 | n`; every start of a server takes the
-//!   next block, so ids from different runs never collide (2^32 per run).
+//!   next block, so ids from different runs never collide (2^32 per run); so does every cell
+//!   a server starts ([`take_block`]), so cells' ids never collide either.
 
 use std::fs::File;
 use std::io::Write;
@@ -69,6 +70,17 @@ pub fn reserve_template(dir: &Path, number: u64) -> Result<(), PersistError> {
     }
     counters.next_template = number + 1;
     write(dir, &counters)
+}
+
+/// Takes the next generation block for a process of this run that hands out generation ids
+/// of its own (a cell): records it, so that no later run takes it again, and returns its first
+/// id.
+pub fn take_block(dir: &Path) -> Result<u64, PersistError> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut counters = read(dir)?;
+    counters.generation_block = counters.generation_block.saturating_add(1);
+    write(dir, &counters)?;
+    Ok(counters.generation_block << GENERATION_BLOCK_SHIFT)
 }
 
 /// Records the counters of a new run: template numbers below `next_template` are taken, and the
