@@ -186,10 +186,10 @@ pub struct ServeArgs {
     /// Run every VM in this process instead of in cells.
     #[arg(long)]
     in_process: bool,
-    /// With --cells: most VMs one cell holds.
+    /// With cells: most VMs one cell holds.
     #[arg(long, default_value_t = cowvm_cell::DEFAULT_VMS_PER_CELL, value_parser = clap::value_parser!(u32).range(1..))]
     vms_per_cell: u32,
-    /// With --cells: most cells at once (default: enough for --max-vms).
+    /// With cells: most cells at once (default: enough for --max-vms).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_cells: Option<u64>,
     /// With --cells: idle cells (no VM, no warm shell) kept started for the next clones; more

@@ -13,7 +13,7 @@ fn test_fd_exhaustion_gives_partial_results_then_503_and_the_server_recovers() {
     let mut child = Command::new("bash")
         .args([
             "-c",
-            &format!("ulimit -n 300 && exec {exe} serve --listen 127.0.0.1:0 --warm-shells 0"),
+            &format!("ulimit -n 300 && exec {exe} serve --in-process --listen 127.0.0.1:0 --warm-shells 0"),
         ])
         .stdout(Stdio::piped())
         .spawn()
@@ -115,12 +115,14 @@ impl Drop for ChildServer {
     }
 }
 
-/// A `cowvm serve` child with `ulimit -n fds` (if given) and extra arguments; its URL.
+/// A `cowvm serve --in-process` child with `ulimit -n fds` (if given) and extra arguments; its
+/// URL. These tests are about the server's own fd and mapping budgets, which hold its VMs only
+/// when they run in its process (each cell keeps budgets of its own: `cell/tests`).
 fn serve_child(fds: Option<u64>, args: &str) -> (ChildServer, String) {
     let exe = env!("CARGO_BIN_EXE_cowvm");
     let limit = fds.map(|n| format!("ulimit -n {n} && ")).unwrap_or_default();
     let mut child = Command::new("bash")
-        .args(["-c", &format!("{limit}exec {exe} serve --listen 127.0.0.1:0 {args}")])
+        .args(["-c", &format!("{limit}exec {exe} serve --in-process --listen 127.0.0.1:0 {args}")])
         .stdout(Stdio::piped())
         .spawn()
         .expect("start a server");
