@@ -1731,10 +1731,7 @@ fn test_template_calls_in_cells_answer_as_in_process_and_leave_no_vm_behind() {
     // warm shells (rebuilt after the calls took them).
     let vms = ok(&client, "GET", "/v1/vms", None, 200);
     assert_eq!(vms.as_array().expect("vms").len(), in_process_vms, "{vms}");
-    assert!(
-        vms.as_array().expect("vms").iter().all(|v| v["kind"] == "vm"),
-        "{vms}"
-    );
+    assert!(vms.as_array().expect("vms").iter().all(|v| v["kind"] == "vm"), "{vms}");
     let settled = eventually(|| {
         let cells = cells_list(&client);
         let shells: u64 = cells.iter().map(|c| c["warm_shells"].as_u64().unwrap_or(0)).sum();

@@ -86,3 +86,77 @@ impl Worker {
         })))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Envelope, WarmCount};
+
+    fn report(output: usize) -> CallReport {
+        CallReport {
+            status: 0,
+            output: vec![7; output],
+            log: Default::default(),
+            spawn_us: 1.0,
+            run_us: 2.0,
+            total_us: 3.0,
+            generation: 4,
+            seed: 5,
+        }
+    }
+
+    #[test]
+    fn test_an_answer_that_fits_one_message_is_sent_whole() {
+        let done = outcome(Ok(report(16))).expect("answered");
+        assert_eq!(
+            (done.output.len(), done.spawn_us, done.run_us, done.total_us),
+            (16, 1.0, 2.0, 3.0)
+        );
+    }
+
+    #[test]
+    fn test_an_answer_too_large_for_one_message_is_output_too_large_and_leaves_the_guest_usable() {
+        let failure = outcome(Ok(report(wire::MAX_MESSAGE))).expect_err("does not fit");
+        assert_eq!(failure.code.as_deref(), Some("output_too_large"));
+        assert!(failure.usable);
+    }
+
+    #[test]
+    fn test_a_template_call_and_its_answers_round_trip_through_postcard() {
+        let request = crate::protocol::Request::CallTemplate {
+            template: 3,
+            input: b"world".to_vec(),
+            deadline_ms: 250,
+        };
+        let bytes = postcard::to_allocvec(&request).expect("encode");
+        match postcard::from_bytes(&bytes).expect("decode") {
+            crate::protocol::Request::CallTemplate {
+                template: 3,
+                input,
+                deadline_ms: 250,
+            } => assert_eq!(input, b"world"),
+            other => panic!("{other:?}"),
+        }
+        let warm = vec![WarmCount {
+            template: 3,
+            target: 1,
+            ready: 0,
+        }];
+        let failed = outcome(Err(CallError::InputTooLarge { len: 9 }));
+        for call in [outcome(Ok(report(5))), failed] {
+            let sent = TemplateCalled {
+                call,
+                warm: warm.clone(),
+            };
+            let envelope = Envelope {
+                id: 9,
+                body: Response::CalledTemplate(Box::new(sent.clone())),
+            };
+            let bytes = postcard::to_allocvec(&envelope).expect("encode");
+            match postcard::from_bytes::<Envelope<Response>>(&bytes).expect("decode").body {
+                Response::CalledTemplate(back) => assert_eq!(*back, sent),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

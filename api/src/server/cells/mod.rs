@@ -8,10 +8,11 @@
 //! `call`, `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) and
 //! `POST /v1/vms/{id}/probes/write` (split between cell and supervisor, `probe.rs`) serve them;
 //! `POST /v1/vms/{id}/snapshot` and live forks (`POST /v1/vms/{id}/clones`) freeze an in-cell VM
-//! in its cell (`snapshot.rs`). A watcher notices dead cells and marks their VMs `lost` (409
-//! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
-//! the pool starts new cells on demand. Booted
-//! VMs (`POST /v1/vms`) stay in the server's process.
+//! in its cell (`snapshot.rs`); `POST /v1/templates/{id}/call` runs its one-shot clone in a cell
+//! from a warm shell there (`call.rs`). A watcher notices dead cells and marks their VMs `lost`
+//! (409 `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small
+//! pool; the pool starts new cells on demand. Booted VMs (`POST /v1/vms`) stay in the server's
+//! process.
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
 //! in-process handlers, so that those handlers stay as they are when cells are off.
