@@ -18,7 +18,7 @@ use super::stats::Percentiles;
 use super::{write_json, BenchError};
 use cowvm::client::Client;
 use cowvm::server::model::{CallRequest, CallResult, CreateVm};
-use cowvm::server::{self, Limits, ServerConfig};
+use cowvm::server::{self, CellsConfig, Limits, ServerConfig};
 
 /// How long one benchmark call may run.
 const CALL_DEADLINE: Duration = Duration::from_secs(5);
@@ -38,6 +38,14 @@ pub struct CallArgs {
     /// Concurrent clients for the throughput figures.
     #[arg(long, default_value_t = 2)]
     pub clients: usize,
+    /// Timed sequential calls over HTTP for the HTTP latency figure (warm shells refilled
+    /// between calls).
+    #[arg(long, default_value_t = 200)]
+    pub http_samples: usize,
+    /// Run the HTTP figures against a server with `--cells`: the calls run in cell processes
+    /// (this executable as `cowvm cell`).
+    #[arg(long)]
+    pub cells: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -132,7 +140,7 @@ pub fn measure(args: &CallArgs) -> Result<Value, BenchError> {
     engine.flush();
     drop(engine);
 
-    let http = http_throughput(args, &dir)?;
+    let http = over_http(args, &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(json!({
         "memory_mib": args.memory_mib,
@@ -140,19 +148,41 @@ pub fn measure(args: &CallArgs) -> Result<Value, BenchError> {
         "call_us": Percentiles::of(&call_us),
         "spawn_us": Percentiles::of(&spawn_us),
         "run_us": Percentiles::of(&run_us),
-        "calls_per_s": {"in_process": in_process, "http": http},
+        "calls_per_s": {"in_process": in_process, "http": http.calls_per_s},
+        "http_call_us": Percentiles::of(&http.call_us),
+        "http_spawn_us": Percentiles::of(&http.spawn_us),
+        "cells": args.cells,
         "clients": args.clients,
         "throughput_calls": args.calls,
     }))
 }
 
-fn http_throughput(args: &CallArgs, dir: &std::path::Path) -> Result<f64, BenchError> {
+/// The figures over HTTP.
+struct OverHttp {
+    /// `POST /v1/templates/{id}/call` from a loopback client, one at a time, microseconds.
+    call_us: Vec<f64>,
+    /// The `spawn_us` those calls answered (small when a warm shell was taken).
+    spawn_us: Vec<f64>,
+    calls_per_s: f64,
+}
+
+/// Empty calls over HTTP to a server in this process (with `--cells` if asked): latency of
+/// sequential calls with warm shells, then throughput with concurrent clients.
+fn over_http(args: &CallArgs, dir: &std::path::Path) -> Result<OverHttp, BenchError> {
+    let cells = if args.cells {
+        let cells = CellsConfig::current_exe(cowvm_cell::DEFAULT_VMS_PER_CELL, 4)
+            .map_err(|e| setup("find this executable for the cells")(e.to_string()))?;
+        Some(cells)
+    } else {
+        None
+    };
     let server = server::start(ServerConfig {
         kernel_dir: Some(dir.to_owned()),
         limits: Limits {
             warm_shells: 8,
             ..Limits::default()
         },
+        cells,
         ..ServerConfig::local(0)
     })
     .map_err(|e| setup("start the server")(e.to_string()))?;
@@ -172,8 +202,29 @@ fn http_throughput(args: &CallArgs, dir: &std::path::Path) -> Result<f64, BenchE
         input: String::new(),
         timeout_ms: None,
     };
-    // Let the server's warm shells fill before the clock starts.
-    std::thread::sleep(Duration::from_millis(500));
+    let template = made.template_id.clone();
+    let warm = || {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if client.template(&template).is_ok_and(|info| info.warm_shells >= 8) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // Latency: each call with the template's warm shells ready (the builders refill them
+    // between calls, off the clock).
+    let (mut call_us, mut spawn_us) = (Vec::new(), Vec::new());
+    for _ in 0..args.http_samples {
+        warm();
+        let started = Instant::now();
+        let answer: CallResult = client
+            .post(&path, &empty)
+            .map_err(|e| setup("an empty call over HTTP")(e.to_string()))?;
+        call_us.push(started.elapsed().as_secs_f64() * 1e6);
+        spawn_us.push(answer.spawn_us);
+    }
+    warm();
     let clients: Vec<Client> = (0..args.clients.max(1)).map(|_| Client::new(&url, None)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let rate = throughput(args.clients, args.calls, || {
@@ -184,7 +235,11 @@ fn http_throughput(args: &CallArgs, dir: &std::path::Path) -> Result<f64, BenchE
             .map_err(|e| format!("POST {path}: {e}"))
     })?;
     server.stop().map_err(|e| setup("stop the server")(e.to_string()))?;
-    Ok(rate)
+    Ok(OverHttp {
+        call_us,
+        spawn_us,
+        calls_per_s: rate,
+    })
 }
 
 /// Prints the figures.
@@ -196,6 +251,13 @@ pub fn print_summary(result: &Value) {
         p("call_us", "p99"),
         p("spawn_us", "p50"),
         p("run_us", "p50")
+    );
+    println!(
+        "empty call over HTTP{}: p50 {:.1} µs, p99 {:.1} µs (spawn p50 {:.1} µs)",
+        if result["cells"] == true { " with --cells" } else { "" },
+        p("http_call_us", "p50"),
+        p("http_call_us", "p99"),
+        p("http_spawn_us", "p50")
     );
     println!(
         "calls per second with {} clients: {:.0} in-process, {:.0} over HTTP",

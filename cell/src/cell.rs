@@ -501,6 +501,25 @@ impl Cell {
         }
     }
 
+    /// Runs one call in a fresh clone of `template` with a guest deadline (see
+    /// [`Request::CallTemplate`]): its answer or failure, and the targets the cell keeps.
+    pub fn call_template(
+        &self,
+        template: TemplateId,
+        input: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<crate::protocol::TemplateCalled, CellError> {
+        let request = Request::CallTemplate {
+            template,
+            input,
+            deadline_ms: deadline.as_millis() as u64,
+        };
+        match self.call(request, &[], self.config.request_timeout + deadline)? {
+            Response::CalledTemplate(called) => Ok(*called),
+            other => Err(self.unexpected("call_template", &other)),
+        }
+    }
+
     /// Resets VM `vm` to its template's state.
     pub fn reset(&self, vm: CellVmId) -> Result<ResetReport, CellError> {
         match self.call(Request::Reset { vm }, &[], self.config.request_timeout)? {
@@ -655,6 +674,7 @@ impl Cell {
                 Response::Frozen(_) => "Frozen",
                 Response::ProbePrepared(_) => "ProbePrepared",
                 Response::ProbeWritten(_) => "ProbeWritten",
+                Response::CalledTemplate(_) => "CalledTemplate",
                 Response::Error(_) => "Error",
                 Response::Booted(_) => "Booted",
                 Response::BootFailed(_) => "BootFailed",

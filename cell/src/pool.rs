@@ -828,6 +828,49 @@ impl CellPool {
         Ok(self.cell_of(at)?.call_guest(at.vm, input, deadline)?)
     }
 
+    /// Runs one call in a fresh clone of `template` in a cell (one keeping warm shells of it
+    /// first, else one with room, else a new one) that tears the clone down once its answer is
+    /// out ([`Cell::call_template`]): the answer, or how the call failed. `placed` runs once the
+    /// call has its cell and the pool records the shell it takes (that cell's target one lower,
+    /// as the cell will answer), before the guest runs; on an error before that it is dropped
+    /// unrun.
+    pub fn call_template(
+        &self,
+        template: TemplateId,
+        input: Vec<u8>,
+        deadline: Duration,
+        placed: impl FnOnce(),
+    ) -> Result<Result<crate::protocol::CallDone, crate::protocol::CallFailure>, PoolError> {
+        let each = self.mappings_each(template)?;
+        // One VM in one cell: the plan has one entry.
+        let (id, cell, _) = self.place(1, Some(template), each)?.pop().ok_or(PoolError::Full {
+            wanted: 1,
+            max_cells: self.max_cells,
+            vms_per_cell: self.config.vms_per_cell.max(1),
+        })?;
+        if let Some(slot) = self.lock().cells.get_mut(&id) {
+            if let Some(&warm) = slot.warm.get(&template) {
+                slot.set_warm_one(WarmCount {
+                    target: warm.target.saturating_sub(1),
+                    ready: warm.ready.saturating_sub(1),
+                    ..warm
+                });
+            }
+        }
+        placed();
+        let called = self
+            .ensure_template(id, &cell, template)
+            .and_then(|()| Ok(cell.call_template(template, input, deadline)?));
+        if let Some(slot) = self.lock().cells.get_mut(&id) {
+            slot.reserved = slot.reserved.saturating_sub(1);
+            slot.reserved_mappings = slot.reserved_mappings.saturating_sub(each);
+            if let Ok(called) = &called {
+                slot.set_warm(&called.warm);
+            }
+        }
+        Ok(called?.call)
+    }
+
     /// Resets VM `at` in place.
     pub fn reset(&self, at: VmRef) -> Result<ResetReport, PoolError> {
         Ok(self.cell_of(at)?.reset(at.vm)?)

@@ -310,6 +310,17 @@ pub enum Request {
         /// The supervisor's id for the new template.
         template: TemplateId,
     },
+    /// One call (guest ABI v1) in a fresh clone of a template, made like one clone of `Spawn`
+    /// (a warm shell first; the template's target drops by one) but not run before the call;
+    /// torn down once the answer is sent, before the next request ([`Response::CalledTemplate`]).
+    CallTemplate {
+        /// Template.
+        template: TemplateId,
+        /// The input bytes.
+        input: Vec<u8>,
+        /// Deadline for the guest, milliseconds.
+        deadline_ms: u64,
+    },
 }
 
 impl Request {
@@ -332,6 +343,7 @@ impl Request {
             Request::ProbeWrite { .. } => "probe_write",
             Request::Boot(_) => "boot",
             Request::FreezeBooted { .. } => "freeze_booted",
+            Request::CallTemplate { .. } => "call_template",
         }
     }
 }
@@ -441,6 +453,30 @@ pub struct CallDone {
     pub total_us: f64,
 }
 
+impl From<cowvm_vmm::call::CallReport> for CallDone {
+    fn from(report: cowvm_vmm::call::CallReport) -> Self {
+        CallDone {
+            status: report.status,
+            log: report.log.text(),
+            log_truncated: report.log.truncated(),
+            output: report.output,
+            spawn_us: report.spawn_us,
+            run_us: report.run_us,
+            total_us: report.total_us,
+        }
+    }
+}
+
+/// What a call in a fresh clone of a template did, and the warm-shell targets the cell keeps
+/// afterwards.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateCalled {
+    /// The call's answer, or how it failed.
+    pub call: Result<CallDone, CallFailure>,
+    /// The warm-shell targets the cell keeps afterwards, per template.
+    pub warm: Vec<WarmCount>,
+}
+
 /// A call that failed in the guest or the VMM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallFailure {
@@ -508,6 +544,8 @@ pub enum Response {
     ProbePrepared(Vec<GuestTranslation>),
     /// What a probe's writes measured in the cell.
     ProbeWritten(ProbeWritten),
+    /// A call in a fresh clone of a template (answered or failed) and the targets kept.
+    CalledTemplate(Box<TemplateCalled>),
     /// The request failed.
     Error(RemoteError),
     /// A VM booted.

@@ -2102,3 +2102,261 @@ fn test_clones_in_different_cells_never_share_a_generation_id() {
     let distinct: std::collections::BTreeSet<u64> = generations.iter().copied().collect();
     assert_eq!(distinct.len(), generations.len(), "{generations:?}");
 }
+
+/// A kernel directory with the guest-ABI guests the template-call tests boot.
+fn call_kernel_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cowvm-cells-tcall-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("kernel dir");
+    std::fs::write(dir.join("hello.elf"), cowvm_guest::HELLO_ELF).expect("hello");
+    std::fs::copy(cowvm_tests::abi_guest("misbehave.elf"), dir.join("misbehave.elf")).expect("misbehave");
+    dir
+}
+
+/// A server with the kernels of `dir`, bodies up to 1 MiB (an input beyond the mailbox fits)
+/// and `limits` otherwise.
+fn start_with_kernels(dir: &std::path::Path, limits: Limits, cells: Option<CellsConfig>) -> (RunningServer, Client) {
+    let config = ServerConfig {
+        limits: Limits {
+            max_body_bytes: 1 << 20,
+            ..limits
+        },
+        cells,
+        kernel_dir: Some(dir.to_owned()),
+        ..ServerConfig::local(0)
+    };
+    let server = server::start(config).expect("server starts");
+    let client = Client::new(&format!("http://{}", server.addr), None);
+    (server, client)
+}
+
+/// Boots `kernel` (a guest-ABI guest) to `ready()` and snapshots it; the template id.
+fn abi_template(client: &Client, kernel: &str) -> String {
+    let vm = ok(
+        client,
+        "POST",
+        "/v1/vms",
+        Some(json!({"memory_mib": 64, "kernel": kernel})),
+        201,
+    );
+    let vm = vm["id"].as_str().expect("vm id");
+    let made = ok(client, "POST", &format!("/v1/vms/{vm}/snapshot"), None, 201);
+    // The booted source goes: with cells it would live in a cell too, and these tests count
+    // what the calls leave there.
+    ok(client, "DELETE", &format!("/v1/vms/{vm}"), None, 204);
+    made["template_id"].as_str().expect("template id").to_owned()
+}
+
+fn call_body(input: &[u8], timeout_ms: Option<u64>) -> Value {
+    use base64::Engine as _;
+    let mut body = json!({"input": base64::engine::general_purpose::STANDARD.encode(input)});
+    if let Some(ms) = timeout_ms {
+        body["timeout_ms"] = ms.into();
+    }
+    body
+}
+
+/// A template call's answer without what varies from call to call: the answer without its
+/// timings (each checked positive), or the status and error code (with the message where it
+/// is fixed).
+fn call_outcome(client: &Client, tpl: &str, body: &Value) -> (u16, Value) {
+    let path = format!("/v1/templates/{tpl}/call");
+    let answer = client.request("POST", &path, Some(body)).expect("the server answers");
+    let mut body = answer.body;
+    if answer.status == 200 {
+        let fields = body.as_object_mut().expect("an object");
+        for key in ["spawn_us", "run_us", "total_us"] {
+            let value = fields.remove(key);
+            assert!(value.and_then(|v| v.as_f64()).is_some_and(|v| v > 0.0), "{key}");
+        }
+        return (200, body);
+    }
+    let code = body["error"]["code"].clone();
+    let fixed = ["input_too_large", "not_found"].iter().any(|c| code == *c);
+    let message = if fixed {
+        body["error"]["message"].take()
+    } else {
+        Value::Null
+    };
+    (answer.status, json!({"code": code, "message": message}))
+}
+
+/// The template calls both servers answer: guests that answer, count (a fresh clone each time),
+/// fault, spin past their deadline, abort, are no ABI guest; inputs beyond the mailbox or not
+/// base64; an unknown template.
+fn template_call_outcomes(client: &Client, hello: &str, misbehave: &str, builtin: &str) -> Vec<(u16, Value)> {
+    // One byte beyond the mailbox's 262080 input bytes.
+    let too_large = vec![b'x'; 262_081];
+    let cases: Vec<(&str, Value)> = vec![
+        (hello, call_body(b"world", None)),
+        (misbehave, call_body(b"ok", None)),
+        (misbehave, call_body(b"count", None)),
+        (misbehave, call_body(b"count", None)),
+        (misbehave, call_body(b"fault", None)),
+        (misbehave, call_body(b"spin", Some(200))),
+        (misbehave, call_body(b"abort", None)),
+        (misbehave, call_body(b"badcall", None)),
+        (builtin, call_body(b"", None)),
+        (hello, call_body(&too_large, None)),
+        (hello, json!({"input": "not base64!"})),
+        (hello, call_body(b"", Some(0))),
+        ("tpl-999", call_body(b"world", None)),
+        (hello, call_body(b"again", None)),
+    ];
+    cases
+        .iter()
+        .map(|(tpl, body)| call_outcome(client, tpl, body))
+        .collect()
+}
+
+/// The `anon_inode:kvm-vm` descriptors of process `pid` (one per KVM VM it holds).
+fn kvm_vms(pid: u64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| target.to_string_lossy() == "anon_inode:kvm-vm")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn cells_list(client: &Client) -> Vec<Value> {
+    ok(client, "GET", "/v1/cells", None, 200)
+        .as_array()
+        .expect("cells")
+        .clone()
+}
+
+#[test]
+fn test_template_calls_in_cells_answer_as_in_process_and_leave_no_vm_behind() {
+    let dir = call_kernel_dir("same");
+    let (in_process, in_process_vms) = {
+        let (_server, client) = start_with_kernels(&dir, limits(), None);
+        let (hello, misbehave) = (
+            abi_template(&client, "hello.elf"),
+            abi_template(&client, "misbehave.elf"),
+        );
+        let builtin = clones_template(&client);
+        let outcomes = template_call_outcomes(&client, &hello, &misbehave, &builtin);
+        let vms = ok(&client, "GET", "/v1/vms", None, 200);
+        (outcomes, vms.as_array().expect("vms").len())
+    };
+    assert_eq!(
+        in_process[0].1["output"], "aGVsbG8sIHdvcmxk",
+        "hello, world: {in_process:?}"
+    );
+    assert_eq!(in_process_vms, 0, "no VM is left in process");
+
+    let (_server, client) = start_with_kernels(&dir, limits(), Some(cells(10, 2)));
+    let (hello, misbehave) = (
+        abi_template(&client, "hello.elf"),
+        abi_template(&client, "misbehave.elf"),
+    );
+    let builtin = clones_template(&client);
+    // --warm-shells 2 of each template, in cells: the calls take them.
+    assert_eq!(wait_for_cell_shells(&client, 6), 6);
+    let in_cells = template_call_outcomes(&client, &hello, &misbehave, &builtin);
+    assert_eq!(in_cells, in_process);
+    // No call's VM is left: not listed, none held by a cell; each cell ends up holding just its
+    // warm shells (rebuilt after the calls took them).
+    let vms = ok(&client, "GET", "/v1/vms", None, 200);
+    assert_eq!(vms.as_array().expect("vms").len(), in_process_vms, "{vms}");
+    let settled = eventually(|| {
+        let cells = cells_list(&client);
+        let shells: u64 = cells.iter().map(|c| c["warm_shells"].as_u64().unwrap_or(0)).sum();
+        shells == 6
+            && cells.iter().all(|c| {
+                c["vms"] == 0
+                    && kvm_vms(c["pid"].as_u64().unwrap_or(0)) as u64 == c["warm_shells"].as_u64().unwrap_or(0)
+            })
+    });
+    assert!(
+        settled,
+        "cells hold more than their warm shells: {:?}",
+        cells_list(&client)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn test_a_template_call_in_cells_holds_its_vm_in_a_cell_and_the_server_none() {
+    let dir = call_kernel_dir("where");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cowvm"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cells", "--max-cells", "1"])
+        .args(["--warm-shells", "0", "--kernel-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start cowvm serve --cells");
+    let server = child.id() as u64;
+    let stdout = child.stdout.take().expect("stdout");
+    let child = Served(Some(child));
+    let first = BufReader::new(stdout).lines().next().expect("a line").expect("read");
+    let url = first.rsplit(' ').next().expect("url").to_owned();
+    let client = Client::new(&url, None);
+    let tpl = abi_template(&client, "misbehave.elf");
+    // The first call starts the cell and loads the template there.
+    let (status, answer) = call_outcome(&client, &tpl, &call_body(b"ok", None));
+    assert_eq!(status, 200, "{answer}");
+    let cells = cells_list(&client);
+    assert_eq!(cells.len(), 1, "{cells:?}");
+    let cell = cells[0]["pid"].as_u64().expect("pid");
+    assert!(eventually(|| kvm_vms(cell) == 0), "the first call's VM is gone");
+    let server_before = kvm_vms(server);
+
+    // While a guest spins to its deadline, its VM is the cell's, not the server's.
+    let spinning = {
+        let client = Client::new(&url, None);
+        let path = format!("/v1/templates/{tpl}/call");
+        std::thread::spawn(move || client.request("POST", &path, Some(&call_body(b"spin", Some(1000)))))
+    };
+    let (mut server_most, mut cell_most) = (0, 0);
+    while !spinning.is_finished() {
+        server_most = server_most.max(kvm_vms(server));
+        cell_most = cell_most.max(kvm_vms(cell));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let answer = spinning.join().expect("join").expect("answer");
+    assert_eq!(
+        (answer.status, &answer.body["error"]["code"]),
+        (422, &json!("deadline_exceeded"))
+    );
+    assert_eq!(server_most, server_before, "the server held no VM for the call");
+    assert_eq!(cell_most, 1, "the cell held the call's VM");
+
+    // A call whose guest faults leaves nothing behind either.
+    let (status, answer) = call_outcome(&client, &tpl, &call_body(b"fault", None));
+    assert_eq!((status, &answer["code"]), (422, &json!("guest_fault")));
+    assert!(
+        eventually(|| kvm_vms(cell) == 0),
+        "the calls' VMs are gone from the cell"
+    );
+    assert_eq!(kvm_vms(server), server_before);
+    let vms = ok(&client, "GET", "/v1/vms", None, 200);
+    assert_eq!(vms.as_array().expect("vms").len(), 0, "no VM is left: {vms}");
+    assert_eq!(cells_list(&client)[0]["vms"], 0);
+    assert!(stop_server(child), "the server stops cleanly");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// With `--max-vms 2` held by two clones, a template call is refused 429; once a clone is
+/// deleted, it runs.
+fn template_call_when_full(cells: Option<CellsConfig>) -> Vec<(u16, Value)> {
+    let dir = call_kernel_dir(if cells.is_some() { "full-cells" } else { "full" });
+    let (_server, client) = start_with_kernels(&dir, Limits { max_vms: 2, ..limits() }, cells);
+    let hello = abi_template(&client, "hello.elf");
+    let clone = clone_ids(&client, &hello, 2).remove(0);
+    let refused = call_outcome(&client, &hello, &call_body(b"full", None));
+    ok(&client, "DELETE", &format!("/v1/vms/{clone}"), None, 204);
+    let answered = call_outcome(&client, &hello, &call_body(b"room", None));
+    std::fs::remove_dir_all(&dir).ok();
+    vec![refused, answered]
+}
+
+#[test]
+fn test_a_template_call_in_cells_counts_against_max_vms_as_in_process() {
+    let in_process = template_call_when_full(None);
+    assert_eq!(in_process[0], (429, json!({"code": "too_many_vms", "message": null})));
+    assert_eq!(in_process[1].0, 200, "{in_process:?}");
+    assert_eq!(template_call_when_full(Some(cells(10, 2))), in_process);
+}

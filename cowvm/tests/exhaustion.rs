@@ -122,7 +122,10 @@ fn serve_child(fds: Option<u64>, args: &str) -> (ChildServer, String) {
     let exe = env!("CARGO_BIN_EXE_cowvm");
     let limit = fds.map(|n| format!("ulimit -n {n} && ")).unwrap_or_default();
     let mut child = Command::new("bash")
-        .args(["-c", &format!("{limit}exec {exe} serve --in-process --listen 127.0.0.1:0 {args}")])
+        .args([
+            "-c",
+            &format!("{limit}exec {exe} serve --in-process --listen 127.0.0.1:0 {args}"),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("start a server");

@@ -10,6 +10,7 @@ use axum::extract::{Path, State};
 use axum::Json;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use cowvm_cell::protocol::CallDone;
 use cowvm_vmm::call::CallReport;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -71,14 +72,22 @@ pub struct CallResult {
 
 impl From<CallReport> for CallResult {
     fn from(report: CallReport) -> Self {
+        CallDone::from(report).into()
+    }
+}
+
+/// The one place a call's answer is assembled: in process from a [`CallReport`] (through the
+/// cell protocol's [`CallDone`]), in a cell from the [`CallDone`] it sends.
+impl From<CallDone> for CallResult {
+    fn from(done: CallDone) -> Self {
         CallResult {
-            output: BASE64.encode(&report.output),
-            status: report.status,
-            logs: report.log.text(),
-            logs_truncated: report.log.truncated(),
-            spawn_us: report.spawn_us,
-            run_us: report.run_us,
-            total_us: report.total_us,
+            output: BASE64.encode(&done.output),
+            status: done.status,
+            logs: done.log,
+            logs_truncated: done.log_truncated,
+            spawn_us: done.spawn_us,
+            run_us: done.run_us,
+            total_us: done.total_us,
         }
     }
 }

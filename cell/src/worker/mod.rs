@@ -14,17 +14,15 @@ use cowvm_vmm::{
 };
 
 use crate::protocol::{
-    CallDone, CallFailure, CellCounts, CellVmId, Envelope, Init, LoadTemplate, RemoteError, RemoteErrorKind, Request,
-    Response, SpawnedVm, TemplateId, WarmCount,
+    CellCounts, CellVmId, Envelope, Init, LoadTemplate, RemoteError, RemoteErrorKind, Request, Response, SpawnedVm,
+    TemplateId, WarmCount,
 };
 use crate::sandbox;
 use crate::wire::{self, WireError};
 
+mod call;
 mod freeze;
 mod probe;
-
-/// Bytes an answer needs besides a call's output and log.
-const CALL_OVERHEAD: usize = 1024;
 
 /// The descriptor a cell finds its socket on (the supervisor puts it there before `exec`).
 pub const CELL_FD: RawFd = 3;
@@ -88,6 +86,9 @@ struct Worker {
     targets: HashMap<TemplateId, u32>,
     /// Descriptors to send with the current answer.
     outgoing: Vec<OwnedFd>,
+    /// Wait for the engine's background teardowns once the current answer is sent (before the
+    /// next request), so that VMs torn down off the request path are gone when it is served.
+    settle_after_answer: bool,
 }
 
 fn admit_error(e: AdmitError) -> RemoteError {
@@ -279,46 +280,12 @@ impl Worker {
                 self.outgoing = std::iter::once(vm_stats).chain(vcpu_stats).map(OwnedFd::from).collect();
                 Ok(Response::StatsFds { vcpus })
             }
-            Request::Call { vm, input, deadline_ms } => {
-                let machine = self.vm(vm)?;
-                // A booted VM has no generation or seed (0, as in the server's own process).
-                let (generation, seed) = machine.as_clone().map_or((0, 0), |c| (c.generation(), c.seed()));
-                let deadline = Duration::from_millis(deadline_ms);
-                Ok(
-                    match cowvm_vmm::call::call_vm(machine.vm_mut(), &input, generation, seed, deadline) {
-                        Ok(report) => {
-                            let log = report.log.text();
-                            if report.output.len() + log.len() + CALL_OVERHEAD > wire::MAX_MESSAGE {
-                                Response::CallFailed(CallFailure {
-                                    code: Some("output_too_large".into()),
-                                    message: format!(
-                                        "{} bytes of output and {} of log do not fit one answer of a cell ({} bytes)",
-                                        report.output.len(),
-                                        log.len(),
-                                        wire::MAX_MESSAGE
-                                    ),
-                                    usable: true,
-                                })
-                            } else {
-                                Response::Called(CallDone {
-                                    status: report.status,
-                                    output: report.output,
-                                    log,
-                                    log_truncated: report.log.truncated(),
-                                    spawn_us: report.spawn_us,
-                                    run_us: report.run_us,
-                                    total_us: report.total_us,
-                                })
-                            }
-                        }
-                        Err(e) => Response::CallFailed(CallFailure {
-                            code: e.code().map(str::to_owned),
-                            message: e.to_string(),
-                            usable: e.guest_usable(),
-                        }),
-                    },
-                )
-            }
+            Request::Call { vm, input, deadline_ms } => self.call_vm(vm, &input, deadline_ms),
+            Request::CallTemplate {
+                template,
+                input,
+                deadline_ms,
+            } => self.call_template(template, &input, deadline_ms),
             Request::Freeze { vm, parent, template } => self.freeze(vm, parent, template),
             Request::ProbePrepare { vm, targets } => self.probe_prepare(vm, targets),
             Request::ProbeWrite { vm, gvas, baseline } => self.probe_write(vm, gvas, baseline),
@@ -512,7 +479,13 @@ pub fn serve(socket: OwnedFd) -> Result<(), WorkerError> {
         let body = worker.handle(body, fds).unwrap_or_else(Response::Error);
         let outgoing = std::mem::take(&mut worker.outgoing);
         let borrowed: Vec<_> = outgoing.iter().map(|fd| fd.as_fd()).collect();
-        match wire::send(socket.as_fd(), &Envelope { id, body }, &borrowed) {
+        let sent = wire::send(socket.as_fd(), &Envelope { id, body }, &borrowed);
+        if std::mem::take(&mut worker.settle_after_answer) {
+            if let Some(engine) = &worker.engine {
+                engine.flush();
+            }
+        }
+        match sent {
             Ok(()) => {}
             Err(WireError::Closed) => break,
             Err(e) => return Err(e.into()),

@@ -8,12 +8,13 @@
 //! `call`, `GET /v1/vms/{id}/stats` (read by the supervisor from the cell's pagemap) and
 //! `POST /v1/vms/{id}/probes/write` (split between cell and supervisor, `probe.rs`) serve them;
 //! `POST /v1/vms/{id}/snapshot` and live forks (`POST /v1/vms/{id}/clones`) freeze an in-cell VM
-//! in its cell (`snapshot.rs`). A watcher notices dead cells and marks their VMs `lost` (409
-//! `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small pool;
-//! the pool starts new cells on demand. `POST /v1/vms` boots its VM in a cell too ([`boot`]):
-//! the server checks the request as without cells, sends a user kernel as a sealed memfd, and
-//! the VM answers as a booted VM (`reset` 409 `not_a_clone`; deleting it destroys it;
-//! `snapshot` freezes it in its cell).
+//! in its cell (`snapshot.rs`); `POST /v1/templates/{id}/call` runs its one-shot clone in a cell
+//! from a warm shell there (`call.rs`). A watcher notices dead cells and marks their VMs `lost`
+//! (409 `vm_lost` on every operation but GET and DELETE) and stops cells idle beyond a small
+//! pool; the pool starts new cells on demand. `POST /v1/vms` boots its VM in a cell too
+//! ([`boot`]): the server checks the request as without cells, sends a user kernel as a sealed
+//! memfd, and the VM answers as a booted VM (`reset` 409 `not_a_clone`; deleting it destroys
+//! it; `snapshot` and live forks freeze it in its cell).
 //!
 //! The requests on in-cell VMs are answered by [`intercept`], a middleware in front of the
 //! in-process handlers, so that those handlers stay as they are when cells are off.
@@ -30,11 +31,8 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use cowvm_cell::protocol::{RemoteErrorKind, TemplateId};
 use cowvm_cell::{CellConfig, CellError, CellPool, GenerationBlocks, PoolBatch, PoolError, VmRef, VmStatsFiles};
-use cowvm_vmm::call::CALL_ERROR_CODES;
 use cowvm_vmm::layout::bytes_to_mib;
 use cowvm_vmm::pagemap::PageMap;
 use cowvm_vmm::stats::{region_sharing, CloneRam, RamRegion};
@@ -51,6 +49,7 @@ use super::model::{CloneMade, CloneRequest, ClonesCreated, ResetDone, RunCommand
 use super::ops::{blocking, timeout_error, transaction, Commit};
 use super::service::vms::probe_targets;
 
+mod call;
 mod probe;
 mod snapshot;
 
@@ -733,8 +732,8 @@ pub async fn list_cells(State(app): State<Arc<App>>) -> Json<Vec<CellView>> {
     )
 }
 
-/// Answers the requests that concern in-cell VMs (and, with cells on, clone calls and the VM
-/// list); passes every other request on to the in-process handlers.
+/// Answers the requests that concern in-cell VMs (and, with cells on, clone calls, one-shot
+/// template calls and the VM list); passes every other request on to the in-process handlers.
 pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let Some(cells) = app.cells.service().cloned() else {
         return next.run(request).await;
@@ -748,6 +747,15 @@ pub async fn intercept(State(app): State<Arc<App>>, request: Request, next: Next
             let body = Json::<CloneRequest>::from_request(request, &()).await;
             return match body {
                 Ok(Json(req)) => clone_template(app, cells, id.to_string(), req).await.into_response(),
+                Err(rejection) => ServiceError::from(rejection).into_response(),
+            };
+        }
+        (&Method::POST, ["v1", "templates", id, "call"]) => {
+            let body = Json::<CallRequest>::from_request(request, &()).await;
+            return match body {
+                Ok(Json(req)) => call::call_template(app, cells, id.to_string(), req)
+                    .await
+                    .into_response(),
                 Err(rejection) => ServiceError::from(rejection).into_response(),
             };
         }
@@ -1075,9 +1083,6 @@ async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Re
     Ok(Json(stats))
 }
 
-/// Bytes of a cell message that are not a call's input.
-const CALL_MESSAGE_OVERHEAD: usize = 1024;
-
 /// `POST /v1/vms/{id}/call` of an in-cell VM: the cell runs the call and keeps the VM's state.
 async fn call(
     app: Arc<App>,
@@ -1086,16 +1091,7 @@ async fn call(
     req: CallRequest,
 ) -> Result<Json<CallResult>, ServiceError> {
     let (input, deadline) = super::service::calls::parse(&app, &req)?;
-    let fits = cowvm_cell::wire::MAX_MESSAGE - CALL_MESSAGE_OVERHEAD;
-    if input.len() > fits {
-        return Err(ServiceError::out_of_range(
-            "input_too_large",
-            format!(
-                "input of {} bytes exceeds the {fits} bytes a call to a VM in a cell carries",
-                input.len()
-            ),
-        ));
-    }
+    call::check_input(&input)?;
     vm.usable()?;
     let service = Arc::clone(&app);
     let done = blocking(&app, move || {
@@ -1114,24 +1110,10 @@ async fn call(
                         .get_or_insert(format!("a call failed: {}", failure.message));
                     service.metrics.vms_failed.fetch_add(1, Ordering::Relaxed);
                 }
-                let code = failure
-                    .code
-                    .and_then(|code| CALL_ERROR_CODES.iter().copied().find(|&known| known == code));
-                Err(match code {
-                    Some(code) => ServiceError::out_of_range(code, failure.message),
-                    None => ServiceError::internal(failure.message),
-                })
+                Err(call::failure_error(failure))
             }
         }
     })
     .await?;
-    Ok(Json(CallResult {
-        output: BASE64.encode(&done.output),
-        status: done.status,
-        logs: done.log,
-        logs_truncated: done.log_truncated,
-        spawn_us: done.spawn_us,
-        run_us: done.run_us,
-        total_us: done.total_us,
-    }))
+    Ok(Json(done.into()))
 }
