@@ -1892,6 +1892,44 @@ fn test_post_vms_with_cells_boots_the_vm_in_a_cell_and_answers_as_in_process() {
         Some(sum),
         "the frozen VM keeps running: {after}"
     );
+    // A live fork of it (frozen again, in its cell) makes clones that see its writes too.
+    let fork = ok(
+        &client,
+        "POST",
+        &format!("/v1/vms/{id}/clones"),
+        Some(json!({"count": 2})),
+        201,
+    );
+    assert!(fork["pause_us"].as_f64().is_some_and(|us| us > 0.0), "{fork}");
+    let forked: Vec<&str> = fork["clones"]
+        .as_array()
+        .expect("clones")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(forked.len(), 2, "{fork}");
+    let check = json!({"command": "checksum", "start_gpa": 16 << 20, "count": 32, "stride": 4096});
+    for clone in forked {
+        let out = ok(
+            &client,
+            "POST",
+            &format!("/v1/vms/{clone}/run"),
+            Some(check.clone()),
+            200,
+        );
+        assert_eq!(out["result"].as_u64(), Some(sum), "{out}");
+        ok(&client, "DELETE", &format!("/v1/vms/{clone}"), None, 204);
+    }
+    // A write probe of a booted VM, in a cell as in process: no scratch clone, no baseline.
+    let probe = ok(
+        &client,
+        "POST",
+        &format!("/v1/vms/{id}/probes/write"),
+        Some(json!({"start_gpa": 16 << 20, "pages": 4, "stride": 4096})),
+        200,
+    );
+    assert_eq!(probe["written"], 4, "{probe}");
+    assert!(probe["host_cow_us"].is_null(), "{probe}");
     // Deleting it destroys it in its cell (booted VMs are not recycled into warm pools).
     ok(&client, "DELETE", &format!("/v1/vms/{id}"), None, 204);
     assert_eq!(
