@@ -203,7 +203,7 @@ pub struct App {
     cloning: Mutex<HashMap<String, usize>>,
     next_vm: AtomicU64,
     next_template: AtomicU64,
-    /// Cells (`--cells`): off unless enabled at start.
+    /// Cells (`cowvm serve` enables them unless `--in-process`): off unless enabled at start.
     pub cells: super::cells::Cells,
 }
 
@@ -448,7 +448,7 @@ impl App {
         Ok(entry)
     }
 
-    /// Warm shells of a template ready now (in the server, or in cells with `--cells`).
+    /// Warm shells of a template ready now (in the server, or in cells when cells are on).
     pub fn warm_shells(&self, entry: &TemplateEntry) -> usize {
         self.engine.warm_shells(&entry.template) + self.cells.warm_ready(&entry.id)
     }

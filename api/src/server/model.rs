@@ -52,7 +52,7 @@ pub struct VmInfo {
     pub memory_mib: u64,
     /// vCPUs of the VM (commands name one of them with `vcpu`).
     pub vcpus: u32,
-    /// `running`, `failed`, or `lost` (its cell died; `--cells` only).
+    /// `running`, `failed`, or `lost` (its cell died; VMs in cells only).
     pub state: String,
     /// `vm` (booted) or `clone`.
     pub kind: String,

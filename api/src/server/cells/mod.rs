@@ -1,4 +1,4 @@
-//! `cowvm serve --cells`: VMs live in sandboxed cell processes ([`cowvm_cell::CellPool`])
+//! `cowvm serve` (cells are its default): VMs live in sandboxed cell processes ([`cowvm_cell::CellPool`])
 //! instead of the server's own process.
 //!
 //! What it covers today: templates (snapshots, live forks, templates loaded from the state
@@ -708,7 +708,7 @@ fn pool_error(e: PoolError) -> ServiceError {
     }
 }
 
-/// List the cells (empty unless the server runs with `--cells`).
+/// List the cells (empty when the server runs `--in-process`).
 #[utoipa::path(get, path = "/v1/cells", tag = "cells", responses((status = 200, body = Vec<CellView>)))]
 pub async fn list_cells(State(app): State<Arc<App>>) -> Json<Vec<CellView>> {
     let Some(cells) = app.cells.service().cloned() else {
