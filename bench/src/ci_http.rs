@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::load::{api_err, make_template, start_server, wait_for_full_pool};
+use super::load::{api_err, make_template, start_server_with, wait_for_full_pool};
 use super::BenchError;
 use cowvm::client::Client;
 use cowvm::server::model::RunCommand;
+use cowvm::server::CellsConfig;
 
 /// Warm shells the server keeps for the loop's template.
 const WARM_SHELLS: usize = 64;
@@ -52,15 +53,25 @@ fn iteration(client: &Client, template: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Runs the loop for `seconds` with 1 and 2 workers against an embedded server; one row per
-/// worker count, marked `"via": "http"`.
+/// Runs the loop for `seconds` with 1 and 2 workers against an embedded server, first with its
+/// VMs in its own process, then in cells (as `cowvm serve` runs them by default); one row per
+/// worker count and mode, marked `"via": "http"` and `"cells"`.
 pub fn ci_loop_http(memory_mib: u64, seconds: f64) -> Result<Vec<Value>, BenchError> {
-    let (server, client) = start_server(WARM_SHELLS)?;
+    let mut rows = ci_loop_http_on(memory_mib, seconds, None)?;
+    let cells = CellsConfig::current_exe(cowvm_cell::DEFAULT_VMS_PER_CELL, 400)
+        .map_err(|e| BenchError::Setup(format!("find this executable for the cells: {e}")))?;
+    rows.extend(ci_loop_http_on(memory_mib, seconds, Some(cells))?);
+    Ok(rows)
+}
+
+fn ci_loop_http_on(memory_mib: u64, seconds: f64, cells: Option<CellsConfig>) -> Result<Vec<Value>, BenchError> {
+    let in_cells = cells.is_some();
+    let (server, client) = start_server_with(WARM_SHELLS, cells)?;
     let template = make_template(&client, memory_mib)?;
     let url = format!("http://{}", server.addr);
     let mut rows = Vec::new();
     for workers in [1usize, 2] {
-        eprintln!("[bench] CI loop over HTTP with {workers} worker(s) for {seconds} s");
+        eprintln!("[bench] CI loop over HTTP (cells: {in_cells}) with {workers} worker(s) for {seconds} s");
         wait_for_full_pool(&client, &template, WARM_SHELLS)?;
         let iterations = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -85,7 +96,7 @@ pub fn ci_loop_http(memory_mib: u64, seconds: f64) -> Result<Vec<Value>, BenchEr
         }
         let elapsed = started.elapsed().as_secs_f64();
         let done = iterations.load(Ordering::Relaxed);
-        rows.push(json!({"via": "http", "workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
+        rows.push(json!({"via": "http", "cells": in_cells, "workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
         server.wait_for_teardowns();
     }
     client

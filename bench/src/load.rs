@@ -78,6 +78,15 @@ fn resources() -> Result<[f64; 4], BenchError> {
 }
 
 pub(super) fn start_server(warm_shells: usize) -> Result<(RunningServer, Client), BenchError> {
+    start_server_with(warm_shells, None)
+}
+
+/// [`start_server`] with its VMs in cells when `cells` is given (as `cowvm serve` runs them by
+/// default).
+pub(super) fn start_server_with(
+    warm_shells: usize,
+    cells: Option<cowvm::server::CellsConfig>,
+) -> Result<(RunningServer, Client), BenchError> {
     let limits = Limits {
         max_vms: 4000,
         max_clones_per_call: 1000,
@@ -86,6 +95,7 @@ pub(super) fn start_server(warm_shells: usize) -> Result<(RunningServer, Client)
     };
     let server = server::start(ServerConfig {
         limits,
+        cells,
         ..ServerConfig::local(0)
     })
     .map_err(|e| BenchError::Setup(e.to_string()))?;

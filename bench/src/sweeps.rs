@@ -534,7 +534,11 @@ pub fn ci_loop(engine: &Arc<CloneEngine>, host: &Arc<HostView>, seconds: f64, ou
     let values: Vec<(String, f64)> = rows
         .iter()
         .map(|r| {
-            let via = if r["via"] == "http" { "HTTP" } else { "in-process" };
+            let via = match (r["via"] == "http", r["cells"] == true) {
+                (true, true) => "HTTP, cells",
+                (true, false) => "HTTP",
+                _ => "in-process",
+            };
             (
                 format!("{via}, {} worker(s)", r["workers"]),
                 r["iterations_per_s"].as_f64().unwrap_or(0.0),

@@ -107,10 +107,10 @@ fn test_bench_suite_writes_every_result_and_plot() {
         .as_u64()
         .is_some_and(|n| n > 0));
     let ci_rows = summary["ci_loop"]["rows"].as_array().expect("ci_loop rows");
-    for via in ["in_process", "http"] {
+    for (via, cells) in [("in_process", None), ("http", Some(false)), ("http", Some(true))] {
         let mut workers: Vec<u64> = ci_rows
             .iter()
-            .filter(|r| r["via"] == via)
+            .filter(|r| r["via"] == via && cells.is_none_or(|c| r["cells"] == c))
             .map(|r| {
                 for key in ["iterations", "iterations_per_s", "seconds"] {
                     assert!(r[key].is_number(), "ci_loop row without {key}: {r}");
@@ -123,7 +123,11 @@ fn test_bench_suite_writes_every_result_and_plot() {
             })
             .collect();
         workers.sort_unstable();
-        assert_eq!(workers, [1, 2], "ci_loop rows via {via} with 1 and 2 workers");
+        assert_eq!(
+            workers,
+            [1, 2],
+            "ci_loop rows via {via} (cells {cells:?}) with 1 and 2 workers"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -142,8 +146,8 @@ fn test_a_sweep_runs_on_its_own_by_name() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("ci-loop.json")).expect("json")).expect("JSON");
     assert_eq!(
         result["rows"].as_array().map(Vec::len),
-        Some(4),
-        "1 and 2 workers, in process and over HTTP"
+        Some(6),
+        "1 and 2 workers, in process and over HTTP to a server with and without cells"
     );
     assert!(dir.join("ci-loop.svg").exists());
     std::fs::remove_dir_all(&dir).ok();
