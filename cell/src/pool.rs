@@ -418,6 +418,9 @@ impl CellPool {
                     .0;
             };
             state.starting += needed;
+            // The cells with the most shells of the template first; among equals, the one with
+            // the fewest VMs (a cell serves one request at a time: single clones of concurrent
+            // clients then land in different cells).
             let mut order: Vec<(u32, CellId)> = alive
                 .iter()
                 .filter_map(|&id| {
@@ -425,21 +428,38 @@ impl CellPool {
                     Some((template.map_or(0, |t| slot.target_of(t)), id))
                 })
                 .collect();
-            order.sort_by_key(|&(warm, id)| (std::cmp::Reverse(warm), id));
-            for (_, id) in order {
-                if left == 0 {
-                    break;
-                }
-                let room = match state.cells.get(&id) {
-                    Some(slot) => self.room(slot, each) as usize,
-                    None => continue,
-                };
-                let take = room.min(left);
-                if take > 0 {
+            order.sort_by_key(|&(warm, id)| {
+                let vms = state.cells.get(&id).map_or(0, |s| s.vms.len());
+                (std::cmp::Reverse(warm), vms, id)
+            });
+            // First the cells' warm shells of the template (a template's shells are spread over
+            // cells), then any room.
+            for shells_only in [true, false] {
+                for &(warm, id) in &order {
+                    if left == 0 {
+                        break;
+                    }
+                    let room = match state.cells.get(&id) {
+                        Some(slot) => self.room(slot, each) as usize,
+                        None => continue,
+                    };
+                    let planned = plan.iter().position(|(p, _, _)| *p == id);
+                    let given = planned.map_or(0, |i| plan[i].2 as usize);
+                    let take = if shells_only {
+                        room.min(left).min(warm as usize)
+                    } else {
+                        room.min(left)
+                    };
+                    if take == 0 {
+                        continue;
+                    }
                     if let Some(slot) = state.cells.get_mut(&id) {
                         slot.reserved += take as u32;
                         slot.reserved_mappings += take * each;
-                        plan.push((id, Arc::clone(&slot.cell), take as u32));
+                        match planned {
+                            Some(i) => plan[i].2 = (given + take) as u32,
+                            None => plan.push((id, Arc::clone(&slot.cell), take as u32)),
+                        }
                         left -= take;
                     }
                 }
@@ -633,51 +653,84 @@ impl CellPool {
     pub fn grow_warm(&self, template: TemplateId, add: u32, start_cells: bool) -> Result<u32, PoolError> {
         let each = self.mappings_each(template)?;
         let per_cell = self.config.vms_per_cell.max(1);
+        let per_new = self.empty_room(each).max(1);
+        // A cell serves one request at a time: a template's shells are spread over as many cells
+        // as the host runs requests at once, so that clones taken one by one by concurrent
+        // clients land in different cells (a clone call takes the cell with the most shells).
+        let spread = host_parallelism().min(self.max_cells).max(1) as u32;
+        let cap = (self.warm_target(template) + add).div_ceil(spread);
         let mut plan: Vec<(CellId, Arc<Cell>, u32)> = Vec::new();
         let mut before = 0;
         let mut left = add;
+        // Room in cell `slot` for more shells of the template, less what the plan gives it.
+        let room_in = |slot: &Slot| {
+            let held = slot.vms.len() as u32 + slot.reserved + slot.warm_target();
+            per_cell
+                .saturating_sub(held)
+                .min(self.room(slot, each).saturating_sub(slot.warm_target()))
+        };
         let new_cells = {
             let mut state = self.lock();
             let mut ids: Vec<CellId> = state.cells.keys().copied().collect();
             ids.sort();
-            for id in ids {
+            let alive: Vec<CellId> = ids
+                .into_iter()
+                .filter(|id| {
+                    state
+                        .cells
+                        .get(id)
+                        .is_some_and(|s| s.cell.liveness() == Liveness::Alive)
+                })
+                .collect();
+            for &id in &alive {
                 let Some(slot) = state.cells.get(&id) else { continue };
-                if left == 0 {
-                    break;
-                }
-                if slot.cell.liveness() != Liveness::Alive {
-                    continue;
-                }
-                let held = slot.vms.len() as u32 + slot.reserved + slot.warm_target();
-                let room = per_cell
-                    .saturating_sub(held)
-                    .min(self.room(slot, each).saturating_sub(slot.warm_target()));
-                let take = room.min(left);
+                let target = slot.target_of(template);
+                let take = room_in(slot).min(left).min(cap.saturating_sub(target));
                 if take > 0 {
-                    let target = slot.target_of(template);
                     before += target;
                     plan.push((id, Arc::clone(&slot.cell), target + take));
                     left -= take;
                 }
             }
-            if start_cells {
-                let per_new = self.empty_room(each).max(1);
-                let free = self.max_cells.saturating_sub(state.alive() + state.starting);
-                let new_cells = (left.div_ceil(per_new) as usize).min(free);
-                state.starting += new_cells;
-                new_cells
+            let free = if start_cells {
+                self.max_cells.saturating_sub(state.alive() + state.starting)
             } else {
                 0
+            };
+            let new_cells = (left.div_ceil(per_new.min(cap).max(1)) as usize).min(free);
+            // What new cells cannot take goes to the cells there are, beyond the spread.
+            let mut beyond = left.saturating_sub(new_cells as u32 * per_new.min(cap).max(1));
+            for &id in &alive {
+                if beyond == 0 {
+                    break;
+                }
+                let Some(slot) = state.cells.get(&id) else { continue };
+                let planned = plan.iter().position(|(p, _, _)| *p == id);
+                let given = planned.map_or(0, |i| plan[i].2 - slot.target_of(template));
+                let take = room_in(slot).saturating_sub(given).min(beyond);
+                if take == 0 {
+                    continue;
+                }
+                match planned {
+                    Some(i) => plan[i].2 += take,
+                    None => {
+                        before += slot.target_of(template);
+                        plan.push((id, Arc::clone(&slot.cell), slot.target_of(template) + take));
+                    }
+                }
+                beyond -= take;
+                left -= take;
             }
+            state.starting += new_cells;
+            new_cells
         };
-        let per_new = self.empty_room(each).max(1);
         let started = self.start_cells(vec![(0, 0); new_cells]);
         for id in started.into_iter().flatten() {
             if left == 0 {
                 break;
             }
             if let Some(cell) = self.cell(id) {
-                let take = left.min(per_new);
+                let take = left.min(per_new).min(cap.max(1));
                 plan.push((id, cell, take));
                 left -= take;
             }
@@ -1013,4 +1066,9 @@ impl CellPool {
         // Dropping a slot closes its cell (it ends its loop and exits).
         stop.len()
     }
+}
+
+/// How many requests the host runs at once: its CPUs (1 if unknown).
+fn host_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }

@@ -2398,3 +2398,35 @@ fn test_a_template_call_in_cells_counts_against_max_vms_as_in_process() {
     assert_eq!(in_process[1].0, 200, "{in_process:?}");
     assert_eq!(template_call_when_full(Some(cells(10, 2))), in_process);
 }
+
+#[test]
+fn test_a_templates_warm_shells_spread_over_as_many_cells_as_the_host_has_cpus_and_single_clones_alternate() {
+    // A cell serves one request at a time: clones taken one by one by concurrent clients must
+    // not all land in one cell.
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let (_server, client) = start(Some(cells(10, 4)));
+    let tpl = clones_template(&client);
+    let warm = ok(
+        &client,
+        "POST",
+        &format!("/v1/templates/{tpl}/warm"),
+        Some(json!({"shells": 8})),
+        200,
+    );
+    assert_eq!(warm["target"], 8, "{warm}");
+    assert_eq!(wait_for_cell_shells(&client, 8), 8);
+    let holding: Vec<Value> = cells_list(&client)
+        .into_iter()
+        .filter(|c| c["warm_shells"].as_u64().unwrap_or(0) > 0)
+        .collect();
+    assert_eq!(holding.len(), cpus.clamp(1, 4), "{holding:?}");
+    if cpus < 2 {
+        eprintln!("skipping the alternation check: this host has 1 CPU");
+        return;
+    }
+    // Two single clones, one after the other, each from a warm shell, in two cells.
+    let first = clone_ids(&client, &tpl, 1).remove(0);
+    let second = clone_ids(&client, &tpl, 1).remove(0);
+    let with_vms = cells_holding_vms(&client);
+    assert_eq!(with_vms.len(), 2, "{first} and {second} share a cell: {with_vms:?}");
+}
