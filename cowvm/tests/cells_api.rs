@@ -2430,3 +2430,29 @@ fn test_a_templates_warm_shells_spread_over_as_many_cells_as_the_host_has_cpus_a
     let with_vms = cells_holding_vms(&client);
     assert_eq!(with_vms.len(), 2, "{first} and {second} share a cell: {with_vms:?}");
 }
+
+#[test]
+fn test_many_vcpu_boots_in_a_cell_survive_the_sandbox() {
+    // Found by schemathesis: `{"memory_mib": 4, "vcpus": 8}` killed its cell with SIGSYS (an
+    // `openat` glibc made on a vCPU thread). Opens now fail with EACCES instead.
+    let (_server, client) = start(Some(cells(10, 2)));
+    for _ in 0..4 {
+        let vm = ok(
+            &client,
+            "POST",
+            "/v1/vms",
+            Some(json!({"memory_mib": 4, "vcpus": 8, "warmup_mib": 0, "kernel": null})),
+            201,
+        );
+        let id = vm["id"].as_str().expect("id");
+        let who = ok(
+            &client,
+            "POST",
+            &format!("/v1/vms/{id}/run"),
+            Some(json!({"command": "identity", "vcpu": 7})),
+            200,
+        );
+        assert_eq!(who["vcpu"], 7, "{who}");
+    }
+    assert!(cells_list(&client).iter().all(|c| c["seccomp"] == 2));
+}

@@ -338,6 +338,8 @@ impl Worker {
             // seccomp call the cell filter forbids), then the cell filter.
             let fallback = sandbox::clone3_fallback_filter().map_err(sandbox_error)?;
             sandbox::install(&fallback).map_err(sandbox_error)?;
+            let no_files = sandbox::no_files_filter().map_err(sandbox_error)?;
+            sandbox::install(&no_files).map_err(sandbox_error)?;
             sandbox::install(&program).map_err(sandbox_error)?;
         } else {
             sandbox::set_no_new_privs().map_err(sandbox_error)?;
