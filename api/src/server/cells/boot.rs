@@ -15,9 +15,9 @@ use cowvm_cell::protocol::{BootFailure, BootVm, RemoteErrorKind};
 use cowvm_cell::{CellError, PoolError};
 use cowvm_vmm::call::ready::BOOT_ERROR_CODES;
 use cowvm_vmm::loader::LoadError;
-use cowvm_vmm::{AdmitError, FrozenMemory, Kernel, Reservation, VmError};
+use cowvm_vmm::{FrozenMemory, Kernel, VmError};
 
-use super::{CellService, CellVm, CellVmStatus};
+use super::{CellVm, CellVmStatus};
 use crate::server::app::App;
 use crate::server::error::ServiceError;
 use crate::server::model::{CreateVm, VmInfo};
@@ -31,7 +31,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm, kernel: Kernel) -> Result<
         .service()
         .cloned()
         .ok_or_else(|| ServiceError::internal("cells are not enabled"))?;
-    let slot = admit(app, &cells)?;
+    let slot = cells.admit_one(app).map_err(|e| app.admit_error(e))?;
     let service = Arc::clone(app);
     transaction(app, move |commit| {
         let (name, image) = match &kernel {
@@ -75,19 +75,6 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm, kernel: Kernel) -> Result<
         Ok(vm.info())
     })
     .await
-}
-
-/// Room for one VM under `--max-vms`, counted with every other VM (in cells or not); warm
-/// shells in cells give way, as they do for the server's own VMs (429 `too_many_vms` when VMs
-/// hold the limit).
-fn admit(app: &App, cells: &CellService) -> Result<Reservation, ServiceError> {
-    app.engine
-        .reserve_remote(1)
-        .or_else(|e| match e {
-            AdmitError::TooManyVms { .. } if cells.shed(None, 1) > 0 => app.engine.reserve_remote(1),
-            e => Err(e),
-        })
-        .map_err(|e| app.admit_error(e))
 }
 
 /// The kernel at `path` copied into a sealed memfd (the kernel copies it; the server holds no

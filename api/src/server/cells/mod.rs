@@ -578,6 +578,15 @@ impl CellService {
         shed
     }
 
+    /// Room for one VM under `--max-vms`, counted with every other VM (in cells or not); warm
+    /// shells in cells give way, as they do for the server's own VMs.
+    fn admit_one(&self, app: &App) -> Result<Reservation, AdmitError> {
+        app.engine.reserve_remote(1).or_else(|e| match e {
+            AdmitError::TooManyVms { .. } if self.shed(None, 1) > 0 => app.engine.reserve_remote(1),
+            e => Err(e),
+        })
+    }
+
     /// Room under `--max-vms` for `count` clones of `template`: the room of its warm shells in
     /// cells first (the clones take those shells), the rest admitted now; other templates'
     /// shells give way when the limit is reached. On refusal the shell room is kept.

@@ -15,7 +15,7 @@ use cowvm_vmm::pagemap::PageMap;
 use cowvm_vmm::probe::{assemble, page_states, ProbeParts, ProbeReport, ProbeTargets};
 use cowvm_vmm::stats::HostView;
 use cowvm_vmm::translate::GuestTranslation;
-use cowvm_vmm::{AdmitError, Reservation};
+use cowvm_vmm::Reservation;
 
 use super::{lock, CellService, CellVm};
 use crate::server::app::App;
@@ -78,11 +78,7 @@ impl CellService {
     /// Room under `--max-vms` for the probe's scratch clone while it lives, as the in-process
     /// probe admits its own: warm shells in cells give way when the limit is reached.
     fn admit_scratch(&self, app: &App) -> Result<Reservation, ServiceError> {
-        let admitted = app.engine.reserve_remote(1).or_else(|e| match e {
-            AdmitError::TooManyVms { .. } if self.shed(None, 1) > 0 => app.engine.reserve_remote(1),
-            e => Err(e),
-        });
-        admitted.map_err(|e| match app.admit_error(e) {
+        self.admit_one(app).map_err(|e| match app.admit_error(e) {
             ServiceError::TooManyVms(message) => ServiceError::TooManyVms(format!(
                 "the probe's scratch clone (the host-only copy-on-write baseline) needs room for one more VM: {message}"
             )),
