@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::load::{api_err, make_template, start_server_with, wait_for_full_pool};
+use super::stats::Percentiles;
 use super::BenchError;
 use cowvm::client::Client;
 use cowvm::server::model::RunCommand;
@@ -29,9 +30,23 @@ fn over_pages(command: &str, start_gpa: u64, count: u64, value: u64) -> RunComma
     }
 }
 
-/// One iteration over the API: clone → checksum → write 16 pages → stats → delete.
-fn iteration(client: &Client, template: &str) -> Result<(), BenchError> {
+/// The steps of one iteration, in order; each row reports their latencies under these names.
+const STEPS: [&str; 5] = ["clone", "checksum", "write", "stats", "delete"];
+
+/// Latencies of each step in µs, one list per entry of [`STEPS`].
+type StepTimes = [Vec<f64>; 5];
+
+/// One iteration over the API: clone → checksum → write 16 pages → stats → delete, adding each
+/// step's latency to `times`.
+fn iteration(client: &Client, template: &str, times: &mut StepTimes) -> Result<(), BenchError> {
+    let mut last = Instant::now();
+    let mut lap = |step: usize| {
+        let now = Instant::now();
+        times[step].push((now - last).as_secs_f64() * 1e6);
+        last = now;
+    };
     let made = client.clone_template(template, 1).map_err(api_err("clone"))?;
+    lap(0);
     let id = &made
         .clones
         .first()
@@ -40,16 +55,20 @@ fn iteration(client: &Client, template: &str) -> Result<(), BenchError> {
     client
         .run(id, &over_pages("checksum", 8 << 20, 64, 0))
         .map_err(api_err("checksum"))?;
+    lap(1);
     client
         .run(id, &over_pages("write", 16 << 20, 16, 1))
         .map_err(api_err("write"))?;
+    lap(2);
     let private = client.vm_stats(id).map_err(api_err("stats"))?.pages.private;
+    lap(3);
     if private != 16 {
         return Err(BenchError::Setup(format!(
             "expected 16 private pages, the kernel says {private}"
         )));
     }
     client.delete_vm(id).map_err(api_err("delete the clone"))?;
+    lap(4);
     Ok(())
 }
 
@@ -79,24 +98,34 @@ fn ci_loop_http_on(memory_mib: u64, seconds: f64, cells: Option<CellsConfig>) ->
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let (url, template, iterations) = (url.clone(), template.clone(), Arc::clone(&iterations));
-                std::thread::spawn(move || -> Result<(), BenchError> {
+                std::thread::spawn(move || -> Result<StepTimes, BenchError> {
                     let client = Client::new(&url, None);
+                    let mut times = StepTimes::default();
                     while Instant::now() < deadline {
-                        iteration(&client, &template)?;
+                        iteration(&client, &template, &mut times)?;
                         iterations.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(())
+                    Ok(times)
                 })
             })
             .collect();
+        let mut times = StepTimes::default();
         for handle in handles {
-            handle
+            let worker = handle
                 .join()
                 .map_err(|_| BenchError::Setup("an HTTP CI worker panicked".into()))??;
+            for (all, mine) in times.iter_mut().zip(worker) {
+                all.extend(mine);
+            }
         }
         let elapsed = started.elapsed().as_secs_f64();
         let done = iterations.load(Ordering::Relaxed);
-        rows.push(json!({"via": "http", "cells": in_cells, "workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed}));
+        let step_us: serde_json::Map<String, Value> = STEPS
+            .iter()
+            .zip(&times)
+            .map(|(step, samples)| (step.to_string(), json!(Percentiles::of(samples))))
+            .collect();
+        rows.push(json!({"via": "http", "cells": in_cells, "workers": workers, "iterations": done, "seconds": elapsed, "iterations_per_s": done as f64 / elapsed, "step_us": step_us}));
         server.wait_for_teardowns();
     }
     client

@@ -536,6 +536,15 @@ impl Cell {
         }
     }
 
+    /// Deletes VM `vm` by recycling it into a warm shell of its template (see
+    /// [`Request::Recycle`]); returns whether it was recycled and the targets the cell keeps.
+    pub fn recycle(&self, vm: CellVmId) -> Result<(bool, Vec<WarmCount>), CellError> {
+        match self.call(Request::Recycle { vm }, &[], self.config.request_timeout)? {
+            Response::Recycled { recycled, warm } => Ok((recycled, warm)),
+            other => Err(self.unexpected("recycle", &other)),
+        }
+    }
+
     /// Drops template `id` and its warm shells from the cell.
     pub fn drop_template(&self, id: TemplateId) -> Result<(), CellError> {
         match self.call(Request::DropTemplate { template: id }, &[], self.config.request_timeout)? {
@@ -667,6 +676,7 @@ impl Cell {
                 Response::Ran { .. } => "Ran",
                 Response::Reset(_) => "Reset",
                 Response::Done => "Done",
+                Response::Recycled { .. } => "Recycled",
                 Response::Stats(_) => "Stats",
                 Response::StatsFds { .. } => "StatsFds",
                 Response::Called(_) => "Called",

@@ -82,6 +82,8 @@ pub struct CellInfo {
     pub mappings: usize,
     /// Its confinement from `/proc/<pid>/status` (`None` if it could not be read).
     pub confinement: Option<Confinement>,
+    /// Deleted clones it reset into warm shells (as it last said).
+    pub recycled: u64,
 }
 
 struct Slot {
@@ -97,6 +99,8 @@ struct Slot {
     warm: BTreeMap<TemplateId, WarmCount>,
     /// Since when [`CellPool::reap_idle`] has seen the cell idle (no VM, spawn or warm target).
     idle_since: Option<Instant>,
+    /// Deleted clones it reset into warm shells, as it last said.
+    recycled: u64,
 }
 
 impl Slot {
@@ -304,6 +308,7 @@ impl CellPool {
                 templates: BTreeSet::new(),
                 warm: BTreeMap::new(),
                 idle_since: None,
+                recycled: 0,
             },
         );
         Ok(id)
@@ -330,6 +335,7 @@ impl CellPool {
                 warm_target: slot.warm_target(),
                 mappings: slot.vms.values().sum(),
                 confinement: slot.cell.confinement().ok(),
+                recycled: slot.recycled,
             })
             .collect();
         list.sort_by_key(|c| c.id);
@@ -641,6 +647,7 @@ impl CellPool {
             if let Ok(counts) = cell.stats() {
                 if let Some(slot) = self.lock().cells.get_mut(&id) {
                     slot.set_warm(&counts.warm);
+                    slot.recycled = counts.recycled;
                 }
             }
         }
@@ -984,6 +991,18 @@ impl CellPool {
             slot.vms.remove(&at.vm);
         }
         Ok(())
+    }
+
+    /// Deletes the clone at `at` by recycling it into a warm shell of its template in its cell
+    /// (the cell's target for the template rises by one); true if it was recycled, false if the
+    /// cell destroyed it instead.
+    pub fn recycle(&self, at: VmRef) -> Result<bool, PoolError> {
+        let (recycled, warm) = self.cell_of(at)?.recycle(at.vm)?;
+        if let Some(slot) = self.lock().cells.get_mut(&at.cell) {
+            slot.vms.remove(&at.vm);
+            slot.set_warm(&warm);
+        }
+        Ok(recycled)
     }
 
     /// Removes every dead cell from the pool and reports each with the VMs it took with it.

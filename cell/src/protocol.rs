@@ -249,6 +249,12 @@ pub enum Request {
         /// The VM.
         vm: CellVmId,
     },
+    /// Delete a clone by recycling it into a warm shell of its template (its target rises by
+    /// one); a VM that cannot be recycled is destroyed instead.
+    Recycle {
+        /// The VM.
+        vm: CellVmId,
+    },
     /// Drop a template and its warm shells (refused while clones of it live in the cell).
     DropTemplate {
         /// Template.
@@ -334,6 +340,7 @@ impl Request {
             Request::Run { .. } => "run",
             Request::Reset { .. } => "reset",
             Request::Destroy { .. } => "destroy",
+            Request::Recycle { .. } => "recycle",
             Request::DropTemplate { .. } => "drop_template",
             Request::Stats => "stats",
             Request::StatsFds { .. } => "stats_fds",
@@ -378,6 +385,8 @@ pub struct CellCounts {
     pub templates: u32,
     /// Warm-shell targets and ready shells per template.
     pub warm: Vec<WarmCount>,
+    /// Deleted clones reset into warm shells since the cell started (`Request::Recycle`).
+    pub recycled: u64,
 }
 
 /// One template's warm shells in a cell.
@@ -527,6 +536,13 @@ pub enum Response {
     Reset(ResetReport),
     /// Done (destroy, drop template).
     Done,
+    /// A VM deleted by `Recycle`.
+    Recycled {
+        /// Whether it became a warm shell (false: it was destroyed).
+        recycled: bool,
+        /// The warm-shell targets the cell keeps afterwards, per template.
+        warm: Vec<WarmCount>,
+    },
     /// Counts.
     Stats(CellCounts),
     /// Sent with `1 + vcpus` fds: the VM's binary statistics, then each vCPU's in vCPU order.

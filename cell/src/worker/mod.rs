@@ -23,6 +23,7 @@ use crate::wire::{self, WireError};
 mod call;
 mod freeze;
 mod probe;
+mod recycle;
 
 /// The descriptor a cell finds its socket on (the supervisor puts it there before `exec`).
 pub const CELL_FD: RawFd = 3;
@@ -244,6 +245,7 @@ impl Worker {
                 self.vms.insert(vm, held);
                 Ok(Response::Reset(report?))
             }
+            Request::Recycle { vm } => self.recycle(vm),
             Request::Destroy { vm } => {
                 let held = self
                     .vms
@@ -296,6 +298,7 @@ impl Worker {
                 warm_shells: self.warm_shells(),
                 templates: self.templates.len() as u32,
                 warm: self.warm_counts(),
+                recycled: self.engine.as_ref().map_or(0, |e| e.recycle_stats().recycled),
             })),
         }
     }

@@ -51,6 +51,7 @@ use super::service::vms::probe_targets;
 
 mod call;
 mod probe;
+mod recycle;
 mod snapshot;
 
 pub mod boot;
@@ -112,6 +113,9 @@ pub struct CellView {
     pub warm_shells: u32,
     /// `Seccomp:` of `/proc/<pid>/status`: 0 none, 1 strict, 2 filter (null if unreadable).
     pub seccomp: Option<u32>,
+    /// Deleted clones it reset into warm shells of their template instead of tearing them
+    /// down (recycling happens while the template's warm shells are short of what is wanted).
+    pub recycled: u64,
 }
 
 /// What the API shows of an in-cell VM beyond its identity.
@@ -220,6 +224,15 @@ struct WarmState {
     room: HashMap<TemplateId, Vec<Reservation>>,
     /// Something changed: the keeper should look now.
     poked: bool,
+    /// The wanted shells changed: the keeper grows targets at once, without waiting for
+    /// deleted clones to be recycled.
+    urgent: bool,
+    /// Per template, the least shortfall (shells wanted less the cells' targets) seen since the
+    /// keeper last grew targets: only a shortfall that recycled clones did not fill for a whole
+    /// [`WARM_INTERVAL`] is filled by building shells.
+    floor: HashMap<TemplateId, u32>,
+    /// When the keeper last grew targets.
+    grown_at: Option<Instant>,
 }
 
 fn room_of(parts: &[Reservation]) -> usize {
@@ -480,6 +493,7 @@ impl CellService {
             } else {
                 state.wanted.insert(template, shells);
             }
+            state.urgent = true;
         }
         self.poke();
     }
@@ -495,11 +509,36 @@ impl CellService {
             }
         }
         self.match_room(app);
+        // Shells taken by clones come back as deleted clones are recycled; only the shortfall
+        // that lasted a whole round (or one the wanted count just made) is built.
+        let (urgent, floor) = {
+            let mut state = self.lock_warm();
+            let due = state.grown_at.is_none_or(|at| at.elapsed() >= WARM_INTERVAL);
+            if state.urgent || due {
+                state.grown_at = Some(Instant::now());
+                (
+                    std::mem::take(&mut state.urgent),
+                    Some(std::mem::take(&mut state.floor)),
+                )
+            } else {
+                (false, None)
+            }
+        };
+        let growth: Vec<(TemplateId, u32, u32)> = floor.map_or_else(Vec::new, |floor| {
+            wanted
+                .iter()
+                .map(|(&template, &want)| {
+                    let short = want.saturating_sub(self.pool.warm_target(template));
+                    let lasting = floor.get(&template).copied().unwrap_or(short).min(short);
+                    (template, if urgent { short } else { lasting }, short)
+                })
+                .collect()
+        });
         // Grow into room admitted first: the shells are counted before they exist.
-        for (template, want) in wanted {
-            let target = self.pool.warm_target(template);
+        for (template, grow, short) in growth {
             let free = app.limits.max_vms.saturating_sub(app.engine.held_vms());
-            let add = (want.saturating_sub(target) as usize).min(free);
+            let add = (grow as usize).min(free);
+            self.lock_warm().floor.insert(template, short - add as u32);
             if add == 0 {
                 continue;
             }
@@ -736,6 +775,7 @@ pub async fn list_cells(State(app): State<Arc<App>>) -> Json<Vec<CellView>> {
                 vms: c.vms,
                 warm_shells: c.warm_shells,
                 seccomp: c.confinement.map(|c| c.seccomp),
+                recycled: c.recycled,
             })
             .collect(),
     )
@@ -971,7 +1011,12 @@ async fn delete_vm(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> R
         let _busy = lock(&vm.busy);
         // A lost VM went with its cell; there is nothing left to destroy.
         if lock(&vm.status).lost.is_none() {
-            match cells.pool.destroy(vm.at) {
+            let template = vm.template_id.as_deref().map(id_number);
+            let deleted = match template.filter(|&t| cells.short_of(t)) {
+                Some(t) => cells.recycle(&vm, t).map(drop),
+                None => cells.pool.destroy(vm.at),
+            };
+            match deleted {
                 Ok(()) | Err(PoolError::Lost { .. }) | Err(PoolError::Cell(CellError::Died { .. })) => {}
                 Err(e) => return Err(pool_error(e)),
             }
