@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use cowvm_vmm::host::MemorySnapshot;
 use cowvm_vmm::memory::PAGE_SIZE;
 use cowvm_vmm::probe::{host_cow_times, write_probe, ProbeTargets};
-use cowvm_vmm::stats::{template_sharing, vm_sharing, HostView};
-use cowvm_vmm::{Clone, CloneEngine, GuestCommand, Vm};
+use cowvm_vmm::stats::{template_sharing, vm_sharing, HostView, TemplateSharing};
+use cowvm_vmm::{Clone, CloneEngine, GuestCommand, Template, Vm};
 use serde_json::{json, Value};
 use vm_memory::GuestAddress;
 
@@ -305,6 +305,30 @@ pub fn live_clones(
     Ok(json!({"samples": samples, "rows": rows}))
 }
 
+/// Scans before [`stable_sharing`] gives up waiting for two that agree.
+const SHARING_SCANS: usize = 10;
+
+/// The template's sharing over `vms`, scanned until two scans in a row agree (and how many
+/// scans that took). The kernel may move a page cache page to another frame between the reads
+/// of two clones (compaction, DAMON), which splits one page's clones over two frames in that
+/// scan; nothing in the guests changes meanwhile, so a scan equal to the one before saw no move.
+fn stable_sharing(
+    template: &Template,
+    vms: &[&Vm],
+    engine: &CloneEngine,
+) -> Result<(TemplateSharing, usize), BenchError> {
+    let scan = || template_sharing(template, vms, engine.warm_shells(template), engine.pagemap());
+    let mut last = scan()?;
+    for scans in 2..=SHARING_SCANS {
+        let next = scan()?;
+        if next.histogram == last.histogram && next.private_bytes == last.private_bytes {
+            return Ok((next, scans));
+        }
+        last = next;
+    }
+    Ok((last, SHARING_SCANS))
+}
+
 /// Template sharing after 100 clones each read the template's 16 MiB of data and write 0 %, 1 %
 /// or 10 % of those pages (every 100th / 10th page at a clone-specific offset, so that at 1 %
 /// each data page is copied by one clone and at 10 % by ten). Only pages clones actually map
@@ -340,7 +364,7 @@ pub fn sharing(engine: &CloneEngine, clones: usize, out: &Path) -> Result<Value,
             }
         }
         let vms: Vec<&Vm> = made.iter().map(Clone::vm).collect();
-        let stats = template_sharing(&template, &vms, engine.warm_shells(&template), engine.pagemap())?;
+        let (stats, scans) = stable_sharing(&template, &vms, engine)?;
         series.push(Series::new(
             format!("{pct} % written"),
             stats.histogram.iter().map(|(k, v)| (*k as f64, *v as f64)).collect(),
@@ -348,6 +372,7 @@ pub fn sharing(engine: &CloneEngine, clones: usize, out: &Path) -> Result<Value,
         let used = stats.mapped_bytes + stats.private_bytes;
         rows.push(json!({
             "percent_written": pct,
+            "scans": scans,
             "populated_pages": stats.populated_pages,
             "histogram": stats.histogram,
             "pages_shared_by_all": stats.pages_shared_by_all,
