@@ -520,10 +520,11 @@ impl Cell {
         }
     }
 
-    /// Resets VM `vm` to its template's state.
-    pub fn reset(&self, vm: CellVmId) -> Result<ResetReport, CellError> {
+    /// Resets VM `vm` to its template's state (by swap when the cell has a warm shell of it);
+    /// the report and where the VM's RAM is mapped in the cell afterwards.
+    pub fn reset(&self, vm: CellVmId) -> Result<(ResetReport, u64), CellError> {
         match self.call(Request::Reset { vm }, &[], self.config.request_timeout)? {
-            Response::Reset(done) => Ok(done),
+            Response::Reset { report, host_address } => Ok((report, host_address)),
             other => Err(self.unexpected("reset", &other)),
         }
     }
@@ -674,7 +675,7 @@ impl Cell {
                 Response::Warm { .. } => "Warm",
                 Response::Spawned { .. } => "Spawned",
                 Response::Ran { .. } => "Ran",
-                Response::Reset(_) => "Reset",
+                Response::Reset { .. } => "Reset",
                 Response::Done => "Done",
                 Response::Recycled { .. } => "Recycled",
                 Response::Stats(_) => "Stats",

@@ -931,8 +931,9 @@ impl CellPool {
         Ok(called?.call)
     }
 
-    /// Resets VM `at` in place.
-    pub fn reset(&self, at: VmRef) -> Result<ResetReport, PoolError> {
+    /// Resets VM `at` (by swap when its cell has a warm shell of its template); the report and
+    /// where its RAM is mapped in the cell afterwards.
+    pub fn reset(&self, at: VmRef) -> Result<(ResetReport, u64), PoolError> {
         Ok(self.cell_of(at)?.reset(at.vm)?)
     }
 

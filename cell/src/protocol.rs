@@ -532,8 +532,14 @@ pub enum Response {
         /// How long `KVM_RUN` took.
         took: Duration,
     },
-    /// A reset's report (the cell resets in place: `swapped` is false).
-    Reset(ResetReport),
+    /// A reset's report; after a swap (`report.swapped`) the VM is another VM of the cell, whose
+    /// RAM is at `host_address` (its KVM statistics fds are new too).
+    Reset {
+        /// The report.
+        report: ResetReport,
+        /// Where the VM's RAM is mapped in the cell now.
+        host_address: u64,
+    },
     /// Done (destroy, drop template).
     Done,
     /// A VM deleted by `Recycle`.
@@ -733,8 +739,15 @@ mod tests {
             seed: 0x1234_5678_9abc_def0,
             swapped: true,
         };
-        match round_trip(Response::Reset(report.clone())) {
-            Response::Reset(back) => assert_eq!(back, report),
+        let sent = Response::Reset {
+            report: report.clone(),
+            host_address: 0x7f00_0000_0000,
+        };
+        match round_trip(sent) {
+            Response::Reset {
+                report: back,
+                host_address,
+            } => assert_eq!((back, host_address), (report, 0x7f00_0000_0000)),
             other => panic!("{other:?}"),
         }
     }

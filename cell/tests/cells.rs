@@ -55,7 +55,7 @@ fn test_clone_in_a_cell_runs_resets_and_is_destroyed_over_the_protocol() {
     pool.run(clone.at, write, DEADLINE).expect("write");
     assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, 7);
 
-    let reset = pool.reset(clone.at).expect("reset");
+    let (reset, _) = pool.reset(clone.at).expect("reset");
     assert_eq!(reset.pages_dropped, 1);
     assert_ne!(reset.generation, clone.spawned.generation);
     assert_eq!(pool.run(clone.at, read, DEADLINE).expect("read").result, MARK);

@@ -235,15 +235,21 @@ impl Worker {
                     .vms
                     .remove(&vm)
                     .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
+                // By swap when the template has a warm shell here (the used VM is recycled in
+                // the background), else in place.
                 let report = match &mut held.machine {
-                    Machine::Clone(clone) => self.engine()?.reset(clone).map_err(vmm_error),
+                    Machine::Clone(clone) => self.engine()?.reset_by_swap(clone).map_err(vmm_error),
                     Machine::Booted(_) => Err(RemoteError::new(
                         Kind::Protocol,
                         format!("VM {vm} was booted, not cloned; only clones can be reset"),
                     )),
                 };
+                let host_address = held.machine.vm().ram().host_address();
                 self.vms.insert(vm, held);
-                Ok(Response::Reset(report?))
+                Ok(Response::Reset {
+                    report: report?,
+                    host_address,
+                })
             }
             Request::Recycle { vm } => self.recycle(vm),
             Request::Destroy { vm } => {

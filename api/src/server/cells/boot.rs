@@ -57,7 +57,7 @@ pub async fn create_vm(app: &Arc<App>, req: CreateVm, kernel: Kernel) -> Result<
             id: service.new_vm_id(),
             at: placed.at,
             pid: placed.pid,
-            host_address: placed.booted.host_address,
+            host_address: std::sync::atomic::AtomicU64::new(placed.booted.host_address),
             memory_size: placed.booted.memory_size,
             kvm_stats: Mutex::new(None),
             memory_mib: req.memory_mib,

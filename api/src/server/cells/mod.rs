@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -135,7 +135,8 @@ pub struct CellVm {
     at: VmRef,
     /// Its cell's process id, and where its RAM is mapped there (for `/proc/<pid>/pagemap`).
     pid: u32,
-    host_address: u64,
+    /// Where its RAM is mapped in the cell (a reset by swap moves it).
+    host_address: AtomicU64,
     memory_size: u64,
     /// KVM's statistics fds of the VM, handed over by its cell on the first stats request.
     kvm_stats: Mutex<Option<VmStatsFiles>>,
@@ -176,6 +177,11 @@ impl CellVm {
             generation: self.template_id.as_ref().map(|_| status.generation),
             spawn_us: self.template_id.as_ref().map(|_| status.spawn_us),
         }
+    }
+
+    /// Where the VM's RAM is mapped in its cell now.
+    fn host_address(&self) -> u64 {
+        self.host_address.load(Ordering::Acquire)
     }
 
     /// 409 `vm_lost` or `vm_failed` if the VM cannot take operations.
@@ -403,7 +409,7 @@ impl Cells {
             .iter()
             .filter_map(|vm| {
                 Some(CloneRam {
-                    host_address: vm.host_address,
+                    host_address: vm.host_address(),
                     size: vm.memory_size,
                     pagemap: pagemaps.get(&vm.pid)?,
                 })
@@ -968,7 +974,7 @@ impl CellService {
                     id: service.new_vm_id(),
                     at: placed.at,
                     pid: placed.pid,
-                    host_address: spawned.host_address,
+                    host_address: AtomicU64::new(spawned.host_address),
                     memory_size: spawned.memory_size,
                     kvm_stats: Mutex::new(None),
                     memory_mib,
@@ -1094,7 +1100,12 @@ async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Resul
     let report = blocking(&app, move || {
         let _busy = lock(&vm.busy);
         vm.usable()?;
-        let report = cells.pool.reset(vm.at).map_err(|e| cells.vm_error(&vm, e))?;
+        let (report, host_address) = cells.pool.reset(vm.at).map_err(|e| cells.vm_error(&vm, e))?;
+        if report.swapped {
+            // Another VM of the cell now: its RAM and its KVM statistics fds are its own.
+            vm.host_address.store(host_address, Ordering::Release);
+            lock(&vm.kvm_stats).take();
+        }
         lock(&vm.status).generation = report.generation;
         Ok(report)
     })
@@ -1125,7 +1136,7 @@ async fn vm_stats(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Re
         };
         let host = vm.host_view()?;
         let region = RamRegion {
-            host_address: vm.host_address,
+            host_address: vm.host_address(),
             size: vm.memory_size,
             from_template: vm.template_id.is_some() || lock(&vm.status).frozen,
             pid: Some(vm.pid),

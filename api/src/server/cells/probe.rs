@@ -107,7 +107,7 @@ impl CellService {
         vm.check_translations(&addresses, &translations)?;
         let host = vm.host_view()?;
         let gpas: Vec<u64> = translations.iter().map(|t| t.gpa).collect();
-        let before = page_states(&host, vm.host_address, &gpas)?;
+        let before = page_states(&host, vm.host_address(), &gpas)?;
         // A clone's probe times the host-only baseline too, on a scratch clone of its template
         // that holds this room until the cell has torn it down (a booted VM has none, as in
         // process).
@@ -117,10 +117,10 @@ impl CellService {
         drop(room);
         let written = written.map_err(|e| self.vm_error(vm, e))?;
         vm.check_written(gpas.len(), &written)?;
-        let after = page_states(&host, vm.host_address, &gpas)?;
+        let after = page_states(&host, vm.host_address(), &gpas)?;
         let parts = ProbeParts {
             translations,
-            host_address: vm.host_address,
+            host_address: vm.host_address(),
             before,
             after,
             writes: written.writes,
