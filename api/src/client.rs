@@ -10,8 +10,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::server::model::{
-    CloneRequest, ClonesCreated, CreateVm, RunCommand, RunResult, SnapshotCreated, TemplateInfo, VmInfo, VmStats,
-    WarmRequest, WarmStatus,
+    CloneRequest, ClonesCreated, CreateVm, ResetDone, RunCommand, RunResult, SnapshotCreated, TemplateInfo, VmInfo,
+    VmStats, WarmRequest, WarmStatus,
 };
 use crate::server::{CellView, ErrorBody};
 
@@ -257,6 +257,11 @@ impl Client {
     /// `GET /v1/vms/{vm}/stats`: the VM's sharing, read from the host kernel.
     pub fn vm_stats(&self, vm: &str) -> Result<VmStats, ClientError> {
         self.get(&format!("/v1/vms/{vm}/stats"))
+    }
+
+    /// `POST /v1/vms/{vm}/reset`: back to the template's state (by swap when a shell is ready).
+    pub fn reset(&self, vm: &str) -> Result<ResetDone, ClientError> {
+        self.post_empty(&format!("/v1/vms/{vm}/reset"))
     }
 
     /// `DELETE /v1/vms/{vm}`.

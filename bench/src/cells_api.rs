@@ -12,7 +12,7 @@ use super::load::{api_err, make_template};
 use super::stats::Percentiles;
 use super::BenchError;
 use cowvm::client::Client;
-use cowvm::server::model::ClonesCreated;
+use cowvm::server::model::{ClonesCreated, RunCommand};
 use cowvm::server::{self, CellsConfig, Limits, ServerConfig};
 
 /// How long the shells may take to be built.
@@ -78,6 +78,7 @@ pub fn api_rows(memory_mib: u64, samples: usize, batch: usize, vms_per_cell: u32
         single_pooled += pooled(&made);
         delete_clones(&client, &made)?;
     }
+    let resets = resets(&client, &template, samples)?;
     client
         .set_warm(&template, batch as u64)
         .map_err(api_err("set the warm shells"))?;
@@ -114,5 +115,52 @@ pub fn api_rows(memory_mib: u64, samples: usize, batch: usize, vms_per_cell: u32
         "api_clones_batch": batch,
         "cells_holding_shells": cells_before,
         "warm_up_s": warm_s,
+        "api_reset": resets,
     }))
+}
+
+/// Pages the dirty resets find written.
+const DIRTY_PAGES: u64 = 1000;
+
+/// `POST /v1/vms/{id}/reset` of one in-cell clone, `samples` times clean and `samples` times
+/// after the guest wrote [`DIRTY_PAGES`] pages, each with a warm shell ready in the cells: the
+/// reset's own time in its cell (`reset_us` of the answer, by swap when the cell had a shell),
+/// the HTTP round trip, and how many resets were swaps.
+fn resets(client: &Client, template: &str, samples: usize) -> Result<Value, BenchError> {
+    let made = client.clone_template(template, 1).map_err(api_err("clone"))?;
+    let id = made
+        .clones
+        .first()
+        .map(|c| c.id.clone())
+        .ok_or_else(|| BenchError::Setup("no clone made for the resets".into()))?;
+    let write = RunCommand {
+        command: "write".into(),
+        start_gpa: 16 << 20,
+        count: DIRTY_PAGES,
+        stride: 4096,
+        value: 1,
+        vcpu: 0,
+    };
+    let mut rows = serde_json::Map::new();
+    for dirty in [false, true] {
+        let (mut in_cell, mut http, mut swapped) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..samples {
+            wait_for_cell_shells(client, 1)?;
+            if dirty {
+                client.run(&id, &write).map_err(api_err("write"))?;
+            }
+            let started = Instant::now();
+            let done = client.reset(&id).map_err(api_err("reset"))?;
+            http.push(started.elapsed().as_secs_f64() * 1e6);
+            in_cell.push(done.reset_us);
+            swapped += usize::from(done.swapped);
+        }
+        let name = if dirty { "dirty_1000" } else { "clean" };
+        rows.insert(
+            name.into(),
+            json!({"reset_us": Percentiles::of(&in_cell), "http_us": Percentiles::of(&http), "swapped": swapped, "samples": samples}),
+        );
+    }
+    client.delete_vm(&id).map_err(api_err("delete the clone"))?;
+    Ok(Value::Object(rows))
 }
