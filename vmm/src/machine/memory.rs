@@ -206,13 +206,12 @@ impl HostMapping {
         let map_err = |source| MemoryError::Map { len, source };
         let size = usize::try_from(len).map_err(|_| MemoryError::InvalidSize(len))?;
         let flags = PRIVATE_FLAGS | libc::MAP_ANONYMOUS;
-        let (hint, flags) = match fixed_at {
-            Some(addr) => (addr.as_ptr(), flags | libc::MAP_FIXED),
-            None => (std::ptr::null_mut(), flags),
+        let addr = match fixed_at {
+            // SAFETY: an anonymous mapping touches no file; the caller guarantees `addr` is the
+            // start of a mapping of ours of the same length, which this call replaces.
+            Some(addr) => unsafe { libc::mmap(addr.as_ptr(), size, RAM_PROT, flags | libc::MAP_FIXED, -1, 0) },
+            None => map_low(size, flags),
         };
-        // SAFETY: an anonymous mapping touches no file. With MAP_FIXED the caller guarantees
-        // `hint` is the start of a mapping of ours of the same length, which this call replaces.
-        let addr = unsafe { libc::mmap(hint, size, RAM_PROT, flags, -1, 0) };
         if addr == libc::MAP_FAILED {
             return Err(map_err(io::Error::last_os_error()));
         }
@@ -281,8 +280,39 @@ impl Drop for HostMapping {
             return;
         }
         // SAFETY: `addr..addr+len` was mapped by us and is unmapped only here, once.
-        unsafe { libc::munmap(self.addr.as_ptr(), self.len) };
+        if unsafe { libc::munmap(self.addr.as_ptr(), self.len) } == 0 {
+            super::ram_arena::release(self.addr.as_ptr() as u64);
+        }
     }
+}
+
+/// Maps `size` bytes of anonymous memory with `flags` at the lowest free address of the RAM
+/// arena ([`super::ram_arena`]), or where the kernel chooses if the arena has no room or
+/// something is mapped there already. Returns what `mmap` returns.
+fn map_low(size: usize, flags: libc::c_int) -> *mut libc::c_void {
+    if let Some(at) = super::ram_arena::take(size as u64) {
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping: it fails with EEXIST instead.
+        let addr = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                size,
+                RAM_PROT,
+                flags | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if addr as u64 == at {
+            return addr;
+        }
+        if addr != libc::MAP_FAILED {
+            // A kernel before 4.17 took the flag for a hint and mapped elsewhere: keep that.
+            return addr;
+        }
+        // Something else is there: that arena range stays taken (never tried again).
+    }
+    // SAFETY: an anonymous mapping where the kernel chooses touches nothing of ours.
+    unsafe { libc::mmap(std::ptr::null_mut(), size, RAM_PROT, flags, -1, 0) }
 }
 
 /// A sealed memfd: guest RAM that will never be written again.

@@ -11,6 +11,7 @@ pub(crate) mod fixed_map;
 pub mod kvm;
 pub mod loader;
 pub mod memory;
+pub(crate) mod ram_arena;
 pub(crate) mod runner;
 pub mod slots;
 pub mod translate;
