@@ -10,21 +10,31 @@
 //!
 //! The arena only chooses addresses: the mapping is made with `MAP_FIXED_NOREPLACE`, so nothing
 //! already mapped is ever replaced; when that fails the caller maps where the kernel chooses.
+//! Its base is random (page-aligned, over 16 TiB: 32 bits, more than the kernel's 28 bits of
+//! mmap randomisation), so guest RAM is no easier to find than where the kernel would put it;
+//! within the arena VMs lie next to each other, as the kernel's own mmap area places them.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-/// First address of the arena (1 TiB): above anything a 32-bit or low hint would use.
+/// Lowest base of the arena (1 TiB): above anything a 32-bit or low hint would use.
 const START: u64 = 1 << 40;
-/// End of the arena (32 TiB): far below a PIE executable (from ~85 TiB) and the mmap area.
-const END: u64 = 1 << 45;
-/// Ranges start on 2 MiB boundaries.
+/// The base is `START` plus a random page-aligned offset below this (16 TiB).
+const SPREAD: u64 = 1 << 44;
+/// Bytes of the arena (16 TiB): even from the highest base it ends at 33 TiB, far below a PIE
+/// executable (from ~85 TiB) and the mmap area (~128 TiB, top-down).
+const LENGTH: u64 = 1 << 44;
+/// Page size of the base's randomisation.
+const PAGE: u64 = 4096;
+/// Ranges are whole multiples of 2 MiB (from the base).
 const ALIGN: u64 = 2 << 20;
 /// Unmapped bytes after each range, so that the anonymous VMAs of two VMs' RAM never merge
 /// (statistics count only the VMAs inside one VM's range).
 const GAP: u64 = 4096;
 
 struct Arena {
+    /// Where the arena begins (0 until the first mapping draws it).
+    base: u64,
     /// Free ranges below `top`: start → length.
     free: BTreeMap<u64, u64>,
     /// Start of the never-used rest of the arena.
@@ -41,15 +51,31 @@ fn span(len: u64) -> u64 {
 }
 
 impl Arena {
+    /// An arena not yet placed: its base is drawn on first use.
     const fn new() -> Self {
         Arena {
+            base: 0,
             free: BTreeMap::new(),
-            top: START,
+            top: 0,
             taken: BTreeMap::new(),
         }
     }
 
+    /// An arena at `base`.
+    fn at(base: u64) -> Self {
+        Arena {
+            base,
+            top: base,
+            ..Arena::new()
+        }
+    }
+
     fn take(&mut self, len: u64) -> Option<u64> {
+        if self.base == 0 {
+            // Without entropy the arena is not used: RAM goes where the kernel puts it.
+            let offset = getrandom::u64().ok()? % (SPREAD / PAGE) * PAGE;
+            *self = Arena::at(START + offset);
+        }
         let need = span(len);
         let fit = self
             .free
@@ -64,7 +90,7 @@ impl Arena {
                 }
                 at
             }
-            None if self.top + need <= END => {
+            None if self.top + need <= self.base + LENGTH => {
                 let at = self.top;
                 self.top += need;
                 at
@@ -114,8 +140,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_the_base_is_drawn_at_random_page_aligned_below_the_executable() {
+        let bases: Vec<u64> = (0..4)
+            .map(|_| {
+                let mut arena = Arena::new();
+                arena.take(PAGE).expect("entropy");
+                arena.base
+            })
+            .collect();
+        for &base in &bases {
+            assert!((START..START + SPREAD).contains(&base) && base % PAGE == 0, "{base:#x}");
+            assert!(base + LENGTH < 0x5555_5555_4000, "below a PIE executable");
+        }
+        assert!(bases.windows(2).any(|w| w[0] != w[1]), "random: {bases:x?}");
+    }
+
+    #[test]
     fn test_ranges_are_lowest_first_apart_and_reused_after_release() {
-        let mut arena = Arena::new();
+        let mut arena = Arena::at(START);
         let a = arena.take(64 << 20).expect("a");
         let b = arena.take(64 << 20).expect("b");
         assert!(b >= a + (64 << 20) + GAP, "a gap between {a:#x} and {b:#x}");
@@ -133,7 +175,7 @@ mod tests {
         assert!(arena.free.is_empty(), "{:?}", arena.free);
         let d = arena.take(128 << 20).expect("d");
         assert_eq!(d, a, "freed neighbours merge");
-        assert!(arena.take(END).is_none(), "larger than the arena");
+        assert!(arena.take(LENGTH).is_none(), "larger than the arena");
         arena.release(0x1234); // Not from the arena: ignored.
     }
 }
