@@ -3,15 +3,21 @@
 //! there is no framing; a zero-length read means the peer has gone.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::protocol::Envelope;
 
-/// Largest message either side sends (below the default unix socket send buffer, 208 KiB; a spawn answer is ~50 bytes per clone).
-pub const MAX_MESSAGE: usize = 192 << 10;
+/// Largest message either side sends: room for a call's whole mailbox input (256 KiB), or its
+/// output (256 KiB) and log (64 KiB). A spawn answer is ~50 bytes per clone. [`socketpair`]
+/// raises the sockets' send buffers to carry it.
+pub const MAX_MESSAGE: usize = 400 << 10;
+
+/// The send buffer a socket needs for a [`MAX_MESSAGE`] packet (the kernel refuses a unix
+/// datagram longer than the buffer less 32 bytes).
+const SEND_BUFFER: usize = MAX_MESSAGE + 64;
 /// Most descriptors one message carries (the KVM device, a template's layers, or the stats fds
 /// of a VM and each of its vCPUs).
 pub const MAX_FDS: usize = 64;
@@ -53,7 +59,54 @@ impl WireError {
     }
 }
 
-/// A connected pair of `SOCK_SEQPACKET` sockets, both close-on-exec.
+/// Sets `option` (`SO_SNDBUF` or `SO_SNDBUFFORCE`) of `socket` to `value`.
+fn set_send_buffer(socket: BorrowedFd<'_>, option: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: setsockopt reads one c_int from the pointer, which points at `value`.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+    }
+}
+
+/// The send buffer of `socket`, in bytes.
+fn send_buffer(socket: BorrowedFd<'_>) -> usize {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, and `len` says how many.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        usize::try_from(value).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Raises the send buffer of `socket` to [`SEND_BUFFER`]: the kernel doubles what is asked
+/// within `net.core.wmem_max` (208 KiB by default, so 416 KiB); beyond that only root may force
+/// it. When neither works, larger messages fail to send with `EMSGSIZE` and smaller ones pass.
+fn raise_send_buffer(socket: BorrowedFd<'_>) {
+    let half = SEND_BUFFER.div_ceil(2) as libc::c_int;
+    if set_send_buffer(socket, libc::SO_SNDBUF, half) && send_buffer(socket) >= SEND_BUFFER {
+        return;
+    }
+    set_send_buffer(socket, libc::SO_SNDBUFFORCE, half);
+}
+
+/// A connected pair of `SOCK_SEQPACKET` sockets, both close-on-exec, whose send buffers carry a
+/// [`MAX_MESSAGE`] packet.
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` has room for the two descriptors the kernel writes on success.
@@ -69,7 +122,10 @@ pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just created and are owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let pair = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    raise_send_buffer(pair.0.as_fd());
+    raise_send_buffer(pair.1.as_fd());
+    Ok(pair)
 }
 
 /// Encodes `message` and sends it with `fds` as one packet.
@@ -179,4 +235,31 @@ fn take_fds(msg: &libc::msghdr) -> Vec<OwnedFd> {
         }
     }
     fds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_a_message_of_max_message_bytes_crosses_a_socketpair_and_one_byte_more_is_refused() {
+        let (a, b) = socketpair().expect("socketpair");
+        assert!(
+            send_buffer(a.as_fd()) >= SEND_BUFFER,
+            "{} bytes",
+            send_buffer(a.as_fd())
+        );
+        // postcard: one byte of id, three of length, then the bytes.
+        let body = vec![7u8; MAX_MESSAGE - 4];
+        let message = Envelope { id: 1u64, body };
+        send(a.as_fd(), &message, &[]).expect("a full-size message is sent");
+        let mut buf = Vec::new();
+        let (back, fds) = recv::<Vec<u8>>(b.as_fd(), &mut buf).expect("and received whole");
+        assert_eq!((back.id, back.body.len(), fds.len()), (1, MAX_MESSAGE - 4, 0));
+        let larger = Envelope {
+            id: 1u64,
+            body: vec![7u8; MAX_MESSAGE - 3],
+        };
+        assert!(matches!(send(a.as_fd(), &larger, &[]), Err(WireError::Truncated)));
+    }
 }

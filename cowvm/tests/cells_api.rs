@@ -2221,10 +2221,11 @@ fn call_outcome(client: &Client, tpl: &str, body: &Value) -> (u16, Value) {
 }
 
 /// The template calls both servers answer: guests that answer, count (a fresh clone each time),
-/// fault, spin past their deadline, abort, are no ABI guest; inputs beyond the mailbox or not
-/// base64; an unknown template.
+/// fault, spin past their deadline, abort, are no ABI guest; an input that fills the mailbox (a
+/// cell message carries it), inputs beyond the mailbox or not base64; an unknown template.
 fn template_call_outcomes(client: &Client, hello: &str, misbehave: &str, builtin: &str) -> Vec<(u16, Value)> {
-    // One byte beyond the mailbox's 262080 input bytes.
+    // The mailbox's 262080 input bytes, and one byte more.
+    let full = vec![b'y'; 262_080];
     let too_large = vec![b'x'; 262_081];
     let cases: Vec<(&str, Value)> = vec![
         (hello, call_body(b"world", None)),
@@ -2236,6 +2237,7 @@ fn template_call_outcomes(client: &Client, hello: &str, misbehave: &str, builtin
         (misbehave, call_body(b"abort", None)),
         (misbehave, call_body(b"badcall", None)),
         (builtin, call_body(b"", None)),
+        (hello, call_body(&full, None)),
         (hello, call_body(&too_large, None)),
         (hello, json!({"input": "not base64!"})),
         (hello, call_body(b"", Some(0))),

@@ -26,7 +26,8 @@ use crate::server::service::calls::parse;
 const CALL_MESSAGE_OVERHEAD: usize = 1024;
 
 /// 422 `input_too_large` for input a call in a cell cannot carry: beyond the mailbox (the
-/// in-process error), or beyond what one message to a cell holds.
+/// in-process error), or beyond what one message to a cell holds (more than the mailbox, unless
+/// the host's `net.core.wmem_max` keeps the cell sockets' send buffers small).
 pub(super) fn check_input(input: &[u8]) -> Result<(), ServiceError> {
     if input.len() as u64 > MAILBOX_INPUT_SIZE {
         return Err(CallError::InputTooLarge { len: input.len() }.into());
