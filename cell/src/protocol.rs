@@ -495,6 +495,9 @@ pub struct CallFailure {
     pub message: String,
     /// Whether the VM can take another call.
     pub usable: bool,
+    /// The OS error number behind a VMM failure, when the host refused something (the API
+    /// answers 503 for exhaustion, as in process).
+    pub errno: Option<i32>,
 }
 
 /// What a cell answers.

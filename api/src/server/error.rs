@@ -279,35 +279,22 @@ fn exhausted_errno(errno: i32) -> bool {
 
 impl From<KvmError> for ServiceError {
     fn from(e: KvmError) -> Self {
-        let errno = match &e {
-            KvmError::Ioctl(ioctl) => Some(ioctl.errno()),
-            _ => None,
-        };
-        Self::host(errno, e.to_string())
+        Self::host(e.host_errno(), e.to_string())
     }
 }
 
 impl From<VcpuError> for ServiceError {
     fn from(e: VcpuError) -> Self {
-        match e {
-            VcpuError::Kvm(kvm) => kvm.into(),
-            VcpuError::Ioctl(ref ioctl) => Self::host(Some(ioctl.errno()), e.to_string()),
-            _ => Self::internal(e.to_string()),
-        }
+        Self::host(e.host_errno(), e.to_string())
     }
 }
 
 impl From<MemoryError> for ServiceError {
     fn from(e: MemoryError) -> Self {
-        let errno = match &e {
-            MemoryError::TooFragmented { .. } => return Self::conflict("template_too_fragmented", e.to_string()),
-            MemoryError::CreateMemfd(io)
-            | MemoryError::WriteMemfd(io)
-            | MemoryError::Map { source: io, .. }
-            | MemoryError::Resize { source: io, .. } => io.raw_os_error(),
-            _ => None,
-        };
-        Self::host(errno, e.to_string())
+        if let MemoryError::TooFragmented { .. } = e {
+            return Self::conflict("template_too_fragmented", e.to_string());
+        }
+        Self::host(e.host_errno(), e.to_string())
     }
 }
 
@@ -318,7 +305,7 @@ impl From<VmError> for ServiceError {
             VmError::Kvm(kvm) => kvm.into(),
             VmError::Vcpu(vcpu) => vcpu.into(),
             VmError::Memory(memory) => memory.into(),
-            VmError::Ioctl(ioctl) => Self::host(Some(ioctl.errno()), message),
+            VmError::Ioctl(_) | VmError::VcpuThread(_) => Self::host(e.host_errno(), message),
             VmError::MemorySize { .. } => Self::out_of_range("memory_out_of_range", message),
             VmError::Command(CommandError::TooMany { .. }) => Self::out_of_range("count_out_of_range", message),
             VmError::Command(CommandError::Misaligned { .. }) => Self::out_of_range("misaligned", message),
@@ -329,7 +316,6 @@ impl From<VmError> for ServiceError {
             VmError::NoSuchVcpu { .. } | VmError::DuplicateVcpu { .. } => {
                 Self::out_of_range("vcpu_out_of_range", message)
             }
-            VmError::VcpuThread(io) => Self::host(io.raw_os_error(), message),
             VmError::NotAClone => Self::conflict("not_a_clone", message),
             _ => Self::internal(message),
         }

@@ -32,6 +32,7 @@ fn outcome(result: Result<CallReport, CallError>) -> Result<CallDone, CallFailur
                         wire::MAX_MESSAGE
                     ),
                     usable: true,
+                    errno: None,
                 });
             }
             Ok(done)
@@ -40,6 +41,7 @@ fn outcome(result: Result<CallReport, CallError>) -> Result<CallDone, CallFailur
             code: e.code().map(str::to_owned),
             message: e.to_string(),
             usable: e.guest_usable(),
+            errno: e.host_errno(),
         }),
     }
 }
@@ -113,6 +115,17 @@ mod tests {
             (done.output.len(), done.spawn_us, done.run_us, done.total_us),
             (16, 1.0, 2.0, 3.0)
         );
+    }
+
+    #[test]
+    fn test_a_vmm_failure_carries_the_hosts_errno_and_a_guest_failure_its_code() {
+        let host = CallError::Vm(cowvm_vmm::VmError::VcpuThread(std::io::Error::from_raw_os_error(
+            libc::ENOMEM,
+        )));
+        let failure = outcome(Err(host)).expect_err("failed");
+        assert_eq!((failure.code, failure.errno), (None, Some(libc::ENOMEM)));
+        let guest = outcome(Err(CallError::InputTooLarge { len: 9 })).expect_err("failed");
+        assert_eq!((guest.code.as_deref(), guest.errno), (Some("input_too_large"), None));
     }
 
     #[test]

@@ -117,6 +117,14 @@ impl CallError {
         }
     }
 
+    /// The OS error number behind a VMM failure, when the host refused something.
+    pub fn host_errno(&self) -> Option<i32> {
+        match self {
+            CallError::Vm(vm) => vm.host_errno(),
+            _ => None,
+        }
+    }
+
     /// Whether the guest can take another call afterwards (it stopped at a hypercall boundary
     /// in a consistent state). A VM whose call failed otherwise should be marked failed.
     pub fn guest_usable(&self) -> bool {

@@ -72,6 +72,16 @@ pub enum KvmError {
     Ioctl(#[from] IoctlError),
 }
 
+impl KvmError {
+    /// The OS error number behind the failure, when the host refused something.
+    pub fn host_errno(&self) -> Option<i32> {
+        match self {
+            KvmError::Ioctl(ioctl) => Some(ioctl.errno()),
+            _ => None,
+        }
+    }
+}
+
 /// A KVM capability, with the reason cowvm needs it (used in error messages).
 #[derive(Debug, Clone, Copy)]
 pub struct Capability {

@@ -126,6 +126,20 @@ pub enum MemoryError {
     },
 }
 
+impl MemoryError {
+    /// The OS error number behind the failure, when the host refused something (a memfd, a
+    /// mapping, its size or a write).
+    pub fn host_errno(&self) -> Option<i32> {
+        match self {
+            MemoryError::CreateMemfd(io)
+            | MemoryError::WriteMemfd(io)
+            | MemoryError::Map { source: io, .. }
+            | MemoryError::Resize { source: io, .. } => io.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
 /// A host virtual address range this process mapped; unmapped exactly once, on drop, unless a
 /// failed `MAP_FIXED` lost part of it to another mapping (see [`crate::fixed_map`]).
 struct HostMapping {

@@ -44,6 +44,17 @@ pub enum VcpuError {
     Timer(std::io::Error),
 }
 
+impl VcpuError {
+    /// The OS error number behind the failure, when the host refused something.
+    pub fn host_errno(&self) -> Option<i32> {
+        match self {
+            VcpuError::Ioctl(ioctl) => Some(ioctl.errno()),
+            VcpuError::Kvm(kvm) => kvm.host_errno(),
+            _ => None,
+        }
+    }
+}
+
 fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
     move |source| VcpuError::Ioctl(IoctlError { op, source })
 }

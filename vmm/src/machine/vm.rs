@@ -134,6 +134,21 @@ pub enum VmError {
     },
 }
 
+impl VmError {
+    /// The OS error number behind the failure, when the host refused something (what the API
+    /// answers 503 for when it means exhaustion).
+    pub fn host_errno(&self) -> Option<i32> {
+        match self {
+            VmError::Kvm(kvm) => kvm.host_errno(),
+            VmError::Vcpu(vcpu) => vcpu.host_errno(),
+            VmError::Memory(memory) => memory.host_errno(),
+            VmError::Ioctl(ioctl) => Some(ioctl.errno()),
+            VmError::VcpuThread(io) => io.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
 /// Which kernel to boot.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -46,14 +46,14 @@ pub(super) fn check_input(input: &[u8]) -> Result<(), ServiceError> {
 }
 
 /// The error for a call that failed in a cell: the in-process code (422) when the guest's,
-/// else a VMM failure (500).
+/// else a VMM failure: 503 when the host ran out of something, 500 otherwise (as in process).
 pub(super) fn failure_error(failure: CallFailure) -> ServiceError {
     let code = failure
         .code
         .and_then(|code| CALL_ERROR_CODES.iter().copied().find(|&known| known == code));
     match code {
         Some(code) => ServiceError::out_of_range(code, failure.message),
-        None => ServiceError::internal(failure.message),
+        None => ServiceError::host(failure.errno, failure.message),
     }
 }
 
@@ -110,5 +110,41 @@ impl CellService {
                 Err(pool_error(e))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    fn vmm_failure(errno: Option<i32>) -> CallFailure {
+        CallFailure {
+            code: None,
+            message: "spawning the call's clone failed".into(),
+            usable: true,
+            errno,
+        }
+    }
+
+    #[test]
+    fn test_a_vmm_failure_in_a_cell_answers_as_in_process_503_for_exhaustion_else_500() {
+        let in_process = |errno: Option<i32>| {
+            let io = errno.map_or_else(|| std::io::Error::other("x"), std::io::Error::from_raw_os_error);
+            ServiceError::from(CallError::Vm(cowvm_vmm::VmError::VcpuThread(io))).status()
+        };
+        for errno in [Some(libc::ENOMEM), Some(libc::EMFILE), Some(libc::EINVAL), None] {
+            let in_cell = failure_error(vmm_failure(errno)).status();
+            assert_eq!(in_cell, in_process(errno), "{errno:?}");
+        }
+        assert_eq!(
+            failure_error(vmm_failure(Some(libc::ENOMEM))).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let guest = CallFailure {
+            code: Some("guest_fault".into()),
+            ..vmm_failure(None)
+        };
+        assert_eq!(failure_error(guest).status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }
