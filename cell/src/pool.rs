@@ -116,6 +116,11 @@ impl Slot {
         self.vms.is_empty() && self.reserved == 0 && self.warm_target() == 0
     }
 
+    /// Shells of `template` ready, as the cell last said.
+    fn ready_of(&self, template: TemplateId) -> u32 {
+        self.warm.get(&template).map_or(0, |w| w.ready)
+    }
+
     fn target_of(&self, template: TemplateId) -> u32 {
         self.warm.get(&template).map_or(0, |w| w.target)
     }
@@ -424,9 +429,10 @@ impl CellPool {
                     .0;
             };
             state.starting += needed;
-            // The cells with the most shells of the template first; among equals, the one with
-            // the fewest VMs (a cell serves one request at a time: single clones of concurrent
-            // clients then land in different cells).
+            // The cells with the most shells of the template ready first (as they last said: a
+            // shell being built or recycled is not ready), then the most kept; among equals, the
+            // one with the fewest VMs (a cell serves one request at a time: single clones of
+            // concurrent clients then land in different cells).
             let mut order: Vec<(u32, CellId)> = alive
                 .iter()
                 .filter_map(|&id| {
@@ -435,8 +441,10 @@ impl CellPool {
                 })
                 .collect();
             order.sort_by_key(|&(warm, id)| {
-                let vms = state.cells.get(&id).map_or(0, |s| s.vms.len());
-                (std::cmp::Reverse(warm), vms, id)
+                let slot = state.cells.get(&id);
+                let vms = slot.map_or(0, |s| s.vms.len());
+                let ready = slot.zip(template).map_or(0, |(s, t)| s.ready_of(t));
+                (std::cmp::Reverse(ready), std::cmp::Reverse(warm), vms, id)
             });
             // First the cells' warm shells of the template (a template's shells are spread over
             // cells), then any room.

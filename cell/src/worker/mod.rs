@@ -332,6 +332,8 @@ impl Worker {
             ..Default::default()
         };
         let engine = CloneEngine::new(Arc::new(kvm), config).map_err(vmm_error)?;
+        // The supervisor holds room under --max-vms for this cell's targets, and no more.
+        engine.recycle_within_targets();
         // The cell holds at most `max_vms` VMs (two fds each), far below its fd limit, and under
         // seccomp it cannot list /proc/self/fd: no fd check in its shell builder.
         let budget = init
@@ -490,7 +492,22 @@ pub fn serve(socket: OwnedFd) -> Result<(), WorkerError> {
         let body = worker.handle(body, fds).unwrap_or_else(Response::Error);
         let outgoing = std::mem::take(&mut worker.outgoing);
         let borrowed: Vec<_> = outgoing.iter().map(|fd| fd.as_fd()).collect();
-        let sent = wire::send(socket.as_fd(), &Envelope { id, body }, &borrowed);
+        let sent = match wire::send(socket.as_fd(), &Envelope { id, body }, &borrowed) {
+            // An answer the socket would not take (too large for its buffer, or no memory for
+            // it) fails that request only: a short error goes in its place.
+            Err(e @ (WireError::Truncated | WireError::Io { .. })) => {
+                let error = RemoteError::new(Kind::Vmm, format!("the cell's answer could not be sent: {e}"));
+                wire::send(
+                    socket.as_fd(),
+                    &Envelope {
+                        id,
+                        body: Response::Error(error),
+                    },
+                    &[],
+                )
+            }
+            sent => sent,
+        };
         if std::mem::take(&mut worker.settle_after_answer) {
             if let Some(engine) = &worker.engine {
                 engine.flush();

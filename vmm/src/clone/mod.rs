@@ -561,6 +561,13 @@ impl CloneEngine {
         }
     }
 
+    /// Recycles used VMs only up to each pool's target, never beyond it on recent demand: for
+    /// an engine whose every shell someone else accounts for by its targets (a cell: its
+    /// supervisor holds room under `--max-vms` for exactly the targets).
+    pub fn recycle_within_targets(&self) {
+        self.pools.recycle_within_targets();
+    }
+
     /// What became of used VMs handed back ([`CloneEngine::recycle`], reset by swap).
     pub fn recycle_stats(&self) -> RecycleStats {
         self.pools.recycle_stats()

@@ -158,12 +158,12 @@ impl Pool {
         }
     }
 
-    /// How many VMs this pool may hold when used VMs come back: its configured target, or more
-    /// when clones were taken faster than that over the last demand window.
-    fn recycle_target(&mut self) -> usize {
+    /// How many VMs this pool may hold when used VMs come back: its configured target, or, when
+    /// `beyond_target`, more when clones were taken faster than that over the last demand window.
+    fn recycle_target(&mut self, beyond_target: bool) -> usize {
         self.roll_window();
-        if self.target == 0 {
-            return 0;
+        if self.target == 0 || !beyond_target {
+            return self.target;
         }
         self.target.max(self.taken_now.max(self.taken_before))
     }
@@ -282,6 +282,9 @@ pub(crate) struct Pools {
     changed: Condvar,
     busy: AtomicUsize,
     stop: AtomicBool,
+    /// Whether recycled VMs may keep a pool above its target while demand is high (off where
+    /// someone else accounts for every shell, as a cell's supervisor does for its targets).
+    recycle_beyond_target: AtomicBool,
     next_instance: AtomicU64,
     reaper: Arc<Reaper>,
 }
@@ -390,6 +393,7 @@ impl Pools {
             changed: Condvar::new(),
             busy: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
+            recycle_beyond_target: AtomicBool::new(true),
             next_instance: AtomicU64::new(1),
             reaper,
         }
@@ -642,6 +646,12 @@ impl Pools {
         })
     }
 
+    /// Keeps every pool at most at its target when used VMs come back (see
+    /// [`crate::clone::CloneEngine::recycle_within_targets`]).
+    pub(crate) fn recycle_within_targets(&self) {
+        self.recycle_beyond_target.store(false, Ordering::Relaxed);
+    }
+
     /// Stops the builder and returns every shell (and every used VM not yet recycled).
     pub(crate) fn shut_down(&self) -> Vec<Vm> {
         self.stop.store(true, Ordering::Release);
@@ -663,7 +673,8 @@ impl Pools {
         let Some(pool) = state.pools.get_mut(&template.id()) else {
             return Some(vm);
         };
-        if pool.vms() >= pool.recycle_target() || room.mappings_each != pool.mappings_each {
+        let beyond = self.recycle_beyond_target.load(Ordering::Relaxed);
+        if pool.vms() >= pool.recycle_target(beyond) || room.mappings_each != pool.mappings_each {
             return Some(vm);
         }
         pool.recycling += 1;
@@ -839,7 +850,10 @@ impl Pools {
             Some(pool) => {
                 pool.recycling -= 1;
                 let mappings = pool.mappings_each;
-                if reset.is_ok() && state.shell_fits(mappings) {
+                // The target may have dropped while the VM was being reset: no shell beyond it.
+                let beyond = self.recycle_beyond_target.load(Ordering::Relaxed);
+                let wanted = pool.shells.len() + pool.building < pool.recycle_target(beyond);
+                if reset.is_ok() && wanted && state.shell_fits(mappings) {
                     if let Some(pool) = state.pools.get_mut(&template.id()) {
                         pool.shells.push(vm);
                     }

@@ -320,10 +320,16 @@ fn map_low(size: usize, flags: libc::c_int) -> *mut libc::c_void {
             return addr;
         }
         if addr != libc::MAP_FAILED {
-            // A kernel before 4.17 took the flag for a hint and mapped elsewhere: keep that.
+            // A kernel before 4.17 took the flag for a hint and mapped elsewhere: keep that (the
+            // arena range stays taken; its drop releases nothing).
             return addr;
         }
-        // Something else is there: that arena range stays taken (never tried again).
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            // Not a conflict (e.g. ENOMEM at vm.max_map_count): the range stays free for later,
+            // and the kernel's own choice below fails the same way if it must.
+            super::ram_arena::release(at);
+        }
+        // EEXIST: something else is there; that arena range stays taken (never tried again).
     }
     // SAFETY: an anonymous mapping where the kernel chooses touches nothing of ours.
     unsafe { libc::mmap(std::ptr::null_mut(), size, RAM_PROT, flags, -1, 0) }

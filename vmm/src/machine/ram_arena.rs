@@ -10,23 +10,23 @@
 //!
 //! The arena only chooses addresses: the mapping is made with `MAP_FIXED_NOREPLACE`, so nothing
 //! already mapped is ever replaced; when that fails the caller maps where the kernel chooses.
-//! Its base is random (page-aligned, over 16 TiB: 32 bits, more than the kernel's 28 bits of
-//! mmap randomisation), so guest RAM is no easier to find than where the kernel would put it;
-//! within the arena VMs lie next to each other, as the kernel's own mmap area places them.
+//! Its base is random (2 MiB-aligned over 16 TiB: 23 bits; the kernel randomises its mmap area
+//! by 28 bits of pages, and places large anonymous mappings 2 MiB-aligned, which keeps 19 of
+//! them), so guest RAM is no easier to find than where the kernel would put it; within the arena
+//! VMs lie next to each other, as the kernel's own mmap area places them. Ranges stay 2 MiB
+//! aligned, so guest RAM can still be backed by huge pages.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// Lowest base of the arena (1 TiB): above anything a 32-bit or low hint would use.
 const START: u64 = 1 << 40;
-/// The base is `START` plus a random page-aligned offset below this (16 TiB).
+/// The base is `START` plus a random [`ALIGN`]-aligned offset below this (16 TiB).
 const SPREAD: u64 = 1 << 44;
 /// Bytes of the arena (16 TiB): even from the highest base it ends at 33 TiB, far below a PIE
 /// executable (from ~85 TiB) and the mmap area (~128 TiB, top-down).
 const LENGTH: u64 = 1 << 44;
-/// Page size of the base's randomisation.
-const PAGE: u64 = 4096;
-/// Ranges are whole multiples of 2 MiB (from the base).
+/// Ranges start on 2 MiB boundaries (and so does the base).
 const ALIGN: u64 = 2 << 20;
 /// Unmapped bytes after each range, so that the anonymous VMAs of two VMs' RAM never merge
 /// (statistics count only the VMAs inside one VM's range).
@@ -73,7 +73,7 @@ impl Arena {
     fn take(&mut self, len: u64) -> Option<u64> {
         if self.base == 0 {
             // Without entropy the arena is not used: RAM goes where the kernel puts it.
-            let offset = getrandom::u64().ok()? % (SPREAD / PAGE) * PAGE;
+            let offset = getrandom::u64().ok()? % (SPREAD / ALIGN) * ALIGN;
             *self = Arena::at(START + offset);
         }
         let need = span(len);
@@ -140,16 +140,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_the_base_is_drawn_at_random_page_aligned_below_the_executable() {
+    fn test_the_base_is_drawn_at_random_2_mib_aligned_below_the_executable() {
         let bases: Vec<u64> = (0..4)
             .map(|_| {
                 let mut arena = Arena::new();
-                arena.take(PAGE).expect("entropy");
+                arena.take(4096).expect("entropy");
                 arena.base
             })
             .collect();
         for &base in &bases {
-            assert!((START..START + SPREAD).contains(&base) && base % PAGE == 0, "{base:#x}");
+            assert!(
+                (START..START + SPREAD).contains(&base) && base % ALIGN == 0,
+                "{base:#x}"
+            );
             assert!(base + LENGTH < 0x5555_5555_4000, "below a PIE executable");
         }
         assert!(bases.windows(2).any(|w| w[0] != w[1]), "random: {bases:x?}");

@@ -1100,7 +1100,17 @@ async fn reset(app: Arc<App>, cells: Arc<CellService>, vm: Arc<CellVm>) -> Resul
     let report = blocking(&app, move || {
         let _busy = lock(&vm.busy);
         vm.usable()?;
-        let (report, host_address) = cells.pool.reset(vm.at).map_err(|e| cells.vm_error(&vm, e))?;
+        let (report, host_address) = cells.pool.reset(vm.at).map_err(|e| {
+            if let PoolError::Cell(CellError::Remote { error, .. }) = &e {
+                // A reset that failed in its cell may have swapped the VM already: where its RAM
+                // is and which KVM fds are its own is no longer known, so it takes no more work.
+                lock(&vm.status)
+                    .failure
+                    .get_or_insert(format!("its reset failed: {}", error.message));
+                lock(&vm.kvm_stats).take();
+            }
+            cells.vm_error(&vm, e)
+        })?;
         if report.swapped {
             // Another VM of the cell now: its RAM and its KVM statistics fds are its own.
             vm.host_address.store(host_address, Ordering::Release);

@@ -16,9 +16,13 @@ impl CellService {
 
     /// Deletes `vm`, a clone of `template`, by recycling it in its cell; true if it became a
     /// warm shell (its room moves to the template's shells), false if the cell destroyed it.
+    ///
+    /// No lock is held across the round trip (the cell may be busy running another VM's guest,
+    /// and clone calls would wait behind it). Should the warm keeper match room to targets
+    /// between the target rising and the room moving, it admits room for the new shell itself,
+    /// or lowers the target when `--max-vms` is reached; the room moved here is then surplus,
+    /// which its next round gives back.
     pub(super) fn recycle(&self, vm: &CellVm, template: TemplateId) -> Result<bool, PoolError> {
-        // No warm keeper matches room to targets between the target rising and the room moving.
-        let _gate = self.warm_gate.read().unwrap_or_else(|e| e.into_inner());
         let recycled = self.pool.recycle(vm.at)?;
         if recycled {
             let target = self.pool.warm_target(template);
