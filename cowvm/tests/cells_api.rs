@@ -21,11 +21,15 @@ fn limits() -> Limits {
 }
 
 fn start(cells: Option<CellsConfig>) -> (RunningServer, Client) {
-    let config = ServerConfig {
+    start_config(ServerConfig {
         limits: limits(),
         cells,
         ..ServerConfig::local(0)
-    };
+    })
+}
+
+/// Starts a server with `config` and a client of it.
+fn start_config(config: ServerConfig) -> (RunningServer, Client) {
     let server = server::start(config).expect("server starts");
     let client = Client::new(&format!("http://{}", server.addr), None);
     (server, client)
@@ -451,8 +455,7 @@ fn test_in_cell_clones_count_against_max_vms_with_in_process_vms() {
         cells: Some(cells(2, 4)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let (_vm, tpl) = template(&client);
     let path = format!("/v1/templates/{tpl}/clones");
     let code = error_code(&client, "POST", &path, Some(json!({"count": 4})), 429);
@@ -590,8 +593,7 @@ fn test_warm_shells_in_cells_count_against_max_vms_and_give_way_to_vms() {
         cells: Some(cells(10, 2)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     // The booted VM holds 1 of 4; the 2 shells in cells hold 2 more.
     let (_vm, tpl) = template(&client);
     assert_eq!(wait_for_cell_shells(&client, 2), 2);
@@ -685,8 +687,7 @@ fn test_calls_run_in_the_cell_of_an_in_cell_vm() {
         kernel_dir: Some(dir.clone()),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (server, client) = start_config(config);
     let vm = ok(
         &client,
         "POST",
@@ -758,8 +759,7 @@ fn test_cells_that_held_only_deleted_vms_are_stopped_once_idle() {
         }),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let tpl = clones_template(&client);
     let clones = clone_ids(&client, &tpl, 2);
     let listed = ok(&client, "GET", "/v1/cells", None, 200);
@@ -810,8 +810,7 @@ fn test_template_stats_count_the_in_cell_clones_as_their_per_vm_stats_do() {
         cells: Some(cells(2, 3)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let (_, tpl) = template(&client);
     let clones = clone_ids(&client, &tpl, 3);
     for clone in &clones {
@@ -859,8 +858,7 @@ fn test_in_cell_clones_of_a_multi_vcpu_template_run_commands_on_every_vcpu() {
         cells: Some(cells(2, 2)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let boot = json!({"memory_mib": 32, "vcpus": 4, "warmup_mib": 0, "kernel": null});
     let vm = ok(&client, "POST", "/v1/vms", Some(boot), 201)["id"]
         .as_str()
@@ -1122,8 +1120,7 @@ fn test_a_live_fork_of_an_in_cell_clone_makes_clones_of_its_data_while_it_keeps_
         cells: Some(cells(2, 4)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let (_, tpl) = template(&client);
     let source = clone_ids(&client, &tpl, 1).remove(0);
     write_pages(&client, &source, 0x55);
@@ -1202,8 +1199,7 @@ fn test_snapshots_and_live_forks_of_in_cell_vms_leave_no_memfd_behind_once_delet
         cells: Some(cells(2, 4)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let (_, tpl) = template(&client);
     let source = clone_ids(&client, &tpl, 1).remove(0);
     write_pages(&client, &source, 0x11);
@@ -1262,8 +1258,7 @@ fn test_snapshot_and_live_fork_of_a_lost_or_failed_in_cell_vm_answer_409_as_othe
         cells: Some(cells(1, 3)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let tpl = clones_template(&client);
     let lost = clone_ids(&client, &tpl, 1).remove(0);
     let pids = cell_pids(&client);
@@ -1319,8 +1314,7 @@ fn test_snapshots_of_in_cell_clones_stack_layers_up_to_the_limit_then_answer_409
         cells: Some(cells(10, 3)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let (_, mut tpl) = template(&client);
     for layers in 2..=cowvm_vmm::memory::MAX_TEMPLATE_LAYERS {
         let clone = clone_ids(&client, &tpl, 1).remove(0);
@@ -1580,8 +1574,7 @@ fn test_a_write_probe_whose_scratch_clone_finds_no_room_is_refused_clearly_and_w
         cells: Some(cells(10, 2)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let (_, tpl) = template(&client);
     let clone = clone_ids(&client, &tpl, 1).remove(0);
     let message = refused(&client, &clone);
@@ -1722,8 +1715,7 @@ fn test_stats_of_an_in_cell_multi_vcpu_clone_show_every_vcpu_as_in_process() {
             limits: server_limits.clone(),
             ..ServerConfig::local(0)
         };
-        let server = server::start(config).expect("server starts");
-        let client = Client::new(&format!("http://{}", server.addr), None);
+        let (_server, client) = start_config(config);
         let tpl = four_vcpu_template(&client);
         let clone = clone_ids(&client, &tpl, 1).remove(0);
         ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200)
@@ -1733,8 +1725,7 @@ fn test_stats_of_an_in_cell_multi_vcpu_clone_show_every_vcpu_as_in_process() {
         cells: Some(cells(2, 2)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let tpl = four_vcpu_template(&client);
     let clone = clone_ids(&client, &tpl, 1).remove(0);
     let stats = || ok(&client, "GET", &format!("/v1/vms/{clone}/stats"), None, 200);
@@ -1971,8 +1962,7 @@ fn test_a_user_kernel_boots_in_a_cell_and_bad_requests_fail_as_in_process() {
             kernel_dir: Some(dir.clone()),
             ..ServerConfig::local(0)
         };
-        let server = server::start(config).expect("server starts");
-        let client = Client::new(&format!("http://{}", server.addr), None);
+        let (server, client) = start_config(config);
         (server, client)
     };
     let (_celled, client) = server_with(Some(cells(10, 2)));
@@ -2066,8 +2056,7 @@ fn test_booted_vms_in_cells_count_against_max_vms_and_the_cells_room() {
         cells: Some(cells(1, 4)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (server, client) = start_config(config);
     let boot = json!({"memory_mib": 16, "vcpus": 1, "warmup_mib": 0, "kernel": null});
     for _ in 0..2 {
         ok(&client, "POST", "/v1/vms", Some(boot.clone()), 201);
@@ -2089,8 +2078,7 @@ fn test_booted_vms_in_cells_count_against_max_vms_and_the_cells_room() {
         cells: Some(cells(1, 1)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let first = ok(&client, "POST", "/v1/vms", Some(boot.clone()), 201);
     let code = error_code(&client, "POST", "/v1/vms", Some(boot.clone()), 503);
     assert_eq!(code, "resources_exhausted");
@@ -2117,8 +2105,7 @@ fn test_clones_in_different_cells_never_share_a_generation_id() {
         cells: Some(cells(1, 4)),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
+    let (_server, client) = start_config(config);
     let tpl = clones_template(&client);
     let made = ok(
         &client,
@@ -2164,9 +2151,7 @@ fn start_with_kernels(dir: &std::path::Path, limits: Limits, cells: Option<Cells
         kernel_dir: Some(dir.to_owned()),
         ..ServerConfig::local(0)
     };
-    let server = server::start(config).expect("server starts");
-    let client = Client::new(&format!("http://{}", server.addr), None);
-    (server, client)
+    start_config(config)
 }
 
 /// Boots `kernel` (a guest-ABI guest) to `ready()` and snapshots it; the template id.
