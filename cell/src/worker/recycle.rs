@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use cowvm_vmm::Reservation;
+
 use super::{Held, Kind, Machine, Worker};
 use crate::protocol::{CellVmId, RemoteError, Response, TemplateId};
 
@@ -20,50 +22,41 @@ impl Worker {
 
     /// Recycles VM `vm` into a warm shell of its template (see the module docs).
     pub(super) fn recycle(&mut self, vm: CellVmId) -> Result<Response, RemoteError> {
-        let held = self
+        self.engine()?;
+        let Held { machine, room } = self
             .vms
             .remove(&vm)
             .ok_or_else(|| RemoteError::new(Kind::UnknownVm, format!("no VM {vm} in this cell")))?;
-        let Held { machine, room } = held;
-        let clone = match machine {
-            Machine::Clone(clone) => clone,
+        let recycled = match machine {
+            Machine::Clone(clone) => self.recycle_clone(clone, room),
             Machine::Booted(vm) => {
                 // Torn down here, then its room, as `Destroy` does.
                 drop(vm);
                 drop(room);
-                return Ok(Response::Recycled {
-                    recycled: false,
-                    warm: self.warm_counts(),
-                });
+                false
             }
         };
-        self.engine()?;
-        let Some(template) = self.template_of(&clone) else {
-            drop(clone);
-            drop(room);
-            return Ok(Response::Recycled {
-                recycled: false,
-                warm: self.warm_counts(),
-            });
-        };
+        Ok(Response::Recycled {
+            recycled,
+            warm: self.warm_counts(),
+        })
+    }
+
+    /// Hands `clone` to the engine to become a shell of its template, whose target rises by one
+    /// for it; false when it cannot be (torn down here, or by the engine when it refuses).
+    fn recycle_clone(&mut self, clone: cowvm_vmm::Clone, room: Reservation) -> bool {
+        let template = self.template_of(&clone);
         // The VM's own place becomes the shell's: the target rises by one only within the
         // cell's limit (live VMs and every template's targets).
-        let held = self.targets.values().sum::<u32>() + self.vms.len() as u32;
-        if held >= self.max_vms {
+        let fits = self.targets.values().sum::<u32>() + (self.vms.len() as u32) < self.max_vms;
+        let source = template.and_then(|t| Some((t, self.templates.get(&t)?)));
+        let (Some(engine), Some((template, source)), true) = (self.engine.as_ref(), source, fits) else {
+            // Torn down here, the VM first, then its room.
             drop(clone);
             drop(room);
-            return Ok(Response::Recycled {
-                recycled: false,
-                warm: self.warm_counts(),
-            });
-        }
-        let before = self.targets.get(&template).copied().unwrap_or(0);
-        let (Some(engine), Some(source)) = (self.engine.as_ref(), self.templates.get(&template)) else {
-            return Err(RemoteError::new(
-                Kind::Protocol,
-                "the cell has no KVM device yet (Init first)",
-            ));
+            return false;
         };
+        let before = self.targets.get(&template).copied().unwrap_or(0);
         // No shell build starts for the raised target before the VM is queued in its place.
         let busy = engine.pause_building();
         engine.keep_warm(source, before as usize + 1);
@@ -77,9 +70,6 @@ impl Worker {
             self.settle_after_answer = true;
         }
         drop(busy);
-        Ok(Response::Recycled {
-            recycled,
-            warm: self.warm_counts(),
-        })
+        recycled
     }
 }
