@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::ci_http::over_pages;
 use super::load::{api_err, make_template};
 use super::stats::Percentiles;
 use super::BenchError;
 use cowvm::client::Client;
-use cowvm::server::model::{ClonesCreated, RunCommand};
+use cowvm::server::model::ClonesCreated;
 use cowvm::server::{self, CellsConfig, Limits, ServerConfig};
 
 /// How long the shells may take to be built.
@@ -133,14 +134,7 @@ fn resets(client: &Client, template: &str, samples: usize) -> Result<Value, Benc
         .first()
         .map(|c| c.id.clone())
         .ok_or_else(|| BenchError::Setup("no clone made for the resets".into()))?;
-    let write = RunCommand {
-        command: "write".into(),
-        start_gpa: 16 << 20,
-        count: DIRTY_PAGES,
-        stride: 4096,
-        value: 1,
-        vcpu: 0,
-    };
+    let write = over_pages("write", 16 << 20, DIRTY_PAGES, 1);
     let mut rows = serde_json::Map::new();
     for dirty in [false, true] {
         let (mut in_cell, mut http, mut swapped) = (Vec::new(), Vec::new(), 0);

@@ -19,7 +19,7 @@ use cowvm::server::CellsConfig;
 const WARM_SHELLS: usize = 64;
 
 /// A guest command over `count` pages from `start_gpa` (one qword per page).
-fn over_pages(command: &str, start_gpa: u64, count: u64, value: u64) -> RunCommand {
+pub(super) fn over_pages(command: &str, start_gpa: u64, count: u64, value: u64) -> RunCommand {
     RunCommand {
         command: command.into(),
         start_gpa,
@@ -34,7 +34,7 @@ fn over_pages(command: &str, start_gpa: u64, count: u64, value: u64) -> RunComma
 const STEPS: [&str; 5] = ["clone", "checksum", "write", "stats", "delete"];
 
 /// Latencies of each step in µs, one list per entry of [`STEPS`].
-type StepTimes = [Vec<f64>; 5];
+type StepTimes = [Vec<f64>; STEPS.len()];
 
 /// One iteration over the API: clone → checksum → write 16 pages → stats → delete, adding each
 /// step's latency to `times`.
