@@ -1590,28 +1590,18 @@ fn serve_cells(args: &[&str]) -> (Served, Client) {
         .spawn()
         .expect("start cowvm serve --cells");
     let stdout = child.stdout.take().expect("stdout");
-    let served = Served(Some(child));
+    let served = Served::new(child);
     let first = BufReader::new(stdout).lines().next().expect("a line").expect("read");
     let url = first.rsplit(' ').next().expect("url").to_owned();
     (served, Client::new(&url, None))
 }
 
-/// A server process that is killed if the test ends (or panics) before [`stop_server`]: an
-/// orphaned server would keep the test harness's output open.
-struct Served(Option<std::process::Child>);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+/// A server process that is killed if the test ends (or panics) before [`stop_server`].
+type Served = cowvm_tests::ChildGuard;
 
 /// Stops a server started by [`serve_cells`] with SIGTERM; whether it exited cleanly.
 fn stop_server(mut served: Served) -> bool {
-    let mut child = served.0.take().expect("a running server");
+    let mut child = served.take().expect("a running server");
     // SAFETY: sending SIGTERM to our own child process.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
     child.wait().expect("wait").success()
@@ -2316,7 +2306,7 @@ fn test_a_template_call_in_cells_holds_its_vm_in_a_cell_and_the_server_none() {
         .expect("start cowvm serve --cells");
     let server = child.id() as u64;
     let stdout = child.stdout.take().expect("stdout");
-    let child = Served(Some(child));
+    let child = Served::new(child);
     let first = BufReader::new(stdout).lines().next().expect("a line").expect("read");
     let url = first.rsplit(' ').next().expect("url").to_owned();
     let client = Client::new(&url, None);

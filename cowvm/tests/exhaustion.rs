@@ -98,22 +98,7 @@ fn test_fd_exhaustion_gives_partial_results_then_503_and_the_server_recovers() {
 }
 
 /// A `cowvm serve` child, killed if the test fails before stopping it.
-struct ChildServer(Option<std::process::Child>);
-
-impl ChildServer {
-    fn id(&self) -> u32 {
-        self.0.as_ref().map_or(0, std::process::Child::id)
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+type ChildServer = cowvm_tests::ChildGuard;
 
 /// A `cowvm serve --in-process` child with `ulimit -n fds` (if given) and extra arguments; its
 /// URL. These tests are about the server's own fd and mapping budgets, which hold its VMs only
@@ -135,11 +120,11 @@ fn serve_child(fds: Option<u64>, args: &str) -> (ChildServer, String) {
         .expect("line")
         .expect("read");
     let url = line.rsplit(' ').next().expect("url").to_owned();
-    (ChildServer(Some(child)), url)
+    (ChildServer::new(child), url)
 }
 
 fn stop_child(mut server: ChildServer) {
-    let Some(mut child) = server.0.take() else { return };
+    let Some(mut child) = server.take() else { return };
     // SAFETY: SIGTERM to our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     assert!(child.wait().expect("wait").success());

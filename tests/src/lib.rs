@@ -134,3 +134,34 @@ pub fn abi_vm(kvm: &Kvm, path: &std::path::Path, memory_mib: u64) -> (Vm, cowvm_
         .expect("the ABI guest reaches ready()");
     (vm, ready)
 }
+
+/// A child process (e.g. a `cowvm serve` a test started) that is killed and reaped if the test
+/// ends, or panics, before taking it back with [`ChildGuard::take`]: an orphaned server would
+/// keep the test harness's output open.
+pub struct ChildGuard(Option<std::process::Child>);
+
+impl ChildGuard {
+    /// Guards `child`.
+    pub fn new(child: std::process::Child) -> Self {
+        ChildGuard(Some(child))
+    }
+
+    /// The child's process id (0 once taken back).
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    /// The child, no longer guarded (`None` if already taken).
+    pub fn take(&mut self) -> Option<std::process::Child> {
+        self.0.take()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
